@@ -1,0 +1,354 @@
+"""Weights: our checkpoint format, official DN-PIQA / LIQE / RetinaFace imports, weight sources.
+
+A model directory holds ``config.json`` (``PIQAConfig`` + metadata) and ``model.safetensors`` with
+three prefixes: ``model.`` (DualBranchPIQA), ``liqe.`` (CLIP + its 495 text features), ``face.``
+(RetinaFace). Every load is strict; pickles are read with ``weights_only=True`` and nothing else.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import pickle
+import re
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+from timm.models.swin_transformer import checkpoint_filter_fn as swin_filter
+from torch import nn
+
+from .config import PIQAConfig, get_preset
+from .faces import FaceDetector
+from .liqe import LIQE
+from .model import DualBranchPIQA
+
+FORMAT = "piqa-checkpoint/1"
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+RETINAFACE_FILE = "retinaface_resnet50_2020-07-20-f168fae3c.zip"
+
+_WHOLE = "feature_extraction.feature_extraction."
+_FACE = "feature_extraction_face.feature_extraction.feature_extraction."
+_HEAD = "quality."
+
+
+class CheckpointError(RuntimeError):
+    """A weights file is missing, unsafe, or does not match the model; the message says what to do."""
+
+
+@dataclass
+class Bundle:
+    """Everything a scorer runs: config, the three networks and where the weights came from."""
+
+    config: PIQAConfig
+    model: DualBranchPIQA
+    liqe: LIQE | None
+    detector: FaceDetector | None
+    model_id: str
+    random_init: bool = False
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        sd = {f"model.{k}": v for k, v in self.model.state_dict().items()}
+        if self.liqe is not None:
+            sd.update({f"liqe.{k}": v for k, v in self.liqe.state_dict().items()})
+        if self.detector is not None:
+            sd.update({f"face.{k}": v for k, v in self.detector.state_dict().items()})
+        return sd
+
+    @property
+    def sha256(self) -> str:
+        """sha256 of the serialised weights: equals the sha256 of a saved ``model.safetensors``."""
+        if "sha256" not in self.meta:
+            self.meta["sha256"] = hashlib.sha256(_serialise(self.state_dict())).hexdigest()
+        return self.meta["sha256"]
+
+
+def _serialise(sd: Mapping[str, torch.Tensor]) -> bytes:
+    return st_save({k: v.detach().cpu().contiguous() for k, v in sorted(sd.items())})
+
+
+# ----------------------------------------------------------------------------- safe loading
+
+
+def clean_state_dict(sd: Mapping[str, Any]) -> dict[str, Any]:
+    """Strip DataParallel / torch.compile prefixes and unwrap {'state_dict': ...} containers."""
+    for key in ("state_dict", "model"):
+        if key in sd and isinstance(sd[key], Mapping):
+            sd = sd[key]
+    out = {}
+    for k, v in sd.items():
+        for prefix in ("module.", "_orig_mod."):
+            if k.startswith(prefix):
+                k = k[len(prefix):]
+        out[k] = v
+    return out
+
+
+def torch_load(source: str | os.PathLike | bytes) -> dict[str, torch.Tensor]:
+    """``torch.load(weights_only=True)``; also reads the legacy one-member zip of torch-hub releases."""
+    data = source if isinstance(source, bytes) else Path(source).read_bytes()
+    if zipfile.is_zipfile(io.BytesIO(data)):
+        with zipfile.ZipFile(io.BytesIO(data)) as zf:
+            members = zf.infolist()
+            if len(members) == 1 and not members[0].is_dir():
+                data = zf.read(members[0])
+    try:
+        obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(
+            "refused to load: the file holds pickled Python objects beyond tensors "
+            f"({str(e).splitlines()[0]}). Only plain state dicts are accepted; re-save it with "
+            "torch.save(model.state_dict(), path) or convert it to safetensors."
+        ) from None
+    if not isinstance(obj, Mapping):
+        raise CheckpointError(f"expected a state dict, got {type(obj).__name__}")
+    return clean_state_dict(obj)
+
+
+def load_strict(module: nn.Module, sd: Mapping[str, torch.Tensor], what: str) -> None:
+    """``load_state_dict(strict=True)`` with a message that names the keys and the likely cause."""
+    own = module.state_dict()
+    missing = sorted(set(own) - set(sd))
+    unexpected = sorted(set(sd) - set(own))
+    mismatched = [
+        f"{k}: file {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in sorted(set(sd) & set(own))
+        if tuple(sd[k].shape) != tuple(own[k].shape)
+    ]
+    if missing or unexpected or mismatched:
+        lines = [f"{what}: the weights do not match the model configuration."]
+        for label, keys in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", mismatched)):
+            if keys:
+                shown = ", ".join(keys[:6]) + (f" … (+{len(keys) - 6} more)" if len(keys) > 6 else "")
+                lines.append(f"  {label} ({len(keys)}): {shown}")
+        lines.append("  Check that the file is the one this loader expects and that --preset matches it.")
+        raise CheckpointError("\n".join(lines))
+    module.load_state_dict(sd, strict=True)
+
+
+def _take(sd: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+
+
+# ----------------------------------------------------------------------------- official layouts
+
+
+def official_to_ours(sd: Mapping[str, torch.Tensor], model: DualBranchPIQA) -> dict[str, torch.Tensor]:
+    """The one remap from the official ``PIQ_model.pth`` (timm 0.6.7 Swin) to ``DualBranchPIQA`` keys.
+
+    Official prefixes: ``feature_extraction.feature_extraction.`` (whole Swin),
+    ``feature_extraction_face.feature_extraction.feature_extraction.`` (face Swin), ``quality.0/3``
+    (head). timm's own Swin filter moves ``downsample`` to the next stage and drops the
+    ``relative_position_index`` / ``attn_mask`` buffers 0.6.7 saved.
+    """
+    sd = clean_state_dict(sd)
+    known = (_WHOLE, _FACE, _HEAD)
+    stray = sorted(k for k in sd if not k.startswith(known))
+    if stray:
+        raise CheckpointError(
+            f"not an official DN-PIQA checkpoint: unexpected keys {stray[:5]}; expected prefixes {known}"
+        )
+    out = {f"backbone.{k}": v for k, v in swin_filter(_take(sd, _WHOLE), model.backbone).items()}
+    out.update({f"backbone_face.{k}": v for k, v in swin_filter(_take(sd, _FACE), model.backbone_face).items()})
+    out.update({f"head.{k}": v for k, v in _take(sd, _HEAD).items()})
+    return out
+
+
+def backbone_from_official(sd: Mapping[str, torch.Tensor], backbone: nn.Module) -> dict[str, torch.Tensor]:
+    """Swin weights from the official pre-training files, their regression heads discarded.
+
+    LSVQ (``Swin_b_384_in22k``): ``feature_extraction.*`` + ``quality.*``.
+    GFIQA (a wrapper of that): ``feature_extraction.feature_extraction.*`` + ``quality.*``.
+    """
+    sd = clean_state_dict(sd)
+    prefix = _WHOLE if any(k.startswith(_WHOLE) for k in sd) else "feature_extraction."
+    body = _take(sd, prefix)
+    if not body:
+        raise CheckpointError("no Swin weights found: expected keys under 'feature_extraction.'")
+    return swin_filter(body, backbone)
+
+
+def clip_cfg_from_openai(sd: Mapping[str, torch.Tensor]) -> dict[str, Any]:
+    """The open_clip config matching an OpenAI-layout CLIP ViT state dict (as ``LIQE.pt``)."""
+    if "visual.proj" not in sd:
+        raise CheckpointError("not an OpenAI-layout CLIP ViT state dict (no 'visual.proj')")
+    width = sd["visual.conv1.weight"].shape[0]
+    patch = sd["visual.conv1.weight"].shape[-1]
+    grid = round((sd["visual.positional_embedding"].shape[0] - 1) ** 0.5)
+    text_width = sd["ln_final.weight"].shape[0]
+    layers = lambda p: len({k.split(".")[p.count(".")] for k in sd if k.startswith(p)})  # noqa: E731
+    return {
+        "embed_dim": int(sd["text_projection"].shape[1]),
+        "vision_cfg": {
+            "image_size": int(patch * grid),
+            "layers": layers("visual.transformer.resblocks."),
+            "width": int(width),
+            "patch_size": int(patch),
+        },
+        "text_cfg": {
+            "context_length": int(sd["positional_embedding"].shape[0]),
+            "vocab_size": int(sd["token_embedding.weight"].shape[0]),
+            "width": int(text_width),
+            "heads": int(text_width // 64),
+            "layers": layers("transformer.resblocks."),
+        },
+    }
+
+
+def load_liqe_openai(liqe: LIQE, sd: Mapping[str, torch.Tensor]) -> None:
+    """Load an OpenAI-layout CLIP (the official ``LIQE.pt``) and recompute the prompt features."""
+    sd = {k: v.float() for k, v in clean_state_dict(sd).items()
+          if k not in ("input_resolution", "context_length", "vocab_size")}
+    load_strict(liqe.clip, sd, "LIQE CLIP")
+    liqe.refresh_text_features()
+
+
+def find_retinaface(path: str | os.PathLike | None = None) -> Path:
+    """The RetinaFace-R50 release file: an explicit path, else the torch-hub cache."""
+    if path is not None:
+        p = Path(path).expanduser()
+        if not p.is_file():
+            raise CheckpointError(f"RetinaFace weights not found at {p}")
+        return p
+    hub = Path(torch.hub.get_dir()) / "checkpoints" / RETINAFACE_FILE
+    if hub.is_file():
+        return hub
+    raise CheckpointError(
+        f"RetinaFace weights not found. Download {RETINAFACE_FILE} (retinaface-pytorch's release "
+        f"'resnet50_2020-07-20') and pass its path, or place it at {hub}."
+    )
+
+
+# ----------------------------------------------------------------------------- bundles
+
+
+def build_bundle(config: PIQAConfig | str, seed: int = 0, text_features: bool = True) -> Bundle:
+    """Randomly initialised networks for a config. Random weights are marked and never a quality model.
+
+    ``text_features=False`` skips encoding the 495 prompts (30 s for ViT-B/32 on CPU) when a load
+    will overwrite them anyway.
+    """
+    cfg = get_preset(config) if isinstance(config, str) else config
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = DualBranchPIQA(cfg.model).eval()
+        liqe = LIQE(cfg.liqe).eval() if cfg.liqe.enabled else None
+        detector = FaceDetector(cfg.face).eval() if cfg.face.enabled else None
+    if liqe is not None and text_features:
+        liqe.refresh_text_features()
+    return Bundle(cfg, model, liqe, detector, model_id=f"random-{cfg.preset}-seed{seed}", random_init=True)
+
+
+def import_official(
+    piq_model: str | os.PathLike | Mapping[str, torch.Tensor],
+    liqe_weights: str | os.PathLike | Mapping[str, torch.Tensor],
+    retinaface: str | os.PathLike | Mapping[str, torch.Tensor] | None = None,
+    config: PIQAConfig | str = "dn-piqa",
+    model_id: str = "dn-piqa-official",
+) -> Bundle:
+    """Bundle the official ``PIQ_model.pth`` + ``LIQE.pt`` + RetinaFace release, all loaded strictly."""
+    load = lambda src: src if isinstance(src, Mapping) else torch_load(src)  # noqa: E731
+    liqe_sd = load(liqe_weights)
+    cfg = get_preset(config) if isinstance(config, str) else config
+    cfg.liqe.clip_cfg = clip_cfg_from_openai(liqe_sd)
+    bundle = build_bundle(cfg, text_features=False)
+    load_strict(bundle.model, official_to_ours(load(piq_model), bundle.model), "DN-PIQA model")
+    load_liqe_openai(bundle.liqe, liqe_sd)
+    if bundle.detector is not None:
+        face_sd = retinaface if isinstance(retinaface, Mapping) else torch_load(find_retinaface(retinaface))
+        load_strict(bundle.detector.net, clean_state_dict(face_sd), "RetinaFace")
+    bundle.model_id, bundle.random_init, bundle.meta = model_id, False, {}
+    return bundle
+
+
+def save_checkpoint(bundle: Bundle, directory: str | os.PathLike, extra: Mapping[str, Any] | None = None) -> str:
+    """Write ``config.json`` + ``model.safetensors``; returns the weights' sha256."""
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    blob = _serialise(bundle.state_dict())
+    digest = hashlib.sha256(blob).hexdigest()
+    tmp = out / (WEIGHTS_FILE + ".tmp")
+    tmp.write_bytes(blob)
+    os.replace(tmp, out / WEIGHTS_FILE)
+    meta = {
+        "format": FORMAT,
+        "model_id": bundle.model_id,
+        "random_init": bundle.random_init,
+        "sha256": digest,
+        "config": bundle.config.to_dict(),
+        **(extra or {}),
+    }
+    (out / CONFIG_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))
+    bundle.meta["sha256"] = digest
+    return digest
+
+
+def load_checkpoint(directory: str | os.PathLike, verify: bool = True) -> Bundle:
+    """Load a model directory written by ``save_checkpoint`` (strict, sha256-verified)."""
+    root = Path(directory)
+    cfg_path, w_path = root / CONFIG_FILE, root / WEIGHTS_FILE
+    if not cfg_path.is_file() or not w_path.is_file():
+        raise CheckpointError(
+            f"{root} is not a model directory (needs {CONFIG_FILE} and {WEIGHTS_FILE}). "
+            "Create one with `piqa weights import-official` or `piqa train`."
+        )
+    meta = json.loads(cfg_path.read_text())
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(f"{cfg_path}: unknown format {meta.get('format')!r}, expected {FORMAT!r}")
+    blob = w_path.read_bytes()
+    digest = hashlib.sha256(blob).hexdigest()
+    if verify and meta.get("sha256") not in (None, digest):
+        raise CheckpointError(f"{w_path} is corrupt or was replaced: sha256 {digest} != {meta['sha256']}")
+    sd = st_load(blob)
+    bundle = build_bundle(PIQAConfig.from_dict(meta["config"]), text_features=False)
+    load_strict(bundle.model, _take(sd, "model."), "model")
+    for part, module in (("liqe.", bundle.liqe), ("face.", bundle.detector)):
+        if module is not None:
+            load_strict(module, _take(sd, part), part.rstrip("."))
+    stray = sorted(k for k in sd if not k.startswith(("model.", "liqe.", "face.")))
+    if stray:
+        raise CheckpointError(f"{w_path}: unexpected tensors {stray[:5]}")
+    bundle.model_id, bundle.random_init = meta.get("model_id", root.name), bool(meta.get("random_init"))
+    bundle.meta = {"sha256": digest, **{k: v for k, v in meta.items() if k not in ("config", "sha256")}}
+    return bundle
+
+
+# ----------------------------------------------------------------------------- weight sources
+
+Fetcher = Callable[[str, Path], None]
+
+
+def _fsspec_fetch(uri: str, dest: Path) -> None:
+    import fsspec  # local import: only remote sources need it
+
+    fs, path = fsspec.core.url_to_fs(uri)
+    fs.get(path.rstrip("/") + "/", str(dest), recursive=True)
+
+
+def resolve_weights(uri: str | os.PathLike, cache_dir: str | os.PathLike | None = None,
+                    fetch: Fetcher | None = None) -> Path:
+    """A local model directory for a path or remote URI (copied once into a cache keyed by the URI)."""
+    text = os.fspath(uri)
+    if not re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*://", text) or text.startswith("file://"):
+        return Path(text.removeprefix("file://")).expanduser()
+    cache = Path(cache_dir or Path(torch.hub.get_dir()).parent / "piqa").expanduser()
+    dest = cache / hashlib.sha256(text.encode()).hexdigest()[:16]
+    if not (dest / WEIGHTS_FILE).is_file():
+        tmp = dest.with_name(dest.name + f".partial-{os.getpid()}")
+        tmp.mkdir(parents=True, exist_ok=True)
+        (fetch or _fsspec_fetch)(text, tmp)
+        if not (tmp / WEIGHTS_FILE).is_file():
+            raise CheckpointError(f"{text} holds no {WEIGHTS_FILE}: is it a model directory?")
+        try:
+            os.replace(tmp, dest)
+        except OSError:  # another process won the race; its copy is as good as ours
+            pass
+    return dest

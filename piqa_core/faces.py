@@ -1,0 +1,241 @@
+"""Batched RetinaFace detection, best-box choice and the official face crop.
+
+Network, priors and box decoding come from ``retinaface-pytorch`` (ternaus/retinaface 0.0.8); only
+``retinaface.network``, ``retinaface.box_utils`` and ``retinaface.prior_box`` are imported, because its
+predictor module pulls albumentations and works on one image at a time. The settings below are the
+ones of ``retinaface/predict_single.py``; the normalisation is its ``A.Normalize()`` default (ImageNet
+mean/std on RGB / 255), the same constants ``retinaface/inference.py`` uses to undo it.
+
+Face crop semantics follow DN-PIQA's ``extract_face_images.py``: the best box grown by ``margin`` px on
+each side, cut with ``PIL.Image.crop`` (outside the image is black); no face -> the whole image.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import warnings
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from retinaface.box_utils import decode
+from retinaface.network import RetinaFace
+from retinaface.prior_box import priorbox
+from torch import nn
+from torch.nn import functional as F
+from torchvision.ops import nms
+
+from piqa_core.config import IMAGENET_MEAN, IMAGENET_STD, FaceConfig
+
+RETURN_LAYERS = {"layer2": 1, "layer3": 2, "layer4": 3}
+IN_CHANNELS = 256
+OUT_CHANNELS = 256
+MIN_SIZES = [[16, 32], [64, 128], [256, 512]]
+STEPS = [8, 16, 32]
+VARIANCE = (0.1, 0.2)
+PAD_MULTIPLE = 32  # the coarsest step: feature maps and priors then line up exactly
+
+Box = tuple[float, float, float, float]
+
+
+@dataclass
+class FaceResult:
+    """Best face of one image.
+
+    ``box`` is (x1, y1, x2, y2) in original-image pixels, clipped to [0, width] x [0, height];
+    ``None`` when no face passed the threshold, in which case ``confidence`` is 0.0 (never a real
+    score: kept detections are strictly above the threshold, which is >= 0).
+    ``n_faces`` counts the detections left after the threshold and NMS.
+    """
+
+    box: Box | None
+    confidence: float = 0.0
+    n_faces: int = 0
+
+    @property
+    def found(self) -> bool:
+        return self.box is not None
+
+
+def detector_input(img: Image.Image, long_side: int) -> tuple[np.ndarray, float]:
+    """Downscale ``img`` so its long side is ``long_side`` (never upscale) for the detector.
+
+    Returns the RGB uint8 HxWx3 array and ``scale`` = detector pixels / original pixels (1.0 when
+    the image is already small enough). Uses PIL bilinear (antialiased) with ``reducing_gap=3``:
+    a cheap integer ``reduce`` first, then bilinear, visually the same as a plain bilinear resize.
+    """
+    if img.mode != "RGB":
+        img = img.convert("RGB")
+    w, h = img.size
+    if max(w, h) <= long_side:
+        return np.asarray(img, dtype=np.uint8).copy(), 1.0
+    scale = long_side / max(w, h)
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    small = img.resize(size, Image.Resampling.BILINEAR, reducing_gap=3.0)
+    return np.asarray(small, dtype=np.uint8).copy(), scale
+
+
+@functools.lru_cache(maxsize=64)
+def _priors(height: int, width: int) -> torch.Tensor:
+    # priorbox is a pure-Python loop (~17k anchors at 640x640): cache per padded size.
+    return priorbox(min_sizes=MIN_SIZES, steps=STEPS, clip=False, image_size=(height, width))
+
+
+def _round_up(x: int, m: int) -> int:
+    return max(m, math.ceil(x / m) * m)
+
+
+class FaceDetector(nn.Module):
+    """RetinaFace-ResNet50 over a padded batch. Randomly initialised: load weights into it.
+
+    State-dict keys are the package's own keys prefixed with ``net.``. The detector is inference
+    only: it stays in eval mode (BatchNorm running stats) whatever ``train()`` is called with.
+    """
+
+    def __init__(self, cfg: FaceConfig) -> None:
+        super().__init__()
+        if cfg.backbone != "Resnet50":
+            raise ValueError(f"only the Resnet50 RetinaFace is supported, got {cfg.backbone!r}")
+        self.cfg = cfg
+        # pretrained=False: torchvision would otherwise download ImageNet ResNet weights. The
+        # package still uses the deprecated `pretrained` argument; its warning is noise here.
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", category=UserWarning, module="torchvision")
+            self.net = RetinaFace(
+                name=cfg.backbone,
+                pretrained=False,
+                return_layers=RETURN_LAYERS,
+                in_channels=IN_CHANNELS,
+                out_channels=OUT_CHANNELS,
+            )
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1) * 255, persistent=False)
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1) * 255, persistent=False)
+        self.requires_grad_(False)
+        self.eval()
+
+    def train(self, mode: bool = True) -> "FaceDetector":
+        return super().train(False)
+
+    def detect(
+        self,
+        inputs: Sequence[tuple[np.ndarray, float]],
+        sizes: Sequence[tuple[int, int]] | None = None,
+        canvas: int | None = None,
+    ) -> list[FaceResult]:
+        """Detect faces in outputs of :func:`detector_input`, in one forward pass.
+
+        The batch is padded bottom/right to its largest height and width (at least ``canvas`` when
+        given), rounded up to a multiple of 32. A CNN sees the padding, so scores and boxes of an
+        image depend slightly on its batch-mates unless every batch has the same padded size:
+        ``canvas=long_side`` (used by :meth:`detect_images`) gives batch-independent results.
+
+        ``sizes``: the original (width, height) of each image. With them, boxes map back per axis
+        exactly and clip to the true bounds; without, the original size is taken as
+        round(detector size / scale), exact when the image was not downscaled.
+        """
+        if not inputs:
+            return []
+        if sizes is not None and len(sizes) != len(inputs):
+            raise ValueError(f"{len(sizes)} sizes for {len(inputs)} inputs")
+        device = self.mean.device
+        hs = [a.shape[0] for a, _ in inputs]
+        ws = [a.shape[1] for a, _ in inputs]
+        floor = canvas or 0
+        hp = _round_up(max(*hs, floor), PAD_MULTIPLE)
+        wp = _round_up(max(*ws, floor), PAD_MULTIPLE)
+
+        # uint8 is what crosses to the device; normalisation happens there.
+        batch = np.zeros((len(inputs), hp, wp, 3), dtype=np.uint8)
+        for i, (arr, _) in enumerate(inputs):
+            if arr.ndim != 3 or arr.shape[2] != 3 or arr.dtype != np.uint8:
+                raise ValueError(f"input {i}: expected uint8 HxWx3, got {arr.dtype} {arr.shape}")
+            batch[i, : arr.shape[0], : arr.shape[1]] = arr
+
+        with torch.inference_mode():
+            x = torch.from_numpy(batch).to(device).permute(0, 3, 1, 2).float()
+            x = (x - self.mean) / self.std
+            # Padding is 0 after normalisation, the value the convolutions pad with anyway, so at
+            # least the first convolution sees the same border whatever the batch padding is.
+            h_valid = torch.tensor(hs, device=device)[:, None, None]
+            w_valid = torch.tensor(ws, device=device)[:, None, None]
+            rows = torch.arange(hp, device=device)[None, :, None] < h_valid
+            cols = torch.arange(wp, device=device)[None, None, :] < w_valid
+            x = x * (rows & cols).unsqueeze(1)
+            loc, conf, _ = self.net(x)
+            scores = F.softmax(conf.float(), dim=-1)[..., 1]
+            priors = _priors(hp, wp).to(device)
+            to_pixels = torch.tensor([wp, hp, wp, hp], dtype=torch.float32, device=device)
+
+            results = []
+            for i, (_, scale) in enumerate(inputs):
+                boxes = decode(loc[i].float(), priors, VARIANCE) * to_pixels
+                cx = (boxes[:, 0] + boxes[:, 2]) / 2
+                cy = (boxes[:, 1] + boxes[:, 3]) / 2
+                keep = (scores[i] > self.cfg.confidence_threshold) & (cx < ws[i]) & (cy < hs[i])
+                boxes, s = boxes[keep], scores[i][keep]
+                kept = nms(boxes, s, self.cfg.nms_threshold)  # sorted by decreasing score
+                if len(kept) == 0:
+                    results.append(FaceResult(None, 0.0, 0))
+                    continue
+                size = sizes[i] if sizes is not None else (round(ws[i] / scale), round(hs[i] / scale))
+                best = boxes[kept[0]].cpu().tolist()
+                results.append(
+                    FaceResult(
+                        _to_original(best, (ws[i], hs[i]), size, scale, exact=sizes is not None),
+                        float(s[kept[0]]),
+                        int(len(kept)),
+                    )
+                )
+        return results
+
+    def detect_images(self, images: Sequence[Image.Image]) -> list[FaceResult]:
+        """:func:`detector_input` at ``cfg.detect_long_side`` then :meth:`detect` on a fixed
+        square canvas of that side, so an image's result never depends on its batch-mates."""
+        long_side = self.cfg.detect_long_side
+        inputs = [detector_input(im, long_side) for im in images]
+        return self.detect(inputs, sizes=[im.size for im in images], canvas=long_side)
+
+
+def _to_original(
+    box: list[float], det_size: tuple[int, int], size: tuple[int, int], scale: float, exact: bool
+) -> Box:
+    """Map a detector-pixel box to original pixels and clip it to [0, W] x [0, H]."""
+    w, h = size
+    if exact:
+        # The resized sides were rounded, so each axis has its own true factor.
+        fx, fy = w / det_size[0], h / det_size[1]
+    else:
+        fx = fy = 1.0 / scale
+    x1, y1, x2, y2 = box
+    return (
+        min(max(x1 * fx, 0.0), float(w)),
+        min(max(y1 * fy, 0.0), float(h)),
+        min(max(x2 * fx, 0.0), float(w)),
+        min(max(y2 * fy, 0.0), float(h)),
+    )
+
+
+def face_crop_box(face: FaceResult, margin: int) -> tuple[int, int, int, int] | None:
+    """The integer crop rectangle :func:`crop_face` cuts, or None without a face.
+
+    Rounded with Python's ``round`` (half to even), exactly what ``PIL.Image.crop`` does with float
+    coordinates (Pillow 13 ``Image._crop``), so the result equals the official ``img.crop(floats)``.
+    """
+    if face.box is None:
+        return None
+    x1, y1, x2, y2 = face.box
+    return (round(x1 - margin), round(y1 - margin), round(x2 + margin), round(y2 + margin))
+
+
+def crop_face(img: Image.Image, face: FaceResult, margin: int) -> Image.Image:
+    """Official DN-PIQA face crop: box + ``margin`` on each side; outside the image is black (0).
+
+    Without a face, returns ``img`` itself (not a copy): the whole image is the face input.
+    """
+    rect = face_crop_box(face, margin)
+    if rect is None:
+        return img
+    return img.crop(rect)

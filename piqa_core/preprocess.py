@@ -1,0 +1,225 @@
+"""Decode with typed errors, and the official Resize -> crop -> Normalize transform.
+
+The transform has ONE implementation, shared by training and scoring. It reproduces the
+official DN-PIQA path: ``PIL -> convert('RGB') -> Resize(448) -> FiveCrop/RandomCrop/CenterCrop(384)
+-> ToTensor -> Normalize``. Like the official code, no EXIF orientation is applied.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import struct
+import warnings
+import zlib
+from pathlib import Path
+from typing import Sequence, Union
+
+import numpy as np
+import torch
+import torchvision.transforms.functional as TF
+from PIL import Image, UnidentifiedImageError
+from torchvision.transforms import InterpolationMode
+
+from piqa_core.config import PreprocessConfig
+
+ERROR_CODES = (
+    "not_found",
+    "empty_file",
+    "not_an_image",
+    "truncated",
+    "decompression_bomb",
+    "unsupported_mode",
+    "too_small",
+    "read_failed",
+    "internal",
+)
+
+# Modes whose official `img.convert('RGB')` is faithful (alpha is dropped, as officially).
+_CONVERT_MODES = frozenset({"1", "L", "LA", "La", "P", "PA", "RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr"})
+# 16-bit grey: PIL's convert would clip to 255, so these are scaled (>> 8) instead.
+_SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16B", "I;16L", "I;16N"})
+# Formats whose 32-bit "I" mode holds 16-bit samples (older Pillow PNG, PGM with maxval > 255).
+_SIXTEEN_BIT_I_FORMATS = frozenset({"PNG", "PPM"})
+_CROP_MODES = ("five", "center", "random")
+
+ImageSource = Union[str, os.PathLike, bytes, bytearray, memoryview, Image.Image, np.ndarray]
+
+
+class ImageError(Exception):
+    """A bad input image; `code` is one of ERROR_CODES, `message` says what was wrong."""
+
+    def __init__(self, code: str, message: str) -> None:
+        if code not in ERROR_CODES:
+            raise ValueError(f"unknown image error code {code!r}")
+        super().__init__(code, message)
+        self.code = code
+        self.message = message
+
+    def __str__(self) -> str:
+        return f"{self.code}: {self.message}"
+
+
+def _is_sixteen_bit(mode: str, fmt: str | None) -> bool:
+    return mode in _SIXTEEN_BIT_MODES or (mode == "I" and fmt in _SIXTEEN_BIT_I_FORMATS)
+
+
+def _check_header(size: tuple[int, int], mode: str, cfg: PreprocessConfig, fmt: str | None) -> None:
+    """Guards that need only the header: pixel count, short side, mode."""
+    w, h = size
+    if w * h > cfg.max_pixels:
+        raise ImageError("decompression_bomb", f"{w}x{h} = {w * h} pixels exceeds max_pixels={cfg.max_pixels}")
+    if min(w, h) < cfg.min_side:
+        raise ImageError("too_small", f"{w}x{h}: shorter side is below min_side={cfg.min_side}")
+    if mode not in _CONVERT_MODES and not _is_sixteen_bit(mode, fmt):
+        raise ImageError("unsupported_mode", f"image mode {mode!r} (format {fmt}) cannot be mapped to 8-bit RGB")
+
+
+def _to_rgb(img: Image.Image, fmt: str | None) -> Image.Image:
+    """Convert a loaded image to RGB as the official code does, but scale 16-bit grey to 8 bits."""
+    mode = img.mode
+    if mode in _CONVERT_MODES:
+        return img if mode == "RGB" else img.convert("RGB")
+    if _is_sixteen_bit(mode, fmt):
+        arr = np.asarray(img)  # uint16 (with the mode's byte order) or int32 for "I"
+        if arr.min(initial=0) < 0 or arr.max(initial=0) > 0xFFFF:
+            raise ImageError("unsupported_mode", f"mode {mode!r} holds values outside 16 bits")
+        grey = (arr.astype(np.uint32) >> 8).astype(np.uint8)
+        return Image.fromarray(grey, mode="L").convert("RGB")
+    raise ImageError("unsupported_mode", f"image mode {mode!r} (format {fmt}) cannot be mapped to 8-bit RGB")
+
+
+def _finish(img: Image.Image, cfg: PreprocessConfig) -> Image.Image:
+    """Header guards, frame 0, full load, RGB conversion for an opened (maybe lazy) image."""
+    fmt = img.format
+    _check_header(img.size, img.mode, cfg, fmt)
+    if img.tell() != 0:  # (not n_frames: for GIF that scans every frame)
+        img.seek(0)
+    try:
+        with warnings.catch_warnings():  # GIF frames re-check PIL's lower limit while loading
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img.load()
+    except Image.DecompressionBombError as e:
+        raise ImageError("decompression_bomb", str(e)) from e
+    except (OSError, SyntaxError, ValueError, EOFError, struct.error, zlib.error) as e:
+        raise ImageError("truncated", f"image data is truncated or corrupt: {e}") from e
+    return _to_rgb(img, fmt)
+
+
+def decode_image(data: bytes, cfg: PreprocessConfig) -> Image.Image:
+    """Decode encoded bytes into a fully loaded RGB image (frame 0), or raise ImageError.
+
+    Pixel count, short side and mode are checked from the header before any pixel is decoded.
+    No EXIF transpose is applied: the official DN-PIQA path has none.
+    """
+    try:
+        if len(data) == 0:
+            raise ImageError("empty_file", "the file is empty (0 bytes)")
+        try:
+            # Our own max_pixels check (below) is authoritative; PIL's warning threshold
+            # (~89 MP) is lower than the default max_pixels, so silence it here.
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                img = Image.open(io.BytesIO(data))
+        except Image.DecompressionBombError as e:
+            # PIL refuses above 2 * Image.MAX_IMAGE_PIXELS (~179 MP) before we see the header.
+            raise ImageError("decompression_bomb", str(e)) from e
+        except UnidentifiedImageError as e:
+            raise ImageError("not_an_image", "not a recognised image format") from e
+        except (OSError, SyntaxError, ValueError, EOFError, struct.error) as e:
+            raise ImageError("not_an_image", f"unreadable image header: {e}") from e
+        # No `with img:` — closing would free the pixels we return; the source is a BytesIO.
+        return _finish(img, cfg)
+    except ImageError:
+        raise
+    except Exception as e:  # a bad input must never fail the job: report it as a row
+        raise ImageError("internal", f"{type(e).__name__}: {e}") from e
+
+
+def _from_array(arr: np.ndarray, cfg: PreprocessConfig) -> Image.Image:
+    if arr.dtype != np.uint8 or not (arr.ndim == 2 or (arr.ndim == 3 and arr.shape[2] == 3)):
+        raise ImageError("unsupported_mode", f"array must be uint8 HxWx3 or HxW, got {arr.dtype} {arr.shape}")
+    h, w = arr.shape[:2]
+    _check_header((w, h), "RGB", cfg, None)
+    img = Image.fromarray(np.ascontiguousarray(arr), mode="L" if arr.ndim == 2 else "RGB")
+    return img.convert("RGB") if arr.ndim == 2 else img
+
+
+def load_image(src: ImageSource, cfg: PreprocessConfig) -> Image.Image:
+    """RGB image from a local path, encoded bytes, a PIL image or a uint8 array (HxWx3 or HxW)."""
+    if isinstance(src, (str, os.PathLike)):
+        path = Path(src)
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError as e:
+            raise ImageError("not_found", f"no such file: {path}") from e
+        except OSError as e:
+            raise ImageError("read_failed", f"cannot read {path}: {e}") from e
+        return decode_image(data, cfg)
+    if isinstance(src, (bytes, bytearray, memoryview)):
+        return decode_image(bytes(src), cfg)
+    try:
+        if isinstance(src, Image.Image):
+            return _finish(src, cfg)
+        if isinstance(src, np.ndarray):
+            return _from_array(src, cfg)
+    except ImageError:
+        raise
+    except Exception as e:
+        raise ImageError("internal", f"{type(e).__name__}: {e}") from e
+    raise TypeError(f"unsupported image source type {type(src).__name__}")
+
+
+def resize_short(img: Image.Image, size: int) -> Image.Image:
+    """Shorter side to `size`: exactly torchvision `Resize(size)` on a PIL image (bilinear, antialiased)."""
+    return TF.resize(img, size, interpolation=InterpolationMode.BILINEAR)
+
+
+def crop_positions(width: int, height: int, crop: int, mode: str) -> list[tuple[int, int]]:
+    """(left, top) of each crop: 'five' in FiveCrop order (tl, tr, bl, br, center), or 'center'."""
+    if crop > width or crop > height:
+        raise ValueError(f"crop {crop} is larger than the image {width}x{height}")
+    # CenterCrop's rounding (Python round, half to even), reused by FiveCrop's centre crop.
+    center = (int(round((width - crop) / 2.0)), int(round((height - crop) / 2.0)))
+    if mode == "center":
+        return [center]
+    if mode == "five":
+        right, bottom = width - crop, height - crop
+        return [(0, 0), (right, 0), (0, bottom), (right, bottom), center]
+    raise ValueError(f"crop mode must be 'five' or 'center', got {mode!r}")
+
+
+def make_crops(
+    img: Image.Image,
+    cfg: PreprocessConfig,
+    mode: str | None = None,
+    rng: np.random.Generator | None = None,
+) -> np.ndarray:
+    """uint8 (K, crop, crop, 3) crops after resize_short(cfg.resize): K=5 'five', K=1 'center'/'random'."""
+    mode = cfg.crop_mode if mode is None else mode
+    if mode not in _CROP_MODES:
+        raise ValueError(f"crop mode must be one of {_CROP_MODES}, got {mode!r}")
+    arr = np.asarray(resize_short(img.convert("RGB") if img.mode != "RGB" else img, cfg.resize))
+    h, w = arr.shape[:2]
+    c = cfg.crop
+    if mode == "random":
+        if c > w or c > h:
+            raise ValueError(f"crop {c} is larger than the image {w}x{h}")
+        rng = np.random.default_rng() if rng is None else rng
+        # Same distribution as RandomCrop.get_params: top in [0, h-c], left in [0, w-c].
+        top = int(rng.integers(0, h - c + 1))
+        left = int(rng.integers(0, w - c + 1))
+        positions = [(left, top)]
+    else:
+        positions = crop_positions(w, h, c, mode)
+    return np.stack([arr[top : top + c, left : left + c] for left, top in positions])
+
+
+def normalize(crops: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """uint8 (..., H, W, 3) -> float32 (..., 3, H, W): ToTensor then Normalize, on the input's device."""
+    if crops.dtype != torch.uint8 or crops.ndim < 3 or crops.shape[-1] != 3:
+        raise ValueError(f"expected uint8 (..., H, W, 3), got {crops.dtype} {tuple(crops.shape)}")
+    x = crops.movedim(-1, -3).to(torch.float32).div(255)
+    m = torch.as_tensor(mean, dtype=torch.float32, device=crops.device).view(3, 1, 1)
+    s = torch.as_tensor(std, dtype=torch.float32, device=crops.device).view(3, 1, 1)
+    return x.sub(m).div(s).contiguous()

@@ -1,0 +1,74 @@
+"""In-process batched scoring: the API a notebook user calls."""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Callable, Iterable, Sequence
+
+import numpy as np
+import torch
+
+from .checkpoints import Bundle, Fetcher, build_bundle, load_checkpoint, resolve_weights
+from .stages import ImageInput, Predictor, prepare_batch, rows_from_columns
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+class Scorer:
+    """Scores images with a loaded ``Bundle``; ``.model`` is the ``DualBranchPIQA``.
+
+    Preparation (decode, faces, crops) and the forward pass are the shared stages of
+    ``piqa_core.stages``; the Ray pipeline runs the very same code in its actors.
+    """
+
+    def __init__(self, bundle: Bundle, device: str | torch.device | None = None,
+                 precision: str = "fp32", crop_mode: str | None = None) -> None:
+        self.bundle = bundle
+        self.config = bundle.config
+        self.device = torch.device(device) if device is not None else default_device()
+        self.crop_mode = crop_mode or self.config.preprocess.crop_mode
+        self.detector = bundle.detector.to(self.device).eval() if bundle.detector is not None else None
+        self.predictor = Predictor(self.config, bundle.model, bundle.liqe, self.device, precision)
+
+    @property
+    def model(self) -> torch.nn.Module:
+        return self.predictor.model
+
+    @property
+    def model_id(self) -> str:
+        return self.bundle.model_id
+
+    @property
+    def sha256(self) -> str:
+        return self.bundle.sha256
+
+    @classmethod
+    def from_pretrained(cls, source: str | os.PathLike, *, random_weights: bool = False,
+                        device: str | torch.device | None = None, precision: str = "fp32",
+                        crop_mode: str | None = None, fetch: Fetcher | None = None,
+                        seed: int = 0) -> "Scorer":
+        """A model directory (local or remote URI), or with ``random_weights=True`` a preset name."""
+        if random_weights:
+            bundle = build_bundle(str(source), seed=seed)
+        else:
+            bundle = load_checkpoint(resolve_weights(source, fetch=fetch))
+        return cls(bundle, device=device, precision=precision, crop_mode=crop_mode)
+
+    def score_columns(self, items: Sequence[ImageInput]) -> dict[str, np.ndarray]:
+        """Prepared + scored columns for one batch (pixel columns included)."""
+        cols = prepare_batch(items, self.config, self.detector, self.crop_mode)
+        return self.predictor(cols)
+
+    def score(self, images: Iterable[ImageInput], batch_size: int = 8,
+              progress: Callable[[int], Any] | None = None) -> list[dict[str, Any]]:
+        """One result dict per input, in order; bad inputs give ``status='error'`` rows."""
+        images = list(images)
+        results: list[dict[str, Any]] = []
+        for start in range(0, len(images), batch_size):
+            chunk = images[start:start + batch_size]
+            results.extend(rows_from_columns(self.score_columns(chunk)))
+            if progress is not None:
+                progress(len(chunk))
+        return results

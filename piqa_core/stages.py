@@ -1,0 +1,176 @@
+"""The two stages every scoring path shares: CPU preparation and device scoring.
+
+``prepare_batch`` turns raw inputs into fixed-shape uint8 columns (decode → face → crops → LIQE
+patches); ``Predictor`` turns those columns into scores. The in-process ``Scorer``, the Ray actors and
+training all call these, so there is exactly one implementation of every transform and crop.
+"""
+
+from __future__ import annotations
+
+import math
+import traceback
+from pathlib import Path
+from typing import Any, Sequence, Union
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .config import PIQAConfig
+from .faces import FaceDetector, FaceResult, crop_face, detector_input
+from .liqe import LIQE, extract_patches, top_scene
+from .model import DualBranchPIQA
+from .preprocess import ImageError, load_image, make_crops, normalize
+
+# An ImageError stands for an input whose read already failed upstream: it becomes that error row.
+ImageInput = Union[str, Path, bytes, Image.Image, np.ndarray, ImageError]
+PRECISIONS = ("fp32", "bf16")
+
+
+def num_crops(crop_mode: str) -> int:
+    return {"five": 5, "center": 1, "random": 1}[crop_mode]
+
+
+def empty_columns(cfg: PIQAConfig, n: int, crop_mode: str) -> dict[str, np.ndarray]:
+    """Zero-filled prepared columns for ``n`` rows."""
+    k, s = num_crops(crop_mode), cfg.preprocess.crop
+    cols: dict[str, np.ndarray] = {
+        "status": np.full(n, "error", dtype=object),
+        "error_code": np.full(n, "", dtype=object),
+        "error_message": np.full(n, "", dtype=object),
+        "width": np.zeros(n, np.int32),
+        "height": np.zeros(n, np.int32),
+        "face_found": np.zeros(n, bool),
+        "face_box": np.full((n, 4), np.nan, np.float32),
+        "face_confidence": np.full(n, np.nan, np.float32),
+        "n_faces": np.zeros(n, np.int32),
+        "whole": np.zeros((n, k, s, s, 3), np.uint8),
+        "face": np.zeros((n, k, s, s, 3), np.uint8),
+    }
+    if cfg.liqe.enabled:
+        p = cfg.liqe.patch
+        cols["patches"] = np.zeros((n, cfg.liqe.num_patches, p, p, 3), np.uint8)
+    return cols
+
+
+def prepare_batch(
+    items: Sequence[ImageInput],
+    cfg: PIQAConfig,
+    detector: FaceDetector | None,
+    crop_mode: str | None = None,
+    rng: np.random.Generator | None = None,
+) -> dict[str, np.ndarray]:
+    """Decode, detect faces (one batched forward), crop; a bad input becomes an error row, never an exception."""
+    mode = crop_mode or cfg.preprocess.crop_mode
+    cols = empty_columns(cfg, len(items), mode)
+    images: dict[int, Image.Image] = {}
+    for i, item in enumerate(items):
+        try:
+            if isinstance(item, ImageError):
+                raise item
+            img = load_image(item, cfg.preprocess)
+        except ImageError as e:
+            cols["error_code"][i], cols["error_message"][i] = e.code, e.message
+            continue
+        except Exception as e:  # a decoder bug must not take the batch down
+            cols["error_code"][i], cols["error_message"][i] = "internal", _describe(e)
+            continue
+        images[i] = img
+        cols["width"][i], cols["height"][i] = img.size
+
+    faces: dict[int, FaceResult] = {}
+    if detector is not None and images:
+        idx = list(images)
+        inputs = [detector_input(images[i], cfg.face.detect_long_side) for i in idx]
+        # A fixed canvas makes each image's result independent of its batch-mates (resume-safe).
+        found = detector.detect(inputs, sizes=[images[i].size for i in idx], canvas=cfg.face.detect_long_side)
+        faces = dict(zip(idx, found))
+
+    for i, img in images.items():
+        try:
+            face = faces.get(i)
+            face_img = img
+            if face is not None:
+                face_img = crop_face(img, face, cfg.face.margin)
+                cols["n_faces"][i] = face.n_faces
+                if face.found:
+                    cols["face_found"][i] = True
+                    cols["face_box"][i] = face.box
+                    cols["face_confidence"][i] = face.confidence
+            cols["whole"][i] = make_crops(img, cfg.preprocess, mode, rng)
+            cols["face"][i] = make_crops(face_img, cfg.preprocess, mode, rng)
+            if cfg.liqe.enabled:
+                cols["patches"][i] = extract_patches(np.asarray(img), cfg.liqe)
+            cols["status"][i] = "ok"
+        except ImageError as e:
+            cols["error_code"][i], cols["error_message"][i] = e.code, e.message
+        except Exception as e:
+            cols["error_code"][i], cols["error_message"][i] = "internal", _describe(e)
+    return cols
+
+
+def _describe(e: BaseException) -> str:
+    where = traceback.extract_tb(e.__traceback__)[-1] if e.__traceback__ else None
+    loc = f" at {Path(where.filename).name}:{where.lineno}" if where else ""
+    return f"{type(e).__name__}: {e}{loc}"
+
+
+class Predictor:
+    """Device-side scoring of prepared columns: normalise, LIQE, dual-branch model, crop mean."""
+
+    def __init__(self, cfg: PIQAConfig, model: DualBranchPIQA, liqe: LIQE | None,
+                 device: torch.device, precision: str = "fp32") -> None:
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+        self.cfg, self.device, self.precision = cfg, device, precision
+        self.model = model.to(device).eval()
+        self.liqe = liqe.to(device).eval() if liqe is not None else None
+
+    @torch.inference_mode()
+    def __call__(self, cols: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Adds ``score`` (nan on error rows) and ``liqe_scene_top`` to the columns."""
+        n = len(cols["status"])
+        scores = np.full(n, np.nan, np.float32)
+        scenes = np.full(n, "", dtype=object)
+        ok = np.flatnonzero(cols["status"] == "ok")
+        if len(ok):
+            s, sc = self.forward(cols, ok)
+            scores[ok], scenes[ok] = s, sc
+        return {**cols, "score": scores, "liqe_scene_top": scenes}
+
+    def forward(self, cols: dict[str, np.ndarray], rows: np.ndarray) -> tuple[np.ndarray, list[str]]:
+        pp = self.cfg.preprocess
+        dev = self.device
+        take = lambda name: torch.from_numpy(np.ascontiguousarray(cols[name][rows])).to(dev, non_blocking=True)  # noqa: E731
+        autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=self.precision == "bf16")
+        with autocast:
+            aux, scenes = None, [""] * len(rows)
+            if self.liqe is not None:
+                aux = self.liqe(take("patches")).float()
+                scenes = top_scene(aux)
+            whole = normalize(take("whole"), pp.mean, pp.std)
+            face = normalize(take("face"), pp.mean, pp.std)
+            scores = self.model.score_crops(whole, face, aux)
+        return scores.float().cpu().numpy(), scenes
+
+
+def rows_from_columns(cols: dict[str, np.ndarray]) -> list[dict[str, Any]]:
+    """Per-image result dicts (no pixel columns) from scored columns."""
+    out = []
+    for i in range(len(cols["status"])):
+        box = cols["face_box"][i]
+        score = float(cols["score"][i])
+        out.append({
+            "status": str(cols["status"][i]),
+            "score": None if math.isnan(score) else score,
+            "error_code": str(cols["error_code"][i]) or None,
+            "error_message": str(cols["error_message"][i]) or None,
+            "width": int(cols["width"][i]),
+            "height": int(cols["height"][i]),
+            "face_found": bool(cols["face_found"][i]),
+            "face_box": None if np.isnan(box).any() else [float(v) for v in box],
+            "face_confidence": None if math.isnan(float(cols["face_confidence"][i])) else float(cols["face_confidence"][i]),
+            "n_faces": int(cols["n_faces"][i]),
+            "liqe_scene_top": str(cols["liqe_scene_top"][i]) or None,
+        })
+    return out

@@ -1,0 +1,143 @@
+"""The Ray Data stages: a read function and the two actor classes (models loaded once per actor)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from piqa_core.checkpoints import CONFIG_FILE, Bundle, build_bundle, load_checkpoint, resolve_weights
+from piqa_core.preprocess import ImageError
+from piqa_core.stages import Predictor, prepare_batch
+
+from .inprocess import fetch
+from .options import ModelOptions
+from .schema import SCORE_SCHEMA, now_utc
+from .storage import ObjectInfo, S3Options, list_images, read_bytes
+
+PIXEL_COLUMNS = ("whole", "face", "patches")
+
+
+def _fetcher(s3: S3Options):
+    """Copies a remote model directory with our storage layer (honours custom S3 endpoints)."""
+
+    def copy(uri: str, dest: Path) -> None:
+        root = uri.rstrip("/")
+        for info in list_images(root, s3, extensions=None):
+            rel = info.uri[len(root):].lstrip("/")
+            target = dest / rel
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(read_bytes(info.uri, s3))
+
+    return copy
+
+
+def load_bundle(model: ModelOptions, s3: S3Options) -> Bundle:
+    if model.random_weights:
+        return build_bundle(model.preset)
+    return load_checkpoint(resolve_weights(model.weights, fetch=_fetcher(s3)))
+
+
+def model_identity(model: ModelOptions, s3: S3Options) -> dict[str, Any]:
+    """model_id, sha256, preset, crop mode and whether weights are random, without building networks."""
+    if model.random_weights:
+        bundle = build_bundle(model.preset)
+        cfg, model_id, sha, random_init = bundle.config, bundle.model_id, bundle.sha256, True
+    else:
+        meta = json.loads((resolve_weights(model.weights, fetch=_fetcher(s3)) / CONFIG_FILE).read_text())
+        from piqa_core.config import PIQAConfig
+
+        cfg, model_id = PIQAConfig.from_dict(meta["config"]), meta["model_id"]
+        sha, random_init = meta["sha256"], bool(meta.get("random_init"))
+    return {"model_id": model_id, "sha256": sha, "preset": cfg.preset, "random_init": random_init,
+            "crop_mode": model.crop_mode or cfg.preprocess.crop_mode}
+
+
+def read_objects(batch: dict[str, np.ndarray], s3: S3Options, max_bytes: int) -> dict[str, np.ndarray]:
+    """Adds the objects' bytes; a failed read becomes ``read_error_*`` for its row, never an exception."""
+    n = len(batch["uri"])
+    data = np.empty(n, dtype=object)
+    codes, messages = np.full(n, "", dtype=object), np.full(n, "", dtype=object)
+    for i, uri in enumerate(batch["uri"]):
+        got = fetch(ObjectInfo(str(uri), int(batch["bytes"][i]), str(batch["etag_or_mtime"][i])), s3, max_bytes)
+        if isinstance(got, ImageError):
+            data[i], codes[i], messages[i] = b"", got.code, got.message
+        else:
+            data[i] = got
+    return {**batch, "data": data, "read_error_code": codes, "read_error_message": messages}
+
+
+def _maybe_crash(marker: str | None) -> None:
+    """Chaos hook: die abruptly once (the marker file makes it once across actor restarts)."""
+    if marker and not os.path.exists(marker):
+        Path(marker).touch()
+        os._exit(1)
+
+
+class PrepActor:
+    """CPU stage: decode, batched face detection, crops, LIQE patches (pixel columns are uint8)."""
+
+    def __init__(self, model: ModelOptions, s3: S3Options, face_device: str = "cpu",
+                 crash_marker: str | None = None) -> None:
+        torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
+        bundle = load_bundle(model, s3)
+        self.cfg, self.crop_mode = bundle.config, model.crop_mode
+        device = torch.device("cuda" if face_device == "gpu" and torch.cuda.is_available() else "cpu")
+        self.detector = bundle.detector.to(device).eval() if bundle.detector is not None else None
+        self.crash_marker = crash_marker
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        _maybe_crash(self.crash_marker)
+        items = [ImageError(str(code), str(msg)) if code else data
+                 for data, code, msg in zip(batch["data"], batch["read_error_code"], batch["read_error_message"])]
+        cols = prepare_batch(items, self.cfg, self.detector, self.crop_mode)
+        keep = {k: batch[k] for k in ("uri", "etag_or_mtime", "bytes")}
+        return {**keep, **cols}
+
+
+class ScoreActor:
+    """Model stage: one model per actor on its GPU (or CPU); emits rows in the output schema."""
+
+    def __init__(self, model: ModelOptions, s3: S3Options, crash_marker: str | None = None) -> None:
+        bundle = load_bundle(model, s3)
+        device = torch.device(model.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.bundle, self.crop_mode = bundle, model.crop_mode or bundle.config.preprocess.crop_mode
+        self.predictor = Predictor(bundle.config, bundle.model, bundle.liqe, device, model.precision)
+        self.crash_marker = crash_marker
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
+        _maybe_crash(self.crash_marker)
+        cols = self.predictor(batch)
+        n = len(cols["uri"])
+        ok = cols["status"] == "ok"
+        box = cols["face_box"]
+        boxes = pa.array([None if np.isnan(b).any() else b for b in box.tolist()], pa.list_(pa.float32(), 4))
+        nullable = lambda a: pa.array([str(v) if v else None for v in a], pa.string())  # noqa: E731
+        conf = cols["face_confidence"]
+        data = {
+            "uri": pa.array(cols["uri"].astype(str)),
+            "etag_or_mtime": pa.array(cols["etag_or_mtime"].astype(str)),
+            "bytes": pa.array(cols["bytes"].astype(np.int64)),
+            "width": pa.array(cols["width"], pa.int32()),
+            "height": pa.array(cols["height"], pa.int32()),
+            "score": pa.array(cols["score"], pa.float32(), mask=~ok),
+            "face_found": pa.array(cols["face_found"]),
+            "face_box": boxes,
+            "face_confidence": pa.array(conf, pa.float32(), mask=np.isnan(conf)),
+            "n_faces": pa.array(cols["n_faces"], pa.int32()),
+            "liqe_scene_top": nullable(cols["liqe_scene_top"]),
+            "model_id": pa.array([self.bundle.model_id] * n),
+            "model_sha256": pa.array([self.bundle.sha256] * n),
+            "random_weights": pa.array([self.bundle.random_init] * n),
+            "crop_mode": pa.array([self.crop_mode] * n),
+            "status": pa.array(cols["status"].astype(str)),
+            "error_code": nullable(cols["error_code"]),
+            "error_message": nullable(cols["error_message"]),
+            "scored_at": pa.array([now_utc()] * n, pa.timestamp("us", tz="UTC")),
+        }
+        return pa.table(data, schema=SCORE_SCHEMA)

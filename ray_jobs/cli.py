@@ -1,0 +1,148 @@
+"""The ``piqa`` command line."""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import click
+
+from .options import ModelOptions, model_options
+
+
+@click.group()
+@click.version_option(package_name="piqa")
+def main() -> None:
+    """Portrait image-quality scoring (DN-PIQA) at catalogue scale."""
+
+
+@main.command()
+@click.argument("inputs", nargs=-1, required=True)
+@click.option("--out", required=True, help="Output: a .parquet file (local engine) or a folder/prefix (ray).")
+@click.option("--engine", type=click.Choice(["ray", "local"]), default="ray", show_default=True,
+              help="ray = the Ray Data pipeline; local = this process, no Ray.")
+@click.option("--manifest", is_flag=True, help="INPUTS are manifest files (txt/csv/parquet of URIs).")
+@click.option("--endpoint-url", envvar="PIQA_S3_ENDPOINT", help="S3-compatible endpoint (MinIO, Ceph, …).")
+@click.option("--region", default=None)
+@click.option("--max-bytes", type=click.IntRange(1), default=256 * 1024 * 1024, show_default=True,
+              help="Objects larger than this become error rows.")
+@click.option("--resume", is_flag=True, help="Skip inputs this model (same sha256) already scored under --out.")
+@click.option("--run-date", default=None, help="Partition value run_date=… (default: today).")
+@click.option("--face-device", type=click.Choice(["cpu", "gpu"]), default="cpu", show_default=True,
+              help="Where prep actors run RetinaFace (gpu on GPU nodes: CPU detection cannot keep up).")
+@click.option("--prep-actors", type=click.IntRange(1), default=None, help="CPU actor pool size.")
+@click.option("--score-actors", type=click.IntRange(1), default=None, help="Model actor pool size.")
+@click.option("--prep-batch-size", type=click.IntRange(1), default=4, show_default=True)
+@click.option("--gpus-per-actor", type=click.FloatRange(0, 1, min_open=True), default=1.0, show_default=True)
+@click.option("--address", envvar="RAY_ADDRESS", default=None, help="Ray cluster (default: start a local one).")
+@click.option("--inject-crash", type=click.Choice(["prep", "score"]), default=None, hidden=True)
+@model_options
+def score(inputs: tuple[str, ...], out: str, engine: str, manifest: bool, endpoint_url: str | None,
+          region: str | None, max_bytes: int, resume: bool, run_date: str | None, face_device: str,
+          prep_actors: int | None, score_actors: int | None, prep_batch_size: int, gpus_per_actor: float,
+          address: str | None, inject_crash: str | None, model: ModelOptions) -> None:
+    """Score images under INPUTS (files, folders, s3:// prefixes); one output row per input."""
+    from .storage import S3Options
+
+    s3 = S3Options.from_env()
+    s3.endpoint_url = endpoint_url or s3.endpoint_url
+    s3.region = region or s3.region
+    if engine == "local":
+        _score_local(inputs, out, manifest, s3, max_bytes, model)
+    else:
+        from .score import ScoreJob, run_score_job
+
+        job = ScoreJob(inputs=list(inputs), out=out, manifest=manifest, s3=s3, max_bytes=max_bytes,
+                       model=model, resume=resume, face_device=face_device, prep_actors=prep_actors,
+                       score_actors=score_actors, prep_batch_size=prep_batch_size,
+                       gpus_per_score_actor=gpus_per_actor, address=address, inject_crash=inject_crash)
+        if run_date:
+            job.run_date = run_date
+        summary = run_score_job(job)
+        click.echo(f"wrote {summary['rows']} rows to {summary['output']}")
+
+
+def _score_local(inputs, out, manifest, s3, max_bytes, model: ModelOptions) -> None:
+    import pyarrow.parquet as pq
+    from tqdm import tqdm
+
+    from piqa_core.scorer import Scorer
+
+    from .inprocess import score_objects
+    from .storage import list_inputs, resolve
+    from .summary import format_summary, summarize
+
+    objects = list_inputs(inputs, s3, manifest=manifest)
+    scorer = Scorer.from_pretrained(model.source, random_weights=model.random_weights, device=model.device,
+                                    precision=model.precision, crop_mode=model.crop_mode)
+    t0 = time.perf_counter()
+    with tqdm(total=len(objects), unit="img", file=sys.stderr) as bar:
+        table = score_objects(objects, scorer, model.batch_size, s3, max_bytes, progress=bar.update)
+    fs, path = resolve(out, s3)
+    parent = path.rsplit("/", 1)[0] if "/" in path else ""
+    if parent:
+        fs.create_dir(parent, recursive=True)
+    pq.write_table(table, path, filesystem=fs)
+    summary = summarize(table, time.perf_counter() - t0, random_weights=scorer.bundle.random_init)
+    click.echo(format_summary(summary))
+    click.echo(f"wrote {table.num_rows} rows to {out}")
+
+
+@main.group()
+def weights() -> None:
+    """Create, import and inspect model directories."""
+
+
+@weights.command("import-official")
+@click.argument("piq_model", type=click.Path(exists=True, dir_okay=False))
+@click.argument("liqe", type=click.Path(exists=True, dir_okay=False))
+@click.option("--retinaface", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="retinaface_resnet50_2020-07-20 release file (default: the torch-hub cache).")
+@click.option("-o", "--out", required=True, type=click.Path(file_okay=False))
+@click.option("--model-id", default="dn-piqa-official", show_default=True)
+def import_official_cmd(piq_model: str, liqe: str, retinaface: str | None, out: str, model_id: str) -> None:
+    """Convert the official PIQ_model.pth + LIQE.pt (+ RetinaFace) into a model directory."""
+    from piqa_core.checkpoints import CheckpointError, import_official, save_checkpoint
+
+    try:
+        bundle = import_official(piq_model, liqe, retinaface, model_id=model_id)
+    except CheckpointError as e:
+        raise click.ClickException(str(e)) from None
+    digest = save_checkpoint(bundle, out, extra={"source": {"piq_model": piq_model, "liqe": liqe}})
+    click.echo(f"wrote {out} (model_id={model_id}, sha256={digest})")
+
+
+@weights.command("random")
+@click.option("--preset", default="tiny", show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("-o", "--out", required=True, type=click.Path(file_okay=False))
+def random_cmd(preset: str, seed: int, out: str) -> None:
+    """Write a randomly initialised model directory (marked random: for tests and smoke runs)."""
+    from piqa_core.checkpoints import build_bundle, save_checkpoint
+
+    digest = save_checkpoint(build_bundle(preset, seed=seed), out)
+    click.echo(f"wrote {out} (random {preset}, sha256={digest})")
+
+
+@weights.command("info")
+@click.argument("model_dir", type=click.Path(exists=True, file_okay=False))
+def info_cmd(model_dir: str) -> None:
+    """Print a model directory's id, preset, sha256 and parameter counts."""
+    from piqa_core.checkpoints import CheckpointError, load_checkpoint
+
+    try:
+        bundle = load_checkpoint(Path(model_dir))
+    except CheckpointError as e:
+        raise click.ClickException(str(e)) from None
+    count = lambda m: sum(p.numel() for p in m.parameters()) if m is not None else 0  # noqa: E731
+    click.echo(f"model_id      {bundle.model_id}")
+    click.echo(f"preset        {bundle.config.preset}")
+    click.echo(f"sha256        {bundle.sha256}")
+    click.echo(f"random_init   {bundle.random_init}")
+    click.echo(f"params        model {count(bundle.model):,}  liqe {count(bundle.liqe):,}  "
+               f"face {count(bundle.detector):,}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,56 @@
+"""Scoring in this process (no Ray): for a handful of files, notebooks and the benchmark baseline."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import pyarrow as pa
+
+from piqa_core.preprocess import ImageError
+from piqa_core.scorer import Scorer
+from piqa_core.stages import rows_from_columns
+
+from .schema import now_utc, schema_metadata, to_table
+from .storage import ObjectInfo, ObjectTooLarge, S3Options, read_bytes
+
+DEFAULT_MAX_BYTES = 256 * 1024 * 1024
+
+
+def fetch(info: ObjectInfo, s3: S3Options | None, max_bytes: int) -> bytes | ImageError:
+    """The object's bytes, or the error its row will carry."""
+    try:
+        return read_bytes(info.uri, s3, max_bytes=max_bytes)
+    except FileNotFoundError:
+        return ImageError("not_found", f"{info.uri} does not exist (deleted after listing?)")
+    except ObjectTooLarge as e:
+        return ImageError("too_large", str(e))
+    except OSError as e:
+        return ImageError("read_failed", f"{type(e).__name__}: {e}")
+
+
+def score_objects(objects: list[ObjectInfo], scorer: Scorer, batch_size: int = 8,
+                  s3: S3Options | None = None, max_bytes: int = DEFAULT_MAX_BYTES,
+                  progress: Callable[[int], object] | None = None) -> pa.Table:
+    """One output row per object, in order."""
+    rows = []
+    for start in range(0, len(objects), batch_size):
+        chunk = objects[start:start + batch_size]
+        results = rows_from_columns(scorer.score_columns([fetch(info, s3, max_bytes) for info in chunk]))
+        stamp = now_utc()
+        for info, result in zip(chunk, results):
+            rows.append({
+                **result,
+                "uri": info.uri,
+                "etag_or_mtime": info.etag_or_mtime,
+                "bytes": info.size,
+                "model_id": scorer.model_id,
+                "model_sha256": scorer.sha256,
+                "random_weights": scorer.bundle.random_init,
+                "crop_mode": scorer.crop_mode,
+                "scored_at": stamp,
+            })
+        if progress is not None:
+            progress(len(chunk))
+    meta = schema_metadata(scorer.model_id, scorer.sha256, scorer.crop_mode,
+                           scorer.bundle.random_init, scorer.config.preset)
+    return to_table(rows, meta)

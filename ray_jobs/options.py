@@ -1,0 +1,63 @@
+"""Model options shared by every command that scores (score, audit, eval), mapped onto the config."""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import click
+
+from piqa_core.config import CROP_MODES, list_presets
+from piqa_core.stages import PRECISIONS
+
+
+@dataclass
+class ModelOptions:
+    weights: str | None
+    random_weights: bool
+    preset: str
+    crop_mode: str | None
+    precision: str
+    device: str | None
+    batch_size: int
+
+    def check(self) -> None:
+        if self.weights and self.random_weights:
+            raise click.UsageError("--weights and --random-weights exclude each other")
+        if not self.weights and not self.random_weights:
+            raise click.UsageError(
+                "no model weights given. Pass --weights MODEL_DIR (a directory from "
+                "`piqa weights import-official` or `piqa train`, local or s3://), or for a smoke run "
+                "--random-weights --preset tiny|dn-piqa (random weights are not a quality model)."
+            )
+
+    @property
+    def source(self) -> str:
+        return self.preset if self.random_weights else str(self.weights)
+
+
+def model_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Adds the model flags and passes them as one ``model: ModelOptions`` argument."""
+    opts = [
+        click.option("--weights", help="Model directory (local path or s3://…)."),
+        click.option("--random-weights", is_flag=True, help="Random init (smoke tests only; rows say so)."),
+        click.option("--preset", type=click.Choice(list_presets()), default="dn-piqa", show_default=True,
+                     help="Architecture for --random-weights."),
+        click.option("--crop-mode", type=click.Choice(CROP_MODES), default=None,
+                     help="five = official test protocol (default), center = 5x faster."),
+        click.option("--precision", type=click.Choice(PRECISIONS), default="fp32", show_default=True),
+        click.option("--device", default=None, help="cpu, cuda, cuda:1 … (default: cuda if available)."),
+        click.option("--batch-size", type=click.IntRange(1), default=8, show_default=True),
+    ]
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, weights: str | None, random_weights: bool, preset: str, crop_mode: str | None,
+                precision: str, device: str | None, batch_size: int, **kwargs: Any) -> Any:
+        model = ModelOptions(weights, random_weights, preset, crop_mode, precision, device, batch_size)
+        model.check()
+        return fn(*args, model=model, **kwargs)
+
+    for opt in reversed(opts):
+        wrapper = opt(wrapper)
+    return wrapper

@@ -1,0 +1,57 @@
+"""Reading back what earlier runs wrote: for --resume and for run summaries."""
+
+from __future__ import annotations
+
+import sys
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from pyarrow import fs as pafs
+
+from .schema import SCORE_SCHEMA
+from .storage import S3Options, resolve
+
+
+def _parquet_files(uri: str, s3: S3Options | None) -> tuple[pafs.FileSystem, list[str]]:
+    fs, root = resolve(uri, s3)
+    if fs.get_file_info(root).type == pafs.FileType.NotFound:
+        return fs, []
+    infos = fs.get_file_info(pafs.FileSelector(root, recursive=True))
+    files = sorted(i.path for i in infos if i.type == pafs.FileType.File and i.base_name.endswith(".parquet")
+                   and not i.base_name.startswith(("_", ".")))
+    return fs, files
+
+
+def _read(fs: pafs.FileSystem, path: str, columns: list[str] | None = None) -> pa.Table | None:
+    """One output file, or None (with a warning) when it is unreadable, e.g. cut short by a crash."""
+    try:
+        return pq.read_table(path, filesystem=fs, columns=columns)
+    except (OSError, pa.ArrowInvalid) as e:
+        print(f"piqa: ignoring unreadable output file {path}: {e}", file=sys.stderr)
+        return None
+
+
+def already_scored(out: str, sha256: str, s3: S3Options | None = None) -> set[str]:
+    """URIs with a row written by the model with this sha256 anywhere under ``out``."""
+    fs, files = _parquet_files(out, s3)
+    done: set[str] = set()
+    for path in files:
+        t = _read(fs, path, ["uri", "model_sha256"])
+        if t is not None:
+            done.update(u for u, s in zip(t.column("uri").to_pylist(), t.column("model_sha256").to_pylist())
+                        if s == sha256)
+    return done
+
+
+def read_rows(uri: str, s3: S3Options | None = None, run_id: str | None = None) -> pa.Table:
+    """All readable output rows under ``uri`` (only one run's files when ``run_id`` is given)."""
+    fs, files = _parquet_files(uri, s3)
+    if run_id is not None:
+        files = [f for f in files if f.rsplit("/", 1)[-1].startswith(f"part-{run_id}-")]
+    tables = [t for t in (_read(fs, f) for f in files) if t is not None]
+    tables = [t.select(SCORE_SCHEMA.names).cast(SCORE_SCHEMA) for t in tables]
+    return pa.concat_tables(tables) if tables else SCORE_SCHEMA.empty_table()
+
+
+def run_files(dest: str, run_id: str, s3: S3Options | None = None) -> pa.Table:
+    return read_rows(dest, s3, run_id)

@@ -1,0 +1,218 @@
+import io
+import os
+import re
+import zipfile
+
+import pytest
+import torch
+
+from piqa_core.checkpoints import (
+    CheckpointError,
+    backbone_from_official,
+    build_bundle,
+    clean_state_dict,
+    import_official,
+    load_checkpoint,
+    load_strict,
+    official_to_ours,
+    resolve_weights,
+    save_checkpoint,
+    torch_load,
+)
+from piqa_core.config import get_preset
+from piqa_core.model import DualBranchPIQA
+
+
+def to_timm067_swin(backbone: torch.nn.Module) -> dict:
+    """Inverse of timm's Swin filter: our timm 1.x layout → the timm 0.6.7 layout the official file uses.
+
+    0.6.7 keeps downsample at the end of a stage and saves relative_position_index / attn_mask buffers.
+    """
+    out = {}
+    for k, v in backbone.state_dict().items():
+        m = re.match(r"layers\.(\d+)\.downsample\.(.*)", k)
+        if m:
+            k = f"layers.{int(m.group(1)) - 1}.downsample.{m.group(2)}"
+        out[k] = v.clone()
+    for name, mod in backbone.named_modules():
+        if hasattr(mod, "relative_position_index"):
+            out[f"{name}.relative_position_index"] = mod.relative_position_index.clone()
+        if getattr(mod, "attn_mask", None) is not None:
+            out[f"{name}.attn_mask"] = mod.attn_mask.clone()
+    assert "layers.0.downsample.reduction.weight" in out
+    return out
+
+
+def official_layout(model: DualBranchPIQA) -> dict:
+    sd = {f"feature_extraction.feature_extraction.{k}": v for k, v in to_timm067_swin(model.backbone).items()}
+    sd.update({f"feature_extraction_face.feature_extraction.feature_extraction.{k}": v
+               for k, v in to_timm067_swin(model.backbone_face).items()})
+    sd.update({f"quality.{k}": v.clone() for k, v in model.head.state_dict().items()})
+    return sd
+
+
+def openai_layout(liqe) -> dict:
+    """What the official LIQE.pt looks like: OpenAI CLIP keys, partly fp16, plus three JIT-era ints."""
+    sd = {k: (v.half() if v.dim() >= 2 else v.clone()) for k, v in liqe.clip.state_dict().items()}
+    sd.update({"input_resolution": torch.tensor(224), "context_length": torch.tensor(77),
+               "vocab_size": torch.tensor(49408)})
+    return sd
+
+
+def legacy_zip(sd: dict) -> bytes:
+    """The torch-hub release format of retinaface-pytorch: a zip with one torch file inside."""
+    inner = io.BytesIO()
+    torch.save(sd, inner)
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w") as zf:
+        zf.writestr("retinaface_resnet50_2020-07-20.pth", inner.getvalue())
+    return out.getvalue()
+
+
+def _inputs(size, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(2, 3, size, size, generator=g), torch.randn(2, 3, size, size, generator=g), \
+        torch.randn(2, 495, generator=g)
+
+
+@pytest.mark.parametrize("preset", ["tiny", pytest.param("dn-piqa", marks=pytest.mark.slow)])
+def test_official_layout_round_trip_is_exact(preset, tmp_path):
+    cfg = get_preset(preset)
+    torch.manual_seed(1)
+    source = DualBranchPIQA(cfg.model).eval()
+    path = tmp_path / "PIQ_model.pth"
+    torch.save(official_layout(source), path)
+
+    torch.manual_seed(2)
+    target = DualBranchPIQA(cfg.model).eval()
+    load_strict(target, official_to_ours(torch_load(path), target), "DN-PIQA")
+    x = _inputs(cfg.preprocess.crop)
+    with torch.inference_mode():
+        assert torch.equal(source(*x), target(*x))
+
+
+def test_official_import_rejects_foreign_keys():
+    model = DualBranchPIQA(get_preset("tiny").model)
+    sd = official_layout(model)
+    sd["extra.weight"] = torch.zeros(1)
+    with pytest.raises(CheckpointError, match="unexpected keys"):
+        official_to_ours(sd, model)
+
+
+def test_strict_load_names_missing_and_unexpected_keys():
+    model = DualBranchPIQA(get_preset("tiny").model)
+    sd = dict(model.state_dict())
+    sd.pop("head.0.weight")
+    sd["head.9.weight"] = torch.zeros(1)
+    with pytest.raises(CheckpointError) as err:
+        load_strict(model, sd, "model")
+    msg = str(err.value)
+    assert "missing (1): head.0.weight" in msg and "unexpected (1): head.9.weight" in msg
+
+
+def test_shape_mismatch_is_explained():
+    tiny = DualBranchPIQA(get_preset("tiny").model)
+    sd = dict(tiny.state_dict())
+    sd["head.0.weight"] = torch.zeros(3, 3)
+    with pytest.raises(CheckpointError, match="shape mismatch"):
+        load_strict(tiny, sd, "model")
+
+
+def test_official_backbones_lsvq_and_gfiqa():
+    cfg = get_preset("tiny")
+    model = DualBranchPIQA(cfg.model)
+    swin = to_timm067_swin(model.backbone)
+    lsvq = {f"feature_extraction.{k}": v for k, v in swin.items()}
+    lsvq.update({"quality.0.weight": torch.zeros(128, 10), "quality.1.weight": torch.zeros(1, 128)})
+    gfiqa = {f"feature_extraction.feature_extraction.{k}": v for k, v in swin.items()}
+    gfiqa.update({"quality.0.weight": torch.zeros(128, 10)})
+    for sd in (lsvq, gfiqa):
+        fresh = DualBranchPIQA(cfg.model)
+        load_strict(fresh.backbone, backbone_from_official(sd, fresh.backbone), "backbone")
+        x = torch.randn(1, 3, 64, 64)
+        with torch.inference_mode():
+            assert torch.equal(fresh.backbone.eval()(x), model.backbone.eval()(x))
+
+
+def test_pickled_code_is_refused(tmp_path):
+    path = tmp_path / "evil.pth"
+    torch.save({"w": torch.zeros(1), "hook": os.system}, path)
+    with pytest.raises(CheckpointError, match="refused"):
+        torch_load(path)
+
+
+def test_prefixes_are_stripped():
+    sd = clean_state_dict({"state_dict": {"module.a": 1, "_orig_mod.b": 2, "c": 3}})
+    assert sd == {"a": 1, "b": 2, "c": 3}
+
+
+def test_import_official_bundle_and_our_format_round_trip(tmp_path):
+    cfg = get_preset("tiny")
+    src = build_bundle(cfg, seed=3)
+    (tmp_path / "PIQ_model.pth").write_bytes(b"")
+    torch.save(official_layout(src.model), tmp_path / "PIQ_model.pth")
+    torch.save(openai_layout(src.liqe), tmp_path / "LIQE.pt")
+    (tmp_path / "retina.zip").write_bytes(legacy_zip(src.detector.net.state_dict()))
+
+    bundle = import_official(tmp_path / "PIQ_model.pth", tmp_path / "LIQE.pt", tmp_path / "retina.zip",
+                             config="tiny", model_id="official-test")
+    assert not bundle.random_init
+    assert torch.equal(bundle.model.state_dict()["head.0.weight"], src.model.state_dict()["head.0.weight"])
+    # LIQE weights went through fp16 like the real file, so compare at that precision.
+    w = "visual.transformer.resblocks.0.attn.in_proj_weight"
+    assert torch.equal(bundle.liqe.clip.state_dict()[w], src.liqe.clip.state_dict()[w].half().float())
+    assert torch.allclose(bundle.liqe.text_features.norm(dim=1), torch.ones(495), atol=1e-5)
+    for k, v in src.detector.net.state_dict().items():
+        assert torch.equal(bundle.detector.net.state_dict()[k], v), k
+
+    digest = save_checkpoint(bundle, tmp_path / "model")
+    loaded = load_checkpoint(tmp_path / "model")
+    assert loaded.sha256 == digest == bundle.sha256
+    assert loaded.model_id == "official-test" and loaded.config == bundle.config
+    for a, b in ((bundle.model, loaded.model), (bundle.liqe, loaded.liqe), (bundle.detector, loaded.detector)):
+        sa, sb = a.state_dict(), b.state_dict()
+        assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_missing_retinaface_names_where_to_put_it(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    src = build_bundle("tiny")
+    torch.save(official_layout(src.model), tmp_path / "PIQ_model.pth")
+    torch.save(openai_layout(src.liqe), tmp_path / "LIQE.pt")
+    with pytest.raises(CheckpointError, match="retinaface_resnet50_2020-07-20-f168fae3c.zip"):
+        import_official(tmp_path / "PIQ_model.pth", tmp_path / "LIQE.pt", config="tiny")
+
+
+def test_corrupt_or_foreign_model_dir(tmp_path):
+    bundle = build_bundle("tiny")
+    save_checkpoint(bundle, tmp_path / "m")
+    blob = bytearray((tmp_path / "m" / "model.safetensors").read_bytes())
+    blob[-1] ^= 0xFF
+    (tmp_path / "m" / "model.safetensors").write_bytes(bytes(blob))
+    with pytest.raises(CheckpointError, match="corrupt"):
+        load_checkpoint(tmp_path / "m")
+    with pytest.raises(CheckpointError, match="not a model directory"):
+        load_checkpoint(tmp_path / "empty")
+
+
+def test_random_bundles_are_deterministic_and_marked():
+    a, b = build_bundle("tiny", seed=0), build_bundle("tiny", seed=0)
+    assert a.random_init and a.model_id == "random-tiny-seed0"
+    assert a.sha256 == b.sha256 != build_bundle("tiny", seed=1).sha256
+
+
+def test_resolve_weights_local_and_remote(tmp_path):
+    assert resolve_weights(str(tmp_path)) == tmp_path
+    assert resolve_weights(f"file://{tmp_path}") == tmp_path
+    save_checkpoint(build_bundle("tiny"), tmp_path / "src")
+    calls = []
+
+    def fetch(uri, dest):
+        calls.append(uri)
+        for f in (tmp_path / "src").iterdir():
+            (dest / f.name).write_bytes(f.read_bytes())
+
+    local = resolve_weights("s3://bucket/model", cache_dir=tmp_path / "cache", fetch=fetch)
+    again = resolve_weights("s3://bucket/model", cache_dir=tmp_path / "cache", fetch=fetch)
+    assert local == again and calls == ["s3://bucket/model"]
+    assert load_checkpoint(local).sha256 == load_checkpoint(tmp_path / "src").sha256

@@ -1,0 +1,333 @@
+"""Decoding guards, mode mapping and the crop transform against torchvision's reference."""
+
+from __future__ import annotations
+
+import io
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageFile
+from torchvision import transforms as T
+
+from piqa_core.config import IMAGENET_MEAN, IMAGENET_STD, PreprocessConfig
+from piqa_core.preprocess import (
+    ERROR_CODES,
+    ImageError,
+    crop_positions,
+    decode_image,
+    load_image,
+    make_crops,
+    normalize,
+    resize_short,
+)
+from tests.corpus import (
+    SIXTEEN_BIT_MARK,
+    astronaut,
+    astronaut_jpeg_bytes,
+    build_corpus,
+    gif_frames,
+    sixteen_bit_grey,
+    sixteen_bit_rgb,
+)
+
+CFG = PreprocessConfig()
+TINY = PreprocessConfig(resize=72, crop=64, min_side=16)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str | None]]:
+    d = tmp_path_factory.mktemp("corpus")
+    return d, build_corpus(d)
+
+
+def _names() -> list[str]:
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        return sorted(build_corpus(Path(d)))
+
+
+CORPUS_NAMES = _names()
+
+
+def _decode(corpus: tuple[Path, dict[str, str | None]], name: str) -> Image.Image:
+    return decode_image((corpus[0] / name).read_bytes(), CFG)
+
+
+# ---------------------------------------------------------------- decoding
+
+
+@pytest.mark.parametrize("name", CORPUS_NAMES)
+def test_corpus_entry_gives_expected_code(corpus, name: str) -> None:
+    d, expected = corpus
+    data = (d / name).read_bytes()
+    if expected[name] is None:
+        img = decode_image(data, CFG)
+        assert img.mode == "RGB"
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            assert img.size == Image.open(io.BytesIO(data)).size
+        assert np.asarray(img).shape == (img.height, img.width, 3)
+    else:
+        with pytest.raises(ImageError) as ei:
+            decode_image(data, CFG)
+        assert ei.value.code == expected[name]
+        assert expected[name] in str(ei.value) and ei.value.message in str(ei.value)
+
+
+def test_corpus_covers_every_decode_code(corpus) -> None:
+    codes = set(corpus[1].values())
+    want = {"empty_file", "not_an_image", "truncated", "decompression_bomb", "unsupported_mode", "too_small"}
+    assert codes >= want | {None}
+
+
+@pytest.mark.parametrize("name", ["grey16.png", "grey16.tif", "grey16.pgm"])
+def test_16bit_grey_is_scaled_not_clipped(corpus, name: str) -> None:
+    arr = np.asarray(_decode(corpus, name))
+    want = (sixteen_bit_grey() >> 8).astype(np.uint8)
+    assert tuple(arr[0, 0]) == (0xAB, 0xAB, 0xAB)
+    np.testing.assert_array_equal(arr[..., 0], want)
+    np.testing.assert_array_equal(arr[..., 0], arr[..., 2])
+    assert (arr < 255).mean() > 0.9  # clipping would make nearly everything 255
+
+
+def test_16bit_rgb_png_keeps_high_byte(corpus) -> None:
+    arr = np.asarray(_decode(corpus, "rgb16.png"))
+    assert tuple(arr[0, 0]) == (SIXTEEN_BIT_MARK >> 8,) * 3
+    np.testing.assert_array_equal(arr, (sixteen_bit_rgb() >> 8).astype(np.uint8))
+
+
+def test_pil_16bit_grey_image_is_scaled() -> None:
+    img = Image.fromarray(sixteen_bit_grey())
+    assert img.mode == "I;16"
+    assert tuple(np.asarray(load_image(img, CFG))[0, 0]) == (0xAB,) * 3
+
+
+@pytest.mark.parametrize("name", ["animated.gif", "animated.png"])
+def test_animation_gives_frame_0(corpus, name: str) -> None:
+    with Image.open(corpus[0] / name) as src:
+        assert src.n_frames == 3
+    want = np.asarray(gif_frames()[0].convert("RGB"))
+    np.testing.assert_array_equal(np.asarray(_decode(corpus, name)), want)
+
+
+def test_pil_input_seeked_elsewhere_gives_frame_0(corpus) -> None:
+    img = Image.open(corpus[0] / "animated.gif")
+    img.seek(2)
+    np.testing.assert_array_equal(np.asarray(load_image(img, CFG)), np.asarray(gif_frames()[0].convert("RGB")))
+
+
+def test_multipage_tiff_gives_page_0(corpus) -> None:
+    np.testing.assert_array_equal(np.asarray(_decode(corpus, "multipage.tif")), np.asarray(astronaut(320, 256)))
+
+
+def test_alpha_dropped_and_cmyk_grey_faithful(corpus) -> None:
+    ref = np.asarray(astronaut(320, 256)).astype(np.int16)
+    np.testing.assert_array_equal(np.asarray(_decode(corpus, "rgba.png")), ref)
+    cmyk = np.asarray(_decode(corpus, "cmyk.jpg")).astype(np.int16)
+    assert np.abs(cmyk - ref).mean() < 6  # an inverted-CMYK mistake would be ~100
+    grey = np.asarray(_decode(corpus, "grey.jpg"))
+    assert (grey[..., 0] == grey[..., 1]).all() and (grey[..., 1] == grey[..., 2]).all()
+
+
+HEADER_CASES = [
+    ("bomb_12000.png", "decompression_bomb"),
+    ("bomb_30000.png", "decompression_bomb"),
+    ("strip_20000x20.png", "too_small"),
+    ("float32.tif", "unsupported_mode"),
+]
+
+
+@pytest.mark.parametrize("name,code", HEADER_CASES)
+def test_header_guards_fire_before_decoding(corpus, monkeypatch, name: str, code: str) -> None:
+    def no_load(self, *a, **k):
+        raise AssertionError("pixels were decoded")
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", no_load)
+    monkeypatch.setattr(Image.Image, "load", no_load)
+    t0 = time.perf_counter()
+    with pytest.raises(ImageError) as ei:
+        _decode(corpus, name)
+    assert ei.value.code == code
+    assert time.perf_counter() - t0 < 1.0
+
+
+def test_max_pixels_and_min_side_come_from_config() -> None:
+    data = astronaut_jpeg_bytes(90, 320, 256)
+    with pytest.raises(ImageError, match="decompression_bomb"):
+        decode_image(data, PreprocessConfig(max_pixels=320 * 256 - 1))
+    with pytest.raises(ImageError, match="too_small"):
+        decode_image(data, PreprocessConfig(min_side=257))
+    assert decode_image(data, PreprocessConfig(max_pixels=320 * 256, min_side=256)).size == (320, 256)
+
+
+def test_pil_global_limit_never_gives_another_code(monkeypatch) -> None:
+    data = astronaut_jpeg_bytes(90, 320, 256)  # 81,920 px
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 50_000)  # PIL would only warn
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert decode_image(data, CFG).size == (320, 256)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 20_000)  # PIL refuses: the same code as ours
+    with pytest.raises(ImageError) as ei:
+        decode_image(data, CFG)
+    assert ei.value.code == "decompression_bomb"
+
+
+def test_truncated_images_are_not_loaded_globally(corpus) -> None:
+    assert not ImageFile.LOAD_TRUNCATED_IMAGES
+    with pytest.raises(ImageError):
+        _decode(corpus, "truncated.jpg")
+    assert not ImageFile.LOAD_TRUNCATED_IMAGES
+
+
+def test_unexpected_failure_is_internal(monkeypatch) -> None:
+    grey = _encode_grey_jpeg()  # needs convert('RGB'), which we make fail
+
+    def boom(self, *a, **k):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(Image.Image, "convert", boom)
+    with pytest.raises(ImageError) as ei:
+        decode_image(grey, CFG)
+    assert ei.value.code == "internal" and "boom" in ei.value.message
+
+
+def _encode_grey_jpeg() -> bytes:
+    buf = io.BytesIO()
+    astronaut(256, 256).convert("L").save(buf, "JPEG")
+    return buf.getvalue()
+
+
+def test_image_error_contract() -> None:
+    e = ImageError("too_small", "3x3 is tiny")
+    assert (e.code, e.message, str(e)) == ("too_small", "3x3 is tiny", "too_small: 3x3 is tiny")
+    assert len(ERROR_CODES) == 9
+    with pytest.raises(ValueError):
+        ImageError("nope", "x")
+
+
+# ---------------------------------------------------------------- load_image
+
+
+def test_load_image_sources(tmp_path: Path) -> None:
+    data = astronaut_jpeg_bytes(90, 320, 256)
+    path = tmp_path / "a.jpg"
+    path.write_bytes(data)
+    ref = np.asarray(decode_image(data, CFG))
+    for src in (str(path), path, data, bytearray(data), Image.open(path)):
+        np.testing.assert_array_equal(np.asarray(load_image(src, CFG)), ref)
+    np.testing.assert_array_equal(np.asarray(load_image(ref, CFG)), ref)
+    grey = np.asarray(load_image(ref[..., 0].copy(), CFG))
+    assert grey.shape == ref.shape and (grey[..., 1] == ref[..., 0]).all()
+    assert load_image(Image.fromarray(ref).convert("RGBA"), CFG).mode == "RGB"
+
+
+@pytest.mark.parametrize("src,code", [
+    (lambda p: p / "missing.jpg", "not_found"),
+    (lambda p: str(p / "missing.jpg"), "not_found"),
+    (lambda p: p, "read_failed"),  # a directory
+    (lambda p: np.zeros((300, 300, 3), np.float32), "unsupported_mode"),
+    (lambda p: np.zeros((300, 300, 4), np.uint8), "unsupported_mode"),
+    (lambda p: np.zeros((100, 300, 3), np.uint8), "too_small"),
+    (lambda p: Image.new("F", (300, 300)), "unsupported_mode"),
+    (lambda p: Image.new("I", (300, 300)), "unsupported_mode"),
+    (lambda p: b"", "empty_file"),
+])
+def test_load_image_errors(tmp_path: Path, src, code: str) -> None:
+    with pytest.raises(ImageError) as ei:
+        load_image(src(tmp_path), CFG)
+    assert ei.value.code == code
+
+
+def test_load_image_rejects_unknown_type() -> None:
+    with pytest.raises(TypeError):
+        load_image(12345, CFG)  # type: ignore[arg-type]
+
+
+# ---------------------------------------------------------------- transforms
+
+SIZES = [(512, 512), (640, 480), (480, 640), (1001, 777)]
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_crops_bit_identical_to_torchvision(size: tuple[int, int]) -> None:
+    img = astronaut(*size)
+    resized = resize_short(img, 448)
+    ref_resized = T.Resize(448)(img)
+    assert resized.size == ref_resized.size and min(resized.size) == 448
+    np.testing.assert_array_equal(np.asarray(resized), np.asarray(ref_resized))
+
+    five = make_crops(img, CFG, "five")
+    ref_five = T.Compose([T.Resize(448), T.FiveCrop(384)])(img)
+    assert five.shape == (5, 384, 384, 3) and five.dtype == np.uint8
+    for ours, ref in zip(five, ref_five):
+        np.testing.assert_array_equal(ours, np.asarray(ref))
+
+    center = make_crops(img, CFG, "center")
+    assert center.shape == (1, 384, 384, 3)
+    np.testing.assert_array_equal(center[0], np.asarray(T.Compose([T.Resize(448), T.CenterCrop(384)])(img)))
+
+
+def test_crop_positions_match_torchvision_rounding() -> None:
+    for w in range(8, 15):
+        for h in range(8, 15):
+            grid = torch.arange(w * h).view(1, h, w)
+
+            def pos(t: torch.Tensor) -> tuple[int, int]:
+                return int(t[0, 0, 0]) % w, int(t[0, 0, 0]) // w
+
+            for c in (5, 6, 7, 8):
+                assert crop_positions(w, h, c, "five") == [pos(t) for t in T.FiveCrop(c)(grid)]
+                assert crop_positions(w, h, c, "center") == [pos(T.CenterCrop(c)(grid))]
+    with pytest.raises(ValueError):
+        crop_positions(10, 10, 11, "five")
+    with pytest.raises(ValueError):
+        crop_positions(10, 10, 5, "random")
+
+
+def test_make_crops_mode_default_and_validation() -> None:
+    img = astronaut(96, 80)
+    assert make_crops(img, TINY).shape == (5, 64, 64, 3)
+    center_cfg = PreprocessConfig(resize=72, crop=64, crop_mode="center")
+    assert make_crops(img, center_cfg).shape == (1, 64, 64, 3)
+    with pytest.raises(ValueError):
+        make_crops(img, TINY, "ten")
+
+
+def test_random_crop_in_bounds_and_deterministic() -> None:
+    img = astronaut(96, 80)
+    resized = np.asarray(resize_short(img, TINY.resize))  # 86 x 72
+    h, w = resized.shape[:2]
+    a = make_crops(img, TINY, "random", np.random.default_rng(7))
+    b = make_crops(img, TINY, "random", np.random.default_rng(7))
+    assert a.shape == (1, 64, 64, 3)
+    np.testing.assert_array_equal(a, b)
+    windows = {(l, t): resized[t : t + 64, l : l + 64] for t in range(h - 63) for l in range(w - 63)}
+    rng = np.random.default_rng(0)
+    seen = set()
+    for _ in range(300):
+        crop = make_crops(img, TINY, "random", rng)[0]
+        hits = [pos for pos, win in windows.items() if np.array_equal(win, crop)]
+        assert hits, "random crop is not a window of the resized image"
+        seen.update(hits)
+    lefts, tops = {p[0] for p in seen}, {p[1] for p in seen}
+    assert min(lefts) == 0 and max(lefts) == w - 64 and min(tops) == 0 and max(tops) == h - 64
+
+
+def test_normalize_matches_totensor_normalize() -> None:
+    crops = make_crops(astronaut(512, 512), TINY, "five")
+    out = normalize(torch.from_numpy(crops), IMAGENET_MEAN, IMAGENET_STD)
+    assert out.shape == (5, 3, 64, 64) and out.dtype == torch.float32
+    ref_t = T.Compose([T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+    ref = torch.stack([ref_t(Image.fromarray(c)) for c in crops])
+    assert torch.allclose(out, ref, atol=1e-6, rtol=0)
+    batched = normalize(torch.from_numpy(np.stack([crops, crops])), IMAGENET_MEAN, IMAGENET_STD)
+    assert batched.shape == (2, 5, 3, 64, 64) and torch.equal(batched[1], out)
+    meta = normalize(torch.empty((2, 8, 8, 3), dtype=torch.uint8, device="meta"), IMAGENET_MEAN, IMAGENET_STD)
+    assert meta.device.type == "meta" and meta.shape == (2, 3, 8, 8)
+    with pytest.raises(ValueError):
+        normalize(torch.zeros((8, 8, 3)), IMAGENET_MEAN, IMAGENET_STD)
