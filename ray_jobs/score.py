@@ -58,26 +58,37 @@ class PoolPlan:
     score_cpus: float
 
 
+# Logical CPUs kept free for the light read and write tasks, so the actor pools cannot starve them.
+IO_TASK_CPUS = 0.1
+
+
 def plan_pools(job: ScoreJob, resources: dict[str, float]) -> PoolPlan:
     """Actor pool sizes from the cluster's resources unless given explicitly."""
-    cpus, gpus = int(resources.get("CPU", 1)), resources.get("GPU", 0)
+    cpus, gpus = resources.get("CPU", 1.0), resources.get("GPU", 0)
     if gpus:
         per = job.gpus_per_score_actor
         score = job.score_actors or max(1, int(gpus / per))
-        return PoolPlan(job.prep_actors or max(1, cpus - score - 1), score, per, 1.0)
-    score = job.score_actors or max(1, cpus // 2)
-    return PoolPlan(job.prep_actors or max(1, cpus - score), score, 0.0, 1.0)
+        prep = job.prep_actors or max(1, int(cpus - score - 1))
+        return PoolPlan(prep, score, per, 1.0)
+    score = job.score_actors or max(1, int(cpus // 2))
+    prep = job.prep_actors or max(1, int(cpus - score))
+    # On a CPU-only cluster both pools share the cores; leave room for read + write tasks.
+    score_cpus = max(0.25, min(1.0, (cpus - prep - 2 * IO_TASK_CPUS) / score))
+    return PoolPlan(prep, score, 0.0, score_cpus)
 
 
 class _RunFiles(FilenameProvider):
-    """``part-<run_id>-<task>.parquet``: deterministic per run, never colliding across runs."""
+    """``part-<run_id>-<write uuid>-<task>.parquet``: grouped by run, never colliding across runs.
+
+    Ray requires its write UUID in the name (a retried write task then replaces its own file).
+    """
 
     def __init__(self, run_id: str) -> None:
         super().__init__(file_format="parquet")
         self.run_id = run_id
 
     def get_filename_for_task(self, write_uuid: str, task_index: int) -> str:
-        return f"part-{self.run_id}-{task_index:06d}.parquet"
+        return f"part-{self.run_id}-{write_uuid}_{task_index:06d}.parquet"
 
 
 def _run_id(job: ScoreJob, objects: list[ObjectInfo]) -> str:
@@ -115,20 +126,22 @@ def run_score_job(job: ScoreJob) -> dict[str, Any]:
             ray.data.from_items([{"uri": o.uri, "etag_or_mtime": o.etag_or_mtime, "bytes": o.size}
                                  for o in objects], override_num_blocks=_num_blocks(len(objects), job))
             .map_batches(read_objects, fn_kwargs={"s3": job.s3, "max_bytes": job.max_bytes},
-                         batch_size=job.prep_batch_size, num_cpus=0.1)
+                         batch_size=job.prep_batch_size, num_cpus=IO_TASK_CPUS, batch_format="numpy")
             .map_batches(PrepActor, fn_constructor_kwargs={**model_args, "face_device": job.face_device,
                                                            "crash_marker": marker("prep")},
                          compute=ActorPoolStrategy(size=plan.prep_actors), batch_size=job.prep_batch_size,
-                         num_cpus=1, num_gpus=0.0)
-            .map_batches(ScoreActor, fn_constructor_kwargs={**model_args, "crash_marker": marker("score")},
+                         num_cpus=1, num_gpus=0.0, batch_format="numpy")
+            .map_batches(ScoreActor, fn_constructor_kwargs={**model_args, "crash_marker": marker("score"),
+                                                            "threads": max(1, round(plan.score_cpus))},
                          compute=ActorPoolStrategy(size=plan.score_actors), batch_size=job.model.batch_size,
-                         num_cpus=plan.score_cpus, num_gpus=plan.score_gpus, batch_format="pyarrow")
+                         num_cpus=plan.score_cpus, num_gpus=plan.score_gpus, batch_format="numpy")
         )
         fs, path = resolve(dest, job.s3)
         meta = schema_metadata(identity["model_id"], identity["sha256"], identity["crop_mode"],
                                identity["random_init"], identity["preset"])
         ds.write_parquet(path, filesystem=fs, filename_provider=_RunFiles(run_id),
-                         schema=SCORE_SCHEMA.with_metadata(meta))
+                         schema=SCORE_SCHEMA.with_metadata(meta),
+                         ray_remote_args={"num_cpus": IO_TASK_CPUS})
 
     table = run_files(dest, run_id, job.s3)
     summary = summarize(table, time.perf_counter() - t0, run_id=run_id, skipped_already_scored=skipped,

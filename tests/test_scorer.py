@@ -1,0 +1,105 @@
+"""The in-process Scorer: inputs of every kind, error rows, batching, and parity with the official steps."""
+
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torchvision import transforms
+
+from piqa_core.checkpoints import build_bundle, save_checkpoint
+from piqa_core.faces import crop_face
+from piqa_core.liqe import extract_patches
+from piqa_core.scorer import Scorer
+from tests.corpus import astronaut, astronaut_jpeg_bytes
+
+
+@pytest.fixture(scope="module")
+def scorer():
+    return Scorer.from_pretrained("tiny", random_weights=True, device="cpu")
+
+
+def test_accepts_paths_bytes_pil_and_arrays(scorer, tmp_path):
+    img = np.asarray(astronaut())
+    path = tmp_path / "a.png"
+    Image.fromarray(img).save(path)
+    rows = scorer.score([str(path), path.read_bytes(), Image.fromarray(img), img], batch_size=3)
+    assert [r["status"] for r in rows] == ["ok"] * 4
+    scores = [r["score"] for r in rows]
+    assert np.allclose(scores, scores[0], atol=1e-5)
+    assert rows[0]["width"] == 512 and rows[0]["height"] == 512
+    assert rows[0]["liqe_scene_top"] in {"animal", "cityscape", "human", "indoor", "landscape", "night",
+                                         "plant", "still_life", "others"}
+
+
+def test_bad_inputs_become_error_rows_in_order(scorer, tmp_path):
+    good = astronaut_jpeg_bytes()
+    rows = scorer.score([good, b"", b"not an image", str(tmp_path / "missing.jpg"), good[: len(good) // 2], good])
+    assert [r["status"] for r in rows] == ["ok", "error", "error", "error", "error", "ok"]
+    assert [r["error_code"] for r in rows] == [None, "empty_file", "not_an_image", "not_found", "truncated", None]
+    assert rows[1]["score"] is None and rows[0]["score"] == pytest.approx(rows[5]["score"], abs=1e-5)
+
+
+def test_batch_size_does_not_change_scores(scorer):
+    rng = np.random.default_rng(0)
+    imgs = [rng.integers(0, 255, (rng.integers(240, 400), rng.integers(240, 400), 3), dtype=np.uint8)
+            for _ in range(5)]
+    a = [r["score"] for r in scorer.score(imgs, batch_size=1)]
+    b = [r["score"] for r in scorer.score(imgs, batch_size=5)]
+    assert np.allclose(a, b, atol=1e-5)
+
+
+def test_center_mode_scores_one_crop(scorer):
+    center = Scorer(scorer.bundle, device="cpu", crop_mode="center")
+    cols = center.score_columns([astronaut()])
+    assert cols["whole"].shape[1] == 1 and cols["face"].shape[1] == 1
+
+
+def test_scores_match_the_official_steps(scorer):
+    """Re-derive the score with the official code's operations (torchvision transforms, PIL crop,
+    LIQE from the full-resolution tensor) and compare with the Scorer."""
+    cfg = scorer.config
+    img = Image.fromarray(np.asarray(astronaut())[:, 40:])  # non-square
+    cols = scorer.score_columns([img])
+    face = scorer.detector.detect_images([img])[0]
+    face_img = crop_face(img, face, cfg.face.margin)
+    tf = transforms.Compose([
+        transforms.Resize(cfg.preprocess.resize), transforms.FiveCrop(cfg.preprocess.crop),
+        lambda crops: torch.stack([transforms.Normalize(cfg.preprocess.mean, cfg.preprocess.std)(
+            transforms.ToTensor()(c)) for c in crops]),
+    ])
+    patches = torch.from_numpy(extract_patches(np.asarray(img), cfg.liqe))[None]
+    with torch.inference_mode():
+        aux = scorer.bundle.liqe(patches)
+        out = scorer.model(tf(img), tf(face_img), torch.cat([aux] * 5))
+    assert float(out.mean()) == pytest.approx(float(cols["score"][0]), abs=1e-5)
+    assert cols["face_found"][0] == face.found
+
+
+def test_from_pretrained_directory_matches_in_memory(tmp_path, scorer):
+    save_checkpoint(scorer.bundle, tmp_path / "m")
+    loaded = Scorer.from_pretrained(tmp_path / "m", device="cpu")
+    assert loaded.sha256 == scorer.sha256
+    img = np.asarray(astronaut())
+    assert loaded.score([img])[0]["score"] == pytest.approx(scorer.score([img])[0]["score"], abs=1e-6)
+
+
+def test_bf16_precision_is_close_on_cpu(scorer):
+    fast = Scorer(scorer.bundle, device="cpu", precision="bf16")
+    img = np.asarray(astronaut())
+    assert fast.score([img])[0]["score"] == pytest.approx(scorer.score([img])[0]["score"], abs=0.05)
+
+
+def test_random_weights_are_marked():
+    bundle = build_bundle("tiny")
+    assert Scorer(bundle, device="cpu").bundle.random_init
+
+
+@pytest.mark.gpu
+def test_cuda_matches_cpu(scorer):
+    gpu = Scorer(scorer.bundle, device="cuda")
+    img = np.asarray(astronaut())
+    assert gpu.score([img])[0]["score"] == pytest.approx(
+        Scorer(scorer.bundle, device="cpu").score([img])[0]["score"], abs=1e-3)
+
+
