@@ -103,12 +103,12 @@ class PrepActor:
 class ScoreActor:
     """Model stage: one model per actor on its GPU (or CPU); emits rows in the output schema."""
 
-    def __init__(self, model: ModelOptions, s3: S3Options, crash_marker: str | None = None,
+    def __init__(self, model: ModelOptions, s3: S3Options, device: str = "cpu", crash_marker: str | None = None,
                  threads: int | None = None) -> None:
         if threads:
             torch.set_num_threads(threads)
         bundle = load_bundle(model, s3)
-        device = torch.device(model.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        device = torch.device(device)
         self.bundle, self.crop_mode = bundle, model.crop_mode or bundle.config.preprocess.crop_mode
         self.predictor = Predictor(bundle.config, bundle.model, bundle.liqe, device, model.precision)
         self.crash_marker = crash_marker

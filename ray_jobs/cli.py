@@ -35,13 +35,15 @@ def main() -> None:
 @click.option("--score-actors", type=click.IntRange(1), default=None, help="Model actor pool size.")
 @click.option("--prep-batch-size", type=click.IntRange(1), default=4, show_default=True)
 @click.option("--gpus-per-actor", type=click.FloatRange(0, 1, min_open=True), default=1.0, show_default=True)
+@click.option("--gpu/--no-gpu", default=None,
+              help="Score on GPUs (default: if the cluster has GPUs now; --gpu waits for autoscaled GPU nodes).")
 @click.option("--address", envvar="RAY_ADDRESS", default=None, help="Ray cluster (default: start a local one).")
 @click.option("--inject-crash", type=click.Choice(["prep", "score"]), default=None, hidden=True)
 @model_options
 def score(inputs: tuple[str, ...], out: str, engine: str, manifest: bool, endpoint_url: str | None,
           region: str | None, max_bytes: int, resume: bool, run_date: str | None, face_device: str,
           prep_actors: int | None, score_actors: int | None, prep_batch_size: int, gpus_per_actor: float,
-          address: str | None, inject_crash: str | None, model: ModelOptions) -> None:
+          gpu: bool | None, address: str | None, inject_crash: str | None, model: ModelOptions) -> None:
     """Score images under INPUTS (files, folders, s3:// prefixes); one output row per input."""
     from .storage import S3Options
 
@@ -56,7 +58,7 @@ def score(inputs: tuple[str, ...], out: str, engine: str, manifest: bool, endpoi
         job = ScoreJob(inputs=list(inputs), out=out, manifest=manifest, s3=s3, max_bytes=max_bytes,
                        model=model, resume=resume, face_device=face_device, prep_actors=prep_actors,
                        score_actors=score_actors, prep_batch_size=prep_batch_size,
-                       gpus_per_score_actor=gpus_per_actor, address=address, inject_crash=inject_crash)
+                       gpus_per_score_actor=gpus_per_actor, gpu=gpu, address=address, inject_crash=inject_crash)
         if run_date:
             job.run_date = run_date
         summary = run_score_job(job)

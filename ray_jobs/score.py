@@ -21,7 +21,7 @@ import ray
 from ray.data import ActorPoolStrategy
 from ray.data.datasource import FilenameProvider
 
-from .actors import PrepActor, ScoreActor, read_objects
+from .actors import PrepActor, ScoreActor, model_identity, read_objects
 from .options import ModelOptions
 from .resume import already_scored, run_files
 from .schema import SCORE_SCHEMA, schema_metadata
@@ -45,9 +45,14 @@ class ScoreJob:
     score_actors: int | None = None
     prep_batch_size: int = 4
     gpus_per_score_actor: float = 1.0
+    # None: use GPUs if the cluster has some now; True: request them even if the autoscaler has
+    # not started GPU nodes yet; False: CPU only.
+    gpu: bool | None = None
     address: str | None = None
     # Chaos testing: "prep" or "score" makes one actor of that stage die once, mid-batch.
     inject_crash: str | None = None
+    # Score exactly these objects instead of listing ``inputs`` (the audit passes its planned delta).
+    objects: list[ObjectInfo] | None = None
 
 
 @dataclass
@@ -56,6 +61,7 @@ class PoolPlan:
     score_actors: int
     score_gpus: float
     score_cpus: float
+    prep_gpus: float = 0.0
 
 
 # Logical CPUs kept free for the light read and write tasks, so the actor pools cannot starve them.
@@ -64,12 +70,19 @@ IO_TASK_CPUS = 0.1
 
 def plan_pools(job: ScoreJob, resources: dict[str, float]) -> PoolPlan:
     """Actor pool sizes from the cluster's resources unless given explicitly."""
-    cpus, gpus = resources.get("CPU", 1.0), resources.get("GPU", 0)
-    if gpus:
+    cpus, gpus = resources.get("CPU", 1.0), resources.get("GPU", 0.0)
+    use_gpu = bool(gpus) if job.gpu is None else job.gpu
+    if use_gpu:
         per = job.gpus_per_score_actor
-        score = job.score_actors or max(1, int(gpus / per))
+        score = job.score_actors or max(1, int(max(gpus, per) / per))
         prep = job.prep_actors or max(1, int(cpus - score - 1))
-        return PoolPlan(prep, score, per, 1.0)
+        if job.face_device != "gpu":
+            return PoolPlan(prep, score, per, 1.0)
+        # Detection on the GPU: prep actors take half of each score actor's share, split evenly,
+        # so Ray counts (and places) every CUDA context.
+        return PoolPlan(prep, score, per / 2, 1.0, prep_gpus=round(per / 2 * score / prep, 4))
+    if job.face_device == "gpu":
+        raise ValueError("--face-device gpu needs GPUs: the cluster has none (pass --gpu to wait for them)")
     score = job.score_actors or max(1, int(cpus // 2))
     prep = job.prep_actors or max(1, int(cpus - score))
     # On a CPU-only cluster both pools share the cores; leave room for read + write tasks.
@@ -101,11 +114,9 @@ def run_score_job(job: ScoreJob) -> dict[str, Any]:
     t0 = time.perf_counter()
     if not ray.is_initialized():
         ray.init(address=job.address or os.environ.get("RAY_ADDRESS"), log_to_driver=True)
-    objects = list_inputs(job.inputs, job.s3, manifest=job.manifest)
+    objects = (list(job.objects) if job.objects is not None
+               else list_inputs(job.inputs, job.s3, manifest=job.manifest))
     plan = plan_pools(job, ray.cluster_resources())
-    # A probe actor is not needed for the model identity: both stages load the same weights.
-    from .actors import model_identity
-
     identity = model_identity(job.model, job.s3)
     skipped = 0
     if job.resume:
@@ -119,22 +130,14 @@ def run_score_job(job: ScoreJob) -> dict[str, Any]:
           f"{plan.prep_actors} prep + {plan.score_actors} score actors, run {run_id}", file=sys.stderr)
 
     if objects:
-        marker = lambda stage: (os.path.join(tempfile.gettempdir(), f"piqa-crash-{stage}-{run_id}")  # noqa: E731
-                                if job.inject_crash == stage else None)
-        model_args = dict(model=job.model, s3=job.s3)
+        prep, score = _stage_args(job, plan, run_id)
         ds = (
             ray.data.from_items([{"uri": o.uri, "etag_or_mtime": o.etag_or_mtime, "bytes": o.size}
                                  for o in objects], override_num_blocks=_num_blocks(len(objects), job))
             .map_batches(read_objects, fn_kwargs={"s3": job.s3, "max_bytes": job.max_bytes},
                          batch_size=job.prep_batch_size, num_cpus=IO_TASK_CPUS, batch_format="numpy")
-            .map_batches(PrepActor, fn_constructor_kwargs={**model_args, "face_device": job.face_device,
-                                                           "crash_marker": marker("prep")},
-                         compute=ActorPoolStrategy(size=plan.prep_actors), batch_size=job.prep_batch_size,
-                         num_cpus=1, num_gpus=0.0, batch_format="numpy")
-            .map_batches(ScoreActor, fn_constructor_kwargs={**model_args, "crash_marker": marker("score"),
-                                                            "threads": max(1, round(plan.score_cpus))},
-                         compute=ActorPoolStrategy(size=plan.score_actors), batch_size=job.model.batch_size,
-                         num_cpus=plan.score_cpus, num_gpus=plan.score_gpus, batch_format="numpy")
+            .map_batches(PrepActor, batch_size=job.prep_batch_size, batch_format="numpy", **prep)
+            .map_batches(ScoreActor, batch_size=job.model.batch_size, batch_format="numpy", **score)
         )
         fs, path = resolve(dest, job.s3)
         meta = schema_metadata(identity["model_id"], identity["sha256"], identity["crop_mode"],
@@ -150,6 +153,26 @@ def run_score_job(job: ScoreJob) -> dict[str, Any]:
     write_text(join(job.out, f"_summary-{run_id}.json"), to_json(summary), job.s3)
     print(format_summary(summary), file=sys.stderr)
     return summary
+
+
+def _stage_args(job: ScoreJob, plan: PoolPlan, run_id: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """map_batches arguments of the two actor stages: pools, resources, constructor kwargs."""
+    def crash_marker(stage: str) -> str | None:
+        if job.inject_crash != stage:
+            return None
+        return os.path.join(tempfile.gettempdir(), f"piqa-crash-{stage}-{run_id}")
+
+    common = {"model": job.model, "s3": job.s3}
+    prep = dict(
+        fn_constructor_kwargs={**common, "face_device": job.face_device, "crash_marker": crash_marker("prep")},
+        compute=ActorPoolStrategy(size=plan.prep_actors), num_cpus=1, num_gpus=plan.prep_gpus,
+    )
+    score = dict(
+        fn_constructor_kwargs={**common, "device": "cuda" if plan.score_gpus else "cpu",
+                               "threads": max(1, round(plan.score_cpus)), "crash_marker": crash_marker("score")},
+        compute=ActorPoolStrategy(size=plan.score_actors), num_cpus=plan.score_cpus, num_gpus=plan.score_gpus,
+    )
+    return prep, score
 
 
 def _num_blocks(n: int, job: ScoreJob) -> int:

@@ -1,0 +1,236 @@
+"""Training-side helpers shared by ``ray_jobs.train`` and the benchmark (no Ray, no storage here).
+
+* ``FeatureCache``: per image, the best face and the 495-d LIQE vector. Both come from frozen networks
+  on the full image, never from the random crop, so they are computed once per image and reused.
+* ``prepare_items``: ``prepare_batch`` (the one implementation of decode, face crop and crops) per
+  item with its own RNG, faces taken from the cache; LIQE vectors attached as ``aux``.
+* ``pair_loss`` / ``predict``: the fidelity-loss step on prepared pairs and five-crop scoring.
+* ``init_bundle``, ``make_optimizer``, ``epoch_pairs``: start weights, the official optimiser, pairs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from .checkpoints import (Bundle, backbone_from_official, build_bundle, clean_state_dict, clip_cfg_from_openai,
+                          load_checkpoint, load_liqe_openai, load_strict, official_to_ours, torch_load)
+from .config import PIQAConfig, get_preset
+from .faces import FaceDetector, FaceResult
+from .liqe import LIQE
+from .losses import fidelity_loss, sample_pairs
+from .preprocess import normalize
+from .stages import ImageInput, prepare_batch
+
+Source = str | os.PathLike | bytes
+
+
+class KnownFaces:
+    """Stands in for the detector in ``prepare_batch``: returns faces found earlier, in order."""
+
+    def __init__(self, faces: Sequence[FaceResult]) -> None:
+        self.faces = list(faces)
+
+    def detect(self, inputs: Sequence[Any], sizes: Any = None, canvas: Any = None) -> list[FaceResult]:
+        if len(inputs) != len(self.faces):
+            raise ValueError(f"{len(inputs)} images but {len(self.faces)} known faces")
+        return self.faces
+
+
+class FeatureCache:
+    """uri -> (FaceResult, LIQE vector or None); ``fingerprint`` names the frozen weights it came from."""
+
+    def __init__(self, fingerprint: str = "") -> None:
+        self.fingerprint = fingerprint
+        self.faces: dict[str, FaceResult] = {}
+        self.aux: dict[str, np.ndarray | None] = {}
+
+    def __contains__(self, uri: str) -> bool:
+        return uri in self.faces
+
+    def __len__(self) -> int:
+        return len(self.faces)
+
+    def put(self, uri: str, face: FaceResult, aux: np.ndarray | None) -> None:
+        self.faces[uri], self.aux[uri] = face, aux
+
+    def to_columns(self, uris: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+        keys = list(self.faces) if uris is None else [u for u in uris if u in self.faces]
+        faces = [self.faces[k] for k in keys]
+        aux = [self.aux[k] for k in keys]
+        width = next((len(a) for a in aux if a is not None), 0)
+        return {
+            "uri": np.array(keys, dtype=object),
+            "face_box": np.array([f.box if f.box else (np.nan,) * 4 for f in faces], np.float32).reshape(-1, 4),
+            "face_confidence": np.array([f.confidence for f in faces], np.float32),
+            "n_faces": np.array([f.n_faces for f in faces], np.int32),
+            "liqe": np.array([a for a in aux], np.float32).reshape(len(keys), width),
+        }
+
+    def add_columns(self, cols: dict[str, np.ndarray]) -> None:
+        for i, uri in enumerate(cols["uri"]):
+            box = cols["face_box"][i]
+            face = FaceResult(None if np.isnan(box).any() else tuple(float(v) for v in box),
+                              float(cols["face_confidence"][i]), int(cols["n_faces"][i]))
+            self.put(str(uri), face, cols["liqe"][i].copy() if cols["liqe"].shape[1] else None)
+
+
+def fingerprint(bundle: Bundle) -> str:
+    """sha256 over the frozen parts (LIQE, detector) and their config: a cache key for their outputs."""
+    h = hashlib.sha256(repr((bundle.config.face, bundle.config.liqe)).encode())
+    for module in (bundle.liqe, bundle.detector):
+        for k, v in sorted(module.state_dict().items()) if module is not None else []:
+            h.update(k.encode())
+            h.update(v.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def _crop_config(cfg: PIQAConfig) -> PIQAConfig:
+    """The config without LIQE: prepare_batch then skips the patches the cache already covers."""
+    return cfg.replace(liqe=dataclasses.replace(cfg.liqe, enabled=False),
+                       model=dataclasses.replace(cfg.model, aux_dim=0))
+
+
+@torch.inference_mode()
+def fill_cache(items: Sequence[ImageInput], keys: Sequence[str], cfg: PIQAConfig, detector: FaceDetector | None,
+               liqe: LIQE | None, cache: FeatureCache, device: torch.device, chunk: int = 16) -> None:
+    """Detect faces (one batch) and run LIQE on the 15 patches; failed images stay out of the cache."""
+    cols = prepare_batch(items, cfg, detector, "center")
+    ok = np.flatnonzero(cols["status"] == "ok")
+    aux = None
+    if liqe is not None and len(ok):
+        patches = torch.from_numpy(cols["patches"][ok])
+        aux = torch.cat([liqe(p.to(device)).float().cpu() for p in patches.split(chunk)]).numpy()
+    for j, i in enumerate(ok):
+        box = tuple(float(v) for v in cols["face_box"][i]) if cols["face_found"][i] else None
+        face = FaceResult(box, float(cols["face_confidence"][i]) if box else 0.0, int(cols["n_faces"][i]))
+        cache.put(keys[i], face, None if aux is None else aux[j])
+
+
+def prepare_items(items: Sequence[ImageInput], keys: Sequence[str], cfg: PIQAConfig,
+                  detector: FaceDetector | None, liqe: LIQE | None, cache: FeatureCache, crop_mode: str,
+                  rngs: Sequence[np.random.Generator | None], device: torch.device) -> dict[str, np.ndarray]:
+    """Prepared columns (``whole``, ``face``, ``status``, …) plus ``aux`` (n, aux_dim) for the items.
+
+    Each item gets its own RNG, so its random crop does not depend on its batch-mates or on the cache.
+    """
+    misses = [i for i, k in enumerate(keys) if k not in cache]
+    if misses:
+        fill_cache([items[i] for i in misses], [keys[i] for i in misses], cfg, detector, liqe, cache, device)
+    crop_cfg = _crop_config(cfg)
+    rows = []
+    for item, key, rng in zip(items, keys, rngs):
+        known = KnownFaces([cache.faces[key]]) if key in cache and detector is not None else detector
+        rows.append(prepare_batch([item], crop_cfg, known, crop_mode, rng))
+    cols = {k: np.concatenate([r[k] for r in rows]) for k in rows[0]}
+    width = cfg.model.aux_dim
+    cols["aux"] = np.zeros((len(keys), width), np.float32)
+    for i, key in enumerate(keys):
+        if width and cache.aux.get(key) is not None:
+            cols["aux"][i] = cache.aux[key]
+    return cols
+
+
+def _inputs(cols: dict[str, np.ndarray], cfg: PIQAConfig, device: torch.device) -> tuple[torch.Tensor, ...]:
+    pp = cfg.preprocess
+    take = lambda k: torch.from_numpy(np.ascontiguousarray(cols[k])).to(device)  # noqa: E731
+    aux = take("aux") if cfg.model.aux_dim else None
+    return normalize(take("whole"), pp.mean, pp.std), normalize(take("face"), pp.mean, pp.std), aux
+
+
+def pair_loss(model: torch.nn.Module, cols: dict[str, np.ndarray], labels: np.ndarray, cfg: PIQAConfig,
+              device: torch.device, bf16: bool = False) -> tuple[torch.Tensor, int]:
+    """Fidelity loss of prepared pairs: rows [0, n) are the first images, [n, 2n) their partners.
+
+    ``model`` is called (not ``score_crops``) so a DDP wrapper sees the forward. Pairs with an image
+    that failed to load keep their (zero) rows, so every rank runs the same forward, but weigh 0.
+    """
+    n = len(labels) // 2
+    whole, face, aux = _inputs(cols, cfg, device)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+        scores = model(whole[:, 0], face[:, 0], aux)
+    per_pair = fidelity_loss(scores[:n], scores[n:], labels[:n], labels[n:], reduction="none")
+    ok = cols["status"] == "ok"
+    valid = torch.from_numpy((ok[:n] & ok[n:]).astype(np.float32)).to(device)
+    return (per_pair * valid).sum() / valid.sum().clamp(min=1.0), int(valid.sum().item())
+
+
+@torch.inference_mode()
+def predict(model: torch.nn.Module, cols: dict[str, np.ndarray], cfg: PIQAConfig, device: torch.device,
+            bf16: bool = False) -> np.ndarray:
+    """Scores (mean over the prepared crops; nan for failed images) with the unwrapped model."""
+    whole, face, aux = _inputs(cols, cfg, device)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+        scores = model.score_crops(whole, face, aux).float().cpu().numpy()
+    return np.where(cols["status"] == "ok", scores, np.nan)
+
+
+def epoch_pairs(groups: Sequence[Any], epoch: int, seed: int = 0, fixed: np.ndarray | None = None) -> np.ndarray:
+    """The epoch's pairs in training order: re-sampled within groups (or a fixed list), then shuffled."""
+    rng = np.random.default_rng(seed + epoch)
+    pairs = sample_pairs(groups, rng) if fixed is None else fixed
+    return pairs[rng.permutation(len(pairs))]
+
+
+def shard(pairs: np.ndarray, rank: int, world: int) -> tuple[np.ndarray, np.ndarray]:
+    """(pair ids, pairs) of one rank; every rank gets the same count (DDP needs equal step counts)."""
+    n = len(pairs) // world * world
+    ids = np.arange(rank, n, world)
+    return ids, pairs[ids]
+
+
+def crop_rngs(seed: int, epoch: int, pair_ids: np.ndarray) -> list[np.random.Generator]:
+    """One RNG per image slot of each pair (first images, then partners), independent of sharding."""
+    return [np.random.default_rng([seed, epoch, int(p), slot]) for slot in (0, 1) for p in pair_ids]
+
+
+def make_optimizer(model: torch.nn.Module, lr: float = 1e-5, weight_decay: float = 1e-7, step: int = 2,
+                   gamma: float = 0.9) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.StepLR]:
+    """The official optimiser: Adam (lr 1e-5, wd 1e-7) with StepLR(2, 0.9) stepped once per epoch."""
+    opt = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
+    return opt, torch.optim.lr_scheduler.StepLR(opt, step_size=step, gamma=gamma)
+
+
+def _state(src: Source) -> dict[str, torch.Tensor]:
+    return torch_load(src if isinstance(src, bytes) else os.fspath(src))
+
+
+def init_bundle(preset: str = "dn-piqa", seed: int = 0, init: Source | None = None,
+                init_whole: Source | None = None, init_face: Source | None = None,
+                liqe: Source | None = None, retinaface: Source | None = None) -> tuple[Bundle, list[str]]:
+    """The networks training starts from, and warnings about parts left random.
+
+    ``init``: a model directory (ours: everything is loaded) or the official ``PIQ_model.pth`` (both
+    branches and the head). ``init_whole`` / ``init_face``: official LSVQ / GFIQA pre-training files
+    for one branch (regression heads discarded). ``liqe`` (official ``LIQE.pt``) and ``retinaface``
+    fill the frozen parts; without them (and without a model directory) they stay random.
+    """
+    if init is not None and not isinstance(init, bytes) and os.path.isdir(init):
+        if liqe is not None or retinaface is not None:
+            raise ValueError("a model directory already holds LIQE and RetinaFace: drop --liqe/--retinaface")
+        bundle, warnings = load_checkpoint(init), []
+    else:
+        cfg = get_preset(preset)
+        liqe_sd = _state(liqe) if liqe is not None else None
+        if liqe_sd is not None:
+            cfg.liqe.clip_cfg = clip_cfg_from_openai(liqe_sd)
+        bundle = build_bundle(cfg, seed=seed, text_features=liqe_sd is None)
+        if liqe_sd is not None:
+            load_liqe_openai(bundle.liqe, liqe_sd)
+        if retinaface is not None and bundle.detector is not None:
+            load_strict(bundle.detector.net, clean_state_dict(_state(retinaface)), "RetinaFace")
+        if init is not None:
+            load_strict(bundle.model, official_to_ours(_state(init), bundle.model), "DN-PIQA model")
+        warnings = [f"{name} weights are random (frozen during training)" for name, src, part in
+                    (("LIQE", liqe, bundle.liqe), ("RetinaFace", retinaface, bundle.detector))
+                    if src is None and part is not None]
+    for branch, src in (("backbone", init_whole), ("backbone_face", init_face)):
+        if src is not None:
+            module = getattr(bundle.model, branch)
+            load_strict(module, backbone_from_official(_state(src), module), f"{branch} pre-training")
+    return bundle, warnings

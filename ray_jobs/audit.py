@@ -1,0 +1,287 @@
+"""Nightly incremental audit: list the library, diff it against the last committed state, score only
+the delta with the Ray Data pipeline, write a new immutable state and a report, then switch a pointer.
+
+State layout under ``STATE_URI`` (local folder or ``s3://`` prefix)::
+
+    CURRENT                          JSON pointer to the last good run (run_id, state, model sha256, …);
+                                     replaced atomically, only after the state and report exist
+    IN_PROGRESS                      JSON marker of an unfinished run (run_id, model, previous run_id);
+                                     a re-run finds it and continues that run instead of starting anew
+    runs/<run_id>/plan.parquet       the run's listing: uri, etag_or_mtime, bytes, action, to_score
+    runs/<run_id>/scores/…           the scoring pipeline's output for the run (resumable)
+    states/<run_id>.parquet          the full table after the run (never rewritten once committed)
+    reports/<run_id>/                report.html, summary.json, PNG plots, thumbs/
+
+A state row is the latest score row of an object plus ``deleted``, ``deleted_at`` and
+``audit_run_id`` (the run that scored it). A deleted object stays as a ``deleted=True`` row for at
+least the run that notices the deletion, and until ``keep_deleted_days`` have passed since.
+
+Exit codes of ``piqa audit``: 0 ok, 3 an alert threshold was crossed (the state is still committed),
+anything else a failure (CURRENT unchanged; re-run to finish the run without re-scoring).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from .options import ModelOptions
+from .resume import read_rows
+from .schema import SCORE_SCHEMA, now_utc
+from .storage import (ObjectInfo, S3Options, atomic_write_bytes, join, list_images, read_bytes, resolve)
+
+ALERT_EXIT_CODE = 3
+STATE_SCHEMA = SCORE_SCHEMA.append(pa.field("deleted", pa.bool_())).append(
+    pa.field("deleted_at", pa.timestamp("us", tz="UTC"))).append(pa.field("audit_run_id", pa.string()))
+PLAN_SCHEMA = pa.schema([("uri", pa.string()), ("etag_or_mtime", pa.string()), ("bytes", pa.int64()),
+                         ("action", pa.string()), ("to_score", pa.bool_())])
+
+
+@dataclass
+class AuditJob:
+    library: str
+    state: str
+    model: ModelOptions
+    s3: S3Options = field(default_factory=S3Options)
+    alert_if_mean_drops: float | None = None
+    alert_if_error_rate: float | None = None
+    top_worst: int = 12
+    prefix_depth: int = 1
+    keep_deleted_days: float = 30.0
+    max_bytes: int = 256 * 1024 * 1024
+    face_device: str = "cpu"
+    address: str | None = None
+
+
+@dataclass
+class AuditResult:
+    run_id: str
+    summary: dict[str, Any]
+    alerts: list[str]
+    state_uri: str
+    report_uri: str
+    resumed: bool
+
+
+@dataclass
+class Plan:
+    run_id: str
+    started_at: datetime
+    library: str
+    model_sha256: str
+    model_id: str
+    previous_run_id: str | None
+    rescored_all_reason: str | None
+    listing: pa.Table  # PLAN_SCHEMA
+    resumed: bool = False
+
+
+def library_root(library: str) -> str:
+    """The library URI as listed URIs start (absolute path locally, no trailing slash)."""
+    if "://" not in library or library.startswith("file:"):
+        return os.path.abspath(library[5:] if library.startswith("file:") else os.path.expanduser(library))
+    return library.rstrip("/")
+
+
+def _read_json(uri: str, s3: S3Options) -> dict[str, Any] | None:
+    try:
+        return json.loads(read_bytes(uri, s3))
+    except FileNotFoundError:
+        return None
+
+
+def _write_json(uri: str, data: dict[str, Any], s3: S3Options) -> None:
+    atomic_write_bytes(uri, json.dumps(data, indent=2, sort_keys=True, default=str).encode(), s3)
+
+
+def _write_parquet(uri: str, table: pa.Table, s3: S3Options) -> None:
+    buf = pa.BufferOutputStream()
+    pq.write_table(table, buf)
+    atomic_write_bytes(uri, buf.getvalue().to_pybytes(), s3)
+
+
+def _read_parquet(uri: str, s3: S3Options, schema: pa.Schema) -> pa.Table:
+    fs, path = resolve(uri, s3)
+    return pq.read_table(path, filesystem=fs).select(schema.names).cast(schema)
+
+
+def _delete(uri: str, s3: S3Options) -> None:
+    fs, path = resolve(uri, s3)
+    try:
+        fs.delete_file(path)
+    except FileNotFoundError:
+        pass
+
+
+def load_state(job: AuditJob) -> tuple[dict[str, Any] | None, pa.Table]:
+    """The CURRENT pointer (None before the first run) and the state table it points to."""
+    pointer = _read_json(join(job.state, "CURRENT"), job.s3)
+    if pointer is None:
+        return None, STATE_SCHEMA.empty_table()
+    return pointer, _read_parquet(join(job.state, pointer["state"]), job.s3, STATE_SCHEMA)
+
+
+def _live(table: pa.Table) -> pa.Table:
+    return table.filter(pc.invert(pc.fill_null(table["deleted"], False)))
+
+
+def classify(listing: list[ObjectInfo], previous: pa.Table, rescore_all: bool) -> pa.Table:
+    """new / changed (etag, mtime or size differ) / unchanged, against the previous live rows."""
+    prev = _live(previous)
+    known = dict(zip(prev["uri"].to_pylist(), zip(prev["etag_or_mtime"].to_pylist(), prev["bytes"].to_pylist())))
+    actions = []
+    for o in listing:
+        old = known.get(o.uri)
+        actions.append("new" if old is None else "unchanged" if old == (o.etag_or_mtime, o.size) else "changed")
+    return pa.table({"uri": [o.uri for o in listing], "etag_or_mtime": [o.etag_or_mtime for o in listing],
+                     "bytes": [o.size for o in listing], "action": actions,
+                     "to_score": [rescore_all or a != "unchanged" for a in actions]}, schema=PLAN_SCHEMA)
+
+
+def _new_run_id() -> str:
+    return f"{now_utc().strftime('%Y%m%dT%H%M%SZ')}-{uuid.uuid4().hex[:6]}"
+
+
+def plan_run(job: AuditJob, identity: dict[str, Any], pointer: dict[str, Any] | None,
+             previous: pa.Table) -> Plan:
+    """Continue the unfinished run recorded in IN_PROGRESS when it still applies, else plan a new one."""
+    root, sha = library_root(job.library), identity["sha256"]
+    prev_id = pointer["run_id"] if pointer else None
+    marker_uri = join(job.state, "IN_PROGRESS")
+    marker = _read_json(marker_uri, job.s3)
+    if marker is not None:
+        if marker["run_id"] == prev_id:  # committed, but the marker outlived the pointer switch
+            _delete(marker_uri, job.s3)
+        elif (marker["library"], marker["model_sha256"], marker["previous_run_id"]) == (root, sha, prev_id):
+            print(f"piqa audit: continuing unfinished run {marker['run_id']}", file=sys.stderr)
+            listing = _read_parquet(join(job.state, marker["plan"]), job.s3, PLAN_SCHEMA)
+            return Plan(marker["run_id"], datetime.fromisoformat(marker["started_at"]), root, sha,
+                        identity["model_id"], prev_id, marker["rescored_all_reason"], listing, resumed=True)
+        else:
+            print(f"piqa audit: abandoning unfinished run {marker['run_id']} (library, model or previous "
+                  f"state differ); its files stay under runs/", file=sys.stderr)
+    if pointer and pointer["library"] != root:
+        raise ValueError(f"state {job.state} belongs to library {pointer['library']}, not {root}")
+    reason = None
+    if pointer and pointer["model_sha256"] != sha:
+        reason = (f"model changed: {pointer['model_id']} sha256 {pointer['model_sha256'][:12]} -> "
+                  f"{identity['model_id']} sha256 {sha[:12]}; every object is re-scored")
+    listing = classify(list_images(job.library, job.s3), previous, rescore_all=reason is not None)
+    plan = Plan(_new_run_id(), now_utc(), root, sha, identity["model_id"], prev_id, reason, listing)
+    _write_parquet(join(job.state, "runs", plan.run_id, "plan.parquet"), listing, job.s3)
+    _write_json(marker_uri, {"run_id": plan.run_id, "library": root, "model_sha256": sha,
+                             "previous_run_id": prev_id, "started_at": plan.started_at.isoformat(),
+                             "rescored_all_reason": reason, "plan": f"runs/{plan.run_id}/plan.parquet"}, job.s3)
+    return plan
+
+
+def score_delta(job: AuditJob, plan: Plan) -> tuple[pa.Table, dict[str, int]]:
+    """Rows for every planned object (one per URI); the pipeline resumes within the run's scores folder."""
+    from .score import ScoreJob, run_score_job
+
+    todo = plan.listing.filter(plan.listing["to_score"])
+    objects = [ObjectInfo(u, b, e) for u, e, b in zip(todo["uri"].to_pylist(), todo["etag_or_mtime"].to_pylist(),
+                                                      todo["bytes"].to_pylist())]
+    out = join(job.state, "runs", plan.run_id, "scores")
+    stats = {"to_score": len(objects), "scored_now": 0, "reused_from_unfinished_run": 0}
+    if objects:
+        res = run_score_job(ScoreJob(inputs=[job.library], out=out, model=job.model, s3=job.s3, objects=objects,
+                                     resume=True, run_id=plan.run_id, max_bytes=job.max_bytes,
+                                     face_device=job.face_device, address=job.address))
+        stats.update(scored_now=res["rows"], reused_from_unfinished_run=res["skipped_already_scored"])
+    rows = read_rows(out, job.s3)
+    rows = rows.filter(pc.and_(pc.equal(rows["model_sha256"], plan.model_sha256),
+                               pc.is_in(rows["uri"], value_set=todo["uri"])))
+    # A retried write may leave two rows for one URI: keep the latest.
+    rows = rows.sort_by([("uri", "ascending"), ("scored_at", "descending")])
+    uris = np.asarray(rows["uri"].to_pylist(), dtype=object)
+    rows = rows.filter(pa.array(np.r_[True, uris[1:] != uris[:-1]] if len(uris) else np.zeros(0, bool)))
+    if rows.num_rows != len(objects):
+        raise RuntimeError(f"run {plan.run_id}: {len(objects) - rows.num_rows} planned objects have no score row")
+    return rows, stats
+
+
+def merge_state(plan: Plan, previous: pa.Table, scored: pa.Table, keep_deleted_days: float) -> tuple[pa.Table,
+                                                                                                      dict[str, int]]:
+    """The new state: scored rows, carried unchanged rows, and deleted objects marked (not dropped)."""
+    listed, kept_uris = plan.listing["uri"], plan.listing.filter(pc.invert(plan.listing["to_score"]))["uri"]
+    n = scored.num_rows
+    fresh = pa.table({**{c: scored[c] for c in SCORE_SCHEMA.names}, "deleted": pa.array([False] * n),
+                      "deleted_at": pa.nulls(n, pa.timestamp("us", tz="UTC")),
+                      "audit_run_id": pa.array([plan.run_id] * n, pa.string())}, schema=STATE_SCHEMA)
+    live = _live(previous)
+    carried = live.filter(pc.is_in(live["uri"], value_set=kept_uris))
+    gone = previous.filter(pc.invert(pc.is_in(previous["uri"], value_set=listed)))
+    was_deleted = pc.fill_null(gone["deleted"], False)
+    newly = gone.filter(pc.invert(was_deleted))
+    newly = newly.set_column(newly.schema.get_field_index("deleted"), "deleted", pa.array([True] * newly.num_rows))
+    newly = newly.set_column(newly.schema.get_field_index("deleted_at"), "deleted_at",
+                             pa.array([plan.started_at] * newly.num_rows, pa.timestamp("us", tz="UTC")))
+    older = gone.filter(was_deleted)
+    cutoff = plan.started_at - timedelta(days=keep_deleted_days)
+    kept = older.filter(pc.greater(older["deleted_at"], pa.scalar(cutoff, pa.timestamp("us", tz="UTC"))))
+    state = pa.concat_tables([fresh, carried, newly, kept]).sort_by("uri")
+    actions = plan.listing["action"].to_pylist()
+    counts = {"listed": plan.listing.num_rows, **{a: actions.count(a) for a in ("new", "changed", "unchanged")},
+              "deleted": newly.num_rows, "deleted_kept": kept.num_rows,
+              "deleted_dropped": older.num_rows - kept.num_rows, "carried": carried.num_rows,
+              "scored": scored.num_rows}
+    return state, counts
+
+
+def _switch_pointer(job: AuditJob, pointer: dict[str, Any]) -> None:
+    """The commit point: before it readers see the previous run, after it this one."""
+    _write_json(join(job.state, "CURRENT"), pointer, job.s3)
+
+
+def run_audit(job: AuditJob) -> AuditResult:
+    """One nightly audit (or the completion of an interrupted one)."""
+    from .actors import model_identity
+    from .report import ReportInput, write_report
+
+    identity = model_identity(job.model, job.s3)
+    pointer, previous = load_state(job)
+    plan = plan_run(job, identity, pointer, previous)
+    if plan.rescored_all_reason:
+        print(f"piqa audit: WARNING {plan.rescored_all_reason}", file=sys.stderr)
+    scored, score_stats = score_delta(job, plan)
+    state, counts = merge_state(plan, previous, scored, job.keep_deleted_days)
+    state_rel, report_rel = f"states/{plan.run_id}.parquet", f"reports/{plan.run_id}"
+    _write_parquet(join(job.state, state_rel), state.replace_schema_metadata(
+        {"run_id": plan.run_id, "model_sha256": plan.model_sha256}), job.s3)
+    summary = write_report(ReportInput(
+        run_id=plan.run_id, library=plan.library, out=join(job.state, report_rel), s3=job.s3, current=state,
+        previous=previous if pointer else None, scored=scored, counts={**counts, **score_stats},
+        model=identity, previous_run_id=plan.previous_run_id, rescored_all_reason=plan.rescored_all_reason,
+        top_worst=job.top_worst, prefix_depth=job.prefix_depth, alert_if_mean_drops=job.alert_if_mean_drops,
+        alert_if_error_rate=job.alert_if_error_rate,
+        extra={"resumed": plan.resumed, "started_at": plan.started_at.isoformat(), "state": state_rel}))
+    _switch_pointer(job, {"run_id": plan.run_id, "state": state_rel, "report": report_rel,
+                          "library": plan.library, "model_sha256": plan.model_sha256, "model_id": plan.model_id,
+                          "previous_run_id": plan.previous_run_id, "finished_at": now_utc().isoformat(),
+                          "rows": state.num_rows})
+    _delete(join(job.state, "IN_PROGRESS"), job.s3)
+    alerts = [a["message"] for a in summary["alerts"]]
+    return AuditResult(plan.run_id, summary, alerts, join(job.state, state_rel),
+                       join(job.state, report_rel, "report.html"), plan.resumed)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m ray_jobs.audit`` = ``piqa audit`` (the form ``ray job submit`` runs)."""
+    from .cli import main as cli
+
+    cli.main(args=["audit", *(argv if argv is not None else sys.argv[1:])], prog_name="ray_jobs.audit")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,250 @@
+"""Training labels: one row per image with ``uri, score, group, split`` (and ``name`` for pair lists).
+
+Two sources:
+
+* **PIQ23** (``--format piq23``): the dataset CSV (``IMAGE PATH, IMAGE, JOD, SCENE, …``) plus an image
+  root; label = JOD, group = SCENE, uri = root / IMAGE PATH (Windows ``\\`` separators accepted). Splits
+  come from official split files (``ntire24_overall_scene_train.csv`` / ``_test.csv``: any CSV with
+  an ``IMAGE`` column, or a text list of names) or from a ``split`` column.
+* **A generic table** (``--format table``): CSV/Parquet with ``uri, score, group[, split]``; relative
+  uris are resolved against the table's own directory.
+
+Validation split: when the labels name none, ``with_validation`` holds out a deterministic fraction of
+the items **within every group** of the train split (by a hash of seed and uri, so the choice does
+not depend on row order). Within-group rather than whole-group hold-out keeps every scene represented
+in validation; JOD labels are only comparable inside a scene, so a held-out scene would test a
+different thing (use a split file for that). Groups that would keep fewer than 2 training items stay
+all-train.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import posixpath
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from piqa_core.losses import pairs_from_names
+
+from .storage import S3Options, join, read_bytes, stat_objects
+
+SPLITS = ("train", "val", "test")
+PIQ23_REQUIRED = ("IMAGE PATH", "IMAGE", "JOD", "SCENE")
+TABLE_REQUIRED = ("uri", "score", "group")
+PAIR_COLUMNS = ("IMAGE", "IMAGE second")
+_SPLIT_ALIASES = {"training": "train", "validation": "val", "valid": "val", "testing": "test"}
+
+
+class LabelError(ValueError):
+    """Labels are malformed or reference images that do not exist; the message lists what."""
+
+
+def _listing(items: list[str], what: str, limit: int = 10) -> str:
+    shown = "\n  ".join(items[:limit])
+    more = f"\n  … and {len(items) - limit} more" if len(items) > limit else ""
+    return f"{len(items)} {what}:\n  {shown}{more}"
+
+
+def read_frame(uri: str, s3: S3Options | None = None) -> pd.DataFrame:
+    """A CSV (utf-8, BOM tolerated) or Parquet file as a DataFrame of strings/numbers."""
+    data = read_bytes(uri, s3)
+    if uri.lower().endswith(".parquet"):
+        return pd.read_parquet(io.BytesIO(data))
+    return pd.read_csv(io.BytesIO(data), encoding="utf-8-sig", dtype={"IMAGE": str, "uri": str})
+
+
+def _require(df: pd.DataFrame, columns: tuple[str, ...], uri: str, fmt: str) -> None:
+    missing = [c for c in columns if c not in df.columns]
+    if missing:
+        raise LabelError(f"{uri}: missing column(s) {missing} for the {fmt} format "
+                         f"(needs {list(columns)}; found {list(df.columns)})")
+
+
+def resolve_relative(entry: str, base_uri: str) -> str:
+    """An absolute path / URI stays; a relative one is taken relative to ``base_uri``'s directory."""
+    if "://" in entry or os.path.isabs(entry):
+        return entry
+    if "://" in base_uri:
+        scheme, key = base_uri.split("://", 1)
+        return f"{scheme}://{posixpath.normpath(posixpath.join(posixpath.dirname(key), entry))}"
+    return os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(base_uri)), entry))
+
+
+def _split_names(uri: str, s3: S3Options | None) -> set[str]:
+    """Image names of an official split file: its ``IMAGE`` column, else one name per line."""
+    if uri.lower().endswith((".csv", ".parquet")):
+        df = read_frame(uri, s3)
+        col = "IMAGE" if "IMAGE" in df.columns else ("uri" if "uri" in df.columns else None)
+        if col is None:
+            raise LabelError(f"{uri}: a split file needs an 'IMAGE' (or 'uri') column; found {list(df.columns)}")
+        return {posixpath.basename(str(v).replace("\\", "/")) for v in df[col].dropna()}
+    lines = read_bytes(uri, s3).decode("utf-8-sig").splitlines()
+    return {ln.strip() for ln in lines if ln.strip() and not ln.startswith("#")}
+
+
+@dataclass
+class LabelTable:
+    """Columns ``uri, score, group, split, name`` (name = image file name, used by pair lists)."""
+
+    frame: pd.DataFrame
+    source: str = ""
+
+    def __post_init__(self) -> None:
+        self.frame = self.frame.reset_index(drop=True)
+        bad = sorted(set(self.frame["split"]) - set(SPLITS))
+        if bad:
+            raise LabelError(f"{self.source}: unknown split value(s) {bad}; use {list(SPLITS)}")
+        if self.frame["score"].isna().any():
+            rows = self.frame.index[self.frame["score"].isna()].tolist()
+            raise LabelError(f"{self.source}: {len(rows)} row(s) without a score (rows {rows[:10]})")
+        dup = self.frame["uri"][self.frame["uri"].duplicated()].tolist()
+        if dup:
+            raise LabelError(f"{self.source}: " + _listing(dup, "duplicated image uri(s)"))
+
+    def __len__(self) -> int:
+        return len(self.frame)
+
+    @property
+    def uris(self) -> list[str]:
+        return self.frame["uri"].tolist()
+
+    @property
+    def scores(self) -> np.ndarray:
+        return self.frame["score"].to_numpy(np.float32)
+
+    @property
+    def groups(self) -> list[str]:
+        return self.frame["group"].astype(str).tolist()
+
+    def subset(self, split: str) -> "LabelTable":
+        return LabelTable(self.frame[self.frame["split"] == split].copy(), self.source)
+
+    def with_validation(self, fraction: float = 0.2, seed: int = 0) -> "LabelTable":
+        """Hold out ``fraction`` of each group's train items as ``val`` (no-op if a val split exists)."""
+        if (self.frame["split"] == "val").any() or fraction <= 0:
+            return self
+        df = self.frame.copy()
+        key = df["uri"].map(lambda u: hashlib.sha1(f"{seed}:{u}".encode()).hexdigest())
+        for _, members in df[df["split"] == "train"].groupby("group", sort=False):
+            n = len(members)
+            k = min(int(np.floor(fraction * n + 0.5)), n - 2)
+            if k > 0:
+                df.loc[key[members.index].sort_values().index[:k], "split"] = "val"
+        return LabelTable(df, self.source)
+
+    def check_images(self, s3: S3Options | None = None) -> None:
+        """Raise ``LabelError`` listing every image that does not exist."""
+        missing = [o.uri for o in stat_objects(self.uris, s3) if o.size < 0]
+        if missing:
+            raise LabelError(f"{self.source}: " + _listing(missing, f"of {len(self)} labelled images not found"))
+
+    def describe(self) -> str:
+        parts = []
+        for s in SPLITS:
+            sub = self.frame[self.frame["split"] == s]
+            parts.append(f"{s} {len(sub)} ({sub['group'].nunique()} groups)")
+        return f"{len(self)} labelled images in {self.frame['group'].nunique()} groups: " + ", ".join(parts)
+
+
+def from_piq23(csv_uri: str, images: str | None = None, train_list: str | None = None,
+               test_list: str | None = None, s3: S3Options | None = None) -> LabelTable:
+    """PIQ23 CSV + image root (default: the CSV's directory) + optional official split files."""
+    df = read_frame(csv_uri, s3)
+    _require(df, PIQ23_REQUIRED, csv_uri, "PIQ23")
+    root = images or resolve_relative(".", csv_uri)
+    rel = df["IMAGE PATH"].astype(str).str.replace("\\", "/", regex=False).str.lstrip("/")
+    out = pd.DataFrame({"uri": [join(root, p) for p in rel], "score": pd.to_numeric(df["JOD"], errors="coerce"),
+                        "group": df["SCENE"].astype(str), "name": df["IMAGE"].astype(str)})
+    if train_list or test_list:
+        out["split"] = _split_from_lists(out["name"], train_list, test_list, s3)
+        out = out[out["split"] != ""]
+    else:
+        out["split"] = _split_column(df)
+    return LabelTable(out, csv_uri)
+
+
+def _split_from_lists(names: pd.Series, train_list: str | None, test_list: str | None,
+                      s3: S3Options | None) -> list[str]:
+    lists = {s: _split_names(u, s3) for s, u in (("train", train_list), ("test", test_list)) if u}
+    known = set(names)
+    for s, listed in lists.items():
+        unknown = sorted(listed - known)
+        if unknown:
+            raise LabelError(f"{train_list if s == 'train' else test_list}: " +
+                             _listing(unknown, "listed image(s) not in the labels"))
+    both = sorted(lists.get("train", set()) & lists.get("test", set()))
+    if both:
+        raise LabelError(_listing(both, "image(s) listed in both the train and the test split"))
+    # With only a test list, everything else trains (and vice versa: unlisted images are unused).
+    default = "train" if "train" not in lists else ""
+    return ["train" if n in lists.get("train", ()) else "test" if n in lists.get("test", ()) else default
+            for n in names]
+
+
+def _split_column(df: pd.DataFrame) -> list[str] | str:
+    col = next((c for c in df.columns if c.lower() == "split"), None)
+    if col is None:
+        return "train"
+    return [_SPLIT_ALIASES.get(str(v).strip().lower(), str(v).strip().lower()) for v in df[col]]
+
+
+def from_table(uri: str, s3: S3Options | None = None) -> LabelTable:
+    """A generic ``uri, score, group[, split]`` CSV/Parquet; relative uris resolve against its folder."""
+    df = read_frame(uri, s3)
+    _require(df, TABLE_REQUIRED, uri, "table")
+    uris = [resolve_relative(str(u), uri) for u in df["uri"]]
+    out = pd.DataFrame({"uri": uris, "score": pd.to_numeric(df["score"], errors="coerce"),
+                        "group": df["group"].astype(str), "name": [posixpath.basename(u) for u in uris],
+                        "split": _split_column(df)})
+    return LabelTable(out, uri)
+
+
+def load_labels(labels: str, images: str | None = None, fmt: str = "auto", train_list: str | None = None,
+                test_list: str | None = None, val_fraction: float = 0.2, seed: int = 0,
+                s3: S3Options | None = None, check_images: bool = True) -> LabelTable:
+    """Read labels in either format (``auto`` detects PIQ23 by its columns), add val, check images."""
+    if fmt == "auto":
+        head = read_frame(labels, s3).columns
+        fmt = "piq23" if {"IMAGE PATH", "JOD"} <= set(head) else "table"
+    if fmt == "piq23":
+        table = from_piq23(labels, images, train_list, test_list, s3)
+    elif fmt == "table":
+        if train_list or test_list or images:
+            raise LabelError("--images / --train-list / --test-list apply to the PIQ23 format only; "
+                             "a generic table carries its own uris and split column")
+        table = from_table(labels, s3)
+    else:
+        raise LabelError(f"unknown label format {fmt!r}; use piq23, table or auto")
+    if len(table) == 0:
+        raise LabelError(f"{labels}: no labelled images (after applying the split lists)")
+    table = table.with_validation(val_fraction, seed)
+    if check_images:
+        table.check_images(s3)
+    return table
+
+
+def load_pairs(uri: str, table: LabelTable, s3: S3Options | None = None,
+               known: set[str] | None = None) -> tuple[np.ndarray, dict[str, Any]]:
+    """An official-style pair list (``IMAGE``, ``IMAGE second``, self-pairs kept) as indices into ``table``.
+
+    Names outside ``known`` (all labelled names; default: the table's) raise ``LabelError``. Pairs with
+    an image that is labelled but not in ``table`` (e.g. a list covering more than the train split)
+    are dropped and counted in the returned stats.
+    """
+    df = read_frame(uri, s3)
+    _require(df, PAIR_COLUMNS, uri, "pair list")
+    index = {n: i for i, n in enumerate(table.frame["name"])}
+    a, b = df["IMAGE"].astype(str).tolist(), df["IMAGE second"].astype(str).tolist()
+    unknown = sorted((set(a) | set(b)) - (known if known is not None else set(index)))
+    if unknown:
+        raise LabelError(f"{uri}: " + _listing(unknown, "image name(s) in the pair list are not labelled"))
+    keep = [i for i in range(len(a)) if a[i] in index and b[i] in index]
+    pairs = pairs_from_names([a[i] for i in keep], [b[i] for i in keep], index)
+    groups = np.asarray(table.groups)
+    cross = int((groups[pairs[:, 0]] != groups[pairs[:, 1]]).sum()) if len(pairs) else 0
+    return pairs, {"rows": len(a), "kept": len(keep), "dropped": len(a) - len(keep), "cross_group": cross}

@@ -1,0 +1,154 @@
+"""The Ray Data scoring pipeline end to end: local folders, S3, bad files, resume, crashing actors."""
+
+from pathlib import Path
+
+import boto3
+import pyarrow.parquet as pq
+import pytest
+
+import ray_jobs.score as score_mod
+from piqa_core.checkpoints import build_bundle, save_checkpoint
+from ray_jobs.options import ModelOptions
+from ray_jobs.resume import read_rows
+from ray_jobs.score import ScoreJob, plan_pools, run_score_job
+from ray_jobs.storage import IMAGE_EXTENSIONS, S3Options
+from tests.corpus import astronaut_jpeg_bytes, build_corpus
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+TINY = ModelOptions(weights=None, random_weights=True, preset="tiny", crop_mode=None, precision="fp32",
+                    device=None, batch_size=4)
+
+
+def _photos(folder: Path, n: int, start: int = 0) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(start, start + n):
+        p = folder / f"photo_{i:03d}.jpg"
+        p.write_bytes(astronaut_jpeg_bytes(quality=40 + 5 * (i % 10), width=320 + 8 * i, height=288))
+        paths.append(p)
+    return paths
+
+
+def _job(inputs, out, **kw) -> ScoreJob:
+    return ScoreJob(inputs=[str(i) for i in inputs], out=str(out), model=kw.pop("model", TINY),
+                    run_date="2026-01-02", prep_batch_size=kw.pop("prep_batch_size", 4), **kw)
+
+
+def _by_uri(table) -> dict[str, dict]:
+    rows = table.to_pylist()
+    uris = [r["uri"] for r in rows]
+    assert len(uris) == len(set(uris)), "duplicate rows"
+    return {r["uri"]: r for r in rows}
+
+
+def test_bad_file_corpus_gives_exactly_one_row_each(ray_local, tmp_path, monkeypatch):
+    lib = tmp_path / "lib"
+    expected = {str(lib / name): code for name, code in build_corpus(lib).items()
+                if name.lower().endswith(IMAGE_EXTENSIONS)}  # the listing's default filter
+    for p in _photos(lib / "album", 2):
+        expected[str(p)] = None
+    vanished = _photos(lib / "album", 1, start=50)[0]
+    expected[str(vanished)] = "not_found"
+
+    real_list = score_mod.list_inputs
+
+    def list_then_delete(*args, **kwargs):
+        listed = real_list(*args, **kwargs)
+        vanished.unlink()  # deleted between listing and reading
+        return listed
+
+    monkeypatch.setattr(score_mod, "list_inputs", list_then_delete)
+    summary = run_score_job(_job([lib], tmp_path / "out"))
+
+    rows = _by_uri(read_rows(str(tmp_path / "out")))
+    assert set(rows) == set(expected)
+    for uri, code in expected.items():
+        row = rows[uri]
+        assert row["error_code"] == code, (uri, row["error_code"], row["error_message"])
+        assert (row["status"] == "ok") == (code is None)
+        assert (row["score"] is not None) == (code is None)
+    assert summary["rows"] == len(expected) and summary["ok"] == sum(c is None for c in expected.values())
+    assert (tmp_path / "out" / f"_summary-{summary['run_id']}.json").is_file()
+
+
+def test_output_layout_schema_metadata_and_model_identity(ray_local, tmp_path):
+    _photos(tmp_path / "in", 3)
+    summary = run_score_job(_job([tmp_path / "in"], tmp_path / "out"))
+    files = sorted((tmp_path / "out" / "run_date=2026-01-02").glob("part-*.parquet"))
+    assert files and all(f.name.startswith(f"part-{summary['run_id']}-") for f in files)
+    meta = pq.read_schema(files[0]).metadata
+    sha = build_bundle("tiny").sha256
+    assert meta[b"model_sha256"].decode() == sha and meta[b"random_weights"] == b"true"
+    rows = read_rows(str(tmp_path / "out")).to_pylist()
+    assert {r["model_sha256"] for r in rows} == {sha} and all(r["random_weights"] for r in rows)
+    assert all(r["crop_mode"] == "five" and r["width"] > 0 for r in rows)
+
+
+def test_resume_scores_only_the_rest(ray_local, tmp_path):
+    photos = _photos(tmp_path / "in", 7)
+    manifest = tmp_path / "first.txt"
+    manifest.write_text("\n".join(str(p) for p in photos[:4]))
+    first = run_score_job(_job([manifest], tmp_path / "out", manifest=True))
+    assert first["rows"] == 4
+
+    second = run_score_job(_job([tmp_path / "in"], tmp_path / "out", resume=True))
+    assert second["skipped_already_scored"] == 4 and second["rows"] == 3
+    rows = _by_uri(read_rows(str(tmp_path / "out")))  # asserts no duplicates
+    assert set(rows) == {str(p) for p in photos}
+
+    third = run_score_job(_job([tmp_path / "in"], tmp_path / "out", resume=True))
+    assert third["rows"] == 0 and third["skipped_already_scored"] == 7
+
+
+@pytest.mark.parametrize("stage", ["prep", "score"])
+def test_actor_crash_mid_run_still_exactly_once(ray_local, tmp_path, stage):
+    photos = _photos(tmp_path / "in", 6)
+    summary = run_score_job(_job([tmp_path / "in"], tmp_path / "out", inject_crash=stage, prep_batch_size=2))
+    rows = _by_uri(read_rows(str(tmp_path / "out")))
+    assert set(rows) == {str(p) for p in photos}
+    assert all(r["status"] == "ok" for r in rows.values())
+    assert summary["rows"] == 6
+    assert Path(f"/tmp/piqa-crash-{stage}-{summary['run_id']}").exists(), "the crash was never injected"
+
+
+def test_s3_round_trip_with_weights_from_s3(ray_local, s3_server, s3_bucket, tmp_path):
+    s3 = boto3.client("s3", endpoint_url=s3_server.endpoint_url, region_name="us-east-1",
+                      aws_access_key_id="testing", aws_secret_access_key="testing")
+    for i, p in enumerate(_photos(tmp_path / "src", 3)):
+        s3.put_object(Bucket=s3_bucket, Key=f"lib/a/{p.name}", Body=p.read_bytes())
+    s3.put_object(Bucket=s3_bucket, Key="lib/b/broken.jpg", Body=b"\xff\xd8 nope")
+    save_checkpoint(build_bundle("tiny", seed=7), tmp_path / "model")
+    for f in (tmp_path / "model").iterdir():
+        s3.put_object(Bucket=s3_bucket, Key=f"models/tiny7/{f.name}", Body=f.read_bytes())
+
+    model = ModelOptions(weights=f"s3://{s3_bucket}/models/tiny7", random_weights=False, preset="tiny",
+                         crop_mode="center", precision="fp32", device=None, batch_size=4)
+    opts = S3Options(endpoint_url=s3_server.endpoint_url, region="us-east-1",
+                     access_key="testing", secret_key="testing")
+    summary = run_score_job(_job([f"s3://{s3_bucket}/lib"], f"s3://{s3_bucket}/scores", model=model, s3=opts))
+    assert summary["rows"] == 4 and summary["ok"] == 3 and summary["error_codes"] == {"not_an_image": 1}
+
+    keys = [o["Key"] for o in s3.list_objects_v2(Bucket=s3_bucket, Prefix="scores/")["Contents"]]
+    assert any(k.startswith("scores/run_date=2026-01-02/part-") for k in keys)
+    assert f"scores/_summary-{summary['run_id']}.json" in keys
+    rows = _by_uri(read_rows(f"s3://{s3_bucket}/scores", opts))
+    assert set(rows) == {f"s3://{s3_bucket}/lib/a/photo_00{i}.jpg" for i in range(3)} | {
+        f"s3://{s3_bucket}/lib/b/broken.jpg"}
+    assert {r["model_sha256"] for r in rows.values()} == {build_bundle("tiny", seed=7).sha256}
+    # the directory holds random weights, and the rows must keep saying so
+    assert all(r["crop_mode"] == "center" and r["random_weights"] for r in rows.values())
+
+
+def test_pool_plans():
+    cpu = plan_pools(_job([], "x"), {"CPU": 2.0})
+    assert (cpu.prep_actors, cpu.score_actors, cpu.score_gpus) == (1, 1, 0.0)
+    assert cpu.prep_actors + cpu.score_actors * cpu.score_cpus + 0.2 <= 2.0
+    gpu = plan_pools(_job([], "x"), {"CPU": 16.0, "GPU": 1.0})
+    assert (gpu.score_actors, gpu.score_gpus, gpu.prep_actors) == (1, 1.0, 14)
+    face = plan_pools(_job([], "x", face_device="gpu"), {"CPU": 16.0, "GPU": 2.0})
+    assert face.score_gpus * face.score_actors + face.prep_gpus * face.prep_actors <= 2.0 + 1e-6
+    wait = plan_pools(_job([], "x", gpu=True, score_actors=4), {"CPU": 8.0})
+    assert wait.score_gpus == 1.0 and wait.score_actors == 4
+    with pytest.raises(ValueError, match="needs GPUs"):
+        plan_pools(_job([], "x", face_device="gpu"), {"CPU": 8.0})
