@@ -141,6 +141,19 @@ def _take(sd: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor
 # ----------------------------------------------------------------------------- official layouts
 
 
+def _swin_filter_exact(sd: Mapping[str, torch.Tensor], backbone: nn.Module) -> dict[str, torch.Tensor]:
+    """timm's Swin filter, refusing the resampling it would silently do for another window/patch size."""
+    own = backbone.state_dict()
+    for k, v in sd.items():
+        if k.endswith(("relative_position_bias_table", "patch_embed.proj.weight")) and k in own:
+            if tuple(v.shape) != tuple(own[k].shape):
+                raise CheckpointError(
+                    f"{k}: file {tuple(v.shape)} vs model {tuple(own[k].shape)}: the checkpoint is for another "
+                    "Swin variant (window/patch size). Check that --preset matches the file."
+                )
+    return swin_filter(dict(sd), backbone)
+
+
 def official_to_ours(sd: Mapping[str, torch.Tensor], model: DualBranchPIQA) -> dict[str, torch.Tensor]:
     """The one remap from the official ``PIQ_model.pth`` (timm 0.6.7 Swin) to ``DualBranchPIQA`` keys.
 
@@ -156,8 +169,9 @@ def official_to_ours(sd: Mapping[str, torch.Tensor], model: DualBranchPIQA) -> d
         raise CheckpointError(
             f"not an official DN-PIQA checkpoint: unexpected keys {stray[:5]}; expected prefixes {known}"
         )
-    out = {f"backbone.{k}": v for k, v in swin_filter(_take(sd, _WHOLE), model.backbone).items()}
-    out.update({f"backbone_face.{k}": v for k, v in swin_filter(_take(sd, _FACE), model.backbone_face).items()})
+    out = {f"backbone.{k}": v for k, v in _swin_filter_exact(_take(sd, _WHOLE), model.backbone).items()}
+    out.update({f"backbone_face.{k}": v
+                for k, v in _swin_filter_exact(_take(sd, _FACE), model.backbone_face).items()})
     out.update({f"head.{k}": v for k, v in _take(sd, _HEAD).items()})
     return out
 
@@ -173,7 +187,7 @@ def backbone_from_official(sd: Mapping[str, torch.Tensor], backbone: nn.Module) 
     body = _take(sd, prefix)
     if not body:
         raise CheckpointError("no Swin weights found: expected keys under 'feature_extraction.'")
-    return swin_filter(body, backbone)
+    return _swin_filter_exact(body, backbone)
 
 
 def clip_cfg_from_openai(sd: Mapping[str, torch.Tensor]) -> dict[str, Any]:

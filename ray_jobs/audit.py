@@ -216,7 +216,7 @@ def merge_state(plan: Plan, previous: pa.Table, scored: pa.Table, keep_deleted_d
     """The new state: scored rows, carried unchanged rows, and deleted objects marked (not dropped)."""
     listed, kept_uris = plan.listing["uri"], plan.listing.filter(pc.invert(plan.listing["to_score"]))["uri"]
     n = scored.num_rows
-    fresh = pa.table({**{c: scored[c] for c in SCORE_SCHEMA.names}, "deleted": pa.array([False] * n),
+    fresh = pa.table({**{c: scored[c] for c in SCORE_SCHEMA.names}, "deleted": pa.array([False] * n, pa.bool_()),
                       "deleted_at": pa.nulls(n, pa.timestamp("us", tz="UTC")),
                       "audit_run_id": pa.array([plan.run_id] * n, pa.string())}, schema=STATE_SCHEMA)
     live = _live(previous)
@@ -224,7 +224,7 @@ def merge_state(plan: Plan, previous: pa.Table, scored: pa.Table, keep_deleted_d
     gone = previous.filter(pc.invert(pc.is_in(previous["uri"], value_set=listed)))
     was_deleted = pc.fill_null(gone["deleted"], False)
     newly = gone.filter(pc.invert(was_deleted))
-    newly = newly.set_column(newly.schema.get_field_index("deleted"), "deleted", pa.array([True] * newly.num_rows))
+    newly = newly.set_column(newly.schema.get_field_index("deleted"), "deleted", pa.array([True] * newly.num_rows, pa.bool_()))
     newly = newly.set_column(newly.schema.get_field_index("deleted_at"), "deleted_at",
                              pa.array([plan.started_at] * newly.num_rows, pa.timestamp("us", tz="UTC")))
     older = gone.filter(was_deleted)

@@ -91,6 +91,52 @@ def _score_local(inputs, out, manifest, s3, max_bytes, model: ModelOptions) -> N
     click.echo(f"wrote {table.num_rows} rows to {out}")
 
 
+@main.command()
+@click.argument("library")
+@click.option("--state", "state_uri", required=True,
+              help="Audit state folder/prefix (CURRENT pointer, states/, runs/, reports/).")
+@click.option("--alert-if-mean-drops", type=float, default=None,
+              help="Exit 3 when the library's mean score fell by more than this vs the previous run.")
+@click.option("--alert-if-error-rate", type=click.FloatRange(0, 1), default=None,
+              help="Exit 3 when more than this fraction of the objects scored in this run are errors.")
+@click.option("--top-worst", type=click.IntRange(0), default=12, show_default=True,
+              help="Worst photos shown (with thumbnails) in the report.")
+@click.option("--prefix-depth", type=click.IntRange(1), default=1, show_default=True,
+              help="Folder levels below the library root that make an album in the per-prefix table.")
+@click.option("--keep-deleted-days", type=click.FloatRange(0), default=30.0, show_default=True,
+              help="Deleted objects stay in the state (deleted=True) at least one run and this long.")
+@click.option("--endpoint-url", envvar="PIQA_S3_ENDPOINT", help="S3-compatible endpoint (MinIO, Ceph, …).")
+@click.option("--region", default=None)
+@click.option("--address", envvar="RAY_ADDRESS", default=None, help="Ray cluster (default: start a local one).")
+@model_options
+def audit(library: str, state_uri: str, alert_if_mean_drops: float | None, alert_if_error_rate: float | None,
+          top_worst: int, prefix_depth: int, keep_deleted_days: float, endpoint_url: str | None,
+          region: str | None, address: str | None, model: ModelOptions) -> None:
+    """Nightly incremental audit of LIBRARY: score new and changed photos, keep the state, write a report.
+
+    Exit status: 0 ok; 3 an --alert-if-* threshold was crossed (state and report are still committed);
+    other non-zero: the run failed, the previous state stays current and a re-run finishes the run.
+    """
+    from .audit import ALERT_EXIT_CODE, AuditJob, run_audit
+    from .storage import S3Options
+
+    s3 = S3Options.from_env()
+    s3.endpoint_url = endpoint_url or s3.endpoint_url
+    s3.region = region or s3.region
+    job = AuditJob(library=library, state=state_uri, model=model, s3=s3, alert_if_mean_drops=alert_if_mean_drops,
+                   alert_if_error_rate=alert_if_error_rate, top_worst=top_worst, prefix_depth=prefix_depth,
+                   keep_deleted_days=keep_deleted_days, address=address)
+    result = run_audit(job)
+    c = result.summary["counts"]
+    click.echo(f"run {result.run_id}: {c['new']} new, {c['changed']} changed, {c['unchanged']} unchanged, "
+               f"{c['deleted']} deleted; scored {c['scored']}")
+    click.echo(f"state  {result.state_uri}\nreport {result.report_uri}")
+    if result.alerts:
+        for message in result.alerts:
+            click.echo(f"ALERT: {message}", err=True)
+        sys.exit(ALERT_EXIT_CODE)
+
+
 @main.group()
 def weights() -> None:
     """Create, import and inspect model directories."""
@@ -103,12 +149,14 @@ def weights() -> None:
               help="retinaface_resnet50_2020-07-20 release file (default: the torch-hub cache).")
 @click.option("-o", "--out", required=True, type=click.Path(file_okay=False))
 @click.option("--model-id", default="dn-piqa-official", show_default=True)
-def import_official_cmd(piq_model: str, liqe: str, retinaface: str | None, out: str, model_id: str) -> None:
+@click.option("--preset", default="dn-piqa", show_default=True, help="Architecture the files are for.")
+def import_official_cmd(piq_model: str, liqe: str, retinaface: str | None, out: str, model_id: str,
+                        preset: str) -> None:
     """Convert the official PIQ_model.pth + LIQE.pt (+ RetinaFace) into a model directory."""
     from piqa_core.checkpoints import CheckpointError, import_official, save_checkpoint
 
     try:
-        bundle = import_official(piq_model, liqe, retinaface, model_id=model_id)
+        bundle = import_official(piq_model, liqe, retinaface, config=preset, model_id=model_id)
     except CheckpointError as e:
         raise click.ClickException(str(e)) from None
     digest = save_checkpoint(bundle, out, extra={"source": {"piq_model": piq_model, "liqe": liqe}})

@@ -216,3 +216,13 @@ def test_resolve_weights_local_and_remote(tmp_path):
     again = resolve_weights("s3://bucket/model", cache_dir=tmp_path / "cache", fetch=fetch)
     assert local == again and calls == ["s3://bucket/model"]
     assert load_checkpoint(local).sha256 == load_checkpoint(tmp_path / "src").sha256
+
+
+def test_other_swin_variant_is_refused_not_resampled():
+    """timm's filter would interpolate a 4x4-window bias table into a 12x12 one; we must refuse."""
+    tiny = get_preset("tiny")
+    other = get_preset("tiny")
+    other.model.backbone_kwargs = {**other.model.backbone_kwargs, "window_size": 8}
+    sd = official_layout(DualBranchPIQA(tiny.model))
+    with pytest.raises(CheckpointError, match="another Swin variant"):
+        official_to_ours(sd, DualBranchPIQA(other.model))

@@ -1,0 +1,428 @@
+"""Retraining on Ray Train: ``TorchTrainer`` + DDP workers; checkpoints are our model directories.
+
+Ray 2.60 runs Ray Train **V2** unless ``RAY_TRAIN_V2_ENABLED=0``. V2 removed
+``TorchTrainer.restore/can_restore`` (they raise): running again with the same
+``RunConfig(name, storage_path)`` resumes by itself, the controller reloading the run's checkpoint
+snapshot so that ``ray.train.get_checkpoint()`` returns the latest checkpoint. A dead worker restarts
+the worker group from that checkpoint (``FailureConfig(max_failures)``). V1 is refused (see
+``_require_v2``).
+
+Under ``<storage>/<run_name>/``: Ray's checkpoint folders ``epoch_NNNN`` (each a model directory:
+``config.json`` + ``model.safetensors``, plus ``train_state.pt`` and ``history.json``); ``model/``, the
+best checkpoint by validation SRCC (give it to ``piqa score --weights``); ``test_report.json`` and
+``test_predictions.parquet`` when the labels have a test split; ``summary.json``.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+import uuid
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import ray
+import torch
+
+from piqa_core.checkpoints import load_checkpoint, resolve_weights, save_checkpoint
+from piqa_core.metrics import evaluate
+from piqa_core.training import (FeatureCache, crop_rngs, epoch_pairs, fingerprint, init_bundle, make_optimizer,
+                                pair_loss, predict, prepare_items, shard)
+
+from .actors import _fetcher
+from .inprocess import DEFAULT_MAX_BYTES, fetch
+from .labels import LabelError, LabelTable, load_labels, load_pairs
+from .storage import ObjectInfo, S3Options, exists, join, read_bytes, resolve, write_bytes, write_text
+
+STATE_FILE, HISTORY_FILE = "train_state.pt", "history.json"
+
+
+@dataclass
+class TrainJob:
+    """One training run; defaults are the official DN-PIQA recipe."""
+
+    labels: str
+    run_name: str
+    storage: str
+    images: str | None = None
+    format: str = "auto"
+    train_list: str | None = None
+    test_list: str | None = None
+    pairs: str | None = None
+    val_fraction: float = 0.2
+    workers: int = 1
+    gpu: bool = False
+    cpus_per_worker: float | None = None
+    epochs: int = 10
+    batch_pairs: int = 6
+    lr: float = 1e-5
+    weight_decay: float = 1e-7
+    lr_step: int = 2
+    lr_gamma: float = 0.9
+    preset: str = "dn-piqa"
+    init: str | None = None
+    init_whole: str | None = None
+    init_face: str | None = None
+    liqe: str | None = None
+    retinaface: str | None = None
+    cache: str | None = None
+    max_failures: int = 2
+    keep: int = 2
+    seed: int = 0
+    eval_batch: int = 8
+    s3: S3Options = field(default_factory=S3Options)
+    address: str | None = None
+    # Chaos testing: rank 0 exits abruptly once at the start of this epoch.
+    fail_at_epoch: int | None = None
+
+    @property
+    def cpus(self) -> float:
+        return self.cpus_per_worker or (4.0 if self.gpu else 1.0)
+
+    @property
+    def run_dir(self) -> str:
+        return join(self.storage, self.run_name)
+
+
+def _require_v2() -> None:
+    from ray.train.v2._internal.constants import V2_ENABLED_ENV_VAR, is_v2_enabled
+
+    if not is_v2_enabled():
+        raise RuntimeError(f"piqa train needs Ray Train V2 (resume-by-run-name); unset {V2_ENABLED_ENV_VAR}=0")
+
+
+def _storage(job: TrainJob) -> tuple[Any, str]:
+    """(storage_filesystem, storage_path) for RunConfig: S3 gets an explicit pyarrow filesystem."""
+    fs, path = resolve(job.storage, job.s3)
+    return (None, path) if "://" not in job.storage else (fs, path)
+
+
+def prepare_data(job: TrainJob) -> tuple[LabelTable, dict[str, Any]]:
+    """Labels (checked: columns, scores, images exist) and the arrays each worker needs."""
+    table = load_labels(job.labels, job.images, job.format, job.train_list, job.test_list,
+                        job.val_fraction, job.seed, job.s3)
+    train, val = table.subset("train"), table.subset("val")
+    if len(train) < 2 or len(val) == 0:
+        raise LabelError(f"need at least 2 train and 1 validation images; {table.describe()}")
+    data: dict[str, Any] = {s: (t.uris, t.scores, t.groups) for s, t in (("train", train), ("val", val))}
+    data["pairs"] = None
+    if job.pairs:
+        data["pairs"], stats = load_pairs(job.pairs, train, job.s3, known=set(table.frame["name"]))
+        print(f"piqa train: pair list {job.pairs}: {stats}", file=sys.stderr)
+        if not len(data["pairs"]):
+            raise LabelError(f"{job.pairs}: no pair has both images in the train split")
+    return table, data
+
+
+def run_train_job(job: TrainJob) -> dict[str, Any]:
+    """Train (or resume) the run, export the best checkpoint, evaluate the test split; returns a summary."""
+    _require_v2()
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    job.s3 = job.s3.filled()
+    if not ray.is_initialized():
+        ray.init(address=job.address or os.environ.get("RAY_ADDRESS"), log_to_driver=True)
+    table, data = prepare_data(job)
+    print(f"piqa train {job.run_name}: {table.describe()}", file=sys.stderr)
+    fs, path = _storage(job)
+    resources = {"CPU": job.cpus, **({"GPU": 1} if job.gpu else {})}
+    marker = os.path.join(tempfile.gettempdir(), f"piqa-train-crash-{uuid.uuid4().hex}")
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"job": job, "data": data, "marker": marker},
+        scaling_config=ScalingConfig(num_workers=job.workers, use_gpu=job.gpu, resources_per_worker=resources),
+        run_config=RunConfig(
+            name=job.run_name, storage_path=path, storage_filesystem=fs,
+            failure_config=FailureConfig(max_failures=job.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=job.keep, checkpoint_score_attribute="val_srcc_mean",
+                                               checkpoint_score_order="max")),
+    )
+    result = trainer.fit()
+    if not result.best_checkpoints:
+        raise RuntimeError(f"run {job.run_name} has no checkpoint (0 epochs trained?)")
+    best, best_metrics = max(result.best_checkpoints, key=lambda cm: cm[1].get("val_srcc_mean", -math.inf))
+    model_dir = export_model(best, job)
+    history = json.loads(_read_checkpoint_file(result.checkpoint, "history.json"))
+    summary = {
+        "run_name": job.run_name, "run_dir": job.run_dir, "model_dir": model_dir,
+        "epochs_completed": len(history), "best_epoch": best_metrics["epoch"],
+        "best": {k: v for k, v in best_metrics.items() if k.startswith("val_")},
+        "history": history, "labels": table.describe(), "ray_train": "v2",
+        "job": {k: v for k, v in asdict(job).items() if k not in ("s3", "address")},
+    }
+    test = table.subset("test")
+    summary["test"] = _evaluate_test(job, model_dir, test) if len(test) else None
+    write_text(join(job.run_dir, "summary.json"), json.dumps(summary, indent=2, default=str), job.s3)
+    _print_summary(summary)
+    return summary
+
+
+def _read_checkpoint_file(checkpoint: Any, name: str) -> bytes:
+    with checkpoint.filesystem.open_input_stream(f"{checkpoint.path}/{name}") as f:
+        return f.read()
+
+
+def export_model(checkpoint: Any, job: TrainJob) -> str:
+    """Copy the checkpoint's model files (not the optimiser state) to ``<run_dir>/model``."""
+    dest = join(job.run_dir, "model")
+    for name in ("model.safetensors", "config.json"):  # config last: it names the weights' sha256
+        write_bytes(join(dest, name), _read_checkpoint_file(checkpoint, name), job.s3)
+    return dest
+
+
+def _evaluate_test(job: TrainJob, model_dir: str, test: LabelTable) -> dict[str, Any]:
+    """Five-crop evaluation of the exported (best-by-val) model on the test split, in a Ray task."""
+    from .evaluate import evaluate_remote
+
+    task = evaluate_remote.options(num_cpus=1, num_gpus=1 if job.gpu else 0)
+    report = ray.get(task.remote(model_dir, test.frame, job.s3, join(job.run_dir, "test_report.json"),
+                                 job.eval_batch))
+    return {"mean": report["mean"], "median": report["median"], "pooled": report["pooled"],
+            "items": report["items"], "failed": report["failed"]}
+
+
+def _print_summary(s: dict[str, Any]) -> None:
+    best = s["best"]
+    print(f"piqa train {s['run_name']}: {s['epochs_completed']} epochs; best epoch {s['best_epoch'] + 1} "
+          f"val SRCC mean {best.get('val_srcc_mean', float('nan')):.4f} "
+          f"median {best.get('val_srcc_median', float('nan')):.4f}; model {s['model_dir']}", file=sys.stderr)
+    if s["test"]:
+        t = s["test"]
+        print(f"  test ({t['items']} images, {t['failed']} failed): SRCC mean {t['mean']['srcc']} "
+              f"median {t['median']['srcc']}", file=sys.stderr)
+
+
+# ----------------------------------------------------------------------------- the worker loop
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """One DDP worker: restore or initialise, then per epoch train, validate, report a checkpoint."""
+    import ray.train.torch
+
+    job, data = config["job"], config["data"]
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    bf16 = device.type == "cuda"
+    torch.set_num_threads(max(1, int(job.cpus)))
+    log = (lambda msg: print(f"[piqa train {job.run_name}] {msg}", flush=True)) if rank == 0 else (lambda msg: None)
+
+    checkpoint, state, history = ray.train.get_checkpoint(), None, []
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            bundle = load_checkpoint(d)
+            state = torch.load(os.path.join(d, STATE_FILE), map_location="cpu", weights_only=True)
+            history = json.loads(Path(d, HISTORY_FILE).read_text())
+        init = bundle.meta.get("train", {}).get("init", {})
+        log(f"resuming after epoch {state['epoch'] + 1} ({checkpoint.path})")
+    else:
+        init = {k: getattr(job, k) for k in ("preset", "init", "init_whole", "init_face", "liqe", "retinaface")}
+        sources = [_source(init[k], job.s3) for k in ("init", "init_whole", "init_face", "liqe", "retinaface")]
+        bundle, warnings = init_bundle(job.preset, job.seed, *sources)
+        for w in warnings:
+            log(f"warning: {w}")
+    cfg = bundle.config
+    liqe = bundle.liqe.to(device).eval() if bundle.liqe is not None else None
+    detector = bundle.detector.to(device).eval() if bundle.detector is not None else None
+    model = ray.train.torch.prepare_model(bundle.model)  # DDP when world > 1; bundle.model stays the module
+    opt, sched = make_optimizer(bundle.model, job.lr, job.weight_decay, job.lr_step, job.lr_gamma)
+    start = 0
+    if state is not None:
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        start = int(state["epoch"]) + 1
+
+    cache = FeatureCache(fingerprint(bundle))
+    cache_uri = join(job.cache, f"features-{cache.fingerprint}.npz") if job.cache else None
+    if cache_uri and exists(cache_uri, job.s3):
+        cache.add_columns(dict(np.load(io.BytesIO(read_bytes(cache_uri, job.s3)), allow_pickle=False)))
+        log(f"feature cache: {len(cache)} images from {cache_uri}")
+    group = _object_group(world)
+    env = dict(job=job, cfg=cfg, detector=detector, liqe=liqe, cache=cache, device=device)
+
+    for epoch in range(start, job.epochs):
+        _maybe_fail(job, epoch, rank, config["marker"])
+        t0, lr, before = time.perf_counter(), opt.param_groups[0]["lr"], set(cache.faces)
+        loss_sum, n_pairs = _train_epoch(model, opt, data, epoch, rank, world, bf16, **env)
+        sched.step()
+        train_s = time.perf_counter() - t0
+        pred = _predict_val(bundle.model, data["val"], rank, world, bf16, group, **env)
+        _share_cache(cache, before, rank, world, group, cache_uri, job.s3)
+        totals = np.sum(_gather([loss_sum, n_pairs], world, group), axis=0)
+        metrics = {"epoch": epoch, "train_loss": float(totals[0] / max(totals[1], 1)), "pairs": int(totals[1]),
+                   "pairs_per_s": float(totals[1] / train_s), "lr": lr, "session_start_epoch": start,
+                   "epoch_time_s": time.perf_counter() - t0}
+        if rank == 0:
+            metrics.update(_val_metrics(pred, data["val"]))
+            log(f"epoch {epoch + 1}/{job.epochs}  loss {metrics['train_loss']:.4f}  "
+                f"{metrics['pairs_per_s']:.1f} pairs/s  val SRCC mean {metrics['val_srcc_mean']:.4f} "
+                f"median {metrics['val_srcc_median']:.4f}  PLCC mean {metrics['val_plcc_mean']:.4f}  "
+                f"lr {lr:.2e}  ({metrics['epoch_time_s']:.0f}s)")
+        _report(metrics, history, bundle, opt, sched, job, init, rank)
+
+
+def _source(uri: str | None, s3: S3Options) -> str | bytes | None:
+    """A local path for a model directory or weights file; remote files come back as bytes."""
+    if uri is None or "://" not in uri or uri.startswith("file:"):
+        return uri.removeprefix("file://") if uri else None
+    if uri.rstrip("/").lower().endswith((".pth", ".pt", ".zip", ".bin", ".pkl")):
+        return read_bytes(uri, s3)
+    return str(resolve_weights(uri, fetch=_fetcher(s3)))
+
+
+def _maybe_fail(job: TrainJob, epoch: int, rank: int, marker: str) -> None:
+    """Chaos hook: rank 0 dies abruptly once (the marker survives the restart)."""
+    if job.fail_at_epoch == epoch and rank == 0 and not os.path.exists(marker):
+        Path(marker).touch()
+        print(f"[piqa train {job.run_name}] injected failure at epoch {epoch + 1}", flush=True)
+        os._exit(1)
+
+
+def _prefetch(fn: Callable[[int], Any], n: int, threads: int) -> Iterator[Any]:
+    """fn(0..n-1) in order, prepared ``threads`` steps ahead (decode and resize release the GIL)."""
+    with ThreadPoolExecutor(threads) as pool:
+        pending = deque(pool.submit(fn, i) for i in range(min(threads + 1, n)))
+        nxt = len(pending)
+        while pending:
+            out = pending.popleft().result()
+            if nxt < n:
+                pending.append(pool.submit(fn, nxt))
+                nxt += 1
+            yield out
+
+
+def _prepare(env: dict[str, Any], uris: list[str], idx: np.ndarray, crop_mode: str, rngs: list) -> dict:
+    keys = [uris[i] for i in idx]
+    items = [fetch(ObjectInfo(k, 0, ""), env["job"].s3, DEFAULT_MAX_BYTES) for k in keys]
+    return prepare_items(items, keys, env["cfg"], env["detector"], env["liqe"], env["cache"], crop_mode, rngs,
+                         env["device"])
+
+
+def _train_epoch(model: torch.nn.Module, opt: torch.optim.Optimizer, data: dict[str, Any], epoch: int, rank: int,
+                 world: int, bf16: bool, **env: Any) -> tuple[float, int]:
+    job = env["job"]
+    uris, labels, groups = data["train"]
+    ids, mine = shard(epoch_pairs(groups, epoch, job.seed, data["pairs"]), rank, world)
+    b = job.batch_pairs
+
+    def prep(step: int) -> tuple[dict, np.ndarray]:
+        sl = slice(step * b, (step + 1) * b)
+        idx = np.concatenate([mine[sl, 0], mine[sl, 1]])
+        return _prepare(env, uris, idx, "random", crop_rngs(job.seed, epoch, ids[sl])), labels[idx]
+
+    model.train()
+    loss_sum, count = 0.0, 0
+    for cols, y in _prefetch(prep, math.ceil(len(mine) / b), max(1, int(job.cpus))):
+        loss, n = pair_loss(model, cols, y, env["cfg"], env["device"], bf16)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        loss_sum, count = loss_sum + float(loss.item()) * n, count + n
+    return loss_sum, count
+
+
+def _predict_val(module: torch.nn.Module, val: tuple, rank: int, world: int, bf16: bool, group: Any,
+                 **env: Any) -> np.ndarray | None:
+    """Five-crop scores of the validation split, sharded by rank; the whole array on rank 0."""
+    uris, b = val[0], env["job"].eval_batch
+    mine = np.arange(rank, len(uris), world)
+    module.eval()
+    chunks = [mine[i:i + b] for i in range(0, len(mine), b)]
+    prep = lambda k: _prepare(env, uris, chunks[k], "five", [None] * len(chunks[k]))  # noqa: E731
+    preds = [predict(module, cols, env["cfg"], env["device"], bf16)
+             for cols in _prefetch(prep, len(chunks), max(1, int(env["job"].cpus)))]
+    parts = _gather((mine, np.concatenate(preds) if preds else np.zeros(0)), world, group)
+    if rank != 0:
+        return None
+    out = np.full(len(uris), np.nan)
+    for idx, p in parts:
+        out[idx] = p
+    return out
+
+
+def _val_metrics(pred: np.ndarray, val: tuple) -> dict[str, Any]:
+    _, labels, groups = val
+    ok = np.isfinite(pred)
+    rep = evaluate(pred[ok], labels[ok], [g for g, k in zip(groups, ok) if k])
+    # Checkpoints are ranked by val_srcc_mean: nan (no valid group) would break the ordering.
+    num = lambda v: float(v) if v is not None and math.isfinite(v) else -1.0  # noqa: E731
+    return {"val_srcc_mean": num(rep.mean["srcc"]), "val_srcc_median": num(rep.median["srcc"]),
+            "val_plcc_mean": num(rep.mean["plcc"]), "val_krcc_mean": num(rep.mean["krcc"]),
+            "val_valid_groups": int(rep.mean["valid_groups"]), "val_items": int(ok.sum()),
+            "val_failed": int((~ok).sum())}
+
+
+def _object_group(world: int) -> Any:
+    """A gloo group for Python-object collectives (NCCL would need them on the GPU)."""
+    import torch.distributed as dist
+
+    if world == 1:
+        return None
+    return dist.group.WORLD if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
+
+
+def _gather(obj: Any, world: int, group: Any) -> list[Any]:
+    if world == 1:
+        return [obj]
+    import torch.distributed as dist
+
+    out: list[Any] = [None] * world
+    dist.all_gather_object(out, obj, group=group)
+    return out
+
+
+def _share_cache(cache: FeatureCache, before: set[str], rank: int, world: int, group: Any, uri: str | None,
+                 s3: S3Options) -> None:
+    """Give every rank the features the others computed; rank 0 persists the cache when it grew."""
+    parts = _gather(cache.to_columns([u for u in cache.faces if u not in before]), world, group)
+    if not sum(len(p["uri"]) for p in parts):
+        return
+    for r, p in enumerate(parts):
+        if r != rank:
+            cache.add_columns(p)
+    if uri and rank == 0:
+        buf = io.BytesIO()
+        np.savez(buf, **{k: v.astype(str) if k == "uri" else v for k, v in cache.to_columns().items()})
+        write_bytes(uri, buf.getvalue(), s3)
+
+
+def _report(metrics: dict[str, Any], history: list[dict], bundle: Any, opt: Any, sched: Any, job: TrainJob,
+            init: dict[str, Any], rank: int) -> None:
+    """Rank 0 writes a model directory + optimiser state + history and reports it; others report only."""
+    from ray.train import Checkpoint
+
+    if rank != 0:
+        ray.train.report(metrics, checkpoint=None)
+        return
+    history.append(metrics)
+    bundle.model_id, bundle.random_init, bundle.meta = job.run_name, False, {}
+    with tempfile.TemporaryDirectory() as tmp:
+        val = {k: v for k, v in metrics.items() if k.startswith("val_")}
+        save_checkpoint(bundle, tmp, extra={"train": {"init": init, "epochs_completed": metrics["epoch"] + 1,
+                                                      "labels": job.labels, "val": val}})
+        torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "epoch": metrics["epoch"]},
+                   os.path.join(tmp, STATE_FILE))
+        Path(tmp, HISTORY_FILE).write_text(json.dumps(history))
+        ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp),
+                         checkpoint_dir_name=f"epoch_{metrics['epoch']:04d}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m ray_jobs.train`` = ``piqa train`` (the form ``ray job submit`` runs)."""
+    from .cli import main as cli
+
+    cli.main(args=["train", *(argv if argv is not None else sys.argv[1:])], prog_name="ray_jobs.train")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,84 @@
+"""The `piqa` command line: model options, local scoring, weights commands."""
+
+import json
+import subprocess
+import sys
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+from click.testing import CliRunner
+
+from piqa_core.checkpoints import build_bundle
+from ray_jobs.cli import main
+from tests.corpus import astronaut_jpeg_bytes
+from tests.test_checkpoints import legacy_zip, official_layout, openai_layout
+
+
+@pytest.fixture
+def photos(tmp_path):
+    folder = tmp_path / "in"
+    (folder / "sub").mkdir(parents=True)
+    for i in range(3):
+        (folder / f"p{i}.jpg").write_bytes(astronaut_jpeg_bytes(quality=50 + 10 * i, width=300, height=260))
+    (folder / "sub" / "broken.png").write_bytes(b"\x89PNG nope")
+    (folder / "notes.txt").write_text("not listed: not an image extension")
+    return folder
+
+
+def test_refuses_without_weights(photos, tmp_path):
+    res = CliRunner().invoke(main, ["score", str(photos), "--out", str(tmp_path / "o.parquet"), "--engine", "local"])
+    assert res.exit_code == 2 and "--random-weights" in res.output and "not a quality model" in res.output
+
+
+def test_local_engine_writes_one_row_per_image(photos, tmp_path):
+    out = tmp_path / "scores" / "o.parquet"
+    res = CliRunner().invoke(main, ["score", str(photos), "--out", str(out), "--engine", "local",
+                                    "--random-weights", "--preset", "tiny", "--crop-mode", "center"])
+    assert res.exit_code == 0, res.output
+    assert "random weights" in res.output and "wrote 4 rows" in res.output
+    table = pq.read_table(out)
+    rows = {r["uri"].rsplit("/", 1)[-1]: r for r in table.to_pylist()}
+    assert set(rows) == {"p0.jpg", "p1.jpg", "p2.jpg", "broken.png"}
+    assert rows["broken.png"]["error_code"] == "not_an_image" and rows["broken.png"]["score"] is None
+    assert all(rows[f"p{i}.jpg"]["status"] == "ok" and rows[f"p{i}.jpg"]["random_weights"] for i in range(3))
+    meta = table.schema.metadata
+    assert meta[b"model_sha256"].decode() == build_bundle("tiny").sha256 and meta[b"crop_mode"] == b"center"
+
+
+def test_weights_random_info_and_scoring_from_dir(photos, tmp_path):
+    runner = CliRunner()
+    res = runner.invoke(main, ["weights", "random", "--preset", "tiny", "--seed", "3", "-o", str(tmp_path / "m")])
+    assert res.exit_code == 0, res.output
+    info = runner.invoke(main, ["weights", "info", str(tmp_path / "m")])
+    assert "random_init   True" in info.output and build_bundle("tiny", seed=3).sha256 in info.output
+    res = runner.invoke(main, ["score", str(photos / "p0.jpg"), "--out", str(tmp_path / "o.parquet"),
+                               "--engine", "local", "--weights", str(tmp_path / "m")])
+    assert res.exit_code == 0, res.output
+    assert pq.read_table(tmp_path / "o.parquet").column("model_sha256")[0].as_py() == build_bundle(
+        "tiny", seed=3).sha256
+
+
+def test_import_official_command(tmp_path):
+    src = build_bundle("tiny", seed=5)
+    torch.save(official_layout(src.model), tmp_path / "PIQ_model.pth")
+    torch.save(openai_layout(src.liqe), tmp_path / "LIQE.pt")
+    (tmp_path / "r.zip").write_bytes(legacy_zip(src.detector.net.state_dict()))
+    runner = CliRunner()
+    # The official file is Swin-B: importing it into the tiny architecture must fail with the keys named.
+    res = runner.invoke(main, ["weights", "import-official", str(tmp_path / "PIQ_model.pth"),
+                               str(tmp_path / "LIQE.pt"), "--retinaface", str(tmp_path / "r.zip"),
+                               "-o", str(tmp_path / "out")])
+    assert res.exit_code == 1 and "another Swin variant" in res.output and "--preset" in res.output
+    res = runner.invoke(main, ["weights", "import-official", str(tmp_path / "PIQ_model.pth"),
+                               str(tmp_path / "LIQE.pt"), "--retinaface", str(tmp_path / "r.zip"),
+                               "--preset", "tiny", "-o", str(tmp_path / "out")])
+    assert res.exit_code == 0, res.output
+    meta = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert meta["model_id"] == "dn-piqa-official" and meta["random_init"] is False
+
+
+def test_module_entrypoint_for_ray_job_submit():
+    out = subprocess.run([sys.executable, "-m", "ray_jobs.score", "--help"], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0 and "--resume" in out.stdout and "--face-device" in out.stdout
