@@ -12,8 +12,12 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import io
+import math
 import os
-from typing import Any, Sequence
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -24,6 +28,7 @@ from .config import PIQAConfig, get_preset
 from .faces import FaceDetector, FaceResult
 from .liqe import LIQE
 from .losses import fidelity_loss, sample_pairs
+from .metrics import evaluate
 from .preprocess import normalize
 from .stages import ImageInput, prepare_batch
 
@@ -69,8 +74,19 @@ class FeatureCache:
             "face_box": np.array([f.box if f.box else (np.nan,) * 4 for f in faces], np.float32).reshape(-1, 4),
             "face_confidence": np.array([f.confidence for f in faces], np.float32),
             "n_faces": np.array([f.n_faces for f in faces], np.int32),
-            "liqe": np.array([a for a in aux], np.float32).reshape(len(keys), width),
+            "liqe": np.array([np.zeros(width) if a is None else a for a in aux], np.float32).reshape(len(keys), width),
         }
+
+    def to_npz(self) -> bytes:
+        buf = io.BytesIO()
+        np.savez(buf, fingerprint=np.array(self.fingerprint),
+                 **{k: v.astype(str) if k == "uri" else v for k, v in self.to_columns().items()})
+        return buf.getvalue()
+
+    @staticmethod
+    def read_npz(data: bytes) -> dict[str, np.ndarray]:
+        with np.load(io.BytesIO(data), allow_pickle=False) as z:
+            return {k: z[k] for k in z.files if k != "fingerprint"}
 
     def add_columns(self, cols: dict[str, np.ndarray]) -> None:
         for i, uri in enumerate(cols["uri"]):
@@ -86,7 +102,7 @@ def fingerprint(bundle: Bundle) -> str:
     for module in (bundle.liqe, bundle.detector):
         for k, v in sorted(module.state_dict().items()) if module is not None else []:
             h.update(k.encode())
-            h.update(v.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+            h.update(v.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()[:16]
 
 
@@ -168,6 +184,31 @@ def predict(model: torch.nn.Module, cols: dict[str, np.ndarray], cfg: PIQAConfig
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
         scores = model.score_crops(whole, face, aux).float().cpu().numpy()
     return np.where(cols["status"] == "ok", scores, np.nan)
+
+
+def val_metrics(pred: np.ndarray, labels: np.ndarray, groups: Sequence[Any]) -> dict[str, Any]:
+    """Validation summary for ``ray.train.report``; failed images (nan) are left out and counted."""
+    ok = np.isfinite(pred)
+    rep = evaluate(pred[ok], np.asarray(labels)[ok], [g for g, k in zip(groups, ok) if k])
+    # Checkpoints are ranked by val_srcc_mean: nan (no valid group) would break the ordering.
+    num = lambda v: float(v) if v is not None and math.isfinite(v) else -1.0  # noqa: E731
+    return {"val_srcc_mean": num(rep.mean["srcc"]), "val_srcc_median": num(rep.median["srcc"]),
+            "val_plcc_mean": num(rep.mean["plcc"]), "val_krcc_mean": num(rep.mean["krcc"]),
+            "val_valid_groups": int(rep.mean["valid_groups"]), "val_items": int(ok.sum()),
+            "val_failed": int((~ok).sum())}
+
+
+def prefetch(fn: Callable[[int], Any], n: int, threads: int) -> Iterator[Any]:
+    """fn(0), …, fn(n-1) in order, computed ``threads`` steps ahead (decode and resize release the GIL)."""
+    with ThreadPoolExecutor(threads) as pool:
+        pending = deque(pool.submit(fn, i) for i in range(min(threads + 1, n)))
+        nxt = len(pending)
+        while pending:
+            out = pending.popleft().result()
+            if nxt < n:
+                pending.append(pool.submit(fn, nxt))
+                nxt += 1
+            yield out
 
 
 def epoch_pairs(groups: Sequence[Any], epoch: int, seed: int = 0, fixed: np.ndarray | None = None) -> np.ndarray:

@@ -176,7 +176,10 @@ def plan_run(job: AuditJob, identity: dict[str, Any], pointer: dict[str, Any] | 
     if pointer and pointer["model_sha256"] != sha:
         reason = (f"model changed: {pointer['model_id']} sha256 {pointer['model_sha256'][:12]} -> "
                   f"{identity['model_id']} sha256 {sha[:12]}; every object is re-scored")
-    listing = classify(list_images(job.library, job.s3), previous, rescore_all=reason is not None)
+    state_root = library_root(job.state) + "/"
+    # A state kept inside the library must not audit its own thumbnails.
+    objects = [o for o in list_images(job.library, job.s3) if not o.uri.startswith(state_root)]
+    listing = classify(objects, previous, rescore_all=reason is not None)
     plan = Plan(_new_run_id(), now_utc(), root, sha, identity["model_id"], prev_id, reason, listing)
     _write_parquet(join(job.state, "runs", plan.run_id, "plan.parquet"), listing, job.s3)
     _write_json(marker_uri, {"run_id": plan.run_id, "library": root, "model_sha256": sha,
@@ -198,7 +201,8 @@ def score_delta(job: AuditJob, plan: Plan) -> tuple[pa.Table, dict[str, int]]:
         res = run_score_job(ScoreJob(inputs=[job.library], out=out, model=job.model, s3=job.s3, objects=objects,
                                      resume=True, run_id=plan.run_id, max_bytes=job.max_bytes,
                                      face_device=job.face_device, address=job.address))
-        stats.update(scored_now=res["rows"], reused_from_unfinished_run=res["skipped_already_scored"])
+        skipped = res["skipped_already_scored"]
+        stats.update(scored_now=len(objects) - skipped, reused_from_unfinished_run=skipped)
     rows = read_rows(out, job.s3)
     rows = rows.filter(pc.and_(pc.equal(rows["model_sha256"], plan.model_sha256),
                                pc.is_in(rows["uri"], value_set=todo["uri"])))

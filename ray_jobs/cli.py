@@ -8,6 +8,8 @@ from pathlib import Path
 
 import click
 
+from piqa_core.config import list_presets
+
 from .options import ModelOptions, model_options
 
 
@@ -192,6 +194,111 @@ def info_cmd(model_dir: str) -> None:
     click.echo(f"random_init   {bundle.random_init}")
     click.echo(f"params        model {count(bundle.model):,}  liqe {count(bundle.liqe):,}  "
                f"face {count(bundle.detector):,}")
+
+
+# ----------------------------------------------------------------------------- train and eval
+
+
+def _label_options(fn):
+    """Where the labels are and how they split (shared by train and eval)."""
+    opts = [
+        click.option("--labels", required=True, help="PIQ23 CSV or a uri,score,group[,split] CSV/Parquet."),
+        click.option("--images", default=None, help="PIQ23 image root (IMAGE PATH is relative to it)."),
+        click.option("--format", "fmt", type=click.Choice(["auto", "piq23", "table"]), default="auto",
+                     show_default=True),
+        click.option("--train-list", default=None, help="Official train split file (CSV with IMAGE, or names)."),
+        click.option("--test-list", default=None, help="Official test split file."),
+        click.option("--val-fraction", type=click.FloatRange(0, 1, max_open=True), default=0.2, show_default=True,
+                     help="Share of each group's train images held out for validation when no val split exists."),
+        click.option("--seed", type=int, default=0, show_default=True),
+        click.option("--endpoint-url", envvar="PIQA_S3_ENDPOINT", help="S3-compatible endpoint (MinIO, Ceph, …)."),
+        click.option("--region", default=None),
+    ]
+    for opt in reversed(opts):
+        fn = opt(fn)
+    return fn
+
+
+def _s3(endpoint_url: str | None, region: str | None):
+    from .storage import S3Options
+
+    s3 = S3Options.from_env()
+    s3.endpoint_url = endpoint_url or s3.endpoint_url
+    s3.region = region or s3.region
+    return s3
+
+
+@main.command()
+@_label_options
+@click.option("--pairs", default=None, help="Fixed pair list (IMAGE, IMAGE second), e.g. the official exp.csv.")
+@click.option("--run-name", required=True, help="Names the run; the same name again resumes it.")
+@click.option("--storage", required=True, help="Folder or s3:// prefix for checkpoints and the exported model.")
+@click.option("--workers", type=click.IntRange(1), default=1, show_default=True)
+@click.option("--gpu", is_flag=True, help="One GPU per worker (bf16 autocast).")
+@click.option("--cpus-per-worker", type=click.FloatRange(0.1), default=None, help="Default 1 (CPU) / 4 (GPU).")
+@click.option("--epochs", type=click.IntRange(0), default=10, show_default=True)
+@click.option("--batch-pairs", type=click.IntRange(1), default=6, show_default=True)
+@click.option("--lr", type=float, default=1e-5, show_default=True)
+@click.option("--weight-decay", type=float, default=1e-7, show_default=True)
+@click.option("--lr-step", type=click.IntRange(1), default=2, show_default=True, help="StepLR step (epochs).")
+@click.option("--lr-gamma", type=float, default=0.9, show_default=True)
+@click.option("--preset", type=click.Choice(list_presets()), default="dn-piqa", show_default=True,
+              help="Architecture when not starting from a model directory.")
+@click.option("--init", default=None, help="Model directory (ours) or the official PIQ_model.pth.")
+@click.option("--init-whole", default=None, help="Official LSVQ Swin file for the whole-image branch.")
+@click.option("--init-face", default=None, help="Official GFIQA Swin file for the face branch.")
+@click.option("--liqe", default=None, help="Official LIQE.pt (frozen) when not starting from a model directory.")
+@click.option("--retinaface", default=None, help="RetinaFace release file (frozen), likewise.")
+@click.option("--cache", default=None, help="Folder/prefix for the per-image face + LIQE feature cache.")
+@click.option("--max-failures", type=click.IntRange(-1), default=2, show_default=True,
+              help="Worker failures survived (each restarts from the last checkpoint).")
+@click.option("--keep", type=click.IntRange(1), default=2, show_default=True, help="Checkpoints kept (best by val).")
+@click.option("--address", envvar="RAY_ADDRESS", default=None, help="Ray cluster (default: start a local one).")
+@click.option("--fail-at-epoch", type=int, default=None, hidden=True)
+def train(labels, images, fmt, train_list, test_list, val_fraction, seed, endpoint_url, region, **kw) -> None:
+    """Train DN-PIQA on labelled images (fidelity loss on pairs within a group) with Ray Train."""
+    from .labels import LabelError
+    from .train import TrainJob, run_train_job
+
+    job = TrainJob(labels=labels, images=images, format=fmt, train_list=train_list, test_list=test_list,
+                   val_fraction=val_fraction, seed=seed, s3=_s3(endpoint_url, region), **kw)
+    try:
+        summary = run_train_job(job)
+    except LabelError as e:
+        raise click.ClickException(str(e)) from None
+    click.echo(f"model: {summary['model_dir']} (best epoch {summary['best_epoch'] + 1} of "
+               f"{summary['epochs_completed']}, val SRCC mean {summary['best']['val_srcc_mean']:.4f})")
+
+
+@main.command("eval")
+@_label_options
+@click.option("--split", type=click.Choice(["train", "val", "test", "all"]), default=None,
+              help="Default: test when the labels have a test split, else all.")
+@click.option("--out", required=True, help="JSON report; per-image predictions go next to it (.parquet).")
+@model_options
+def eval_cmd(labels, images, fmt, train_list, test_list, val_fraction, seed, endpoint_url, region, split, out,
+             model: ModelOptions) -> None:
+    """Score labelled images with a model and report per-group SRCC/KRCC/PLCC/RMSE/MAE."""
+    from tqdm import tqdm
+
+    from piqa_core.scorer import Scorer
+
+    from .actors import load_bundle
+    from .evaluate import evaluate_table, select_split, write_eval
+    from .labels import LabelError, load_labels
+
+    s3 = _s3(endpoint_url, region)
+    try:
+        table = load_labels(labels, images, fmt, train_list, test_list, val_fraction, seed, s3, check_images=False)
+        table, split = select_split(table, split)
+    except (LabelError, ValueError) as e:
+        raise click.ClickException(str(e)) from None
+    scorer = Scorer(load_bundle(model, s3), device=model.device, precision=model.precision, crop_mode=model.crop_mode)
+    with tqdm(total=len(table), unit="img", file=sys.stderr) as bar:
+        result = evaluate_table(scorer, table, split, s3, model.batch_size, progress=bar.update)
+    click.echo(result.format())
+    parquet = write_eval(result, out, s3)
+    click.echo(f"wrote {out} and {parquet}")
 
 
 if __name__ == "__main__":

@@ -150,17 +150,19 @@ def plot_histogram(tonight: np.ndarray, previous: np.ndarray | None) -> bytes:
 
 
 def plot_quantiles(tonight: dict[str, Any], previous: dict[str, Any] | None) -> bytes:
+    """Quantile curves tonight vs previous: a shift shows as a gap between the lines."""
     fig, ax = plt.subplots(figsize=(7, 3.6))
-    x = np.arange(len(QUANTILES))
-    for i, (name, stats, color) in enumerate((("previous", previous, "#8a8a8a"), ("tonight", tonight, "#1f77b4"))):
+    for name, stats, color, style in (("previous", previous, "#8a8a8a", "--"), ("tonight", tonight, "#1f77b4", "-")):
         if stats and stats["mean"] is not None:
-            ax.bar(x + (i - 0.5) * 0.38, [stats["quantiles"][k] for k in QUANTILES], 0.38, color=color, label=name)
+            ax.plot(list(QUANTILES), [stats["quantiles"][k] for k in QUANTILES], style, marker="o", color=color,
+                    lw=2, label=f"{name} (mean {stats['mean']:.4f})")
+            ax.axhline(stats["mean"], color=color, ls=":", lw=1)
     shift = (tonight["mean"] - previous["mean"]) if previous and previous["mean"] is not None and \
         tonight["mean"] is not None else None
-    ax.set_xticks(x, list(QUANTILES))
-    ax.set(ylabel="score", title="Quantiles" + (f" — mean shift {shift:+.4f}" if shift is not None else ""))
-    ax.axhline(0, color="black", lw=0.8)
-    ax.legend(loc="best")
+    ax.set(xlabel="quantile", ylabel="score",
+           title="Quantiles" + (f" (mean shift {shift:+.4f})" if shift is not None else ""))
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper left")
     return _png(fig)
 
 
@@ -215,7 +217,7 @@ th{background:#eef2f7}td{text-align:right}td:first-child{text-align:left}
 .banner{background:#b00020;color:#fff;padding:12px;font-weight:bold;font-size:16px}
 .alert{background:#fff3cd;border:2px solid #d39e00;padding:10px;margin:8px 0}
 .warn{background:#ffe0e0;border:2px solid #b00020;padding:10px;margin:8px 0}
-.plots img{max-width:100%;border:1px solid #ddd;margin:4px}
+.plots img{width:49%;border:1px solid #ddd;margin:2px 0}
 .grid{display:flex;flex-wrap:wrap;gap:10px}.card{width:170px;font-size:12px;word-break:break-all}
 .card img{width:160px;height:160px;object-fit:contain;background:#f4f4f4;border:1px solid #ccc}"""
 
@@ -228,10 +230,10 @@ def render_html(s: dict[str, Any]) -> str:
     if s["random_weights"]:
         parts.append(f'<div class="banner">RANDOM WEIGHTS: {RANDOM_NOTE}.</div>')
     parts.append(f"<h1>Photo-library audit — run {html.escape(s['run_id'])}</h1>")
-    parts.append(_table(["", ""], [["library", s["library"]], ["previous run", s["previous_run_id"]],
+    parts.append(_table(["run", s["run_id"]], [["library", s["library"]], ["previous run", s["previous_run_id"]],
                                    ["model", f"{s['model']['model_id']} (sha256 {s['model']['sha256'][:12]})"],
-                                   ["started", s["started_at"]], ["finished", s["finished_at"]],
-                                   ["resumed an interrupted run", s["resumed"]]]))
+                                   ["started", s.get("started_at")], ["finished", s["finished_at"]],
+                                   ["resumed an interrupted run", s.get("resumed", False)]]))
     if s["rescored_all_reason"]:
         parts.append(f'<div class="warn">{html.escape(s["rescored_all_reason"])}</div>')
     parts += [f'<div class="alert">ALERT: {html.escape(a["message"])}</div>' for a in s["alerts"]]

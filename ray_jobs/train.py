@@ -15,7 +15,6 @@ best checkpoint by validation SRCC (give it to ``piqa score --weights``); ``test
 
 from __future__ import annotations
 
-import io
 import json
 import math
 import os
@@ -23,20 +22,17 @@ import sys
 import tempfile
 import time
 import uuid
-from collections import deque
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import numpy as np
 import ray
 import torch
 
 from piqa_core.checkpoints import load_checkpoint, resolve_weights, save_checkpoint
-from piqa_core.metrics import evaluate
 from piqa_core.training import (FeatureCache, crop_rngs, epoch_pairs, fingerprint, init_bundle, make_optimizer,
-                                pair_loss, predict, prepare_items, shard)
+                                pair_loss, predict, prefetch, prepare_items, shard, val_metrics)
 
 from .actors import _fetcher
 from .inprocess import DEFAULT_MAX_BYTES, fetch
@@ -215,7 +211,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     device = ray.train.torch.get_device()
     bf16 = device.type == "cuda"
     torch.set_num_threads(max(1, int(job.cpus)))
-    log = (lambda msg: print(f"[piqa train {job.run_name}] {msg}", flush=True)) if rank == 0 else (lambda msg: None)
+
+    def log(msg: str) -> None:  # sys.stdout.write: Train V2's print patch would log every line twice
+        if rank == 0:
+            sys.stdout.write(f"[piqa train {job.run_name}] {msg}\n")
+            sys.stdout.flush()
 
     checkpoint, state, history = ray.train.get_checkpoint(), None, []
     if checkpoint is not None:
@@ -245,7 +245,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     cache = FeatureCache(fingerprint(bundle))
     cache_uri = join(job.cache, f"features-{cache.fingerprint}.npz") if job.cache else None
     if cache_uri and exists(cache_uri, job.s3):
-        cache.add_columns(dict(np.load(io.BytesIO(read_bytes(cache_uri, job.s3)), allow_pickle=False)))
+        cache.add_columns(FeatureCache.read_npz(read_bytes(cache_uri, job.s3)))
         log(f"feature cache: {len(cache)} images from {cache_uri}")
     group = _object_group(world)
     env = dict(job=job, cfg=cfg, detector=detector, liqe=liqe, cache=cache, device=device)
@@ -263,7 +263,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                    "pairs_per_s": float(totals[1] / train_s), "lr": lr, "session_start_epoch": start,
                    "epoch_time_s": time.perf_counter() - t0}
         if rank == 0:
-            metrics.update(_val_metrics(pred, data["val"]))
+            metrics.update(val_metrics(pred, *data["val"][1:]))
             log(f"epoch {epoch + 1}/{job.epochs}  loss {metrics['train_loss']:.4f}  "
                 f"{metrics['pairs_per_s']:.1f} pairs/s  val SRCC mean {metrics['val_srcc_mean']:.4f} "
                 f"median {metrics['val_srcc_median']:.4f}  PLCC mean {metrics['val_plcc_mean']:.4f}  "
@@ -288,19 +288,6 @@ def _maybe_fail(job: TrainJob, epoch: int, rank: int, marker: str) -> None:
         os._exit(1)
 
 
-def _prefetch(fn: Callable[[int], Any], n: int, threads: int) -> Iterator[Any]:
-    """fn(0..n-1) in order, prepared ``threads`` steps ahead (decode and resize release the GIL)."""
-    with ThreadPoolExecutor(threads) as pool:
-        pending = deque(pool.submit(fn, i) for i in range(min(threads + 1, n)))
-        nxt = len(pending)
-        while pending:
-            out = pending.popleft().result()
-            if nxt < n:
-                pending.append(pool.submit(fn, nxt))
-                nxt += 1
-            yield out
-
-
 def _prepare(env: dict[str, Any], uris: list[str], idx: np.ndarray, crop_mode: str, rngs: list) -> dict:
     keys = [uris[i] for i in idx]
     items = [fetch(ObjectInfo(k, 0, ""), env["job"].s3, DEFAULT_MAX_BYTES) for k in keys]
@@ -322,7 +309,7 @@ def _train_epoch(model: torch.nn.Module, opt: torch.optim.Optimizer, data: dict[
 
     model.train()
     loss_sum, count = 0.0, 0
-    for cols, y in _prefetch(prep, math.ceil(len(mine) / b), max(1, int(job.cpus))):
+    for cols, y in prefetch(prep, math.ceil(len(mine) / b), max(1, int(job.cpus))):
         loss, n = pair_loss(model, cols, y, env["cfg"], env["device"], bf16)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -340,7 +327,7 @@ def _predict_val(module: torch.nn.Module, val: tuple, rank: int, world: int, bf1
     chunks = [mine[i:i + b] for i in range(0, len(mine), b)]
     prep = lambda k: _prepare(env, uris, chunks[k], "five", [None] * len(chunks[k]))  # noqa: E731
     preds = [predict(module, cols, env["cfg"], env["device"], bf16)
-             for cols in _prefetch(prep, len(chunks), max(1, int(env["job"].cpus)))]
+             for cols in prefetch(prep, len(chunks), max(1, int(env["job"].cpus)))]
     parts = _gather((mine, np.concatenate(preds) if preds else np.zeros(0)), world, group)
     if rank != 0:
         return None
@@ -348,18 +335,6 @@ def _predict_val(module: torch.nn.Module, val: tuple, rank: int, world: int, bf1
     for idx, p in parts:
         out[idx] = p
     return out
-
-
-def _val_metrics(pred: np.ndarray, val: tuple) -> dict[str, Any]:
-    _, labels, groups = val
-    ok = np.isfinite(pred)
-    rep = evaluate(pred[ok], labels[ok], [g for g, k in zip(groups, ok) if k])
-    # Checkpoints are ranked by val_srcc_mean: nan (no valid group) would break the ordering.
-    num = lambda v: float(v) if v is not None and math.isfinite(v) else -1.0  # noqa: E731
-    return {"val_srcc_mean": num(rep.mean["srcc"]), "val_srcc_median": num(rep.median["srcc"]),
-            "val_plcc_mean": num(rep.mean["plcc"]), "val_krcc_mean": num(rep.mean["krcc"]),
-            "val_valid_groups": int(rep.mean["valid_groups"]), "val_items": int(ok.sum()),
-            "val_failed": int((~ok).sum())}
 
 
 def _object_group(world: int) -> Any:
@@ -391,9 +366,7 @@ def _share_cache(cache: FeatureCache, before: set[str], rank: int, world: int, g
         if r != rank:
             cache.add_columns(p)
     if uri and rank == 0:
-        buf = io.BytesIO()
-        np.savez(buf, **{k: v.astype(str) if k == "uri" else v for k, v in cache.to_columns().items()})
-        write_bytes(uri, buf.getvalue(), s3)
+        write_bytes(uri, cache.to_npz(), s3)
 
 
 def _report(metrics: dict[str, Any], history: list[dict], bundle: Any, opt: Any, sched: Any, job: TrainJob,

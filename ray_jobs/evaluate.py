@@ -1,0 +1,91 @@
+"""Evaluate a model on labelled images: per-group SRCC / KRCC / PLCC / RMSE / MAE, mean and median.
+
+Scoring is ``piqa_core.scorer.Scorer`` (five crops unless the model's config or ``--crop-mode`` says
+otherwise), through ``ray_jobs.inprocess.score_objects``, so an image that cannot be read or decoded
+becomes a failed row (counted, left out of the metrics) rather than an error.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import pandas as pd
+import ray
+
+from piqa_core.metrics import EvalReport, evaluate
+from piqa_core.scorer import Scorer
+
+from .actors import _fetcher
+from .inprocess import score_objects
+from .labels import LabelTable
+from .storage import S3Options, stat_objects, write_bytes, write_text
+
+
+@dataclass
+class EvalResult:
+    report: EvalReport
+    predictions: pd.DataFrame  # uri, group, label, split, score, status, error_code, …
+    info: dict[str, Any]  # model identity, split, counts
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**self.info, **self.report.to_dict()}
+
+    def format(self) -> str:
+        i = self.info
+        head = (f"model {i['model_id']} (sha256 {i['model_sha256'][:12]}…{', RANDOM WEIGHTS' if i['random_weights'] else ''})"
+                f" on {i['split']}: {i['items']} images, {i['failed']} failed, crop {i['crop_mode']}")
+        return head + "\n" + self.report.format_table()
+
+
+def evaluate_table(scorer: Scorer, table: LabelTable, split: str = "all", s3: S3Options | None = None,
+                   batch_size: int = 8, progress: Callable[[int], Any] | None = None) -> EvalResult:
+    """Score every image of ``table`` and compare with its labels, per group."""
+    objects = stat_objects(table.uris, s3)
+    scored = score_objects(objects, scorer, batch_size, s3, progress=progress).to_pandas()
+    keep = ["score", "status", "error_code", "error_message", "face_found", "n_faces", "width", "height"]
+    pred = table.frame[["uri", "group", "score", "split"]].rename(columns={"score": "label"}).reset_index(drop=True)
+    pred = pd.concat([pred, scored[keep].reset_index(drop=True)], axis=1)
+    ok = pred["status"] == "ok"
+    report = evaluate(pred.loc[ok, "score"].to_numpy(float), pred.loc[ok, "label"].to_numpy(float),
+                      pred.loc[ok, "group"].tolist())
+    info = {"model_id": scorer.model_id, "model_sha256": scorer.sha256, "random_weights": scorer.bundle.random_init,
+            "crop_mode": scorer.crop_mode, "split": split, "items": len(pred), "failed": int((~ok).sum())}
+    return EvalResult(report, pred, info)
+
+
+def select_split(table: LabelTable, split: str | None) -> tuple[LabelTable, str]:
+    """``None`` = the test split when the labels have one, else every labelled image."""
+    if split is None:
+        split = "test" if (table.frame["split"] == "test").any() else "all"
+    sub = table if split == "all" else table.subset(split)
+    if len(sub) == 0:
+        raise ValueError(f"the {split!r} split is empty ({table.describe()})")
+    return sub, split
+
+
+def predictions_uri(out: str) -> str:
+    return (out[:-5] if out.endswith(".json") else out) + ".parquet"
+
+
+def write_eval(result: EvalResult, out: str, s3: S3Options | None = None) -> str:
+    """JSON report at ``out`` and per-image predictions as Parquet next to it; returns the Parquet URI."""
+    write_text(out, json.dumps(result.to_dict(), indent=2), s3)
+    buf = io.BytesIO()
+    result.predictions.to_parquet(buf, index=False)
+    dest = predictions_uri(out)
+    write_bytes(dest, buf.getvalue(), s3)
+    return dest
+
+
+@ray.remote
+def evaluate_remote(model_dir: str, frame: pd.DataFrame, s3: S3Options, out: str, batch_size: int = 8) -> dict:
+    """Evaluate a (remote) model directory on a label frame inside a Ray task; writes ``out``."""
+    from piqa_core.checkpoints import load_checkpoint, resolve_weights
+
+    scorer = Scorer(load_checkpoint(resolve_weights(model_dir, fetch=_fetcher(s3))))
+    result = evaluate_table(scorer, LabelTable(frame), "test", s3, batch_size)
+    write_eval(result, out, s3)
+    return result.to_dict()

@@ -1,0 +1,224 @@
+"""The nightly audit end to end on the Ray pipeline (tiny random model): delta scoring on a local
+folder and on S3 (moto), crash before the pointer switch + resume, model change, CLI alerts."""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+from skimage import data as skdata
+
+from ray_jobs import audit
+from ray_jobs.audit import AuditJob, run_audit
+from ray_jobs.cli import main as cli
+from ray_jobs.options import ModelOptions
+from ray_jobs.resume import read_rows
+from ray_jobs.storage import S3Options, join, read_bytes, resolve, write_bytes
+from tests.test_report import assert_rendered, chromium, screenshot  # noqa: F401 (chromium: a fixture)
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+TINY = ModelOptions(None, True, "tiny", None, "fp32", "cpu", 8)
+_PICTURES = (skdata.astronaut, skdata.coffee, skdata.chelsea, skdata.rocket)
+
+
+def photo(i: int) -> bytes:
+    """A distinct small JPEG per ``i`` (four pictures, growing widths), so scores differ."""
+    img = Image.fromarray(_PICTURES[i % 4]()).resize((288 + 24 * (i // 4), 256))
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", quality=85)
+    return buf.getvalue()
+
+
+def delete(uri: str, s3: S3Options | None = None) -> None:
+    fs, path = resolve(uri, s3)
+    fs.delete_file(path)
+
+
+def state_of(state: str, run_id: str, s3: S3Options | None = None) -> dict[str, dict]:
+    fs, path = resolve(join(state, "states", f"{run_id}.parquet"), s3)
+    return {r["uri"]: r for r in pq.read_table(path, filesystem=fs).to_pylist()}
+
+
+def read_json(uri: str, s3: S3Options | None = None) -> dict:
+    return json.loads(read_bytes(uri, s3))
+
+
+# ------------------------------------------------------------------------------ local folder
+@pytest.fixture(scope="module")
+def local_runs(ray_local, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """Run 1 on 6 files; then +2 new, 1 changed, 1 deleted; run 2."""
+    lib, state = tmp_path_factory.mktemp("library"), str(tmp_path_factory.mktemp("audit") / "state")
+    for i, name in enumerate(("albumA/a0.jpg", "albumA/a1.jpg", "albumA/a2.jpg", "albumB/b0.jpg", "albumB/b1.jpg")):
+        write_bytes(str(lib / name), photo(i))
+    (lib / "bad.jpg").write_bytes(b"not an image at all")
+    job = AuditJob(library=str(lib), state=state, model=TINY)
+    r1 = run_audit(job)
+    state1 = state_of(state, r1.run_id)
+    write_bytes(str(lib / "albumB/n0.jpg"), photo(5))
+    write_bytes(str(lib / "albumC/n1.jpg"), photo(6))
+    write_bytes(str(lib / "albumA/a1.jpg"), photo(7))
+    (lib / "albumB/b1.jpg").unlink()
+    r2 = run_audit(job)
+    return {"lib": lib, "state": state, "r1": r1, "r2": r2, "state1": state1, "state2": state_of(state, r2.run_id)}
+
+
+def test_first_run_scores_everything(local_runs: dict) -> None:
+    r1, state1 = local_runs["r1"], local_runs["state1"]
+    c = r1.summary["counts"]
+    assert (c["listed"], c["new"], c["changed"], c["unchanged"], c["deleted"], c["scored"]) == (6, 6, 0, 0, 0, 6)
+    assert len(state1) == 6 and all(r["audit_run_id"] == r1.run_id and not r["deleted"] for r in state1.values())
+    assert state1[str(local_runs["lib"] / "bad.jpg")]["error_code"] == "not_an_image"
+    assert r1.summary["previous"] is None and r1.summary["mean_shift"] is None and r1.alerts == []
+
+
+def test_second_run_scores_exactly_the_delta(local_runs: dict) -> None:
+    lib, r1, r2 = local_runs["lib"], local_runs["r1"], local_runs["r2"]
+    state1, state2 = local_runs["state1"], local_runs["state2"]
+    c = r2.summary["counts"]
+    assert (c["listed"], c["new"], c["changed"], c["unchanged"], c["deleted"], c["scored"]) == (7, 2, 1, 4, 1, 3)
+    delta = {str(lib / n) for n in ("albumB/n0.jpg", "albumC/n1.jpg", "albumA/a1.jpg")}
+    unchanged = {str(lib / n) for n in ("albumA/a0.jpg", "albumA/a2.jpg", "albumB/b0.jpg", "bad.jpg")}
+    # The pipeline saw only the delta ...
+    scored_rows = read_rows(join(local_runs["state"], "runs", r2.run_id, "scores"))
+    assert set(scored_rows["uri"].to_pylist()) == delta and scored_rows.num_rows == 3
+    # ... unchanged rows were carried as they were, the delta re-scored by run 2.
+    for u in unchanged:
+        assert state2[u]["scored_at"] == state1[u]["scored_at"] and state2[u]["audit_run_id"] == r1.run_id
+    for u in delta:
+        assert state2[u]["audit_run_id"] == r2.run_id and state2[u]["status"] == "ok"
+    assert state2[str(lib / "albumA/a1.jpg")]["scored_at"] > state1[str(lib / "albumA/a1.jpg")]["scored_at"]
+    gone = state2[str(lib / "albumB/b1.jpg")]
+    assert gone["deleted"] and gone["deleted_at"] is not None and gone["score"] == state1[gone["uri"]]["score"]
+    pointer = read_json(join(local_runs["state"], "CURRENT"))
+    assert pointer["run_id"] == r2.run_id and pointer["previous_run_id"] == r1.run_id
+    assert not Path(local_runs["state"], "IN_PROGRESS").exists()
+
+
+def test_report_of_a_real_run(local_runs: dict, chromium: str) -> None:  # noqa: F811
+    r2, state2, lib = local_runs["r2"], local_runs["state2"], local_runs["lib"]
+    folder = Path(r2.report_uri).parent
+    s = json.loads((folder / "summary.json").read_text())
+    live = [r for r in state2.values() if not r["deleted"]]
+    ok = np.array([r["score"] for r in live if r["status"] == "ok"])
+    assert s["counts"]["scored"] == 3 and s["counts"]["deleted"] == 1
+    assert (s["tonight"]["objects"], s["tonight"]["ok"], s["tonight"]["error"]) == (7, 6, 1)
+    assert s["tonight"]["error_codes"] == {"not_an_image": 1} and s["scored_this_run"]["error"] == 0
+    assert s["tonight"]["mean"] == pytest.approx(ok.mean())
+    assert s["random_weights"] is True and "not quality judgements" in s["random_weights_note"]
+    assert {p["prefix"]: p["count"] for p in s["prefixes"]} == {"albumA": 3, "albumB": 2, "albumC": 1,
+                                                               "(top level)": 1}
+    assert [w["uri"] for w in s["worst"]] == [r["uri"] for r in sorted(
+        (r for r in live if r["status"] == "ok"), key=lambda r: (r["score"], r["uri"]))]
+    for name in s["files"]["plots"] + s["files"]["thumbnails"]:
+        with Image.open(folder / name) as img:
+            assert np.asarray(img.convert("RGB")).std() > 10, name
+    assert len(s["files"]["thumbnails"]) == 6 and str(lib) in (folder / "report.html").read_text()
+    assert_rendered(screenshot(chromium, folder / "report.html", folder / "screenshot.png"))
+
+
+def test_model_change_rescores_everything(local_runs: dict, tmp_path: Path,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    weights = tmp_path / "seed1"
+    res = CliRunner().invoke(cli, ["weights", "random", "--preset", "tiny", "--seed", "1", "-o", str(weights)])
+    assert res.exit_code == 0, res.output
+    state = str(tmp_path / "state")
+    shutil.copytree(local_runs["state"], state)  # the pointer holds relative paths: a copy is a state
+    model = ModelOptions(str(weights), False, "tiny", None, "fp32", "cpu", 8)
+    r3 = run_audit(AuditJob(library=str(local_runs["lib"]), state=state, model=model))
+    c = r3.summary["counts"]
+    assert (c["listed"], c["unchanged"], c["to_score"], c["scored"], c["deleted_kept"]) == (7, 7, 7, 7, 1)
+    assert "model changed" in r3.summary["rescored_all_reason"]
+    assert "model changed" in capsys.readouterr().err
+    state3 = state_of(state, r3.run_id)
+    old_sha = read_json(join(local_runs["state"], "CURRENT"))["model_sha256"]
+    new_sha = read_json(join(state, "CURRENT"))["model_sha256"]
+    assert new_sha != old_sha
+    assert all(r["model_sha256"] == new_sha and r["audit_run_id"] == r3.run_id for r in state3.values()
+               if not r["deleted"])
+
+
+# ------------------------------------------------------------------------------ S3, crash + resume
+def test_crash_before_pointer_switch_then_resume_on_s3(ray_local, s3_server, s3_bucket: str,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    s3 = s3_server.options
+    lib, state = f"s3://{s3_bucket}/photos/", f"s3://{s3_bucket}/audit/state"
+    for i, name in enumerate(("a.jpg", "b.jpg", "sub/c.jpg", "sub/d.jpg")):
+        write_bytes(lib + name, photo(i), s3)
+    job = AuditJob(library=lib, state=state, model=TINY, s3=s3)
+    r1 = run_audit(job)
+    assert r1.summary["counts"]["scored"] == 4
+    write_bytes(lib + "sub/e.jpg", photo(4), s3)
+    write_bytes(lib + "b.jpg", photo(5), s3)  # new content, new ETag
+    delete(lib + "sub/d.jpg", s3)
+
+    def killed(*_: object) -> None:
+        raise RuntimeError("killed before the pointer switch")
+
+    monkeypatch.setattr(audit, "_switch_pointer", killed)
+    with pytest.raises(RuntimeError, match="killed"):
+        run_audit(job)
+    monkeypatch.undo()
+    assert read_json(join(state, "CURRENT"), s3)["run_id"] == r1.run_id
+    unfinished = read_json(join(state, "IN_PROGRESS"), s3)["run_id"]
+    scores = join(state, "runs", unfinished, "scores")
+    first_try = {r["uri"]: r["scored_at"] for r in read_rows(scores, s3).to_pylist()}
+    assert set(first_try) == {lib + "b.jpg", lib + "sub/e.jpg"}
+
+    r3 = run_audit(job)
+    c = r3.summary["counts"]
+    assert r3.run_id == unfinished and r3.resumed
+    assert (c["new"], c["changed"], c["unchanged"], c["deleted"], c["scored"]) == (1, 1, 2, 1, 2)
+    assert (c["scored_now"], c["reused_from_unfinished_run"]) == (0, 2)
+    assert read_rows(scores, s3).num_rows == 2  # nothing scored twice
+    state1, state3 = state_of(state, r1.run_id, s3), state_of(state, r3.run_id, s3)
+    for u, stamp in first_try.items():
+        assert state3[u]["scored_at"] == stamp
+    for u in (lib + "a.jpg", lib + "sub/c.jpg"):
+        assert state3[u]["scored_at"] == state1[u]["scored_at"]
+    assert state3[lib + "sub/d.jpg"]["deleted"]
+    assert read_json(join(state, "CURRENT"), s3)["run_id"] == r3.run_id
+    with pytest.raises(FileNotFoundError):
+        read_bytes(join(state, "IN_PROGRESS"), s3)
+    assert read_json(join(state, "reports", r3.run_id, "summary.json"), s3)["resumed"] is True
+
+
+# ------------------------------------------------------------------------------ CLI alerts
+def test_cli_alerts_exit_3_and_still_commit(ray_local, tmp_path: Path) -> None:
+    lib, state = tmp_path / "lib", str(tmp_path / "state")
+    for i in range(2):
+        write_bytes(str(lib / f"p{i}.jpg"), photo(i))
+    (lib / "bad.jpg").write_bytes(b"\x00garbage")
+    base = ["audit", str(lib), "--state", state, "--random-weights", "--preset", "tiny"]
+    runner = CliRunner()
+    res = runner.invoke(cli, [*base, "--alert-if-error-rate", "0.01"])
+    assert res.exit_code == 3, res.output
+    assert "ALERT: error rate 0.3333 (> 0.01)" in res.output
+    run1 = read_json(join(state, "CURRENT"))["run_id"]  # an alert still commits
+    s1 = read_json(join(state, "reports", run1, "summary.json"))
+    assert [a["kind"] for a in s1["alerts"]] == ["error_rate"]
+
+    # Delete the better of the two photos: tonight's mean is the worse one's, a drop of (hi - lo) / 2.
+    scores = {u: r["score"] for u, r in state_of(state, run1).items() if r["status"] == "ok"}
+    (hi, hi_score), (_, lo_score) = sorted(scores.items(), key=lambda kv: -kv[1])
+    drop = (hi_score - lo_score) / 2
+    assert drop > 0
+    Path(hi).unlink()
+    alerts = [*base, "--alert-if-mean-drops", repr(drop / 2), "--alert-if-error-rate", "0.01"]
+    res = runner.invoke(cli, alerts)
+    assert res.exit_code == 3, res.output
+    assert "ALERT: mean score dropped by" in res.output and "error rate" not in res.output
+    run2 = read_json(join(state, "CURRENT"))["run_id"]
+    (alert,) = read_json(join(state, "reports", run2, "summary.json"))["alerts"]
+    assert alert["kind"] == "mean_drop" and alert["value"] == pytest.approx(drop)
+
+    res = runner.invoke(cli, alerts)  # nothing changed since: no alert
+    assert res.exit_code == 0, res.output
+    assert "0 new, 0 changed, 2 unchanged, 0 deleted; scored 0" in res.output
