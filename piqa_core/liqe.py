@@ -17,6 +17,7 @@ from __future__ import annotations
 import itertools
 
 import numpy as np
+from PIL import Image
 import open_clip
 import torch
 import torch.nn.functional as F
@@ -61,15 +62,26 @@ def patch_positions(
     return [((step * i) // cols * stride, (step * i) % cols * stride) for i in range(num)]
 
 
-def extract_patches(image: np.ndarray, cfg: LiqeConfig) -> np.ndarray:
-    """The ``num_patches`` selected patches of an (H, W, 3) uint8 image as (num, p, p, 3) uint8."""
-    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
-        raise ValueError(f"expected an (H, W, 3) uint8 array, got {image.shape} {image.dtype}")
-    h, w = image.shape[:2]
+def extract_patches(image: np.ndarray | Image.Image, cfg: LiqeConfig) -> np.ndarray:
+    """The ``num_patches`` selected patches of an RGB image as (num, p, p, 3) uint8.
+
+    A PIL image is cropped patch by patch, which avoids converting a 12 MP photo to an array
+    (~70 ms) just to read fifteen 224² windows of it; the pixels are the same.
+    """
+    if isinstance(image, Image.Image):
+        if image.mode != "RGB":
+            raise ValueError(f"expected an RGB image, got mode {image.mode}")
+        w, h = image.size
+        get = lambda top, left: np.asarray(image.crop((left, top, left + p, top + p)))  # noqa: E731
+    else:
+        if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+            raise ValueError(f"expected an (H, W, 3) uint8 array, got {image.shape} {image.dtype}")
+        h, w = image.shape[:2]
+        get = lambda top, left: image[top : top + p, left : left + p]  # noqa: E731
     p = cfg.patch
     out = np.empty((cfg.num_patches, p, p, 3), dtype=np.uint8)
     for k, (top, left) in enumerate(patch_positions(h, w, p, cfg.stride, cfg.num_patches)):
-        out[k] = image[top : top + p, left : left + p]
+        out[k] = get(top, left)
     return out
 
 
@@ -111,7 +123,7 @@ class LIQE(nn.Module):
     def forward_float(self, x: torch.Tensor) -> torch.Tensor:
         """CLIP-normalised float patches (B, num, 3, p, p) -> (B, 495) float32."""
         b, n = x.shape[:2]
-        feats = self.clip.encode_image(x.flatten(0, 1))
+        feats = self.clip.encode_image(x.flatten(0, 1).to(self.clip.visual.conv1.weight.dtype))
         feats = F.normalize(feats.float(), dim=-1)
         logits = self.clip.logit_scale.exp().float() * feats @ self.text_features.float().T
         # Per-image mean (the official view(1, 15, -1) is only right for batch 1).

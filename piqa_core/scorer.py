@@ -24,13 +24,15 @@ class Scorer:
     """
 
     def __init__(self, bundle: Bundle, device: str | torch.device | None = None,
-                 precision: str = "fp32", crop_mode: str | None = None) -> None:
+                 precision: str = "fp32", crop_mode: str | None = None, compile: bool = False,
+                 batch_size: int = 8) -> None:
         self.bundle = bundle
         self.config = bundle.config
         self.device = torch.device(device) if device is not None else default_device()
         self.crop_mode = crop_mode or self.config.preprocess.crop_mode
         self.detector = bundle.detector.to(self.device).eval() if bundle.detector is not None else None
-        self.predictor = Predictor(self.config, bundle.model, bundle.liqe, self.device, precision)
+        self.predictor = Predictor(self.config, bundle.model, bundle.liqe, self.device, precision,
+                                   compile=compile, batch_size=batch_size)
 
     @property
     def model(self) -> torch.nn.Module:
@@ -48,13 +50,14 @@ class Scorer:
     def from_pretrained(cls, source: str | os.PathLike, *, random_weights: bool = False,
                         device: str | torch.device | None = None, precision: str = "fp32",
                         crop_mode: str | None = None, fetch: Fetcher | None = None,
-                        seed: int = 0) -> "Scorer":
+                        seed: int = 0, compile: bool = False, batch_size: int = 8) -> "Scorer":
         """A model directory (local or remote URI), or with ``random_weights=True`` a preset name."""
         if random_weights:
             bundle = build_bundle(str(source), seed=seed)
         else:
             bundle = load_checkpoint(resolve_weights(source, fetch=fetch))
-        return cls(bundle, device=device, precision=precision, crop_mode=crop_mode)
+        return cls(bundle, device=device, precision=precision, crop_mode=crop_mode, compile=compile,
+                   batch_size=batch_size)
 
     def score_columns(self, items: Sequence[ImageInput]) -> dict[str, np.ndarray]:
         """Prepared + scored columns for one batch (pixel columns included)."""

@@ -7,10 +7,11 @@ training all call these, so there is exactly one implementation of every transfo
 
 from __future__ import annotations
 
+import contextlib
 import math
 import traceback
 from pathlib import Path
-from typing import Any, Sequence, Union
+from typing import Any, Iterator, Sequence, Union
 
 import numpy as np
 import torch
@@ -24,7 +25,7 @@ from .preprocess import ImageError, load_image, make_crops, normalize
 
 # An ImageError stands for an input whose read already failed upstream: it becomes that error row.
 ImageInput = Union[str, Path, bytes, Image.Image, np.ndarray, ImageError]
-PRECISIONS = ("fp32", "bf16")
+PRECISIONS = ("fp32", "tf32", "bf16")
 
 
 def num_crops(crop_mode: str) -> int:
@@ -100,7 +101,7 @@ def prepare_batch(
             cols["whole"][i] = make_crops(img, cfg.preprocess, mode, rng)
             cols["face"][i] = make_crops(face_img, cfg.preprocess, mode, rng)
             if cfg.liqe.enabled:
-                cols["patches"][i] = extract_patches(np.asarray(img), cfg.liqe)
+                cols["patches"][i] = extract_patches(img, cfg.liqe)
             cols["status"][i] = "ok"
         except ImageError as e:
             cols["error_code"][i], cols["error_message"][i] = e.code, e.message
@@ -116,15 +117,35 @@ def _describe(e: BaseException) -> str:
 
 
 class Predictor:
-    """Device-side scoring of prepared columns: normalise, LIQE, dual-branch model, crop mean."""
+    """Device-side scoring of prepared columns: normalise, LIQE, dual-branch model, crop mean.
 
-    def __init__(self, cfg: PIQAConfig, model: DualBranchPIQA, liqe: LIQE | None,
-                 device: torch.device, precision: str = "fp32") -> None:
+    Precision: ``fp32`` (the reference), ``tf32`` (fp32 weights, TF32 matmuls on CUDA) or ``bf16``
+    (weights and activations cast to bfloat16; scores returned as float32). ``compile`` wraps the
+    networks in ``torch.compile`` and pads every batch to ``batch_size`` rows so shapes stay static.
+    ``fused_attn`` switches timm's Swin window attention to ``scaled_dot_product_attention``
+    (default: on for CUDA).
+    """
+
+    def __init__(self, cfg: PIQAConfig, model: DualBranchPIQA, liqe: LIQE | None, device: torch.device,
+                 precision: str = "fp32", compile: bool = False, fused_attn: bool | None = None,
+                 batch_size: int | None = None) -> None:
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-        self.cfg, self.device, self.precision = cfg, device, precision
-        self.model = model.to(device).eval()
-        self.liqe = liqe.to(device).eval() if liqe is not None else None
+        if compile and not batch_size:
+            raise ValueError("compile=True needs a fixed batch_size (static shapes)")
+        self.cfg, self.device, self.precision = cfg, torch.device(device), precision
+        self.dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+        self.batch_size = batch_size if compile else None
+        self.model = model.to(self.device, self.dtype).eval()
+        self.liqe = liqe.to(self.device, self.dtype).eval() if liqe is not None else None
+        if fused_attn if fused_attn is not None else self.device.type == "cuda":
+            for m in self.model.modules():
+                if hasattr(m, "fused_attn"):
+                    m.fused_attn = True
+        self._model_fn, self._liqe_fn = self.model.score_crops, self.liqe
+        if compile:
+            self._model_fn = torch.compile(self.model.score_crops, dynamic=False)
+            self._liqe_fn = torch.compile(self.liqe, dynamic=False) if self.liqe is not None else None
 
     @torch.inference_mode()
     def __call__(self, cols: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -133,25 +154,44 @@ class Predictor:
         scores = np.full(n, np.nan, np.float32)
         scenes = np.full(n, "", dtype=object)
         ok = np.flatnonzero(cols["status"] == "ok")
-        if len(ok):
-            s, sc = self.forward(cols, ok)
-            scores[ok], scenes[ok] = s, sc
+        step = self.batch_size or max(len(ok), 1)
+        for start in range(0, len(ok), step):
+            rows = ok[start:start + step]
+            s, sc = self.forward(cols, rows)
+            scores[rows], scenes[rows] = s, sc
         return {**cols, "score": scores, "liqe_scene_top": scenes}
 
     def forward(self, cols: dict[str, np.ndarray], rows: np.ndarray) -> tuple[np.ndarray, list[str]]:
-        pp = self.cfg.preprocess
-        dev = self.device
-        take = lambda name: torch.from_numpy(np.ascontiguousarray(cols[name][rows])).to(dev, non_blocking=True)  # noqa: E731
-        autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=self.precision == "bf16")
-        with autocast:
+        n = len(rows)
+        if self.batch_size and n < self.batch_size:  # static shapes for the compiled graphs
+            rows = np.concatenate([rows, np.full(self.batch_size - n, rows[0])])
+        pp, dev = self.cfg.preprocess, self.device
+        pin = dev.type == "cuda"
+
+        def take(name: str) -> torch.Tensor:
+            t = torch.from_numpy(np.ascontiguousarray(cols[name][rows]))
+            return (t.pin_memory() if pin else t).to(dev, non_blocking=True)
+
+        with _tf32(self.precision == "tf32"):
             aux, scenes = None, [""] * len(rows)
-            if self.liqe is not None:
-                aux = self.liqe(take("patches")).float()
+            if self._liqe_fn is not None:
+                aux = self._liqe_fn(take("patches")).float()
                 scenes = top_scene(aux)
-            whole = normalize(take("whole"), pp.mean, pp.std)
-            face = normalize(take("face"), pp.mean, pp.std)
-            scores = self.model.score_crops(whole, face, aux)
-        return scores.float().cpu().numpy(), scenes
+            whole = normalize(take("whole"), pp.mean, pp.std).to(self.dtype)
+            face = normalize(take("face"), pp.mean, pp.std).to(self.dtype)
+            scores = self._model_fn(whole, face, None if aux is None else aux.to(self.dtype))
+        return scores.float().cpu().numpy()[:n], scenes[:n]
+
+
+@contextlib.contextmanager
+def _tf32(enabled: bool) -> Iterator[None]:
+    """TF32 matmuls and convolutions for the duration of one forward (process-global flags)."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = enabled
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
 def rows_from_columns(cols: dict[str, np.ndarray]) -> list[dict[str, Any]]:

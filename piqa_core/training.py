@@ -225,6 +225,11 @@ def shard(pairs: np.ndarray, rank: int, world: int) -> tuple[np.ndarray, np.ndar
     return ids, pairs[ids]
 
 
+def seed_torch(seed: int, epoch: int, rank: int) -> None:
+    """Seed torch's global RNG (dropout) per (seed, epoch, rank): a resumed epoch draws the same masks."""
+    torch.manual_seed(int(np.random.SeedSequence([seed, epoch, rank]).generate_state(1)[0]))
+
+
 def crop_rngs(seed: int, epoch: int, pair_ids: np.ndarray) -> list[np.random.Generator]:
     """One RNG per image slot of each pair (first images, then partners), independent of sharding."""
     return [np.random.default_rng([seed, epoch, int(p), slot]) for slot in (0, 1) for p in pair_ids]

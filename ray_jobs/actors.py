@@ -110,7 +110,8 @@ class ScoreActor:
         bundle = load_bundle(model, s3)
         device = torch.device(device)
         self.bundle, self.crop_mode = bundle, model.crop_mode or bundle.config.preprocess.crop_mode
-        self.predictor = Predictor(bundle.config, bundle.model, bundle.liqe, device, model.precision)
+        self.predictor = Predictor(bundle.config, bundle.model, bundle.liqe, device, model.precision,
+                                   compile=model.compile, batch_size=model.batch_size)
         self.crash_marker = crash_marker
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:

@@ -79,7 +79,8 @@ def _score_local(inputs, out, manifest, s3, max_bytes, model: ModelOptions) -> N
 
     objects = list_inputs(inputs, s3, manifest=manifest)
     scorer = Scorer.from_pretrained(model.source, random_weights=model.random_weights, device=model.device,
-                                    precision=model.precision, crop_mode=model.crop_mode)
+                                    precision=model.precision, crop_mode=model.crop_mode, compile=model.compile,
+                                    batch_size=model.batch_size)
     t0 = time.perf_counter()
     with tqdm(total=len(objects), unit="img", file=sys.stderr) as bar:
         table = score_objects(objects, scorer, model.batch_size, s3, max_bytes, progress=bar.update)

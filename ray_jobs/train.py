@@ -32,7 +32,8 @@ import torch
 
 from piqa_core.checkpoints import load_checkpoint, resolve_weights, save_checkpoint
 from piqa_core.training import (FeatureCache, crop_rngs, epoch_pairs, fingerprint, init_bundle, make_optimizer,
-                                pair_loss, predict, prefetch, prepare_items, shard, val_metrics)
+                                pair_loss, predict, prefetch, prepare_items, seed_torch, shard,
+                                val_metrics)
 
 from .actors import _fetcher
 from .inprocess import DEFAULT_MAX_BYTES, fetch
@@ -252,6 +253,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     for epoch in range(start, job.epochs):
         _maybe_fail(job, epoch, rank, config["marker"])
+        seed_torch(job.seed, epoch, rank)
         t0, lr, before = time.perf_counter(), opt.param_groups[0]["lr"], set(cache.faces)
         loss_sum, n_pairs = _train_epoch(model, opt, data, epoch, rank, world, bf16, **env)
         sched.step()

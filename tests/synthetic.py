@@ -16,7 +16,7 @@ from PIL import Image, ImageFilter
 from skimage import data as skdata
 
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry", "hubble_deep_field", "retina",
-          "motorcycle")
+          "motorcycle", "camera", "coins", "moon", "clock")
 LEVELS = 4
 BLUR = (2.0, 4.0, 7.0, 12.0)  # radius, pixels at the 224 px short side
 NOISE = (25.0, 50.0, 80.0, 120.0)  # sigma, 8-bit
@@ -26,7 +26,7 @@ EXPOSURE = (1.6, 2.4, 3.4, 5.0)  # gain, clipped
 
 def photo(name: str, short_side: int = 256) -> Image.Image:
     arr = skdata.stereo_motorcycle()[0] if name == "motorcycle" else getattr(skdata, name)()
-    img = Image.fromarray(arr[..., :3]).convert("RGB")
+    img = Image.fromarray(arr if arr.ndim == 2 else arr[..., :3]).convert("RGB")
     w, h = img.size
     s = short_side / min(w, h)
     return img.resize((round(w * s), round(h * s)), Image.BILINEAR)

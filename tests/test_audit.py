@@ -1,11 +1,13 @@
-"""The nightly audit end to end on the Ray pipeline (tiny random model): delta scoring on a local
-folder and on S3 (moto), crash before the pointer switch + resume, model change, CLI alerts."""
+"""The nightly audit end to end on the Ray pipeline (tiny random model). A local folder: first run,
+delta run, report in a browser, model change. S3 (moto): CLI alerts (exit 3), a run killed before the
+pointer switch and its completion without re-scoring."""
 
 from __future__ import annotations
 
 import io
 import json
 import shutil
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -145,80 +147,89 @@ def test_model_change_rescores_everything(local_runs: dict, tmp_path: Path,
                if not r["deleted"])
 
 
-# ------------------------------------------------------------------------------ S3, crash + resume
-def test_crash_before_pointer_switch_then_resume_on_s3(ray_local, s3_server, s3_bucket: str,
-                                                       monkeypatch: pytest.MonkeyPatch) -> None:
-    s3 = s3_server.options
-    lib, state = f"s3://{s3_bucket}/photos/", f"s3://{s3_bucket}/audit/state"
-    for i, name in enumerate(("a.jpg", "b.jpg", "sub/c.jpg", "sub/d.jpg")):
+# ------------------------------------------------------------------------------ S3: alerts, crash, resume
+@pytest.fixture(scope="module")
+def s3_nights(ray_local, s3_server) -> dict:
+    """Three nights on S3. 1: ``piqa audit`` sees a broken file (error-rate alert). 2: the better photo
+    was deleted (mean-drop alert, nothing to score). 3: +1 new, 1 changed; killed before the pointer
+    switch, then re-run."""
+    s3, runner = s3_server.options, CliRunner()
+    bucket = f"audit-{uuid.uuid4().hex[:12]}"
+    resolve(f"s3://{bucket}", s3)[0].create_dir(bucket)
+    lib, state = f"s3://{bucket}/photos/", f"s3://{bucket}/audit/state"
+    for i, name in enumerate(("a.jpg", "sub/b.jpg", "sub/c.jpg")):
         write_bytes(lib + name, photo(i), s3)
+    write_bytes(lib + "bad.jpg", b"\x00garbage", s3)
+    base = ["audit", lib, "--state", state, "--endpoint-url", s3.endpoint_url, "--random-weights", "--preset", "tiny"]
+    out: dict = {"lib": lib, "state": state, "s3": s3}
+    out["night1"] = runner.invoke(cli, [*base, "--alert-if-error-rate", "0.01"])
+    out["run1"] = read_json(join(state, "CURRENT"), s3)["run_id"]
+    out["state1"] = state_of(state, out["run1"], s3)
+
+    # Delete the best photo: tonight's mean is the others', known before the run.
+    ok = {u: r["score"] for u, r in out["state1"].items() if r["status"] == "ok"}
+    best = max(ok, key=ok.get)
+    out["drop"] = float(np.mean(list(ok.values())) - np.mean([v for u, v in ok.items() if u != best]))
+    delete(best, s3)
+    out["night2"] = runner.invoke(cli, [*base, "--alert-if-mean-drops", repr(out["drop"] / 2),
+                                        "--alert-if-error-rate", "0.01"])
+    out["run2"] = read_json(join(state, "CURRENT"), s3)["run_id"]
+    out["state2"] = state_of(state, out["run2"], s3)
+
+    changed = next(u for u in ok if u != best)
+    write_bytes(lib + "sub/new.jpg", photo(4), s3)
+    write_bytes(changed, photo(5), s3)  # new content, new ETag
+    out["delta"] = {lib + "sub/new.jpg", changed}
     job = AuditJob(library=lib, state=state, model=TINY, s3=s3)
-    r1 = run_audit(job)
-    assert r1.summary["counts"]["scored"] == 4
-    write_bytes(lib + "sub/e.jpg", photo(4), s3)
-    write_bytes(lib + "b.jpg", photo(5), s3)  # new content, new ETag
-    delete(lib + "sub/d.jpg", s3)
 
     def killed(*_: object) -> None:
         raise RuntimeError("killed before the pointer switch")
 
-    monkeypatch.setattr(audit, "_switch_pointer", killed)
-    with pytest.raises(RuntimeError, match="killed"):
-        run_audit(job)
-    monkeypatch.undo()
-    assert read_json(join(state, "CURRENT"), s3)["run_id"] == r1.run_id
-    unfinished = read_json(join(state, "IN_PROGRESS"), s3)["run_id"]
-    scores = join(state, "runs", unfinished, "scores")
-    first_try = {r["uri"]: r["scored_at"] for r in read_rows(scores, s3).to_pylist()}
-    assert set(first_try) == {lib + "b.jpg", lib + "sub/e.jpg"}
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(audit, "_switch_pointer", killed)
+        with pytest.raises(RuntimeError, match="killed"):
+            run_audit(job)
+    out["pointer_after_kill"] = read_json(join(state, "CURRENT"), s3)
+    out["unfinished"] = read_json(join(state, "IN_PROGRESS"), s3)["run_id"]
+    out["scores"] = join(state, "runs", out["unfinished"], "scores")
+    out["first_try"] = {r["uri"]: r["scored_at"] for r in read_rows(out["scores"], s3).to_pylist()}
+    out["night3"] = run_audit(job)
+    out["state3"] = state_of(state, out["night3"].run_id, s3)
+    return out
 
-    r3 = run_audit(job)
-    c = r3.summary["counts"]
-    assert r3.run_id == unfinished and r3.resumed
-    assert (c["new"], c["changed"], c["unchanged"], c["deleted"], c["scored"]) == (1, 1, 2, 1, 2)
+
+def test_cli_alerts_exit_3_and_still_commit(s3_nights: dict) -> None:
+    n1, n2, s3, state = s3_nights["night1"], s3_nights["night2"], s3_nights["s3"], s3_nights["state"]
+    assert n1.exit_code == 3, n1.output
+    assert "ALERT: error rate 0.2500 (> 0.01)" in n1.output
+    s1 = read_json(join(state, "reports", s3_nights["run1"], "summary.json"), s3)
+    assert [a["kind"] for a in s1["alerts"]] == ["error_rate"] and s1["counts"]["scored"] == 4
+    assert n2.exit_code == 3, n2.output
+    assert "ALERT: mean score dropped by" in n2.output and "error rate" not in n2.output
+    s2 = read_json(join(state, "reports", s3_nights["run2"], "summary.json"), s3)
+    (alert,) = s2["alerts"]  # the alert run was committed: it is the previous run of night 3
+    assert alert["kind"] == "mean_drop" and alert["value"] == pytest.approx(s3_nights["drop"])
+    assert (s2["counts"]["deleted"], s2["counts"]["scored"]) == (1, 0)
+    assert s3_nights["pointer_after_kill"]["previous_run_id"] == s3_nights["run1"]
+
+
+def test_crash_before_pointer_switch_then_resume(s3_nights: dict) -> None:
+    s3, state, lib, n3 = s3_nights["s3"], s3_nights["state"], s3_nights["lib"], s3_nights["night3"]
+    assert s3_nights["pointer_after_kill"]["run_id"] == s3_nights["run2"]  # the kill left the old state current
+    assert set(s3_nights["first_try"]) == s3_nights["delta"]  # the killed attempt had scored the delta
+    c = n3.summary["counts"]
+    assert n3.run_id == s3_nights["unfinished"] and n3.resumed
+    assert (c["new"], c["changed"], c["unchanged"], c["scored"]) == (1, 1, 2, 2)
     assert (c["scored_now"], c["reused_from_unfinished_run"]) == (0, 2)
-    assert read_rows(scores, s3).num_rows == 2  # nothing scored twice
-    state1, state3 = state_of(state, r1.run_id, s3), state_of(state, r3.run_id, s3)
-    for u, stamp in first_try.items():
-        assert state3[u]["scored_at"] == stamp
-    for u in (lib + "a.jpg", lib + "sub/c.jpg"):
-        assert state3[u]["scored_at"] == state1[u]["scored_at"]
-    assert state3[lib + "sub/d.jpg"]["deleted"]
-    assert read_json(join(state, "CURRENT"), s3)["run_id"] == r3.run_id
+    assert read_rows(s3_nights["scores"], s3).num_rows == 2  # nothing scored twice
+    state2, state3 = s3_nights["state2"], s3_nights["state3"]
+    for u, stamp in s3_nights["first_try"].items():
+        assert state3[u]["scored_at"] == stamp and state3[u]["audit_run_id"] == n3.run_id
+    unchanged = {u for u, r in state2.items() if not r["deleted"]} - s3_nights["delta"]
+    assert unchanged and all(state3[u]["scored_at"] == state2[u]["scored_at"] for u in unchanged)
+    assert sum(r["deleted"] for r in state3.values()) == 1
+    assert read_json(join(state, "CURRENT"), s3)["run_id"] == n3.run_id
     with pytest.raises(FileNotFoundError):
         read_bytes(join(state, "IN_PROGRESS"), s3)
-    assert read_json(join(state, "reports", r3.run_id, "summary.json"), s3)["resumed"] is True
-
-
-# ------------------------------------------------------------------------------ CLI alerts
-def test_cli_alerts_exit_3_and_still_commit(ray_local, tmp_path: Path) -> None:
-    lib, state = tmp_path / "lib", str(tmp_path / "state")
-    for i in range(2):
-        write_bytes(str(lib / f"p{i}.jpg"), photo(i))
-    (lib / "bad.jpg").write_bytes(b"\x00garbage")
-    base = ["audit", str(lib), "--state", state, "--random-weights", "--preset", "tiny"]
-    runner = CliRunner()
-    res = runner.invoke(cli, [*base, "--alert-if-error-rate", "0.01"])
-    assert res.exit_code == 3, res.output
-    assert "ALERT: error rate 0.3333 (> 0.01)" in res.output
-    run1 = read_json(join(state, "CURRENT"))["run_id"]  # an alert still commits
-    s1 = read_json(join(state, "reports", run1, "summary.json"))
-    assert [a["kind"] for a in s1["alerts"]] == ["error_rate"]
-
-    # Delete the better of the two photos: tonight's mean is the worse one's, a drop of (hi - lo) / 2.
-    scores = {u: r["score"] for u, r in state_of(state, run1).items() if r["status"] == "ok"}
-    (hi, hi_score), (_, lo_score) = sorted(scores.items(), key=lambda kv: -kv[1])
-    drop = (hi_score - lo_score) / 2
-    assert drop > 0
-    Path(hi).unlink()
-    alerts = [*base, "--alert-if-mean-drops", repr(drop / 2), "--alert-if-error-rate", "0.01"]
-    res = runner.invoke(cli, alerts)
-    assert res.exit_code == 3, res.output
-    assert "ALERT: mean score dropped by" in res.output and "error rate" not in res.output
-    run2 = read_json(join(state, "CURRENT"))["run_id"]
-    (alert,) = read_json(join(state, "reports", run2, "summary.json"))["alerts"]
-    assert alert["kind"] == "mean_drop" and alert["value"] == pytest.approx(drop)
-
-    res = runner.invoke(cli, alerts)  # nothing changed since: no alert
-    assert res.exit_code == 0, res.output
-    assert "0 new, 0 changed, 2 unchanged, 0 deleted; scored 0" in res.output
+    assert read_json(join(state, "reports", n3.run_id, "summary.json"), s3)["resumed"] is True
+    assert lib + "bad.jpg" in unchanged

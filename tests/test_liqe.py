@@ -179,3 +179,13 @@ def test_openai_state_dict_layout(tiny_liqe):
         assert k in keys, k
     assert "attn_mask" not in keys  # OpenAI's CLIP does not save it either
     assert not [k for k in keys if k.startswith("text.") or "logit_bias" in k]
+
+
+def test_pil_input_gives_the_same_patches():
+    from PIL import Image
+
+    from piqa_core.config import get_preset
+
+    cfg = get_preset("tiny").liqe
+    arr = np.random.default_rng(3).integers(0, 256, (301, 517, 3), dtype=np.uint8)
+    assert np.array_equal(extract_patches(Image.fromarray(arr), cfg), extract_patches(arr, cfg))

@@ -85,7 +85,9 @@ def test_from_pretrained_directory_matches_in_memory(tmp_path, scorer):
 
 
 def test_bf16_precision_is_close_on_cpu(scorer):
-    fast = Scorer(scorer.bundle, device="cpu", precision="bf16")
+    # The Predictor casts the networks it is given in place, so bf16 gets its own (identical) bundle.
+    fast = Scorer(build_bundle("tiny"), device="cpu", precision="bf16")
+    assert next(fast.model.parameters()).dtype == torch.bfloat16
     img = np.asarray(astronaut())
     assert fast.score([img])[0]["score"] == pytest.approx(scorer.score([img])[0]["score"], abs=0.05)
 
@@ -95,11 +97,23 @@ def test_random_weights_are_marked():
     assert Scorer(bundle, device="cpu").bundle.random_init
 
 
+def test_compiled_static_batches_match_eager(scorer):
+    from piqa_core.stages import Predictor
+
+    bundle = build_bundle("tiny")
+    compiled = Predictor(bundle.config, bundle.model, bundle.liqe, torch.device("cpu"), compile=True, batch_size=4)
+    cols = scorer.score_columns([np.asarray(astronaut())] * 3 + [b""] + [np.asarray(astronaut())[:, 100:]] * 3)
+    got = compiled(cols)["score"]
+    assert np.isnan(got[3]) and np.allclose(np.delete(got, 3), np.delete(cols["score"], 3), atol=1e-4)
+
+
 @pytest.mark.gpu
-def test_cuda_matches_cpu(scorer):
-    gpu = Scorer(scorer.bundle, device="cuda")
-    img = np.asarray(astronaut())
-    assert gpu.score([img])[0]["score"] == pytest.approx(
-        Scorer(scorer.bundle, device="cpu").score([img])[0]["score"], abs=1e-3)
+@pytest.mark.parametrize("precision,tol", [("fp32", 1e-3), ("tf32", 5e-3), ("bf16", 0.05)])
+def test_cuda_matches_cpu(scorer, precision, tol):
+    gpu = Scorer(build_bundle("tiny"), device="cuda", precision=precision)
+    imgs = [np.asarray(astronaut()), np.asarray(astronaut())[50:, 30:]]
+    want = [r["score"] for r in scorer.score(imgs)]
+    got = [r["score"] for r in gpu.score(imgs)]
+    assert np.allclose(got, want, atol=tol), (got, want)
 
 

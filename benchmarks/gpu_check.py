@@ -1,0 +1,181 @@
+"""GPU check: verifies the GPU path and prints per-stage and end-to-end throughput (no Ray needed).
+
+    python benchmarks/gpu_check.py                 # dn-piqa, random weights, synthetic 12 MP photos
+    python benchmarks/gpu_check.py --compile       # also the torch.compile'd bf16 model
+    python benchmarks/gpu_check.py --dry-run       # tiny preset, small photos, CPU: exercises every step
+
+It drives the same prepare/score stages the Ray actors wrap: CPU preparation in a thread pool (decode,
+face detection on the GPU, crops, LIQE patches), scoring on the GPU in large batches.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.photos import synthetic_jpegs  # noqa: E402
+from piqa_core.checkpoints import build_bundle  # noqa: E402
+from piqa_core.faces import detector_input  # noqa: E402
+from piqa_core.liqe import extract_patches  # noqa: E402
+from piqa_core.preprocess import load_image, make_crops  # noqa: E402
+from piqa_core.stages import Predictor, prepare_batch  # noqa: E402
+
+
+def timed(fn, repeat: int = 1, sync: bool = False) -> float:
+    """Seconds per call (after one warm-up call)."""
+    fn()
+    if sync:
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(repeat):
+        fn()
+    if sync:
+        torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / repeat
+
+
+def row(stage: str, per_s: float, note: str = "") -> None:
+    print(f"  {stage:<44} {per_s:>10.1f} /s  {note}", flush=True)
+
+
+def attempt(stage: str, fn) -> None:
+    """Run one measurement; a failure is printed and the check goes on (device time is scarce)."""
+    try:
+        fn()
+    except Exception as e:  # noqa: BLE001
+        print(f"  {stage:<44} FAILED: {type(e).__name__}: {str(e).splitlines()[0][:200]}", flush=True)
+
+
+def replicate(cols: dict, n: int) -> dict:
+    idx = np.arange(n) % len(cols["status"])
+    return {k: v[idx] for k, v in cols.items()}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--dry-run", action="store_true")
+    ap.add_argument("--images", type=int, default=None)
+    ap.add_argument("--size", default=None)
+    ap.add_argument("--batch", type=int, default=None, help="images per GPU batch")
+    ap.add_argument("--compile", action="store_true")
+    ap.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 2))
+    args = ap.parse_args()
+    dry = args.dry_run
+    dev = torch.device("cpu" if dry or not torch.cuda.is_available() else "cuda")
+    preset = "tiny" if dry else "dn-piqa"
+    n = args.images or (6 if dry else 64)
+    w, h = (int(v) for v in (args.size or ("640x480" if dry else "4000x3000")).split("x"))
+    batch = args.batch or (4 if dry else 32)
+    gpu = dev.type == "cuda"
+    print(f"torch {torch.__version__}  device {torch.cuda.get_device_name() if gpu else 'cpu'}  "
+          f"preset {preset}  photos {n} x {w}x{h}  batch {batch}  cpu workers {args.workers}", flush=True)
+
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(args.workers) as pool:
+        photos = [p for chunk in pool.map(lambda i: synthetic_jpegs(1, w, h, quality=90 - i % 20), range(n))
+                  for p in chunk]
+    print(f"  made photos in {time.perf_counter() - t0:.1f} s; building {preset} (random weights)", flush=True)
+    base = build_bundle(preset)
+    cfg = base.config
+
+    print("CPU stages, one core, per image:")
+    img = load_image(photos[0], cfg.preprocess)
+    row("decode (PIL, full resolution)", 1 / timed(lambda: load_image(photos[0], cfg.preprocess), 3))
+    row("detector input (downscale)", 1 / timed(lambda: detector_input(img, cfg.face.detect_long_side), 3))
+    row("five crops of one branch", 1 / timed(lambda: make_crops(img, cfg.preprocess, "five"), 3))
+    row("LIQE patches (15 crops)", 1 / timed(lambda: extract_patches(img, cfg.liqe), 3))
+    row("prepare without faces", 1 / timed(lambda: prepare_batch(photos[:1], cfg, None), 2))
+
+    detector = copy.deepcopy(base.detector).to(dev)
+    inputs = [detector_input(load_image(p, cfg.preprocess), cfg.face.detect_long_side) for p in photos[:batch]]
+    sizes = [(w, h)] * len(inputs)
+    print(f"Face detection on {dev.type}, batch {len(inputs)}:")
+    for name, dtype in (("fp32", None), ("bf16 autocast", torch.bfloat16)):
+        def detect(dtype=dtype) -> None:
+            with torch.autocast(dev.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+                detector.detect(inputs, sizes=sizes, canvas=cfg.face.detect_long_side)
+        attempt(f"RetinaFace {name}", lambda: row(f"RetinaFace {name}", len(inputs) / timed(detect, 3, gpu)))
+
+    print("Preparing columns for the model stages …", flush=True)
+    cols = prepare_batch(photos, cfg, detector, "five")
+    center_cols = prepare_batch(photos[:batch], cfg, detector, "center")
+    print(f"Model stages on {dev.type}, {batch} images per batch (five crops = {5 * batch} crops):")
+    variants = [("fp32", {}), ("tf32", {}), ("bf16", {})] + ([("bf16", {"compile": True})] if args.compile else [])
+    results: dict[str, np.ndarray] = {}
+    for precision, extra in variants:
+        label = precision + (" + compile" if extra else "") + (" + fused attn" if gpu else "")
+
+        def measure(precision=precision, extra=extra, label=label) -> None:
+            b = copy.deepcopy(base)
+            t0 = time.perf_counter()
+            pred = Predictor(cfg, b.model, b.liqe, dev, precision, batch_size=batch, **extra)
+            five = replicate(cols, batch)
+            per = timed(lambda: pred(five), 1 if dry else 3, gpu)
+            warm = time.perf_counter() - t0
+            row(f"model five-crop {label}", batch / per, f"(first call incl. warm-up {warm:.0f} s)")
+            center = replicate(center_cols, batch)
+            row(f"model center-crop {label}", batch / timed(lambda: pred(center), 1 if dry else 3, gpu))
+            results[label] = pred(cols)["score"]
+
+        attempt(label, measure)
+        if gpu:
+            torch.cuda.empty_cache()
+
+    ref = results[next(iter(results))]
+    from scipy.stats import spearmanr
+
+    print(f"Agreement with the fp32 reference over {n} photos (random weights: score spread "
+          f"{np.ptp(ref):.4f}):")
+    for label, got in list(results.items())[1:]:
+        print(f"  {label:<44} SRCC {spearmanr(ref, got).statistic:.5f}  max|Δ| {np.abs(ref - got).max():.5f}")
+
+    print("End to end (threads prepare, GPU scores; bf16):", flush=True)
+    b = copy.deepcopy(base)
+    pred = Predictor(cfg, b.model, b.liqe, dev, "bf16", batch_size=batch, compile=args.compile)
+    pred(replicate(cols, batch))
+    chunk = 8
+    t0 = time.perf_counter()
+    done = 0
+    with ThreadPoolExecutor(args.workers) as pool:
+        futures = [pool.submit(prepare_batch, photos[i:i + chunk], cfg, detector, "five")
+                   for i in range(0, n, chunk)]
+        pending: list[dict] = []
+        for f in futures:
+            pending.append(f.result())
+            if sum(len(c["status"]) for c in pending) >= batch or f is futures[-1]:
+                merged = {k: np.concatenate([c[k] for c in pending]) for k in pending[0]}
+                done += int(np.isfinite(pred(merged)["score"]).sum())
+                pending = []
+    if gpu:
+        torch.cuda.synchronize()
+    e2e = n / (time.perf_counter() - t0)
+    row("end-to-end five-crop", e2e, f"({done}/{n} scored)")
+
+    from benchmarks.official_style import official_style_score
+
+    def official() -> None:
+        ob = copy.deepcopy(base)
+        ob.model.to(dev)
+        ob.liqe.to(dev)
+        k = 2
+        per = timed(lambda: [official_style_score(ob, p, dev) for p in photos[:k]], 1, gpu) / k
+        row("official-style loop (batch 1, fp32)", 1 / per, f"-> end-to-end is {e2e * per:.1f}x faster")
+
+    attempt("official-style loop", official)
+    if gpu:
+        print(f"GPU memory: max allocated {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
+    print("gpu_check: done")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# One prepared run for a lent GPU machine (no Ray there): carried wheels, the GPU tests, the
+# throughput check. Usage: bash benchmarks/gpu_check.sh [--compile] [gpu_check.py options]
+set -uo pipefail
+cd "$(dirname "$0")/.."
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" NO_ALBUMENTATIONS_UPDATE=1 PYTHONUNBUFFERED=1
+if compgen -G ".whl/*.whl" >/dev/null; then
+    # open_clip, timm 1.0.31 and retinaface-pytorch travel as wheels (installed without deps).
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+        && export PYTHONPATH="/tmp/site:$PYTHONPATH"
+fi
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+python3 -c "import torch, timm, open_clip; print('torch', torch.__version__, 'timm', timm.__version__, 'open_clip', open_clip.__version__)"
+echo "== GPU tests"
+timeout 300 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_scorer.py
+echo "== throughput"
+python3 benchmarks/gpu_check.py "$@"
