@@ -68,11 +68,13 @@ def main() -> None:
     ap.add_argument("--size", default=None)
     ap.add_argument("--batch", type=int, default=None, help="images per GPU batch")
     ap.add_argument("--compile", action="store_true")
+    ap.add_argument("--preset", default=None, help="default: dn-piqa (tiny with --dry-run)")
+    ap.add_argument("--device", default=None, help="default: cuda if present (cpu with --dry-run)")
     ap.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 2))
     args = ap.parse_args()
     dry = args.dry_run
-    dev = torch.device("cpu" if dry or not torch.cuda.is_available() else "cuda")
-    preset = "tiny" if dry else "dn-piqa"
+    dev = torch.device(args.device or ("cpu" if dry or not torch.cuda.is_available() else "cuda"))
+    preset = args.preset or ("tiny" if dry else "dn-piqa")
     n = args.images or (6 if dry else 64)
     w, h = (int(v) for v in (args.size or ("640x480" if dry else "4000x3000")).split("x"))
     batch = args.batch or (4 if dry else 32)
@@ -110,7 +112,8 @@ def main() -> None:
     cols = prepare_batch(photos, cfg, detector, "five")
     center_cols = prepare_batch(photos[:batch], cfg, detector, "center")
     print(f"Model stages on {dev.type}, {batch} images per batch (five crops = {5 * batch} crops):")
-    variants = [("fp32", {}), ("tf32", {}), ("bf16", {})] + ([("bf16", {"compile": True})] if args.compile else [])
+    variants = [("fp32", {})] + ([("tf32", {})] if gpu else []) + [("bf16", {})]
+    variants += [("bf16", {"compile": True})] if args.compile else []
     results: dict[str, np.ndarray] = {}
     for precision, extra in variants:
         label = precision + (" + compile" if extra else "") + (" + fused attn" if gpu else "")

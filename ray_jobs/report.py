@@ -145,7 +145,7 @@ def plot_histogram(tonight: np.ndarray, previous: np.ndarray | None) -> bytes:
         ax.hist(tonight, bins=bins, alpha=0.6, color="#1f77b4", label=f"tonight (n={len(tonight)})")
         ax.axvline(tonight.mean(), color="#0b3d91", lw=1.5)
     ax.set(xlabel="score", ylabel="photos", title="Score distribution (lines: means)")
-    ax.legend(loc="upper left")
+    ax.legend(loc="best", framealpha=0.9)
     return _png(fig)
 
 
@@ -171,9 +171,13 @@ def plot_counts(counts: dict[str, int], error_codes: dict[str, int]) -> bytes:
     a.bar(list(COUNT_KEYS), [counts.get(k, 0) for k in COUNT_KEYS], color=["#2ca02c", "#ff7f0e", "#9bbbd4",
                                                                            "#d62728"])
     a.set(title="Objects by change", ylabel="objects")
-    codes = error_codes or {"(none)": 0}
-    b.barh(list(codes), list(codes.values()), color="#d62728")
-    b.set(title="Errors by code (scored this run)", xlabel="rows")
+    if error_codes:
+        b.barh(list(error_codes), list(error_codes.values()), color="#d62728")
+        b.set(xlabel="rows")
+    else:
+        b.text(0.5, 0.5, "no errors", ha="center", va="center", fontsize=14, transform=b.transAxes)
+        b.set(xticks=[], yticks=[])
+    b.set(title="Errors by code (scored this run)")
     fig.tight_layout()
     return _png(fig)
 

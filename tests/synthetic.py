@@ -49,8 +49,16 @@ def distort(img: Image.Image, kind: str, level: int, rng: np.random.Generator) -
     raise ValueError(kind)
 
 
+def _variant(base: Image.Image, v: int) -> Image.Image:
+    """A slightly different framing of the photo (90 % window at one of several offsets)."""
+    w, h = base.size
+    cw, ch = int(w * 0.9), int(h * 0.9)
+    ox, oy = [(0, 0), (w - cw, h - ch), (w - cw, 0), (0, h - ch), ((w - cw) // 2, (h - ch) // 2)][v % 5]
+    return base.crop((ox, oy, ox + cw, oy + ch)).resize(base.size, Image.BILINEAR)
+
+
 def make_dataset(root: Path, photos: tuple[str, ...] = PHOTOS, kinds: tuple[str, ...] = ("blur", "noise", "jpeg", "exposure"),
-                 short_side: int = 256, seed: int = 0) -> Path:
+                 short_side: int = 256, seed: int = 0, mode: str = "single", variants: int = 3) -> Path:
     """Write PNGs under ``root/images/<photo>/`` and ``root/labels.csv`` (uri relative, score, group)."""
     rng = np.random.default_rng(seed)
     rows = []
@@ -58,10 +66,27 @@ def make_dataset(root: Path, photos: tuple[str, ...] = PHOTOS, kinds: tuple[str,
         base = photo(name, short_side)
         folder = root / "images" / name
         folder.mkdir(parents=True, exist_ok=True)
-        variants = [("pristine", 0, base)] + [(k, lv, distort(base, k, lv, rng))
-                                                for k in kinds for lv in range(1, LEVELS + 1)]
-        for kind, level, img in variants:
-            path = folder / f"{kind}{level}.png"
+        if mode == "single":
+            variants_ = [("pristine0", 0, base)] + [(f"{k}{lv}", lv, distort(base, k, lv, rng))
+                                                    for k in kinds for lv in range(1, LEVELS + 1)]
+        elif mode == "ladder":
+            variants_ = []
+            for lv in range(0, LEVELS + 1):
+                for v in range(variants):
+                    img = _variant(base, v)
+                    for k in kinds:
+                        img = distort(img, k, lv, rng) if lv else img
+                    variants_.append((f"l{lv}v{v}", lv, img))
+        else:  # mix: every distortion at an independent random level; label from the total
+            variants_ = []
+            for j in range(LEVELS * len(kinds) + 1):
+                lvls = rng.integers(0, LEVELS + 1, len(kinds))
+                img = _variant(base, j)
+                for k, lv in zip(kinds, lvls):
+                    img = distort(img, k, int(lv), rng) if lv else img
+                variants_.append((f"m{j}", float(lvls.mean()), img))
+        for stem, level, img in variants_:
+            path = folder / f"{stem}.png"
             img.save(path, compress_level=1)
             rows.append({"uri": f"images/{name}/{path.name}", "score": float(LEVELS - level), "group": name})
     labels = root / "labels.csv"

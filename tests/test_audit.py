@@ -10,6 +10,7 @@ import shutil
 import uuid
 from pathlib import Path
 
+import boto3
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
@@ -155,7 +156,8 @@ def s3_nights(ray_local, s3_server) -> dict:
     switch, then re-run."""
     s3, runner = s3_server.options, CliRunner()
     bucket = f"audit-{uuid.uuid4().hex[:12]}"
-    resolve(f"s3://{bucket}", s3)[0].create_dir(bucket)
+    boto3.client("s3", endpoint_url=s3.endpoint_url, region_name=s3.region, aws_access_key_id=s3.access_key,
+                 aws_secret_access_key=s3.secret_key).create_bucket(Bucket=bucket)
     lib, state = f"s3://{bucket}/photos/", f"s3://{bucket}/audit/state"
     for i, name in enumerate(("a.jpg", "sub/b.jpg", "sub/c.jpg")):
         write_bytes(lib + name, photo(i), s3)
