@@ -145,7 +145,8 @@ def plot_histogram(tonight: np.ndarray, previous: np.ndarray | None) -> bytes:
         ax.hist(tonight, bins=bins, alpha=0.6, color="#1f77b4", label=f"tonight (n={len(tonight)})")
         ax.axvline(tonight.mean(), color="#0b3d91", lw=1.5)
     ax.set(xlabel="score", ylabel="photos", title="Score distribution (lines: means)")
-    ax.legend(loc="best", framealpha=0.9)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(loc="best", framealpha=0.9)
     return _png(fig)
 
 
@@ -162,7 +163,8 @@ def plot_quantiles(tonight: dict[str, Any], previous: dict[str, Any] | None) -> 
     ax.set(xlabel="quantile", ylabel="score",
            title="Quantiles" + (f" (mean shift {shift:+.4f})" if shift is not None else ""))
     ax.grid(alpha=0.3)
-    ax.legend(loc="upper left")
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(loc="upper left")
     return _png(fig)
 
 
@@ -223,7 +225,8 @@ th{background:#eef2f7}td{text-align:right}td:first-child{text-align:left}
 .warn{background:#ffe0e0;border:2px solid #b00020;padding:10px;margin:8px 0}
 .plots img{width:49%;border:1px solid #ddd;margin:2px 0}
 .grid{display:flex;flex-wrap:wrap;gap:10px}.card{width:170px;font-size:12px;word-break:break-all}
-.card img{width:160px;height:160px;object-fit:contain;background:#f4f4f4;border:1px solid #ccc}"""
+.card img,.nothumb{display:block;width:160px;height:160px;object-fit:contain;background:#f4f4f4;border:1px solid #ccc}
+.nothumb{display:flex;align-items:center;justify-content:center;color:#777}"""
 
 
 def render_html(s: dict[str, Any]) -> str:
@@ -256,8 +259,8 @@ def render_html(s: dict[str, Any]) -> str:
     parts.append('<div class="plots">' + "".join(f'<img src="{f}" alt="{f}">' for f in s["files"]["plots"]) + "</div>")
     parts.append(f"<h2>Worst {len(s['worst'])} photos</h2><div class='grid'>" + "".join(
         f"<div class='card'>" + (f"<img src='{w['thumbnail']}' alt='thumbnail {w['rank']}'>" if w["thumbnail"]
-                                 else "<div>(no thumbnail)</div>")
-        + f"<br><b>{w['rank']}. {w['score']:.4f}</b><br>{html.escape(w['uri'])}</div>" for w in s["worst"])
+                                 else "<div class='nothumb'>no thumbnail</div>")
+        + f"<b>{w['rank']}. {w['score']:.4f}</b><br>{html.escape(w['uri'])}</div>" for w in s["worst"])
         + "</div>")
     parts.append(f"<h2>By prefix (depth {s['prefix_depth']})</h2>" + _table(
         ["prefix", "count", "mean", "p10", "p50", "error rate"],

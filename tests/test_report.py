@@ -148,6 +148,18 @@ def test_no_banner_for_real_weights(synthetic: dict) -> None:
     assert RANDOM_NOTE not in render_html(s)
 
 
+def test_empty_library_first_run(tmp_path: Path) -> None:
+    """Nothing to score and nothing before: the report still renders, with no numbers to compare."""
+    empty = state_table([])
+    s = write_report(ReportInput(run_id="r0", library=str(tmp_path), out=str(tmp_path / "rep"), s3=S3Options(),
+                                 current=empty, previous=None, scored=empty, model={**MODEL, "random_init": False},
+                                 counts={"listed": 0, "new": 0, "changed": 0, "unchanged": 0, "deleted": 0,
+                                         "scored": 0}, alert_if_mean_drops=0.1, alert_if_error_rate=0.01))
+    assert s["tonight"]["mean"] is None and s["mean_shift"] is None and s["alerts"] == [] and s["worst"] == []
+    assert s["random_weights"] is False and s["random_weights_note"] is None
+    assert all((tmp_path / "rep" / f).is_file() for f in ["report.html", "summary.json", *s["files"]["plots"]])
+
+
 # ------------------------------------------------------------------------------ headless browser
 @pytest.fixture(scope="session")
 def chromium() -> str:
