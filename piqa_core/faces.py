@@ -140,7 +140,6 @@ class FaceDetector(nn.Module):
             return []
         if sizes is not None and len(sizes) != len(inputs):
             raise ValueError(f"{len(sizes)} sizes for {len(inputs)} inputs")
-        device = self.mean.device
         hs = [a.shape[0] for a, _ in inputs]
         ws = [a.shape[1] for a, _ in inputs]
         floor = canvas or 0
@@ -153,42 +152,59 @@ class FaceDetector(nn.Module):
             if arr.ndim != 3 or arr.shape[2] != 3 or arr.dtype != np.uint8:
                 raise ValueError(f"input {i}: expected uint8 HxWx3, got {arr.dtype} {arr.shape}")
             batch[i, : arr.shape[0], : arr.shape[1]] = arr
+        return self.detect_batch(torch.from_numpy(batch), list(zip(hs, ws)), [s for _, s in inputs], sizes)
 
-        with torch.inference_mode():
-            x = torch.from_numpy(batch).to(device).permute(0, 3, 1, 2).float()
-            x = (x - self.mean) / self.std
-            # Padding is 0 after normalisation, the value the convolutions pad with anyway, so at
-            # least the first convolution sees the same border whatever the batch padding is.
-            h_valid = torch.tensor(hs, device=device)[:, None, None]
-            w_valid = torch.tensor(ws, device=device)[:, None, None]
-            rows = torch.arange(hp, device=device)[None, :, None] < h_valid
-            cols = torch.arange(wp, device=device)[None, None, :] < w_valid
-            x = x * (rows & cols).unsqueeze(1)
-            loc, conf, _ = self.net(x)
-            scores = F.softmax(conf.float(), dim=-1)[..., 1]
-            priors = _priors(hp, wp).to(device)
-            to_pixels = torch.tensor([wp, hp, wp, hp], dtype=torch.float32, device=device)
+    @torch.inference_mode()
+    def detect_batch(
+        self,
+        batch: torch.Tensor,
+        valid: Sequence[tuple[int, int]],
+        scales: Sequence[float],
+        sizes: Sequence[tuple[int, int]] | None = None,
+    ) -> list[FaceResult]:
+        """:meth:`detect` on an already padded uint8 (B, hp, wp, 3) batch, on any device.
 
-            results = []
-            for i, (_, scale) in enumerate(inputs):
-                boxes = decode(loc[i].float(), priors, VARIANCE) * to_pixels
-                cx = (boxes[:, 0] + boxes[:, 2]) / 2
-                cy = (boxes[:, 1] + boxes[:, 3]) / 2
-                keep = (scores[i] > self.cfg.confidence_threshold) & (cx < ws[i]) & (cy < hs[i])
-                boxes, s = boxes[keep], scores[i][keep]
-                kept = nms(boxes, s, self.cfg.nms_threshold)  # sorted by decreasing score
-                if len(kept) == 0:
-                    results.append(FaceResult(None, 0.0, 0))
-                    continue
-                size = sizes[i] if sizes is not None else (round(ws[i] / scale), round(hs[i] / scale))
-                best = boxes[kept[0]].cpu().tolist()
-                results.append(
-                    FaceResult(
-                        _to_original(best, (ws[i], hs[i]), size, scale, exact=sizes is not None),
-                        float(s[kept[0]]),
-                        int(len(kept)),
-                    )
+        ``valid``: each image's (height, width) inside the padding; ``scales``: detector / original
+        pixels; ``sizes``: original (width, height), as in :meth:`detect`.
+        """
+        device = self.mean.device
+        hs = [h for h, _ in valid]
+        ws = [w for _, w in valid]
+        hp, wp = batch.shape[1:3]
+        x = batch.to(device).permute(0, 3, 1, 2).float()
+        x = (x - self.mean) / self.std
+        # Padding is 0 after normalisation, the value the convolutions pad with anyway, so at
+        # least the first convolution sees the same border whatever the batch padding is.
+        h_valid = torch.tensor(hs, device=device)[:, None, None]
+        w_valid = torch.tensor(ws, device=device)[:, None, None]
+        rows = torch.arange(hp, device=device)[None, :, None] < h_valid
+        cols = torch.arange(wp, device=device)[None, None, :] < w_valid
+        x = x * (rows & cols).unsqueeze(1)
+        loc, conf, _ = self.net(x)
+        scores = F.softmax(conf.float(), dim=-1)[..., 1]
+        priors = _priors(hp, wp).to(device)
+        to_pixels = torch.tensor([wp, hp, wp, hp], dtype=torch.float32, device=device)
+
+        results = []
+        for i, scale in enumerate(scales):
+            boxes = decode(loc[i].float(), priors, VARIANCE) * to_pixels
+            cx = (boxes[:, 0] + boxes[:, 2]) / 2
+            cy = (boxes[:, 1] + boxes[:, 3]) / 2
+            keep = (scores[i] > self.cfg.confidence_threshold) & (cx < ws[i]) & (cy < hs[i])
+            boxes, s = boxes[keep], scores[i][keep]
+            kept = nms(boxes, s, self.cfg.nms_threshold)  # sorted by decreasing score
+            if len(kept) == 0:
+                results.append(FaceResult(None, 0.0, 0))
+                continue
+            size = sizes[i] if sizes is not None else (round(ws[i] / scale), round(hs[i] / scale))
+            best = boxes[kept[0]].cpu().tolist()
+            results.append(
+                FaceResult(
+                    _to_original(best, (ws[i], hs[i]), size, scale, exact=sizes is not None),
+                    float(s[kept[0]]),
+                    int(len(kept)),
                 )
+            )
         return results
 
     def detect_images(self, images: Sequence[Image.Image]) -> list[FaceResult]:

@@ -169,7 +169,10 @@ class Predictor:
         pin = dev.type == "cuda"
 
         def take(name: str) -> torch.Tensor:
-            t = torch.from_numpy(np.ascontiguousarray(cols[name][rows]))
+            col = cols[name]
+            if isinstance(col, torch.Tensor):  # prepared on the device (gpu_prep): no host round trip
+                return col[torch.as_tensor(rows, device=col.device)].to(dev, non_blocking=True)
+            t = torch.from_numpy(np.ascontiguousarray(col[rows]))
             return (t.pin_memory() if pin else t).to(dev, non_blocking=True)
 
         with _tf32(self.precision == "tf32"):

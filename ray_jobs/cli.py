@@ -258,6 +258,8 @@ def _s3(endpoint_url: str | None, region: str | None):
 @click.option("--fail-at-epoch", type=int, default=None, hidden=True)
 def train(labels, images, fmt, train_list, test_list, val_fraction, seed, endpoint_url, region, **kw) -> None:
     """Train DN-PIQA on labelled images (fidelity loss on pairs within a group) with Ray Train."""
+    import ray.train as ray_train
+
     from .labels import LabelError
     from .train import TrainJob, run_train_job
 
@@ -267,6 +269,9 @@ def train(labels, images, fmt, train_list, test_list, val_fraction, seed, endpoi
         summary = run_train_job(job)
     except LabelError as e:
         raise click.ClickException(str(e)) from None
+    except ray_train.TrainingFailedError as e:
+        raise click.ClickException(f"training failed: {e}\nRe-run the same command to resume from the last "
+                                   "checkpoint.") from None
     click.echo(f"model: {summary['model_dir']} (best epoch {summary['best_epoch'] + 1} of "
                f"{summary['epochs_completed']}, val SRCC mean {summary['best']['val_srcc_mean']:.4f})")
 

@@ -15,13 +15,13 @@ best checkpoint by validation SRCC (give it to ``piqa score --weights``); ``test
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
 import sys
 import tempfile
 import time
-import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -76,6 +76,8 @@ class TrainJob:
     keep: int = 2
     seed: int = 0
     eval_batch: int = 8
+    # Validate the starting weights too (history "before"): the baseline training must beat.
+    eval_before: bool = True
     s3: S3Options = field(default_factory=S3Options)
     address: str | None = None
     # Chaos testing: rank 0 exits abruptly once at the start of this epoch.
@@ -133,7 +135,8 @@ def run_train_job(job: TrainJob) -> dict[str, Any]:
     print(f"piqa train {job.run_name}: {table.describe()}", file=sys.stderr)
     fs, path = _storage(job)
     resources = {"CPU": job.cpus, **({"GPU": 1} if job.gpu else {})}
-    marker = os.path.join(tempfile.gettempdir(), f"piqa-train-crash-{uuid.uuid4().hex}")
+    # Per run (not per call): re-running the same command must not fail again.
+    marker = os.path.join(tempfile.gettempdir(), f"piqa-train-crash-{hashlib.sha1(job.run_dir.encode()).hexdigest()[:16]}")
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"job": job, "data": data, "marker": marker},
@@ -149,12 +152,13 @@ def run_train_job(job: TrainJob) -> dict[str, Any]:
         raise RuntimeError(f"run {job.run_name} has no checkpoint (0 epochs trained?)")
     best, best_metrics = max(result.best_checkpoints, key=lambda cm: cm[1].get("val_srcc_mean", -math.inf))
     model_dir = export_model(best, job)
-    history = json.loads(_read_checkpoint_file(result.checkpoint, "history.json"))
+    record = json.loads(_read_checkpoint_file(result.checkpoint, HISTORY_FILE))
+    history = record["epochs"]
     summary = {
         "run_name": job.run_name, "run_dir": job.run_dir, "model_dir": model_dir,
         "epochs_completed": len(history), "best_epoch": best_metrics["epoch"],
         "best": {k: v for k, v in best_metrics.items() if k.startswith("val_")},
-        "history": history, "labels": table.describe(), "ray_train": "v2",
+        "history": history, "val_before": record["before"], "labels": table.describe(), "ray_train": "v2",
         "job": {k: v for k, v in asdict(job).items() if k not in ("s3", "address")},
     }
     test = table.subset("test")
@@ -218,12 +222,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             sys.stdout.write(f"[piqa train {job.run_name}] {msg}\n")
             sys.stdout.flush()
 
-    checkpoint, state, history = ray.train.get_checkpoint(), None, []
+    checkpoint, state, record = ray.train.get_checkpoint(), None, {"before": None, "epochs": []}
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
             bundle = load_checkpoint(d)
             state = torch.load(os.path.join(d, STATE_FILE), map_location="cpu", weights_only=True)
-            history = json.loads(Path(d, HISTORY_FILE).read_text())
+            record = json.loads(Path(d, HISTORY_FILE).read_text())
         init = bundle.meta.get("train", {}).get("init", {})
         log(f"resuming after epoch {state['epoch'] + 1} ({checkpoint.path})")
     else:
@@ -243,16 +247,24 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         sched.load_state_dict(state["scheduler"])
         start = int(state["epoch"]) + 1
 
-    cache = FeatureCache(fingerprint(bundle))
+    cache, loaded = FeatureCache(fingerprint(bundle)), 0
     cache_uri = join(job.cache, f"features-{cache.fingerprint}.npz") if job.cache else None
     if cache_uri and exists(cache_uri, job.s3):
         cache.add_columns(FeatureCache.read_npz(read_bytes(cache_uri, job.s3)))
+        loaded = len(cache)
         log(f"feature cache: {len(cache)} images from {cache_uri}")
     group = _object_group(world)
-    env = dict(job=job, cfg=cfg, detector=detector, liqe=liqe, cache=cache, device=device)
+    env = dict(job=job, cfg=cfg, detector=detector, liqe=liqe, cache=cache, device=device, marker=config["marker"])
+    if checkpoint is None and job.eval_before and start < job.epochs:
+        before = set(cache.faces)
+        pred = _predict_val(bundle.model, data["val"], rank, world, bf16, group, **env)
+        _share_cache(cache, before, rank, world, group, cache_uri, job.s3)
+        if rank == 0:
+            record["before"] = val_metrics(pred, *data["val"][1:])
+            log(f"before training: val SRCC mean {record['before']['val_srcc_mean']:.4f} "
+                f"median {record['before']['val_srcc_median']:.4f}")
 
     for epoch in range(start, job.epochs):
-        _maybe_fail(job, epoch, rank, config["marker"])
         seed_torch(job.seed, epoch, rank)
         t0, lr, before = time.perf_counter(), opt.param_groups[0]["lr"], set(cache.faces)
         loss_sum, n_pairs = _train_epoch(model, opt, data, epoch, rank, world, bf16, **env)
@@ -263,14 +275,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         totals = np.sum(_gather([loss_sum, n_pairs], world, group), axis=0)
         metrics = {"epoch": epoch, "train_loss": float(totals[0] / max(totals[1], 1)), "pairs": int(totals[1]),
                    "pairs_per_s": float(totals[1] / train_s), "lr": lr, "session_start_epoch": start,
-                   "epoch_time_s": time.perf_counter() - t0}
+                   "features_loaded": loaded, "epoch_time_s": time.perf_counter() - t0}
         if rank == 0:
             metrics.update(val_metrics(pred, *data["val"][1:]))
             log(f"epoch {epoch + 1}/{job.epochs}  loss {metrics['train_loss']:.4f}  "
                 f"{metrics['pairs_per_s']:.1f} pairs/s  val SRCC mean {metrics['val_srcc_mean']:.4f} "
                 f"median {metrics['val_srcc_median']:.4f}  PLCC mean {metrics['val_plcc_mean']:.4f}  "
                 f"lr {lr:.2e}  ({metrics['epoch_time_s']:.0f}s)")
-        _report(metrics, history, bundle, opt, sched, job, init, rank)
+        _report(metrics, record, bundle, opt, sched, job, init, rank)
 
 
 def _source(uri: str | None, s3: S3Options) -> str | bytes | None:
@@ -283,10 +295,16 @@ def _source(uri: str | None, s3: S3Options) -> str | bytes | None:
 
 
 def _maybe_fail(job: TrainJob, epoch: int, rank: int, marker: str) -> None:
-    """Chaos hook: rank 0 dies abruptly once (the marker survives the restart)."""
+    """Chaos hook: rank 0 dies abruptly once, after the epoch's first step (the marker survives restarts).
+
+    It waits first: Ray Train V2 collects reports by polling workers (every 2 s), and a worker that
+    dies before the poll takes its last report with it (that epoch is then trained again).
+    """
     if job.fail_at_epoch == epoch and rank == 0 and not os.path.exists(marker):
         Path(marker).touch()
-        print(f"[piqa train {job.run_name}] injected failure at epoch {epoch + 1}", flush=True)
+        time.sleep(5)
+        sys.stdout.write(f"[piqa train {job.run_name}] injected failure in epoch {epoch + 1}\n")
+        sys.stdout.flush()
         os._exit(1)
 
 
@@ -317,6 +335,7 @@ def _train_epoch(model: torch.nn.Module, opt: torch.optim.Optimizer, data: dict[
         loss.backward()
         opt.step()
         loss_sum, count = loss_sum + float(loss.item()) * n, count + n
+        _maybe_fail(job, epoch, rank, env["marker"])
     return loss_sum, count
 
 
@@ -371,7 +390,7 @@ def _share_cache(cache: FeatureCache, before: set[str], rank: int, world: int, g
         write_bytes(uri, cache.to_npz(), s3)
 
 
-def _report(metrics: dict[str, Any], history: list[dict], bundle: Any, opt: Any, sched: Any, job: TrainJob,
+def _report(metrics: dict[str, Any], record: dict[str, Any], bundle: Any, opt: Any, sched: Any, job: TrainJob,
             init: dict[str, Any], rank: int) -> None:
     """Rank 0 writes a model directory + optimiser state + history and reports it; others report only."""
     from ray.train import Checkpoint
@@ -379,7 +398,7 @@ def _report(metrics: dict[str, Any], history: list[dict], bundle: Any, opt: Any,
     if rank != 0:
         ray.train.report(metrics, checkpoint=None)
         return
-    history.append(metrics)
+    record["epochs"].append(metrics)
     bundle.model_id, bundle.random_init, bundle.meta = job.run_name, False, {}
     with tempfile.TemporaryDirectory() as tmp:
         val = {k: v for k, v in metrics.items() if k.startswith("val_")}
@@ -387,7 +406,7 @@ def _report(metrics: dict[str, Any], history: list[dict], bundle: Any, opt: Any,
                                                       "labels": job.labels, "val": val}})
         torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "epoch": metrics["epoch"]},
                    os.path.join(tmp, STATE_FILE))
-        Path(tmp, HISTORY_FILE).write_text(json.dumps(history))
+        Path(tmp, HISTORY_FILE).write_text(json.dumps(record))
         ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp),
                          checkpoint_dir_name=f"epoch_{metrics['epoch']:04d}")
 

@@ -1,0 +1,173 @@
+"""Label loading: PIQ23 CSV + split files, generic tables, validation hold-out, pair lists, errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from ray_jobs.labels import LabelError, LabelTable, from_table, load_labels, load_pairs, resolve_relative
+from ray_jobs.storage import write_bytes
+
+PIQ23_COLUMNS = ["IMAGE PATH", "IMAGE", "JOD", "JOD STD", "CI LOW", "CI HIGH", "CI RANGE", "QUALITY LEVEL",
+                 "CLUSTER", "TOTAL COMPARISONS", "SCENE", "ATTRIBUTE", "SCENE IDX", "CONDITION"]
+
+
+def _piq23(root: Path, scenes: dict[str, int], extra: dict[str, list] | None = None) -> Path:
+    """A PIQ23-style CSV (Windows separators in IMAGE PATH, as in the release) and 1-byte 'images'."""
+    rows = []
+    for s_idx, (scene, n) in enumerate(scenes.items()):
+        for i in range(n):
+            name = f"{i}_{scene}.jpg"
+            (root / "Overall").mkdir(parents=True, exist_ok=True)
+            (root / "Overall" / name).write_bytes(b"x")
+            rows.append([f"Overall\\{name}", name, float(i) - n / 2, 0.5, -1.0, 1.0, 2.0, i % 4, 0, 30, scene,
+                         "Overall", s_idx, "Indoor"])
+    df = pd.DataFrame(rows, columns=PIQ23_COLUMNS)
+    for k, v in (extra or {}).items():
+        df[k] = v
+    path = root / "labels.csv"
+    df.to_csv(path, index=False, encoding="utf-8-sig")  # the release files carry a BOM
+    return path
+
+
+def test_piq23_csv(tmp_path: Path) -> None:
+    csv = _piq23(tmp_path, {"Indoor_Scene_0": 10, "Outdoor_Scene_3": 6})
+    table = load_labels(str(csv), images=str(tmp_path), val_fraction=0.2)
+    f = table.frame
+    assert len(table) == 16 and set(f["group"]) == {"Indoor_Scene_0", "Outdoor_Scene_3"}
+    assert f["uri"].iloc[0] == str(tmp_path / "Overall" / "0_Indoor_Scene_0.jpg")
+    assert f["score"].iloc[1] == pytest.approx(1 - 5.0)  # JOD
+    assert (f["name"] == f["uri"].map(lambda u: Path(u).name)).all()
+    # 20 % of each scene held out for validation: 2 of 10, 1 of 6 (round half up); nothing else.
+    counts = f[f["split"] == "val"].groupby("group").size().to_dict()
+    assert counts == {"Indoor_Scene_0": 2, "Outdoor_Scene_3": 1}
+    assert set(f["split"]) == {"train", "val"}
+    # images default to the CSV's folder
+    assert load_labels(str(csv)).uris == table.uris
+
+
+def test_validation_hold_out_is_deterministic_and_order_free(tmp_path: Path) -> None:
+    rows = [{"uri": f"/data/{g}/{i}.jpg", "score": i, "group": g, "split": "train", "name": f"{i}.jpg"}
+            for g, n in (("a", 20), ("b", 7), ("c", 2)) for i in range(n)]
+    table = LabelTable(pd.DataFrame(rows))
+    one = table.with_validation(0.3, seed=1).frame.set_index("uri")["split"]
+    shuffled = LabelTable(table.frame.sample(frac=1, random_state=0)).with_validation(0.3, seed=1)
+    assert shuffled.frame.set_index("uri")["split"].sort_index().equals(one.sort_index())
+    val = one[one == "val"].index
+    assert sum(u.startswith("/data/a/") for u in val) == 6 and sum(u.startswith("/data/b/") for u in val) == 2
+    assert not any(u.startswith("/data/c/") for u in val)  # a 2-image group keeps both for pairs
+    other = table.with_validation(0.3, seed=2).frame.set_index("uri")["split"]
+    assert not other.equals(one)  # the seed picks the items
+    # an explicit val split is kept as given
+    explicit = LabelTable(table.frame.assign(split=["val"] + ["train"] * (len(rows) - 1)))
+    assert (explicit.with_validation(0.5).frame["split"] == "val").sum() == 1
+
+
+def test_official_split_lists(tmp_path: Path) -> None:
+    csv = _piq23(tmp_path, {"S0": 6, "S1": 5, "S2": 4})
+    df = pd.read_csv(csv, encoding="utf-8-sig")
+    # the official files are label CSVs themselves (a subset of the columns); a text list works too
+    df[df["SCENE"].isin(["S0", "S1"])][["IMAGE PATH", "JOD", "IMAGE", "SCENE"]].to_csv(tmp_path / "train.csv", index=False)
+    (tmp_path / "test.txt").write_text("\n".join(df[df["SCENE"] == "S2"]["IMAGE"].tolist()[:3]) + "\n")
+    table = load_labels(str(csv), str(tmp_path), train_list=str(tmp_path / "train.csv"),
+                        test_list=str(tmp_path / "test.txt"), val_fraction=0.2)
+    f = table.frame
+    assert len(table) == 14  # one S2 image is in neither list: unused
+    assert set(f[f["split"] == "test"]["group"]) == {"S2"} and (f["split"] == "test").sum() == 3
+    assert set(f[f["split"] != "test"]["group"]) == {"S0", "S1"} and (f["split"] == "val").sum() == 2
+
+    (tmp_path / "bad.txt").write_text("0_S0.jpg\nnot_there.jpg\n")
+    with pytest.raises(LabelError, match=r"1 listed image\(s\) not in the labels:\n  not_there.jpg"):
+        load_labels(str(csv), str(tmp_path), train_list=str(tmp_path / "bad.txt"))
+    (tmp_path / "both.txt").write_text("0_S0.jpg\n")
+    with pytest.raises(LabelError, match="both the train and the test split"):
+        load_labels(str(csv), str(tmp_path), train_list=str(tmp_path / "both.txt"),
+                    test_list=str(tmp_path / "both.txt"))
+
+
+def test_split_column(tmp_path: Path) -> None:
+    csv = _piq23(tmp_path, {"S0": 4}, extra={"SPLIT": ["Train", "validation", "Test", "train"]})
+    table = load_labels(str(csv))
+    assert table.frame["split"].tolist() == ["train", "val", "test", "train"]
+    csv = _piq23(tmp_path, {"S0": 2}, extra={"split": ["train", "holdout"]})
+    with pytest.raises(LabelError, match=r"unknown split value\(s\) \['holdout'\]"):
+        load_labels(str(csv))
+
+
+def test_generic_table_relative_uris(tmp_path: Path) -> None:
+    (tmp_path / "imgs").mkdir()
+    for n in ("a.png", "b.png", "c.png"):
+        (tmp_path / "imgs" / n).write_bytes(b"x")
+    elsewhere = tmp_path / "other.png"
+    elsewhere.write_bytes(b"x")
+    (tmp_path / "meta").mkdir()
+    df = pd.DataFrame({"uri": ["../imgs/a.png", "../imgs/b.png", "../imgs/c.png", str(elsewhere)],
+                       "score": [1.0, 2.0, 3.0, 4.0], "group": ["g", "g", "g", "h"],
+                       "split": ["train", "train", "val", "test"]})
+    for path in (tmp_path / "meta" / "t.csv", tmp_path / "meta" / "t.parquet"):
+        df.to_csv(path, index=False) if path.suffix == ".csv" else df.to_parquet(path)
+        table = load_labels(str(path))
+        assert table.uris == [str(tmp_path / "imgs" / n) for n in ("a.png", "b.png", "c.png")] + [str(elsewhere)]
+        assert table.frame["split"].tolist() == df["split"].tolist()
+        assert table.groups == ["g", "g", "g", "h"]
+    assert resolve_relative("x/y.jpg", "s3://b/labels/t.csv") == "s3://b/labels/x/y.jpg"
+    assert resolve_relative("../y.jpg", "s3://b/labels/t.csv") == "s3://b/y.jpg"
+    with pytest.raises(LabelError, match="apply to the PIQ23 format only"):
+        load_labels(str(tmp_path / "meta" / "t.csv"), images="/x")
+
+
+def test_missing_images_and_columns_are_listed(tmp_path: Path) -> None:
+    df = pd.DataFrame({"uri": [f"img{i}.png" for i in range(15)], "score": range(15), "group": "g"})
+    (tmp_path / "img3.png").write_bytes(b"x")
+    df.to_csv(tmp_path / "t.csv", index=False)
+    with pytest.raises(LabelError) as e:
+        load_labels(str(tmp_path / "t.csv"))
+    msg = str(e.value)
+    assert "14 of 15 labelled images not found" in msg and str(tmp_path / "img0.png") in msg
+    assert "… and 4 more" in msg and "img3.png" not in msg
+    assert len(from_table(str(tmp_path / "t.csv"))) == 15  # listing only happens on load_labels
+
+    df.drop(columns=["group"]).rename(columns={"score": "mos"}).to_csv(tmp_path / "u.csv", index=False)
+    with pytest.raises(LabelError, match=r"missing column\(s\) \['score', 'group'\] for the table format"):
+        from_table(str(tmp_path / "u.csv"))
+    csv = _piq23(tmp_path, {"S0": 3})
+    pd.read_csv(csv, encoding="utf-8-sig").drop(columns=["SCENE"]).to_csv(tmp_path / "p.csv", index=False)
+    with pytest.raises(LabelError, match=r"missing column\(s\) \['SCENE'\] for the PIQ23 format"):
+        load_labels(str(tmp_path / "p.csv"), fmt="piq23")
+    df.assign(score=[None] + list(range(14))).to_csv(tmp_path / "v.csv", index=False)
+    with pytest.raises(LabelError, match=r"1 row\(s\) without a score"):
+        from_table(str(tmp_path / "v.csv"))
+
+
+def test_pair_list(tmp_path: Path) -> None:
+    csv = _piq23(tmp_path, {"S0": 4, "S1": 4})
+    table = load_labels(str(csv), val_fraction=0.0)
+    train = LabelTable(table.frame[table.frame["name"] != "3_S1.jpg"])
+    pairs = pd.DataFrame({"IMAGE": ["0_S0.jpg", "1_S0.jpg", "0_S1.jpg", "3_S1.jpg"],
+                          "IMAGE second": ["1_S0.jpg", "1_S0.jpg", "2_S1.jpg", "0_S1.jpg"], "JOD": 0.0})
+    pairs.to_csv(tmp_path / "exp.csv", index=False)
+    got, stats = load_pairs(str(tmp_path / "exp.csv"), train, known=set(table.frame["name"]))
+    names = train.frame["name"].tolist()
+    assert [(names[a], names[b]) for a, b in got] == [("0_S0.jpg", "1_S0.jpg"), ("1_S0.jpg", "1_S0.jpg"),
+                                                      ("0_S1.jpg", "2_S1.jpg")]  # self-pair kept
+    assert stats == {"rows": 4, "kept": 3, "dropped": 1, "cross_group": 0}
+    pairs.assign(IMAGE=["nope.jpg"] * 4).to_csv(tmp_path / "bad.csv", index=False)
+    with pytest.raises(LabelError, match="1 image name\\(s\\) in the pair list are not labelled"):
+        load_pairs(str(tmp_path / "bad.csv"), train, known=set(table.frame["name"]))
+
+
+def test_labels_and_images_on_s3(s3_server, s3_bucket: str) -> None:
+    opts = s3_server.options
+    for i in range(4):
+        write_bytes(f"s3://{s3_bucket}/piq/Overall/{i}_S.jpg", b"x", opts)
+    rows = [[f"Overall\\{i}_S.jpg", f"{i}_S.jpg", float(i), "S"] for i in range(5)]  # image 4 is missing
+    body = pd.DataFrame(rows, columns=["IMAGE PATH", "IMAGE", "JOD", "SCENE"]).to_csv(index=False).encode()
+    write_bytes(f"s3://{s3_bucket}/piq/labels.csv", body, opts)
+    with pytest.raises(LabelError, match=rf"1 of 5 labelled images not found:\n  s3://{s3_bucket}/piq/Overall/4_S.jpg"):
+        load_labels(f"s3://{s3_bucket}/piq/labels.csv", s3=opts)
+    table = load_labels(f"s3://{s3_bucket}/piq/labels.csv", s3=opts, check_images=False)
+    assert table.uris[0] == f"s3://{s3_bucket}/piq/Overall/0_S.jpg"
+    assert np.allclose(table.scores, [0, 1, 2, 3, 4])
