@@ -4,8 +4,11 @@
   on the full image, never from the random crop, so they are computed once per image and reused.
 * ``prepare_items``: ``prepare_batch`` (the one implementation of decode, face crop and crops) per
   item with its own RNG, faces taken from the cache; LIQE vectors attached as ``aux``.
-* ``pair_loss`` / ``predict``: the fidelity-loss step on prepared pairs and five-crop scoring.
-* ``init_bundle``, ``make_optimizer``, ``epoch_pairs``: start weights, the official optimiser, pairs.
+* ``pair_loss`` / ``predict`` / ``val_metrics``: the fidelity-loss step on prepared pairs, five-crop
+  scoring, the validation summary reported each epoch.
+* ``init_bundle``, ``make_optimizer``, ``epoch_pairs`` / ``shard`` / ``crop_rngs`` / ``seed_torch``:
+  start weights, the official optimiser, the epoch's pairs per rank, deterministic randomness.
+* ``prefetch``, ``object_group`` / ``all_gather``: threaded data preparation, object collectives.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import io
+import json
 import math
 import os
 from collections import deque
@@ -98,7 +102,8 @@ class FeatureCache:
 
 def fingerprint(bundle: Bundle) -> str:
     """sha256 over the frozen parts (LIQE, detector) and their config: a cache key for their outputs."""
-    h = hashlib.sha256(repr((bundle.config.face, bundle.config.liqe)).encode())
+    cfg = bundle.config.to_dict()
+    h = hashlib.sha256(json.dumps([cfg["face"], cfg["liqe"]], sort_keys=True).encode())
     for module in (bundle.liqe, bundle.detector):
         for k, v in sorted(module.state_dict().items()) if module is not None else []:
             h.update(k.encode())
@@ -209,6 +214,26 @@ def prefetch(fn: Callable[[int], Any], n: int, threads: int) -> Iterator[Any]:
                 pending.append(pool.submit(fn, nxt))
                 nxt += 1
             yield out
+
+
+def object_group(world: int) -> Any:
+    """A gloo process group for Python-object collectives (NCCL would need them on the GPU)."""
+    import torch.distributed as dist
+
+    if world == 1:
+        return None
+    return dist.group.WORLD if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
+
+
+def all_gather(obj: Any, world: int, group: Any) -> list[Any]:
+    """Every rank's ``obj``, in rank order (just ``[obj]`` without a process group)."""
+    if world == 1:
+        return [obj]
+    import torch.distributed as dist
+
+    out: list[Any] = [None] * world
+    dist.all_gather_object(out, obj, group=group)
+    return out
 
 
 def epoch_pairs(groups: Sequence[Any], epoch: int, seed: int = 0, fixed: np.ndarray | None = None) -> np.ndarray:

@@ -279,7 +279,8 @@ def train(labels, images, fmt, train_list, test_list, val_fraction, seed, endpoi
 @main.command("eval")
 @_label_options
 @click.option("--split", type=click.Choice(["train", "val", "test", "all"]), default=None,
-              help="Default: test when the labels have a test split, else all.")
+              help="Default: test when the labels have a test split, else all. val is a training run's "
+                   "validation split when --val-fraction and --seed match the run's.")
 @click.option("--out", required=True, help="JSON report; per-image predictions go next to it (.parquet).")
 @model_options
 def eval_cmd(labels, images, fmt, train_list, test_list, val_fraction, seed, endpoint_url, region, split, out,

@@ -35,8 +35,9 @@ class EvalResult:
 
     def format(self) -> str:
         i = self.info
-        head = (f"model {i['model_id']} (sha256 {i['model_sha256'][:12]}…{', RANDOM WEIGHTS' if i['random_weights'] else ''})"
-                f" on {i['split']}: {i['items']} images, {i['failed']} failed, crop {i['crop_mode']}")
+        rnd = ", RANDOM WEIGHTS" if i["random_weights"] else ""
+        head = (f"model {i['model_id']} (sha256 {i['model_sha256'][:12]}…{rnd}) on {i['split']}: "
+                f"{i['items']} images, {i['failed']} failed, crop {i['crop_mode']}")
         return head + "\n" + self.report.format_table()
 
 

@@ -258,7 +258,7 @@ def render_html(s: dict[str, Any]) -> str:
          for name, st in (("tonight", t), ("previous", p)) if st]) + f"<p>mean shift: {_fmt(s['mean_shift'])}</p>")
     parts.append('<div class="plots">' + "".join(f'<img src="{f}" alt="{f}">' for f in s["files"]["plots"]) + "</div>")
     parts.append(f"<h2>Worst {len(s['worst'])} photos</h2><div class='grid'>" + "".join(
-        f"<div class='card'>" + (f"<img src='{w['thumbnail']}' alt='thumbnail {w['rank']}'>" if w["thumbnail"]
+        "<div class='card'>" + (f"<img src='{w['thumbnail']}' alt='thumbnail {w['rank']}'>" if w["thumbnail"]
                                  else "<div class='nothumb'>no thumbnail</div>")
         + f"<b>{w['rank']}. {w['score']:.4f}</b><br>{html.escape(w['uri'])}</div>" for w in s["worst"])
         + "</div>")

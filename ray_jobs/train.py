@@ -31,9 +31,9 @@ import ray
 import torch
 
 from piqa_core.checkpoints import load_checkpoint, resolve_weights, save_checkpoint
-from piqa_core.training import (FeatureCache, crop_rngs, epoch_pairs, fingerprint, init_bundle, make_optimizer,
-                                pair_loss, predict, prefetch, prepare_items, seed_torch, shard,
-                                val_metrics)
+from piqa_core.training import (FeatureCache, all_gather, crop_rngs, epoch_pairs, fingerprint, init_bundle,
+                                make_optimizer, object_group, pair_loss, predict, prefetch, prepare_items,
+                                seed_torch, shard, val_metrics)
 
 from .actors import _fetcher
 from .inprocess import DEFAULT_MAX_BYTES, fetch
@@ -80,7 +80,7 @@ class TrainJob:
     eval_before: bool = True
     s3: S3Options = field(default_factory=S3Options)
     address: str | None = None
-    # Chaos testing: rank 0 exits abruptly once at the start of this epoch.
+    # Chaos testing: rank 0 exits abruptly once, during this epoch.
     fail_at_epoch: int | None = None
 
     @property
@@ -97,12 +97,6 @@ def _require_v2() -> None:
 
     if not is_v2_enabled():
         raise RuntimeError(f"piqa train needs Ray Train V2 (resume-by-run-name); unset {V2_ENABLED_ENV_VAR}=0")
-
-
-def _storage(job: TrainJob) -> tuple[Any, str]:
-    """(storage_filesystem, storage_path) for RunConfig: S3 gets an explicit pyarrow filesystem."""
-    fs, path = resolve(job.storage, job.s3)
-    return (None, path) if "://" not in job.storage else (fs, path)
 
 
 def prepare_data(job: TrainJob) -> tuple[LabelTable, dict[str, Any]]:
@@ -133,16 +127,17 @@ def run_train_job(job: TrainJob) -> dict[str, Any]:
         ray.init(address=job.address or os.environ.get("RAY_ADDRESS"), log_to_driver=True)
     table, data = prepare_data(job)
     print(f"piqa train {job.run_name}: {table.describe()}", file=sys.stderr)
-    fs, path = _storage(job)
+    fs, path = resolve(job.storage, job.s3)  # S3: an explicit pyarrow filesystem (custom endpoints)
     resources = {"CPU": job.cpus, **({"GPU": 1} if job.gpu else {})}
     # Per run (not per call): re-running the same command must not fail again.
-    marker = os.path.join(tempfile.gettempdir(), f"piqa-train-crash-{hashlib.sha1(job.run_dir.encode()).hexdigest()[:16]}")
+    run_key = hashlib.sha1(job.run_dir.encode()).hexdigest()[:16]
+    marker = os.path.join(tempfile.gettempdir(), f"piqa-train-crash-{run_key}")
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"job": job, "data": data, "marker": marker},
         scaling_config=ScalingConfig(num_workers=job.workers, use_gpu=job.gpu, resources_per_worker=resources),
         run_config=RunConfig(
-            name=job.run_name, storage_path=path, storage_filesystem=fs,
+            name=job.run_name, storage_path=path, storage_filesystem=fs if "://" in job.storage else None,
             failure_config=FailureConfig(max_failures=job.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=job.keep, checkpoint_score_attribute="val_srcc_mean",
                                                checkpoint_score_order="max")),
@@ -169,15 +164,22 @@ def run_train_job(job: TrainJob) -> dict[str, Any]:
 
 
 def _read_checkpoint_file(checkpoint: Any, name: str) -> bytes:
-    with checkpoint.filesystem.open_input_stream(f"{checkpoint.path}/{name}") as f:
+    with checkpoint.filesystem.open_input_file(f"{checkpoint.path}/{name}") as f:
         return f.read()
 
 
 def export_model(checkpoint: Any, job: TrainJob) -> str:
     """Copy the checkpoint's model files (not the optimiser state) to ``<run_dir>/model``."""
+    import pyarrow.fs as pafs
+
     dest = join(job.run_dir, "model")
+    fs, path = resolve(dest, job.s3)
+    if isinstance(fs, pafs.LocalFileSystem):
+        fs.create_dir(path)
     for name in ("model.safetensors", "config.json"):  # config last: it names the weights' sha256
-        write_bytes(join(dest, name), _read_checkpoint_file(checkpoint, name), job.s3)
+        # copy_files: parallel ranged transfers (a plain stream read of 100+ MB from S3 crawls)
+        pafs.copy_files(f"{checkpoint.path}/{name}", f"{path}/{name}", source_filesystem=checkpoint.filesystem,
+                        destination_filesystem=fs)
     return dest
 
 
@@ -193,14 +195,11 @@ def _evaluate_test(job: TrainJob, model_dir: str, test: LabelTable) -> dict[str,
 
 
 def _print_summary(s: dict[str, Any]) -> None:
-    best = s["best"]
-    print(f"piqa train {s['run_name']}: {s['epochs_completed']} epochs; best epoch {s['best_epoch'] + 1} "
-          f"val SRCC mean {best.get('val_srcc_mean', float('nan')):.4f} "
-          f"median {best.get('val_srcc_median', float('nan')):.4f}; model {s['model_dir']}", file=sys.stderr)
-    if s["test"]:
-        t = s["test"]
-        print(f"  test ({t['items']} images, {t['failed']} failed): SRCC mean {t['mean']['srcc']} "
-              f"median {t['median']['srcc']}", file=sys.stderr)
+    b, t = s["best"], s["test"]
+    print(f"piqa train {s['run_name']}: {s['epochs_completed']} epochs; best epoch {s['best_epoch'] + 1}: val SRCC "
+          f"mean {b['val_srcc_mean']:.4f} median {b['val_srcc_median']:.4f}; model {s['model_dir']}"
+          + (f"\n  test ({t['items']} images, {t['failed']} failed): SRCC mean {t['mean']['srcc']} "
+             f"median {t['median']['srcc']}" if t else ""), file=sys.stderr)
 
 
 # ----------------------------------------------------------------------------- the worker loop
@@ -253,7 +252,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         cache.add_columns(FeatureCache.read_npz(read_bytes(cache_uri, job.s3)))
         loaded = len(cache)
         log(f"feature cache: {len(cache)} images from {cache_uri}")
-    group = _object_group(world)
+    group = object_group(world)
     env = dict(job=job, cfg=cfg, detector=detector, liqe=liqe, cache=cache, device=device, marker=config["marker"])
     if checkpoint is None and job.eval_before and start < job.epochs:
         before = set(cache.faces)
@@ -272,7 +271,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         train_s = time.perf_counter() - t0
         pred = _predict_val(bundle.model, data["val"], rank, world, bf16, group, **env)
         _share_cache(cache, before, rank, world, group, cache_uri, job.s3)
-        totals = np.sum(_gather([loss_sum, n_pairs], world, group), axis=0)
+        totals = np.sum(all_gather([loss_sum, n_pairs], world, group), axis=0)
         metrics = {"epoch": epoch, "train_loss": float(totals[0] / max(totals[1], 1)), "pairs": int(totals[1]),
                    "pairs_per_s": float(totals[1] / train_s), "lr": lr, "session_start_epoch": start,
                    "features_loaded": loaded, "epoch_time_s": time.perf_counter() - t0}
@@ -349,7 +348,7 @@ def _predict_val(module: torch.nn.Module, val: tuple, rank: int, world: int, bf1
     prep = lambda k: _prepare(env, uris, chunks[k], "five", [None] * len(chunks[k]))  # noqa: E731
     preds = [predict(module, cols, env["cfg"], env["device"], bf16)
              for cols in prefetch(prep, len(chunks), max(1, int(env["job"].cpus)))]
-    parts = _gather((mine, np.concatenate(preds) if preds else np.zeros(0)), world, group)
+    parts = all_gather((mine, np.concatenate(preds) if preds else np.zeros(0)), world, group)
     if rank != 0:
         return None
     out = np.full(len(uris), np.nan)
@@ -358,29 +357,10 @@ def _predict_val(module: torch.nn.Module, val: tuple, rank: int, world: int, bf1
     return out
 
 
-def _object_group(world: int) -> Any:
-    """A gloo group for Python-object collectives (NCCL would need them on the GPU)."""
-    import torch.distributed as dist
-
-    if world == 1:
-        return None
-    return dist.group.WORLD if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
-
-
-def _gather(obj: Any, world: int, group: Any) -> list[Any]:
-    if world == 1:
-        return [obj]
-    import torch.distributed as dist
-
-    out: list[Any] = [None] * world
-    dist.all_gather_object(out, obj, group=group)
-    return out
-
-
 def _share_cache(cache: FeatureCache, before: set[str], rank: int, world: int, group: Any, uri: str | None,
                  s3: S3Options) -> None:
     """Give every rank the features the others computed; rank 0 persists the cache when it grew."""
-    parts = _gather(cache.to_columns([u for u in cache.faces if u not in before]), world, group)
+    parts = all_gather(cache.to_columns([u for u in cache.faces if u not in before]), world, group)
     if not sum(len(p["uri"]) for p in parts):
         return
     for r, p in enumerate(parts):

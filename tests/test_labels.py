@@ -70,7 +70,8 @@ def test_official_split_lists(tmp_path: Path) -> None:
     csv = _piq23(tmp_path, {"S0": 6, "S1": 5, "S2": 4})
     df = pd.read_csv(csv, encoding="utf-8-sig")
     # the official files are label CSVs themselves (a subset of the columns); a text list works too
-    df[df["SCENE"].isin(["S0", "S1"])][["IMAGE PATH", "JOD", "IMAGE", "SCENE"]].to_csv(tmp_path / "train.csv", index=False)
+    listed = df[df["SCENE"].isin(["S0", "S1"])]
+    listed[["IMAGE PATH", "JOD", "IMAGE", "SCENE"]].to_csv(tmp_path / "train.csv", index=False)
     (tmp_path / "test.txt").write_text("\n".join(df[df["SCENE"] == "S2"]["IMAGE"].tolist()[:3]) + "\n")
     table = load_labels(str(csv), str(tmp_path), train_list=str(tmp_path / "train.csv"),
                         test_list=str(tmp_path / "test.txt"), val_fraction=0.2)
