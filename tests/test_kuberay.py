@@ -1,0 +1,181 @@
+"""KubeRay RayCluster and RayJob manifests, and one project image everywhere (split from test_deploy)."""
+
+from __future__ import annotations
+
+import json
+import shlex
+
+import pytest
+
+from tests.test_deploy import (
+    AUTOSCALER_KEYS,
+    CHOICES,
+    _containers,
+    Doc,
+    _gpus,
+    HEAD_GROUP_KEYS,
+    _is_gpu_group,
+    JOB_MODULES,
+    _k8s,
+    KUBECTL_IMAGE,
+    _launcher_docs,
+    _parse_entrypoint,
+    _pins,
+    _pod_templates,
+    POSITIONALS,
+    _project_image,
+    _ray_cluster_specs,
+    RAYCLUSTER_SPEC_KEYS,
+    RAYJOB_SPEC_KEYS,
+    REQUIRED_FLAGS,
+    SUBMISSION_MODES,
+    WORKER_GROUP_KEYS,
+)
+
+
+# ==================================================================================== KubeRay objects
+def _check_pod_for_ray(where: str, template: dict, image: str) -> None:
+    spec = template["spec"]
+    c = spec["containers"][0]
+    assert c.get("image") == image, f"{where}: containers[0].image must be {image}"
+    res = c.get("resources", {})
+    for key in ("cpu", "memory"):
+        assert key in res.get("limits", {}), f"{where}: limits.{key} (Ray sizes the node from it)"
+        assert res.get("requests", {}).get(key) == res["limits"][key], f"{where}: requests.{key} != limits"
+    mounts = {m["name"]: m["mountPath"] for m in c.get("volumeMounts", [])}
+    shm = [v for v in spec.get("volumes", []) if (v.get("emptyDir") or {}).get("medium") == "Memory"]
+    assert any(mounts.get(v["name"]) == "/dev/shm" for v in shm), f"{where}: /dev/shm must be an in-memory emptyDir"
+    sc = spec.get("securityContext", {})
+    assert sc.get("runAsNonRoot") is True and sc.get("runAsUser", 0) != 0, f"{where}: run as non-root"
+
+
+@pytest.mark.parametrize("where,spec", _ray_cluster_specs(), ids=[w for w, _ in _ray_cluster_specs()])
+def test_ray_cluster_spec(where: str, spec: dict) -> None:
+    image = _project_image()
+    assert set(spec) <= RAYCLUSTER_SPEC_KEYS, f"{where}: unknown fields {set(spec) - RAYCLUSTER_SPEC_KEYS}"
+    assert set(spec.get("autoscalerOptions", {})) <= AUTOSCALER_KEYS
+    assert spec.get("rayVersion") == _pins()["ray"], f"{where}: rayVersion must equal the ray pin"
+    assert isinstance(spec.get("enableInTreeAutoscaling", False), bool)
+
+    head = spec["headGroupSpec"]
+    assert set(head) <= HEAD_GROUP_KEYS, f"{where}: unknown head fields {set(head) - HEAD_GROUP_KEYS}"
+    assert head["template"]["spec"]["containers"][0]["image"]
+    params = head.get("rayStartParams", {})
+    assert all(isinstance(v, str) for v in params.values()), f"{where}: rayStartParams values are strings"
+    assert params.get("num-cpus") == "0", f"{where}: the head must not take actors (num-cpus \"0\")"
+    _check_pod_for_ray(f"{where}.head", head["template"], image)
+    assert not any(_gpus(c) for c in head["template"]["spec"]["containers"]), f"{where}: head has no GPU"
+
+    groups = spec.get("workerGroupSpecs", [])
+    assert groups, f"{where}: no worker groups"
+    names = [g.get("groupName") for g in groups]
+    assert all(names) and len(set(names)) == len(names), f"{where}: groupName missing or repeated"
+    for g in groups:
+        gw = f"{where}.{g['groupName']}"
+        assert set(g) <= WORKER_GROUP_KEYS, f"{gw}: unknown fields {set(g) - WORKER_GROUP_KEYS}"
+        lo, hi = g.get("minReplicas"), g.get("maxReplicas")
+        n = g.get("replicas", lo)
+        assert all(isinstance(x, int) and not isinstance(x, bool) for x in (lo, hi, n)), f"{gw}: integer replicas"
+        assert 0 <= lo <= n <= hi and hi >= 1, f"{gw}: need 0 <= minReplicas <= replicas <= maxReplicas, max >= 1"
+        if not spec.get("enableInTreeAutoscaling"):
+            assert lo == n == hi, f"{gw}: without the autoscaler, replicas must equal min and max"
+        params = g.get("rayStartParams", {})
+        assert all(isinstance(v, str) for v in params.values()), f"{gw}: rayStartParams values are strings"
+        if "resources" in params:  # KubeRay's form: a quoted JSON object
+            raw = params["resources"]
+            assert raw.startswith('"') and raw.endswith('"'), f"{gw}: resources must be '\"{{…}}\"'"
+            custom = json.loads(raw[1:-1].replace('\\"', '"'))
+            assert isinstance(custom, dict) and all(isinstance(v, (int, float)) for v in custom.values())
+            assert not {"CPU", "GPU", "memory"} & set(custom), f"{gw}: CPU/GPU come from the pod's limits"
+        _check_pod_for_ray(gw, g["template"], image)
+        for c in g["template"]["spec"]["containers"]:
+            if _gpus(c):
+                limit = c["resources"]["limits"]["nvidia.com/gpu"]
+                req = c["resources"].get("requests", {}).get("nvidia.com/gpu", limit)
+                assert int(req) == _gpus(c), f"{gw}: nvidia.com/gpu requests != limits"
+    assert any(_is_gpu_group(g) for g in groups), f"{where}: no worker group requests nvidia.com/gpu"
+
+
+def test_long_lived_raycluster_autoscales_cpu_and_gpu_pools() -> None:
+    clusters = _k8s("RayCluster")
+    assert len(clusters) == 1
+    spec = clusters[0].body["spec"]
+    assert spec["enableInTreeAutoscaling"] is True
+    groups = spec["workerGroupSpecs"]
+    cpu = [g for g in groups if not _is_gpu_group(g)]
+    gpu = [g for g in groups if _is_gpu_group(g)]
+    assert cpu and gpu, "a CPU (prep) group and a GPU (score) group"
+    for g in cpu + gpu:
+        assert g["minReplicas"] == 0 and g["maxReplicas"] > 0, f"{g['groupName']}: scale from zero"
+
+
+# ======================================================================================= RayJobs
+@pytest.mark.parametrize("doc", _k8s("RayJob"), ids=repr)
+def test_rayjob(doc: Doc) -> None:
+    assert doc.body["apiVersion"] == "ray.io/v1"
+    spec = doc.body["spec"]
+    assert set(spec) <= RAYJOB_SPEC_KEYS, f"{doc}: unknown fields {set(spec) - RAYJOB_SPEC_KEYS}"
+    assert spec["entrypoint"].startswith("python -m ray_jobs."), f"{doc}: {spec['entrypoint']}"
+    assert spec.get("shutdownAfterJobFinishes") is True
+    assert isinstance(spec.get("ttlSecondsAfterFinished"), int) and spec["ttlSecondsAfterFinished"] >= 0
+    assert spec.get("submissionMode") in SUBMISSION_MODES and spec["submissionMode"] == "K8sJobMode"
+    assert isinstance(spec.get("activeDeadlineSeconds"), int) and spec["activeDeadlineSeconds"] > 0
+    assert isinstance(spec.get("backoffLimit"), int) and spec["backoffLimit"] >= 0
+    assert ("rayClusterSpec" in spec) != ("clusterSelector" in spec), f"{doc}: rayClusterSpec XOR clusterSelector"
+    # Repeated runs of one manifest need fresh names: generateName + `kubectl create`.
+    assert doc.body["metadata"].get("generateName"), f"{doc}: use metadata.generateName"
+
+    module, positionals, flags = _parse_entrypoint(spec["entrypoint"])
+    missing = REQUIRED_FLAGS[module] - set(flags)
+    assert not missing, f"{doc}: {module} needs {sorted(missing)}"
+    lo, hi = POSITIONALS[module]
+    assert len(positionals) >= lo and (hi is None or len(positionals) <= hi), f"{doc}: arguments {positionals}"
+    for name, allowed in CHOICES.items():
+        if name in flags:
+            assert flags[name] in allowed, f"{doc}: {name} {flags[name]} not in {sorted(allowed)}"
+    assert "--random-weights" not in flags, f"{doc}: deployed jobs never score with random weights"
+    if module in ("ray_jobs.score", "ray_jobs.audit"):
+        assert str(flags.get("--weights", "")).startswith(("s3://", "/models/")), f"{doc}: --weights from S3 or /models"
+
+    if "rayClusterSpec" not in spec:
+        return
+    groups = spec["rayClusterSpec"]["workerGroupSpecs"]
+    gpus_at_start = sum(g["minReplicas"] * max(_gpus(c) for c in g["template"]["spec"]["containers"])
+                        for g in groups)
+    if module == "ray_jobs.score":
+        # Pools are planned from the GPUs present when the driver starts.
+        n = int(flags.get("--score-actors", 0)) or gpus_at_start
+        assert 1 <= n <= gpus_at_start, f"{doc}: --score-actors {n} > {gpus_at_start} GPUs at start"
+        cpus = sum(g["minReplicas"] * float(g["template"]["spec"]["containers"][0]["resources"]["limits"]["cpu"])
+                   for g in groups)
+        assert int(flags.get("--prep-actors", 1)) + n <= cpus, f"{doc}: prep + score actors exceed {cpus} CPUs"
+        assert "--resume" in flags, f"{doc}: retries (backoffLimit) must not rescore: pass --resume"
+    if module == "ray_jobs.train" and flags.get("--gpu"):
+        gpus_max = sum(g["maxReplicas"] * max(_gpus(c) for c in g["template"]["spec"]["containers"])
+                       for g in groups)
+        assert 1 <= int(flags["--workers"]) <= gpus_max, f"{doc}: --workers exceeds the GPUs"
+
+
+def test_every_job_module_has_a_manifest() -> None:
+    modules = {shlex.split(d.body["spec"]["entrypoint"])[2] for d in _k8s("RayJob")}
+    assert modules == set(JOB_MODULES)
+
+
+# ===================================================================================== one image
+def test_one_project_image_everywhere() -> None:
+    image = _project_image()
+    seen = []
+    for where, template in _pod_templates():
+        for c in _containers(template):
+            if "jobTemplate" in where and KUBECTL_IMAGE.match(c["image"]):
+                continue  # the audit launcher: a bare kubectl client
+            seen.append((where, c["image"]))
+    for d in _launcher_docs():
+        docker = d.body["docker"]
+        seen += [(f"{d}.docker.{k}", docker[k]) for k in ("image", "head_image", "worker_image") if k in docker]
+        for name, t in d.body["available_node_types"].items():
+            if "worker_image" in t.get("docker", {}):
+                seen.append((f"{d}.{name}", t["docker"]["worker_image"]))
+    assert len(seen) >= 10
+    wrong = [(w, i) for w, i in seen if i != image]
+    assert not wrong, f"every image must be {image}: {wrong}"
