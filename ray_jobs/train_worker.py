@@ -1,0 +1,219 @@
+"""The Ray Train worker loop of ``piqa train``: data on the fly, DDP steps, per-epoch reports.
+
+Runs inside each training worker; ``ray_jobs.train`` builds the ``TorchTrainer`` around it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import ray
+import torch
+
+from piqa_core.checkpoints import load_checkpoint, resolve_weights, save_checkpoint
+from piqa_core.training import (FeatureCache, all_gather, crop_rngs, epoch_pairs, fingerprint, init_bundle,
+                                make_optimizer, object_group, pair_loss, predict, prefetch, prepare_items,
+                                seed_torch, shard, val_metrics)
+
+from .actors import _fetcher
+from .inprocess import DEFAULT_MAX_BYTES, fetch
+from .storage import ObjectInfo, S3Options, exists, join, read_bytes, write_bytes
+
+if TYPE_CHECKING:
+    from .train import TrainJob
+
+STATE_FILE, HISTORY_FILE = "train_state.pt", "history.json"
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """One DDP worker: restore or initialise, then per epoch train, validate, report a checkpoint."""
+    import ray.train.torch
+
+    job, data = config["job"], config["data"]
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    bf16 = device.type == "cuda"
+    torch.set_num_threads(max(1, int(job.cpus)))
+
+    def log(msg: str) -> None:  # sys.stdout.write: Train V2's print patch would log every line twice
+        if rank == 0:
+            sys.stdout.write(f"[piqa train {job.run_name}] {msg}\n")
+            sys.stdout.flush()
+
+    checkpoint, state, record = ray.train.get_checkpoint(), None, {"before": None, "epochs": []}
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            bundle = load_checkpoint(d)
+            state = torch.load(os.path.join(d, STATE_FILE), map_location="cpu", weights_only=True)
+            record = json.loads(Path(d, HISTORY_FILE).read_text())
+        init = bundle.meta.get("train", {}).get("init", {})
+        log(f"resuming after epoch {state['epoch'] + 1} ({checkpoint.path})")
+    else:
+        init = {k: getattr(job, k) for k in ("preset", "init", "init_whole", "init_face", "liqe", "retinaface")}
+        sources = [_source(init[k], job.s3) for k in ("init", "init_whole", "init_face", "liqe", "retinaface")]
+        bundle, warnings = init_bundle(job.preset, job.seed, *sources)
+        for w in warnings:
+            log(f"warning: {w}")
+    cfg = bundle.config
+    liqe = bundle.liqe.to(device).eval() if bundle.liqe is not None else None
+    detector = bundle.detector.to(device).eval() if bundle.detector is not None else None
+    model = ray.train.torch.prepare_model(bundle.model)  # DDP when world > 1; bundle.model stays the module
+    opt, sched = make_optimizer(bundle.model, job.lr, job.weight_decay, job.lr_step, job.lr_gamma)
+    start = 0
+    if state is not None:
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        start = int(state["epoch"]) + 1
+
+    cache, loaded = FeatureCache(fingerprint(bundle)), 0
+    cache_uri = join(job.cache, f"features-{cache.fingerprint}.npz") if job.cache else None
+    if cache_uri and exists(cache_uri, job.s3):
+        cache.add_columns(FeatureCache.read_npz(read_bytes(cache_uri, job.s3)))
+        loaded = len(cache)
+        log(f"feature cache: {len(cache)} images from {cache_uri}")
+    group = object_group(world)
+    env = dict(job=job, cfg=cfg, detector=detector, liqe=liqe, cache=cache, device=device, marker=config["marker"])
+    if checkpoint is None and job.eval_before and start < job.epochs:
+        before = set(cache.faces)
+        pred = _predict_val(bundle.model, data["val"], rank, world, bf16, group, **env)
+        _share_cache(cache, before, rank, world, group, cache_uri, job.s3)
+        if rank == 0:
+            record["before"] = val_metrics(pred, *data["val"][1:])
+            log(f"before training: val SRCC mean {record['before']['val_srcc_mean']:.4f} "
+                f"median {record['before']['val_srcc_median']:.4f}")
+
+    for epoch in range(start, job.epochs):
+        seed_torch(job.seed, epoch, rank)
+        t0, lr, before = time.perf_counter(), opt.param_groups[0]["lr"], set(cache.faces)
+        loss_sum, n_pairs = _train_epoch(model, opt, data, epoch, rank, world, bf16, **env)
+        sched.step()
+        train_s = time.perf_counter() - t0
+        pred = _predict_val(bundle.model, data["val"], rank, world, bf16, group, **env)
+        _share_cache(cache, before, rank, world, group, cache_uri, job.s3)
+        totals = np.sum(all_gather([loss_sum, n_pairs], world, group), axis=0)
+        metrics = {"epoch": epoch, "train_loss": float(totals[0] / max(totals[1], 1)), "pairs": int(totals[1]),
+                   "pairs_per_s": float(totals[1] / train_s), "lr": lr, "session_start_epoch": start,
+                   "features_loaded": loaded, "epoch_time_s": time.perf_counter() - t0}
+        if rank == 0:
+            metrics.update(val_metrics(pred, *data["val"][1:]))
+            log(f"epoch {epoch + 1}/{job.epochs}  loss {metrics['train_loss']:.4f}  "
+                f"{metrics['pairs_per_s']:.1f} pairs/s  val SRCC mean {metrics['val_srcc_mean']:.4f} "
+                f"median {metrics['val_srcc_median']:.4f}  PLCC mean {metrics['val_plcc_mean']:.4f}  "
+                f"lr {lr:.2e}  ({metrics['epoch_time_s']:.0f}s)")
+        _report(metrics, record, bundle, opt, sched, job, init, rank)
+
+
+def _source(uri: str | None, s3: S3Options) -> str | bytes | None:
+    """A local path for a model directory or weights file; remote files come back as bytes."""
+    if uri is None or "://" not in uri or uri.startswith("file:"):
+        return uri.removeprefix("file://") if uri else None
+    if uri.rstrip("/").lower().endswith((".pth", ".pt", ".zip", ".bin", ".pkl")):
+        return read_bytes(uri, s3)
+    return str(resolve_weights(uri, fetch=_fetcher(s3)))
+
+
+def _maybe_fail(job: TrainJob, epoch: int, rank: int, marker: str) -> None:
+    """Chaos hook: rank 0 dies abruptly once, after the epoch's first step (the marker survives restarts).
+
+    It waits first: Ray Train V2 collects reports by polling workers (every 2 s), and a worker that
+    dies before the poll takes its last report with it (that epoch is then trained again).
+    """
+    if job.fail_at_epoch == epoch and rank == 0 and not os.path.exists(marker):
+        Path(marker).touch()
+        time.sleep(5)
+        sys.stdout.write(f"[piqa train {job.run_name}] injected failure in epoch {epoch + 1}\n")
+        sys.stdout.flush()
+        os._exit(1)
+
+
+def _prepare(env: dict[str, Any], uris: list[str], idx: np.ndarray, crop_mode: str, rngs: list) -> dict:
+    keys = [uris[i] for i in idx]
+    items = [fetch(ObjectInfo(k, 0, ""), env["job"].s3, DEFAULT_MAX_BYTES) for k in keys]
+    return prepare_items(items, keys, env["cfg"], env["detector"], env["liqe"], env["cache"], crop_mode, rngs,
+                         env["device"])
+
+
+def _train_epoch(model: torch.nn.Module, opt: torch.optim.Optimizer, data: dict[str, Any], epoch: int, rank: int,
+                 world: int, bf16: bool, **env: Any) -> tuple[float, int]:
+    job = env["job"]
+    uris, labels, groups = data["train"]
+    ids, mine = shard(epoch_pairs(groups, epoch, job.seed, data["pairs"]), rank, world)
+    b = job.batch_pairs
+
+    def prep(step: int) -> tuple[dict, np.ndarray]:
+        sl = slice(step * b, (step + 1) * b)
+        idx = np.concatenate([mine[sl, 0], mine[sl, 1]])
+        return _prepare(env, uris, idx, "random", crop_rngs(job.seed, epoch, ids[sl])), labels[idx]
+
+    model.train()
+    loss_sum, count = 0.0, 0
+    for cols, y in prefetch(prep, math.ceil(len(mine) / b), max(1, int(job.cpus))):
+        loss, n = pair_loss(model, cols, y, env["cfg"], env["device"], bf16)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        loss_sum, count = loss_sum + float(loss.item()) * n, count + n
+        _maybe_fail(job, epoch, rank, env["marker"])
+    return loss_sum, count
+
+
+def _predict_val(module: torch.nn.Module, val: tuple, rank: int, world: int, bf16: bool, group: Any,
+                 **env: Any) -> np.ndarray | None:
+    """Five-crop scores of the validation split, sharded by rank; the whole array on rank 0."""
+    uris, b = val[0], env["job"].eval_batch
+    mine = np.arange(rank, len(uris), world)
+    module.eval()
+    chunks = [mine[i:i + b] for i in range(0, len(mine), b)]
+    prep = lambda k: _prepare(env, uris, chunks[k], "five", [None] * len(chunks[k]))  # noqa: E731
+    preds = [predict(module, cols, env["cfg"], env["device"], bf16)
+             for cols in prefetch(prep, len(chunks), max(1, int(env["job"].cpus)))]
+    parts = all_gather((mine, np.concatenate(preds) if preds else np.zeros(0)), world, group)
+    if rank != 0:
+        return None
+    out = np.full(len(uris), np.nan)
+    for idx, p in parts:
+        out[idx] = p
+    return out
+
+
+def _share_cache(cache: FeatureCache, before: set[str], rank: int, world: int, group: Any, uri: str | None,
+                 s3: S3Options) -> None:
+    """Give every rank the features the others computed; rank 0 persists the cache when it grew."""
+    parts = all_gather(cache.to_columns([u for u in cache.faces if u not in before]), world, group)
+    if not sum(len(p["uri"]) for p in parts):
+        return
+    for r, p in enumerate(parts):
+        if r != rank:
+            cache.add_columns(p)
+    if uri and rank == 0:
+        write_bytes(uri, cache.to_npz(), s3)
+
+
+def _report(metrics: dict[str, Any], record: dict[str, Any], bundle: Any, opt: Any, sched: Any, job: TrainJob,
+            init: dict[str, Any], rank: int) -> None:
+    """Rank 0 writes a model directory + optimiser state + history and reports it; others report only."""
+    from ray.train import Checkpoint
+
+    if rank != 0:
+        ray.train.report(metrics, checkpoint=None)
+        return
+    record["epochs"].append(metrics)
+    bundle.model_id, bundle.random_init, bundle.meta = job.run_name, False, {}
+    with tempfile.TemporaryDirectory() as tmp:
+        val = {k: v for k, v in metrics.items() if k.startswith("val_")}
+        save_checkpoint(bundle, tmp, extra={"train": {"init": init, "epochs_completed": metrics["epoch"] + 1,
+                                                      "labels": job.labels, "val": val}})
+        torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "epoch": metrics["epoch"]},
+                   os.path.join(tmp, STATE_FILE))
+        Path(tmp, HISTORY_FILE).write_text(json.dumps(record))
+        ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp),
+                         checkpoint_dir_name=f"epoch_{metrics['epoch']:04d}")
