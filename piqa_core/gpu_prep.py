@@ -11,7 +11,8 @@ Resampling emulates Pillow's uint8 bilinear: horizontal pass, round half up to u
 round again. Measured against Pillow: one float pass is off by 1 on 4-18 % of values; two passes on
 < 0.5 % (~2 % at ratios with exact halves, e.g. 512 -> 448, max 2). The detector input emulates
 ``reducing_gap=3``: Pillow's integer ``reduce`` (block means), then bilinear over the reduced box.
-Once ``FaceDetector.detect_batch`` exists (see the PR note), ``detect_on_device`` shrinks to the padding.
+``detect_on_device`` letterboxes device tensors onto the detector's fixed canvas and calls
+``FaceDetector.detect_batch``.
 """
 
 from __future__ import annotations

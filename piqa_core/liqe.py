@@ -25,6 +25,7 @@ from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
 from torch import nn
 
 from .config import LiqeConfig
+from .preprocess import normalize
 
 QUALITIES = ("bad", "poor", "fair", "good", "perfect")
 SCENES = ("animal", "cityscape", "human", "indoor", "landscape", "night", "plant", "still_life", "others")
@@ -99,9 +100,6 @@ class LIQE(nn.Module):
             quick_gelu=True,
         )
         self.register_buffer("text_features", torch.zeros(NUM_PROMPTS, cc["embed_dim"]))
-        # Non-persistent: derived from the config, so they follow .to(device) but stay out of checkpoints.
-        self.register_buffer("mean", torch.tensor(cfg.mean).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(cfg.std).view(1, 3, 1, 1), persistent=False)
 
     @torch.no_grad()
     def refresh_text_features(self, chunk: int = 128) -> None:
@@ -114,11 +112,8 @@ class LIQE(nn.Module):
 
     def forward(self, patches: torch.Tensor) -> torch.Tensor:
         """uint8 patches (B, num, p, p, 3) -> (B, 495) float32 logits averaged over each image's patches."""
-        b, n, p, _, c = patches.shape
-        x = patches.reshape(b * n, p, p, c).permute(0, 3, 1, 2).float()
         # Same arithmetic as ToTensor + Normalize on the whole image, so results match bit for bit.
-        x = x.div(255).sub(self.mean).div(self.std)
-        return self.forward_float(x.view(b, n, c, p, p))
+        return self.forward_float(normalize(patches, self.cfg.mean, self.cfg.std))
 
     def forward_float(self, x: torch.Tensor) -> torch.Tensor:
         """CLIP-normalised float patches (B, num, 3, p, p) -> (B, 495) float32."""

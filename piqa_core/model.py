@@ -57,13 +57,22 @@ class DualBranchPIQA(nn.Module):
     def forward(self, whole: torch.Tensor, face: torch.Tensor, aux: torch.Tensor | None = None) -> torch.Tensor:
         return self.forward_head(self.forward_features(whole, face, aux))
 
-    def score_crops(self, whole: torch.Tensor, face: torch.Tensor, aux: torch.Tensor | None = None) -> torch.Tensor:
+    def score_crops(self, whole: torch.Tensor, face: torch.Tensor, aux: torch.Tensor | None = None,
+                    chunk: int | None = None) -> torch.Tensor:
         """Crops (B, K, 3, H, W) → (B,) mean over K, the official five-crop test protocol.
 
         The same aux row serves all K crops of an image (the official code tiles it, which is only
-        right at batch 1; here each image keeps its own).
+        right at batch 1; here each image keeps its own). ``chunk`` runs at most that many crops per
+        backbone pass (same result: every layer is per-sample in eval mode); on CPUs small passes
+        stay in cache and run faster per crop.
         """
         b, k = whole.shape[:2]
+        whole, face = whole.flatten(0, 1), face.flatten(0, 1)
         flat_aux = None if aux is None else aux.repeat_interleave(k, dim=0)
-        scores = self(whole.flatten(0, 1), face.flatten(0, 1), flat_aux)
-        return scores.view(b, k).float().mean(dim=1)
+        step = chunk or b * k
+        feats = torch.cat([
+            self.forward_features(whole[i:i + step], face[i:i + step],
+                                  None if flat_aux is None else flat_aux[i:i + step])
+            for i in range(0, b * k, step)
+        ])
+        return self.forward_head(feats).view(b, k).float().mean(dim=1)

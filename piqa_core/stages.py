@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .config import PIQAConfig
+from .config import PRECISIONS, PIQAConfig
 from .faces import FaceDetector, FaceResult, crop_face, detector_input
 from .liqe import LIQE, extract_patches, top_scene
 from .model import DualBranchPIQA
@@ -25,7 +25,6 @@ from .preprocess import ImageError, load_image, make_crops, normalize
 
 # An ImageError stands for an input whose read already failed upstream: it becomes that error row.
 ImageInput = Union[str, Path, bytes, Image.Image, np.ndarray, ImageError]
-PRECISIONS = ("fp32", "tf32", "bf16")
 
 
 def num_crops(crop_mode: str) -> int:
@@ -116,6 +115,9 @@ def _describe(e: BaseException) -> str:
     return f"{type(e).__name__}: {e}{loc}"
 
 
+CPU_PIXELS_PER_PASS = 2 * 384 * 384
+
+
 class Predictor:
     """Device-side scoring of prepared columns: normalise, LIQE, dual-branch model, crop mean.
 
@@ -143,6 +145,10 @@ class Predictor:
                 if hasattr(m, "fused_attn"):
                     m.fused_attn = True
         self._model_fn, self._liqe_fn = self.model.score_crops, self.liqe
+        # CPUs: a Swin-B/384 pass over 10 crops (2 images) costs 44 % more per image than over 5;
+        # passes of ~2 crops at 384² are fastest (measured, 2-core EPYC). GPUs want whole batches.
+        crop = cfg.preprocess.crop
+        self.crops_per_pass = None if self.device.type == "cuda" else max(1, CPU_PIXELS_PER_PASS // (crop * crop))
         if compile:
             self._model_fn = torch.compile(self.model.score_crops, dynamic=False)
             self._liqe_fn = torch.compile(self.liqe, dynamic=False) if self.liqe is not None else None
@@ -182,7 +188,8 @@ class Predictor:
                 scenes = top_scene(aux)
             whole = normalize(take("whole"), pp.mean, pp.std).to(self.dtype)
             face = normalize(take("face"), pp.mean, pp.std).to(self.dtype)
-            scores = self._model_fn(whole, face, None if aux is None else aux.to(self.dtype))
+            aux = None if aux is None else aux.to(self.dtype)
+            scores = self._model_fn(whole, face, aux, chunk=self.crops_per_pass)
         return scores.float().cpu().numpy()[:n], scenes[:n]
 
 

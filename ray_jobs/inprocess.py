@@ -6,26 +6,12 @@ from typing import Callable
 
 import pyarrow as pa
 
-from piqa_core.preprocess import ImageError
 from piqa_core.scorer import Scorer
 from piqa_core.stages import rows_from_columns
 
+from .reader import DEFAULT_MAX_BYTES, fetch
 from .schema import now_utc, schema_metadata, to_table
-from .storage import ObjectInfo, ObjectTooLarge, S3Options, read_bytes
-
-DEFAULT_MAX_BYTES = 256 * 1024 * 1024
-
-
-def fetch(info: ObjectInfo, s3: S3Options | None, max_bytes: int) -> bytes | ImageError:
-    """The object's bytes, or the error its row will carry."""
-    try:
-        return read_bytes(info.uri, s3, max_bytes=max_bytes)
-    except FileNotFoundError:
-        return ImageError("not_found", f"{info.uri} does not exist (deleted after listing?)")
-    except ObjectTooLarge as e:
-        return ImageError("too_large", str(e))
-    except OSError as e:
-        return ImageError("read_failed", f"{type(e).__name__}: {e}")
+from .storage import ObjectInfo, S3Options
 
 
 def score_objects(objects: list[ObjectInfo], scorer: Scorer, batch_size: int = 8,

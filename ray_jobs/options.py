@@ -8,8 +8,7 @@ from typing import Any, Callable
 
 import click
 
-from piqa_core.config import CROP_MODES, list_presets
-from piqa_core.stages import PRECISIONS
+from piqa_core.config import CROP_MODES, PRECISIONS, list_presets
 
 
 @dataclass

@@ -1,4 +1,6 @@
-"""Reading back what earlier runs wrote: for --resume and for run summaries."""
+"""Output files by run: how a run names them, and reading them back for --resume and summaries.
+
+Torch-free on purpose: Ray's write tasks unpickle ``RunFiles`` and so import this module."""
 
 from __future__ import annotations
 
@@ -7,9 +9,24 @@ import sys
 import pyarrow as pa
 import pyarrow.parquet as pq
 from pyarrow import fs as pafs
+from ray.data.datasource import FilenameProvider
 
 from .schema import SCORE_SCHEMA
 from .storage import S3Options, resolve
+
+
+class RunFiles(FilenameProvider):
+    """``part-<run_id>-<write uuid>_<task>.parquet``: grouped by run, never colliding across runs.
+
+    Ray requires its write UUID in the name (a retried write task then replaces its own file).
+    """
+
+    def __init__(self, run_id: str) -> None:
+        super().__init__(file_format="parquet")
+        self.run_id = run_id
+
+    def get_filename_for_task(self, write_uuid: str, task_index: int) -> str:
+        return f"part-{self.run_id}-{write_uuid}_{task_index:06d}.parquet"
 
 
 def _parquet_files(uri: str, s3: S3Options | None) -> tuple[pafs.FileSystem, list[str]]:

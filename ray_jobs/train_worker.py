@@ -24,7 +24,7 @@ from piqa_core.training import (FeatureCache, all_gather, crop_rngs, epoch_pairs
                                 seed_torch, shard, val_metrics)
 
 from .actors import _fetcher
-from .inprocess import DEFAULT_MAX_BYTES, fetch
+from .reader import DEFAULT_MAX_BYTES, fetch
 from .storage import ObjectInfo, S3Options, exists, join, read_bytes, write_bytes
 
 if TYPE_CHECKING:

@@ -59,6 +59,16 @@ def test_score_crops_is_mean_of_per_crop_scores(tiny):
     assert torch.allclose(tiny.score_crops(whole[1:], face[1:], aux[1:]), got[1:], atol=1e-5)
 
 
+@pytest.mark.parametrize("chunk", [1, 3, 10, 64])
+def test_chunked_passes_give_the_same_scores(tiny, chunk):
+    g = torch.Generator().manual_seed(2)
+    whole, face = torch.randn(2, 5, 3, 64, 64, generator=g), torch.randn(2, 5, 3, 64, 64, generator=g)
+    aux = torch.randn(2, 495, generator=g)
+    with torch.inference_mode():
+        assert torch.allclose(tiny.score_crops(whole, face, aux, chunk=chunk), tiny.score_crops(whole, face, aux),
+                              atol=1e-6)
+
+
 def test_aux_width_is_checked(tiny):
     whole, face, _ = _inputs(1, 64)
     with pytest.raises(ValueError, match="495"):
