@@ -43,19 +43,29 @@ class CheckpointError(RuntimeError):
     """A weights file is missing, unsafe, or does not match the model; the message says what to do."""
 
 
+# The three networks a bundle may hold; a process that runs only one stage loads only its part.
+PARTS = ("model", "liqe", "face")
+
+
 @dataclass
 class Bundle:
-    """Everything a scorer runs: config, the three networks and where the weights came from."""
+    """Everything a scorer runs: config, the three networks and where the weights came from.
+
+    A bundle built or loaded with fewer ``parts`` has ``None`` for the others (the Ray prep stage
+    needs only the detector, the scoring stage only the model and LIQE).
+    """
 
     config: PIQAConfig
-    model: DualBranchPIQA
+    model: DualBranchPIQA | None
     liqe: LIQE | None
     detector: FaceDetector | None
     model_id: str
     random_init: bool = False
     meta: dict[str, Any] = field(default_factory=dict)
+    parts: tuple[str, ...] = PARTS
 
     def state_dict(self) -> dict[str, torch.Tensor]:
+        self._require_all("state_dict")
         sd = {f"model.{k}": v for k, v in self.model.state_dict().items()}
         if self.liqe is not None:
             sd.update({f"liqe.{k}": v for k, v in self.liqe.state_dict().items()})
@@ -69,6 +79,10 @@ class Bundle:
         if "sha256" not in self.meta:
             self.meta["sha256"] = hashlib.sha256(_serialise(self.state_dict())).hexdigest()
         return self.meta["sha256"]
+
+    def _require_all(self, what: str) -> None:
+        if set(self.parts) != set(PARTS):
+            raise CheckpointError(f"{what} needs the whole bundle; this one holds only {self.parts}")
 
 
 def _serialise(sd: Mapping[str, torch.Tensor]) -> bytes:
@@ -244,21 +258,38 @@ def find_retinaface(path: str | os.PathLike | None = None) -> Path:
 # ----------------------------------------------------------------------------- bundles
 
 
-def build_bundle(config: PIQAConfig | str, seed: int = 0, text_features: bool = True) -> Bundle:
+def _check_parts(parts: tuple[str, ...]) -> tuple[str, ...]:
+    unknown = set(parts) - set(PARTS)
+    if unknown or not parts:
+        raise ValueError(f"parts must be a non-empty subset of {PARTS}, got {parts}")
+    return tuple(p for p in PARTS if p in parts)
+
+
+def build_bundle(config: PIQAConfig | str, seed: int = 0, text_features: bool = True,
+                 parts: tuple[str, ...] = PARTS) -> Bundle:
     """Randomly initialised networks for a config. Random weights are marked and never a quality model.
 
     ``text_features=False`` skips encoding the 495 prompts (30 s for ViT-B/32 on CPU) when a load
-    will overwrite them anyway.
+    will overwrite them anyway. Each part is initialised from its own seeded generator state, so a
+    part built alone equals the same part of a whole bundle.
     """
     cfg = get_preset(config) if isinstance(config, str) else config
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = DualBranchPIQA(cfg.model).eval()
-        liqe = LIQE(cfg.liqe).eval() if cfg.liqe.enabled else None
-        detector = FaceDetector(cfg.face).eval() if cfg.face.enabled else None
+    parts = _check_parts(parts)
+    builders = {"model": lambda: DualBranchPIQA(cfg.model),
+                "liqe": lambda: LIQE(cfg.liqe) if cfg.liqe.enabled else None,
+                "face": lambda: FaceDetector(cfg.face) if cfg.face.enabled else None}
+    nets: dict[str, Any] = {}
+    for i, part in enumerate(PARTS):
+        if part in parts:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed + 7919 * i)  # i = 0: the model keeps the plain seed
+                net = builders[part]()
+            nets[part] = net.eval() if net is not None else None
+    liqe = nets.get("liqe")
     if liqe is not None and text_features:
         liqe.refresh_text_features()
-    return Bundle(cfg, model, liqe, detector, model_id=f"random-{cfg.preset}-seed{seed}", random_init=True)
+    return Bundle(cfg, nets.get("model"), liqe, nets.get("face"), model_id=f"random-{cfg.preset}-seed{seed}",
+                  random_init=True, parts=parts)
 
 
 def import_official(
@@ -305,8 +336,11 @@ def save_checkpoint(bundle: Bundle, directory: str | os.PathLike, extra: Mapping
     return digest
 
 
-def load_checkpoint(directory: str | os.PathLike, verify: bool = True) -> Bundle:
-    """Load a model directory written by ``save_checkpoint`` (strict, sha256-verified)."""
+def load_checkpoint(directory: str | os.PathLike, verify: bool = True, parts: tuple[str, ...] = PARTS) -> Bundle:
+    """Load a model directory written by ``save_checkpoint`` (strict, sha256-verified).
+
+    ``parts`` builds and loads only those networks; the file is still verified whole.
+    """
     root = Path(directory)
     cfg_path, w_path = root / CONFIG_FILE, root / WEIGHTS_FILE
     if not cfg_path.is_file() or not w_path.is_file():
@@ -322,14 +356,13 @@ def load_checkpoint(directory: str | os.PathLike, verify: bool = True) -> Bundle
     if verify and meta.get("sha256") not in (None, digest):
         raise CheckpointError(f"{w_path} is corrupt or was replaced: sha256 {digest} != {meta['sha256']}")
     sd = st_load(blob)
-    bundle = build_bundle(PIQAConfig.from_dict(meta["config"]), text_features=False)
-    load_strict(bundle.model, _take(sd, "model."), "model")
-    for part, module in (("liqe.", bundle.liqe), ("face.", bundle.detector)):
-        if module is not None:
-            load_strict(module, _take(sd, part), part.rstrip("."))
     stray = sorted(k for k in sd if not k.startswith(("model.", "liqe.", "face.")))
     if stray:
         raise CheckpointError(f"{w_path}: unexpected tensors {stray[:5]}")
+    bundle = build_bundle(PIQAConfig.from_dict(meta["config"]), text_features=False, parts=parts)
+    for part, module in (("model", bundle.model), ("liqe", bundle.liqe), ("face", bundle.detector)):
+        if module is not None:
+            load_strict(module, _take(sd, part + "."), part)
     bundle.model_id, bundle.random_init = meta.get("model_id", root.name), bool(meta.get("random_init"))
     bundle.meta = {"sha256": digest, **{k: v for k, v in meta.items() if k not in ("config", "sha256")}}
     return bundle

@@ -11,14 +11,14 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from piqa_core.checkpoints import CONFIG_FILE, Bundle, build_bundle, load_checkpoint, resolve_weights
+from piqa_core.checkpoints import (CONFIG_FILE, PARTS, Bundle, CheckpointError, build_bundle, load_checkpoint,
+                                   resolve_weights)
 from piqa_core.preprocess import ImageError
 from piqa_core.stages import Predictor, prepare_batch
 
-from .inprocess import fetch
 from .options import ModelOptions
 from .schema import SCORE_SCHEMA, now_utc
-from .storage import ObjectInfo, S3Options, list_images, read_bytes
+from .storage import S3Options, list_images, read_bytes
 
 PIXEL_COLUMNS = ("whole", "face", "patches")
 
@@ -37,14 +37,18 @@ def _fetcher(s3: S3Options):
     return copy
 
 
-def load_bundle(model: ModelOptions, s3: S3Options) -> Bundle:
+def load_bundle(model: ModelOptions, s3: S3Options, parts: tuple[str, ...] = PARTS) -> Bundle:
     if model.random_weights:
-        return build_bundle(model.preset)
-    return load_checkpoint(resolve_weights(model.weights, fetch=_fetcher(s3)))
+        return build_bundle(model.preset, parts=parts)
+    return load_checkpoint(resolve_weights(model.weights, fetch=_fetcher(s3)), parts=parts)
 
 
 def model_identity(model: ModelOptions, s3: S3Options) -> dict[str, Any]:
-    """model_id, sha256, preset, crop mode and whether weights are random, without building networks."""
+    """model_id, sha256, preset, crop mode, config and whether weights are random.
+
+    A model directory is identified by its config.json alone; random weights are built once here
+    to hash them.
+    """
     if model.random_weights:
         bundle = build_bundle(model.preset)
         cfg, model_id, sha, random_init = bundle.config, bundle.model_id, bundle.sha256, True
@@ -55,21 +59,7 @@ def model_identity(model: ModelOptions, s3: S3Options) -> dict[str, Any]:
         cfg, model_id = PIQAConfig.from_dict(meta["config"]), meta["model_id"]
         sha, random_init = meta["sha256"], bool(meta.get("random_init"))
     return {"model_id": model_id, "sha256": sha, "preset": cfg.preset, "random_init": random_init,
-            "crop_mode": model.crop_mode or cfg.preprocess.crop_mode}
-
-
-def read_objects(batch: dict[str, np.ndarray], s3: S3Options, max_bytes: int) -> dict[str, np.ndarray]:
-    """Adds the objects' bytes; a failed read becomes ``read_error_*`` for its row, never an exception."""
-    n = len(batch["uri"])
-    data = np.empty(n, dtype=object)
-    codes, messages = np.full(n, "", dtype=object), np.full(n, "", dtype=object)
-    for i, uri in enumerate(batch["uri"]):
-        got = fetch(ObjectInfo(str(uri), int(batch["bytes"][i]), str(batch["etag_or_mtime"][i])), s3, max_bytes)
-        if isinstance(got, ImageError):
-            data[i], codes[i], messages[i] = b"", got.code, got.message
-        else:
-            data[i] = got
-    return {**batch, "data": data, "read_error_code": codes, "read_error_message": messages}
+            "crop_mode": model.crop_mode or cfg.preprocess.crop_mode, "config": cfg}
 
 
 def _maybe_crash(marker: str | None) -> None:
@@ -83,9 +73,9 @@ class PrepActor:
     """CPU stage: decode, batched face detection, crops, LIQE patches (pixel columns are uint8)."""
 
     def __init__(self, model: ModelOptions, s3: S3Options, face_device: str = "cpu",
-                 crash_marker: str | None = None) -> None:
-        torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
-        bundle = load_bundle(model, s3)
+                 crash_marker: str | None = None, threads: int | None = None) -> None:
+        torch.set_num_threads(threads or max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
+        bundle = load_bundle(model, s3, parts=("face",))
         self.cfg, self.crop_mode = bundle.config, model.crop_mode
         device = torch.device("cuda" if face_device == "gpu" and torch.cuda.is_available() else "cpu")
         self.detector = bundle.detector.to(device).eval() if bundle.detector is not None else None
@@ -101,15 +91,22 @@ class PrepActor:
 
 
 class ScoreActor:
-    """Model stage: one model per actor on its GPU (or CPU); emits rows in the output schema."""
+    """Model stage: one model per actor on its GPU (or CPU); emits rows in the output schema.
 
-    def __init__(self, model: ModelOptions, s3: S3Options, device: str = "cpu", crash_marker: str | None = None,
-                 threads: int | None = None) -> None:
+    ``identity`` is the driver's ``model_identity``: rows carry it, and a checkpoint whose sha256
+    differs (replaced while the job ran) stops the actor instead of mixing two models in one run.
+    """
+
+    def __init__(self, model: ModelOptions, s3: S3Options, identity: dict[str, Any], device: str = "cpu",
+                 crash_marker: str | None = None, threads: int | None = None) -> None:
         if threads:
             torch.set_num_threads(threads)
-        bundle = load_bundle(model, s3)
+        bundle = load_bundle(model, s3, parts=("model", "liqe"))
+        if model.weights and bundle.sha256 != identity["sha256"]:
+            raise CheckpointError(f"{model.weights} changed while the job ran: sha256 {bundle.sha256} "
+                                  f"!= {identity['sha256']} at job start; re-run the job")
         device = torch.device(device)
-        self.bundle, self.crop_mode = bundle, model.crop_mode or bundle.config.preprocess.crop_mode
+        self.identity, self.crop_mode = identity, identity["crop_mode"]
         self.predictor = Predictor(bundle.config, bundle.model, bundle.liqe, device, model.precision,
                                    compile=model.compile, batch_size=model.batch_size)
         self.crash_marker = crash_marker
@@ -135,9 +132,9 @@ class ScoreActor:
             "face_confidence": pa.array(conf, pa.float32(), mask=np.isnan(conf)),
             "n_faces": pa.array(cols["n_faces"], pa.int32()),
             "liqe_scene_top": nullable(cols["liqe_scene_top"]),
-            "model_id": pa.array([self.bundle.model_id] * n),
-            "model_sha256": pa.array([self.bundle.sha256] * n),
-            "random_weights": pa.array([self.bundle.random_init] * n),
+            "model_id": pa.array([self.identity["model_id"]] * n),
+            "model_sha256": pa.array([self.identity["sha256"]] * n),
+            "random_weights": pa.array([self.identity["random_init"]] * n),
             "crop_mode": pa.array([self.crop_mode] * n),
             "status": pa.array(cols["status"].astype(str)),
             "error_code": nullable(cols["error_code"]),

@@ -201,6 +201,25 @@ def test_random_bundles_are_deterministic_and_marked():
     assert a.sha256 == b.sha256 != build_bundle("tiny", seed=1).sha256
 
 
+def test_partial_bundles_hold_only_their_parts(tmp_path):
+    whole = build_bundle("tiny", seed=3)
+    face = build_bundle("tiny", seed=3, parts=("face",), text_features=False)
+    assert face.model is None and face.liqe is None and face.parts == ("face",)
+    # a part built alone is the same network as in the whole bundle (the Ray stages rely on it)
+    assert all(torch.equal(a, b) for a, b in zip(face.detector.state_dict().values(),
+                                                  whole.detector.state_dict().values()))
+    scorer = build_bundle("tiny", seed=3, parts=("liqe", "model"))
+    assert scorer.detector is None and scorer.parts == ("model", "liqe")
+    assert torch.equal(scorer.liqe.text_features, whole.liqe.text_features)
+    with pytest.raises(CheckpointError, match="whole bundle"):
+        face.sha256
+    digest = save_checkpoint(whole, tmp_path / "m")
+    loaded = load_checkpoint(tmp_path / "m", parts=("face",))
+    assert loaded.model is None and loaded.sha256 == digest  # a loaded part knows the file's digest
+    with pytest.raises(ValueError, match="subset"):
+        build_bundle("tiny", parts=("backbone",))
+
+
 def test_resolve_weights_local_and_remote(tmp_path):
     assert resolve_weights(str(tmp_path)) == tmp_path
     assert resolve_weights(f"file://{tmp_path}") == tmp_path

@@ -1,0 +1,52 @@
+"""The Ray stage classes called directly (no Ray): same scores as the in-process Scorer, identity checks."""
+
+import numpy as np
+import pytest
+
+from piqa_core.checkpoints import CheckpointError, build_bundle, save_checkpoint
+from piqa_core.scorer import Scorer
+from ray_jobs.actors import PrepActor, ScoreActor, model_identity
+from ray_jobs.options import ModelOptions
+from ray_jobs.schema import SCORE_SCHEMA
+from ray_jobs.storage import S3Options
+from tests.corpus import astronaut_jpeg_bytes
+
+TINY = ModelOptions(weights=None, random_weights=True, preset="tiny", crop_mode=None, precision="fp32",
+                    device=None, batch_size=4)
+
+
+def _read_batch(items):
+    """What the read stage emits: bytes, or a read error code for the row."""
+    n = len(items)
+    data = np.empty(n, dtype=object)
+    data[:] = [x if isinstance(x, bytes) else b"" for x in items]
+    code = np.array(["" if isinstance(x, bytes) else x for x in items], dtype=object)
+    return {"uri": np.array([f"mem://{i}.jpg" for i in range(n)], dtype=object),
+            "etag_or_mtime": np.array(["e"] * n, dtype=object), "bytes": np.arange(n), "data": data,
+            "read_error_code": code, "read_error_message": np.where(code == "", "", "too big").astype(object)}
+
+
+def test_stages_score_like_the_in_process_scorer():
+    photos = [astronaut_jpeg_bytes(quality=q, width=320, height=256) for q in (95, 60, 30)]
+    identity = model_identity(TINY, S3Options())
+    cols = PrepActor(TINY, S3Options(), threads=1)(_read_batch([photos[0], "too_large", photos[1], photos[2]]))
+    table = ScoreActor(TINY, S3Options(), identity, threads=1)(cols)
+    assert table.schema == SCORE_SCHEMA
+    rows = table.to_pylist()
+    assert [r["status"] for r in rows] == ["ok", "error", "ok", "ok"]
+    assert rows[1]["error_code"] == "too_large" and rows[1]["score"] is None
+    want = [r["score"] for r in Scorer.from_pretrained("tiny", random_weights=True, device="cpu").score(photos)]
+    got = [rows[i]["score"] for i in (0, 2, 3)]
+    assert np.allclose(got, want, atol=1e-5), (got, want)
+    assert {r["model_sha256"] for r in rows} == {build_bundle("tiny").sha256}
+    assert all(r["random_weights"] for r in rows)
+
+
+def test_score_actor_refuses_weights_replaced_during_the_job(tmp_path):
+    save_checkpoint(build_bundle("tiny", seed=1), tmp_path / "m")
+    model = ModelOptions(weights=str(tmp_path / "m"), random_weights=False, preset="tiny", crop_mode=None,
+                         precision="fp32", device=None, batch_size=4)
+    identity = model_identity(model, S3Options())
+    save_checkpoint(build_bundle("tiny", seed=2), tmp_path / "m")  # replaced after the driver looked
+    with pytest.raises(CheckpointError, match="changed while the job ran"):
+        ScoreActor(model, S3Options(), identity)
