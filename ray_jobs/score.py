@@ -7,6 +7,7 @@ Run on a cluster with ``ray job submit --working-dir . -- python -m ray_jobs.sco
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import sys
@@ -19,11 +20,14 @@ from typing import Any
 
 import ray
 from ray.data import ActorPoolStrategy
-from ray.data.datasource import FilenameProvider
 
-from .actors import PrepActor, ScoreActor, model_identity, read_objects
+from piqa_core.config import PIQAConfig
+from piqa_core.stages import num_crops
+
+from .actors import PrepActor, ScoreActor, model_identity
 from .options import ModelOptions
-from .resume import already_scored, run_files
+from .reader import read_objects
+from .resume import RunFiles, already_scored, run_files
 from .schema import SCORE_SCHEMA, schema_metadata
 from .storage import ObjectInfo, S3Options, join, list_inputs, resolve, write_text
 from .summary import format_summary, summarize, to_json
@@ -62,13 +66,33 @@ class PoolPlan:
     score_gpus: float
     score_cpus: float
     prep_gpus: float = 0.0
+    prep_cpus: float = 1.0
+    prep_threads: int = 1
+    score_threads: int = 1
 
 
 # Logical CPUs kept free for the light read and write tasks, so the actor pools cannot starve them.
 IO_TASK_CPUS = 0.1
 
 
-def plan_pools(job: ScoreJob, resources: dict[str, float]) -> PoolPlan:
+def model_share(cfg: PIQAConfig, crop_mode: str) -> float:
+    """Estimated fraction of one image's CPU time spent in the model (the rest: decode, faces, crops).
+
+    A cost model fitted to this project's single-thread CPU measurements: a Swin-B/384 crop 0.7 s,
+    LIQE ViT-B/32 over 15 patches 0.35 s, RetinaFace-R50 at 640² 0.55 s, plus fixed per-image
+    costs. Gives 0.93 for dn-piqa five-crop (measured 0.92) and 0.30 for the tiny preset (0.32).
+    """
+    kw = cfg.model.backbone_kwargs
+    swin = (kw.get("embed_dim", 128) / 128) ** 2 * sum(kw.get("depths", (2, 2, 18, 2))) / 24
+    model = 0.02 + 0.7 * swin * 2 * num_crops(crop_mode) * (cfg.preprocess.crop / 384) ** 2
+    if cfg.liqe.enabled:
+        vis = cfg.liqe.clip_cfg.get("vision_cfg", {})
+        model += 0.35 * (vis.get("width", 768) / 768) ** 2 * vis.get("layers", 12) / 12 * cfg.liqe.num_patches / 15
+    prep = 0.03 + (0.55 * (cfg.face.detect_long_side / 640) ** 2 if cfg.face.enabled else 0.0)
+    return model / (model + prep)
+
+
+def plan_pools(job: ScoreJob, resources: dict[str, float], cfg: PIQAConfig | None = None) -> PoolPlan:
     """Actor pool sizes from the cluster's resources unless given explicitly."""
     cpus, gpus = resources.get("CPU", 1.0), resources.get("GPU", 0.0)
     use_gpu = bool(gpus) if job.gpu is None else job.gpu
@@ -83,25 +107,22 @@ def plan_pools(job: ScoreJob, resources: dict[str, float]) -> PoolPlan:
         return PoolPlan(prep, score, per / 2, 1.0, prep_gpus=round(per / 2 * score / prep, 4))
     if job.face_device == "gpu":
         raise ValueError("--face-device gpu needs GPUs: the cluster has none (pass --gpu to wait for them)")
-    score = job.score_actors or max(1, int(cpus // 2))
-    prep = job.prep_actors or max(1, int(cpus - score))
-    # On a CPU-only cluster both pools share the cores; leave room for read + write tasks.
-    score_cpus = max(0.25, min(1.0, (cpus - prep - 2 * IO_TASK_CPUS) / score))
-    return PoolPlan(prep, score, 0.0, score_cpus)
+    # CPU-only: single-threaded actors (one torch thread each scales best here) split by each stage's
+    # share of the work, plus one more process than cores so the OS keeps every core busy while
+    # one stage waits on the other.
+    share = model_share(cfg, job.model.crop_mode or cfg.preprocess.crop_mode) if cfg is not None else 0.5
+    n = int(cpus)
+    score = job.score_actors or min(n, max(1, round(n * share)))
+    prep = job.prep_actors or max(1, n + 1 - score)
+    each = max(0.05, (cpus - 2 * IO_TASK_CPUS) / (prep + score))  # logical CPUs: all actors must fit
+    return PoolPlan(prep, score, 0.0, round(each, 3), prep_cpus=round(each, 3))
 
 
-class _RunFiles(FilenameProvider):
-    """``part-<run_id>-<write uuid>-<task>.parquet``: grouped by run, never colliding across runs.
-
-    Ray requires its write UUID in the name (a retried write task then replaces its own file).
-    """
-
-    def __init__(self, run_id: str) -> None:
-        super().__init__(file_format="parquet")
-        self.run_id = run_id
-
-    def get_filename_for_task(self, write_uuid: str, task_index: int) -> str:
-        return f"part-{self.run_id}-{write_uuid}_{task_index:06d}.parquet"
+def _fit_to_inputs(plan: PoolPlan, job: ScoreJob, n: int) -> PoolPlan:
+    """No more actors than there are blocks/batches for: an idle actor only pays its start-up."""
+    prep = job.prep_actors or min(plan.prep_actors, _num_blocks(n, job))
+    score = job.score_actors or min(plan.score_actors, max(1, -(-n // job.model.batch_size)))
+    return dataclasses.replace(plan, prep_actors=prep, score_actors=score)
 
 
 def _run_id(job: ScoreJob, objects: list[ObjectInfo]) -> str:
@@ -116,7 +137,6 @@ def run_score_job(job: ScoreJob) -> dict[str, Any]:
         ray.init(address=job.address or os.environ.get("RAY_ADDRESS"), log_to_driver=True)
     objects = (list(job.objects) if job.objects is not None
                else list_inputs(job.inputs, job.s3, manifest=job.manifest))
-    plan = plan_pools(job, ray.cluster_resources())
     identity = model_identity(job.model, job.s3)
     skipped = 0
     if job.resume:
@@ -124,27 +144,29 @@ def run_score_job(job: ScoreJob) -> dict[str, Any]:
         before = len(objects)
         objects = [o for o in objects if o.uri not in done]
         skipped = before - len(objects)
+    plan = _fit_to_inputs(plan_pools(job, ray.cluster_resources(), identity["config"]), job, len(objects))
     run_id = job.run_id or _run_id(job, objects)
     dest = join(job.out, f"run_date={job.run_date}")
     print(f"piqa: {len(objects)} inputs to score ({skipped} already scored), "
           f"{plan.prep_actors} prep + {plan.score_actors} score actors, run {run_id}", file=sys.stderr)
 
     if objects:
-        prep, score = _stage_args(job, plan, run_id)
+        prep, score = _stage_args(job, plan, run_id, identity)
         ds = (
             ray.data.from_items([{"uri": o.uri, "etag_or_mtime": o.etag_or_mtime, "bytes": o.size}
                                  for o in objects], override_num_blocks=_num_blocks(len(objects), job))
             .map_batches(read_objects, fn_kwargs={"s3": job.s3, "max_bytes": job.max_bytes},
-                         batch_size=job.prep_batch_size, num_cpus=IO_TASK_CPUS, batch_format="numpy")
+                         batch_size=job.prep_batch_size, num_cpus=IO_TASK_CPUS, batch_format="numpy",
+                         compute=ray.data.TaskPoolStrategy(size=2))
             .map_batches(PrepActor, batch_size=job.prep_batch_size, batch_format="numpy", **prep)
             .map_batches(ScoreActor, batch_size=job.model.batch_size, batch_format="numpy", **score)
         )
         fs, path = resolve(dest, job.s3)
         meta = schema_metadata(identity["model_id"], identity["sha256"], identity["crop_mode"],
                                identity["random_init"], identity["preset"])
-        ds.write_parquet(path, filesystem=fs, filename_provider=_RunFiles(run_id),
+        ds.write_parquet(path, filesystem=fs, filename_provider=RunFiles(run_id),
                          schema=SCORE_SCHEMA.with_metadata(meta),
-                         ray_remote_args={"num_cpus": IO_TASK_CPUS})
+                         ray_remote_args={"num_cpus": IO_TASK_CPUS}, concurrency=1)
 
     table = run_files(dest, run_id, job.s3)
     summary = summarize(table, time.perf_counter() - t0, run_id=run_id, skipped_already_scored=skipped,
@@ -155,7 +177,8 @@ def run_score_job(job: ScoreJob) -> dict[str, Any]:
     return summary
 
 
-def _stage_args(job: ScoreJob, plan: PoolPlan, run_id: str) -> tuple[dict[str, Any], dict[str, Any]]:
+def _stage_args(job: ScoreJob, plan: PoolPlan, run_id: str,
+                identity: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     """map_batches arguments of the two actor stages: pools, resources, constructor kwargs."""
     def crash_marker(stage: str) -> str | None:
         if job.inject_crash != stage:
@@ -164,12 +187,13 @@ def _stage_args(job: ScoreJob, plan: PoolPlan, run_id: str) -> tuple[dict[str, A
 
     common = {"model": job.model, "s3": job.s3}
     prep = dict(
-        fn_constructor_kwargs={**common, "face_device": job.face_device, "crash_marker": crash_marker("prep")},
-        compute=ActorPoolStrategy(size=plan.prep_actors), num_cpus=1, num_gpus=plan.prep_gpus,
+        fn_constructor_kwargs={**common, "face_device": job.face_device, "crash_marker": crash_marker("prep"),
+                               "threads": plan.prep_threads},
+        compute=ActorPoolStrategy(size=plan.prep_actors), num_cpus=plan.prep_cpus, num_gpus=plan.prep_gpus,
     )
     score = dict(
-        fn_constructor_kwargs={**common, "device": "cuda" if plan.score_gpus else "cpu",
-                               "threads": max(1, round(plan.score_cpus)), "crash_marker": crash_marker("score")},
+        fn_constructor_kwargs={**common, "identity": identity, "device": "cuda" if plan.score_gpus else "cpu",
+                               "threads": plan.score_threads, "crash_marker": crash_marker("score")},
         compute=ActorPoolStrategy(size=plan.score_actors), num_cpus=plan.score_cpus, num_gpus=plan.score_gpus,
     )
     return prep, score

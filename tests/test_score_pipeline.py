@@ -8,9 +8,10 @@ import pytest
 
 import ray_jobs.score as score_mod
 from piqa_core.checkpoints import build_bundle, save_checkpoint
+from piqa_core.config import get_preset
 from ray_jobs.options import ModelOptions
 from ray_jobs.resume import read_rows
-from ray_jobs.score import ScoreJob, plan_pools, run_score_job
+from ray_jobs.score import ScoreJob, model_share, plan_pools, run_score_job
 from ray_jobs.storage import IMAGE_EXTENSIONS, S3Options
 from tests.corpus import astronaut_jpeg_bytes, build_corpus
 
@@ -140,10 +141,23 @@ def test_s3_round_trip_with_weights_from_s3(ray_local, s3_server, s3_bucket, tmp
     assert all(r["crop_mode"] == "center" and r["random_weights"] for r in rows.values())
 
 
+def test_model_share_matches_the_measured_split():
+    # measured single-thread CPU shares of the model: dn-piqa 0.92 (7.0 s of 7.6 s), tiny 0.32
+    assert model_share(get_preset("dn-piqa"), "five") == pytest.approx(0.92, abs=0.03)
+    assert model_share(get_preset("tiny"), "five") == pytest.approx(0.32, abs=0.05)
+    assert model_share(get_preset("dn-piqa"), "center") < model_share(get_preset("dn-piqa"), "five")
+
+
 def test_pool_plans():
-    cpu = plan_pools(_job([], "x"), {"CPU": 2.0})
-    assert (cpu.prep_actors, cpu.score_actors, cpu.score_gpus) == (1, 1, 0.0)
-    assert cpu.prep_actors + cpu.score_actors * cpu.score_cpus + 0.2 <= 2.0
+    # CPU-only: single-threaded actors split by the model's share of the work, one more than cores
+    tiny = plan_pools(_job([], "x"), {"CPU": 2.0}, get_preset("tiny"))
+    assert (tiny.prep_actors, tiny.score_actors, tiny.score_gpus) == (2, 1, 0.0)
+    dn = plan_pools(_job([], "x"), {"CPU": 2.0}, get_preset("dn-piqa"))
+    assert (dn.prep_actors, dn.score_actors, dn.prep_threads, dn.score_threads) == (1, 2, 1, 1)
+    big = plan_pools(_job([], "x"), {"CPU": 16.0}, get_preset("dn-piqa"))
+    for plan, cpus in ((tiny, 2.0), (dn, 2.0), (big, 16.0)):  # every actor fits, with room for IO tasks
+        assert plan.prep_actors * plan.prep_cpus + plan.score_actors * plan.score_cpus + 0.2 <= cpus + 1e-6
+    assert plan_pools(_job([], "x", prep_actors=3, score_actors=1), {"CPU": 2.0}).prep_actors == 3
     gpu = plan_pools(_job([], "x"), {"CPU": 16.0, "GPU": 1.0})
     assert (gpu.score_actors, gpu.score_gpus, gpu.prep_actors) == (1, 1.0, 14)
     face = plan_pools(_job([], "x", face_device="gpu"), {"CPU": 16.0, "GPU": 2.0})
