@@ -13,6 +13,7 @@ import torch
 
 from piqa_core.checkpoints import (CONFIG_FILE, PARTS, Bundle, CheckpointError, build_bundle, load_checkpoint,
                                    resolve_weights)
+from piqa_core.gpu_prep import prepare_batch_on_device
 from piqa_core.preprocess import ImageError
 from piqa_core.stages import Predictor, prepare_batch
 
@@ -83,11 +84,17 @@ class PrepActor:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         _maybe_crash(self.crash_marker)
-        items = [ImageError(str(code), str(msg)) if code else data
-                 for data, code, msg in zip(batch["data"], batch["read_error_code"], batch["read_error_message"])]
-        cols = prepare_batch(items, self.cfg, self.detector, self.crop_mode)
-        keep = {k: batch[k] for k in ("uri", "etag_or_mtime", "bytes")}
-        return {**keep, **cols}
+        return {**_identity_columns(batch), **prepare_batch(_items(batch), self.cfg, self.detector, self.crop_mode)}
+
+
+def _items(batch: dict[str, np.ndarray]) -> list[bytes | ImageError]:
+    """The read stage's rows as prepare inputs: the bytes, or the read error the row will carry."""
+    return [ImageError(str(code), str(msg)) if code else data
+            for data, code, msg in zip(batch["data"], batch["read_error_code"], batch["read_error_message"])]
+
+
+def _identity_columns(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    return {k: batch[k] for k in ("uri", "etag_or_mtime", "bytes")}
 
 
 class ScoreActor:
@@ -95,24 +102,35 @@ class ScoreActor:
 
     ``identity`` is the driver's ``model_identity``: rows carry it, and a checkpoint whose sha256
     differs (replaced while the job ran) stops the actor instead of mixing two models in one run.
+    With ``prepare_on_device`` the actor takes the read stage's bytes and prepares them itself on its
+    device (``gpu_prep``: nvJPEG decode, detection, resizes and crops on the GPU; the same code on
+    a CPU), so no prep pool is needed.
     """
 
     def __init__(self, model: ModelOptions, s3: S3Options, identity: dict[str, Any], device: str = "cpu",
-                 crash_marker: str | None = None, threads: int | None = None) -> None:
+                 crash_marker: str | None = None, threads: int | None = None,
+                 prepare_on_device: bool = False) -> None:
         if threads:
             torch.set_num_threads(threads)
-        bundle = load_bundle(model, s3, parts=("model", "liqe"))
+        bundle = load_bundle(model, s3, parts=PARTS if prepare_on_device else ("model", "liqe"))
         if model.weights and bundle.sha256 != identity["sha256"]:
             raise CheckpointError(f"{model.weights} changed while the job ran: sha256 {bundle.sha256} "
                                   f"!= {identity['sha256']} at job start; re-run the job")
-        device = torch.device(device)
-        self.identity, self.crop_mode = identity, identity["crop_mode"]
-        self.predictor = Predictor(bundle.config, bundle.model, bundle.liqe, device, model.precision,
+        self.device = torch.device(device)
+        self.identity, self.crop_mode, self.cfg = identity, identity["crop_mode"], bundle.config
+        self.predictor = Predictor(bundle.config, bundle.model, bundle.liqe, self.device, model.precision,
                                    compile=model.compile, batch_size=model.batch_size)
+        self.detector = None
+        if prepare_on_device and bundle.detector is not None:
+            self.detector = bundle.detector.to(self.device).eval()
+        self.prepare_on_device = prepare_on_device
         self.crash_marker = crash_marker
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         _maybe_crash(self.crash_marker)
+        if self.prepare_on_device:
+            prepared = prepare_batch_on_device(_items(batch), self.cfg, self.detector, self.device, self.crop_mode)
+            batch = {**_identity_columns(batch), **prepared}
         cols = self.predictor(batch)
         n = len(cols["uri"])
         ok = cols["status"] == "ok"

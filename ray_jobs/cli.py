@@ -33,6 +33,9 @@ def main() -> None:
 @click.option("--run-date", default=None, help="Partition value run_date=… (default: today).")
 @click.option("--face-device", type=click.Choice(["cpu", "gpu"]), default="cpu", show_default=True,
               help="Where prep actors run RetinaFace (gpu on GPU nodes: CPU detection cannot keep up).")
+@click.option("--prep", type=click.Choice(["actors", "device"]), default="actors", show_default=True,
+              help="actors = a CPU actor pool decodes, detects and crops; device = the score actors do it on "
+                   "their GPU (nvJPEG decode, GPU resizes; for GPU nodes short of CPU cores).")
 @click.option("--prep-actors", type=click.IntRange(1), default=None, help="CPU actor pool size.")
 @click.option("--score-actors", type=click.IntRange(1), default=None, help="Model actor pool size.")
 @click.option("--prep-batch-size", type=click.IntRange(1), default=4, show_default=True)
@@ -43,7 +46,7 @@ def main() -> None:
 @click.option("--inject-crash", type=click.Choice(["prep", "score"]), default=None, hidden=True)
 @model_options
 def score(inputs: tuple[str, ...], out: str, engine: str, manifest: bool, endpoint_url: str | None,
-          region: str | None, max_bytes: int, resume: bool, run_date: str | None, face_device: str,
+          region: str | None, max_bytes: int, resume: bool, run_date: str | None, face_device: str, prep: str,
           prep_actors: int | None, score_actors: int | None, prep_batch_size: int, gpus_per_actor: float,
           gpu: bool | None, address: str | None, inject_crash: str | None, model: ModelOptions) -> None:
     """Score images under INPUTS (files, folders, s3:// prefixes); one output row per input."""
@@ -58,7 +61,7 @@ def score(inputs: tuple[str, ...], out: str, engine: str, manifest: bool, endpoi
         from .score import ScoreJob, run_score_job
 
         job = ScoreJob(inputs=list(inputs), out=out, manifest=manifest, s3=s3, max_bytes=max_bytes,
-                       model=model, resume=resume, face_device=face_device, prep_actors=prep_actors,
+                       model=model, resume=resume, face_device=face_device, prep=prep, prep_actors=prep_actors,
                        score_actors=score_actors, prep_batch_size=prep_batch_size,
                        gpus_per_score_actor=gpus_per_actor, gpu=gpu, address=address, inject_crash=inject_crash)
         if run_date:

@@ -45,6 +45,9 @@ class ScoreJob:
     run_date: str = field(default_factory=lambda: date.today().isoformat())
     run_id: str | None = None
     face_device: str = "cpu"
+    # "actors": a CPU actor pool prepares (decode, faces, crops); "device": the score actors prepare on
+    # their own device (nvJPEG + GPU resizes on GPU nodes), no prep pool.
+    prep: str = "actors"
     prep_actors: int | None = None
     score_actors: int | None = None
     prep_batch_size: int = 4
@@ -71,6 +74,8 @@ class PoolPlan:
     score_threads: int = 1
 
 
+PREP_PLACES = ("actors", "device")
+
 # Logical CPUs kept free for the light read and write tasks, so the actor pools cannot starve them.
 IO_TASK_CPUS = 0.1
 
@@ -96,6 +101,16 @@ def plan_pools(job: ScoreJob, resources: dict[str, float], cfg: PIQAConfig | Non
     """Actor pool sizes from the cluster's resources unless given explicitly."""
     cpus, gpus = resources.get("CPU", 1.0), resources.get("GPU", 0.0)
     use_gpu = bool(gpus) if job.gpu is None else job.gpu
+    if job.prep not in PREP_PLACES:
+        raise ValueError(f"prep must be one of {PREP_PLACES}, got {job.prep!r}")
+    if job.prep == "device":
+        if job.prep_actors:
+            raise ValueError("--prep-actors has no effect with --prep device (the score actors prepare)")
+        if use_gpu:
+            per = job.gpus_per_score_actor
+            return PoolPlan(0, job.score_actors or max(1, int(max(gpus, per) / per)), per, 1.0)
+        score = job.score_actors or max(1, int(cpus))
+        return PoolPlan(0, score, 0.0, round(max(0.05, (cpus - 2 * IO_TASK_CPUS) / score), 3))
     if use_gpu:
         per = job.gpus_per_score_actor
         score = job.score_actors or max(1, int(max(gpus, per) / per))
@@ -120,7 +135,7 @@ def plan_pools(job: ScoreJob, resources: dict[str, float], cfg: PIQAConfig | Non
 
 def _fit_to_inputs(plan: PoolPlan, job: ScoreJob, n: int) -> PoolPlan:
     """No more actors than there are blocks/batches for: an idle actor only pays its start-up."""
-    prep = job.prep_actors or min(plan.prep_actors, _num_blocks(n, job))
+    prep = job.prep_actors or min(plan.prep_actors, _num_blocks(n, job))  # 0 stays 0 (--prep device)
     score = job.score_actors or min(plan.score_actors, max(1, -(-n // job.model.batch_size)))
     return dataclasses.replace(plan, prep_actors=prep, score_actors=score)
 
@@ -158,9 +173,10 @@ def run_score_job(job: ScoreJob) -> dict[str, Any]:
             .map_batches(read_objects, fn_kwargs={"s3": job.s3, "max_bytes": job.max_bytes},
                          batch_size=job.prep_batch_size, num_cpus=IO_TASK_CPUS, batch_format="numpy",
                          compute=ray.data.TaskPoolStrategy(size=2))
-            .map_batches(PrepActor, batch_size=job.prep_batch_size, batch_format="numpy", **prep)
-            .map_batches(ScoreActor, batch_size=job.model.batch_size, batch_format="numpy", **score)
         )
+        if prep is not None:
+            ds = ds.map_batches(PrepActor, batch_size=job.prep_batch_size, batch_format="numpy", **prep)
+        ds = ds.map_batches(ScoreActor, batch_size=job.model.batch_size, batch_format="numpy", **score)
         fs, path = resolve(dest, job.s3)
         meta = schema_metadata(identity["model_id"], identity["sha256"], identity["crop_mode"],
                                identity["random_init"], identity["preset"])
@@ -178,22 +194,23 @@ def run_score_job(job: ScoreJob) -> dict[str, Any]:
 
 
 def _stage_args(job: ScoreJob, plan: PoolPlan, run_id: str,
-                identity: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """map_batches arguments of the two actor stages: pools, resources, constructor kwargs."""
+                identity: dict[str, Any]) -> tuple[dict[str, Any] | None, dict[str, Any]]:
+    """map_batches arguments of the two actor stages (no prep stage with --prep device)."""
     def crash_marker(stage: str) -> str | None:
         if job.inject_crash != stage:
             return None
         return os.path.join(tempfile.gettempdir(), f"piqa-crash-{stage}-{run_id}")
 
     common = {"model": job.model, "s3": job.s3}
-    prep = dict(
+    prep = None if not plan.prep_actors else dict(
         fn_constructor_kwargs={**common, "face_device": job.face_device, "crash_marker": crash_marker("prep"),
                                "threads": plan.prep_threads},
         compute=ActorPoolStrategy(size=plan.prep_actors), num_cpus=plan.prep_cpus, num_gpus=plan.prep_gpus,
     )
     score = dict(
         fn_constructor_kwargs={**common, "identity": identity, "device": "cuda" if plan.score_gpus else "cpu",
-                               "threads": plan.score_threads, "crash_marker": crash_marker("score")},
+                               "threads": plan.score_threads, "crash_marker": crash_marker("score"),
+                               "prepare_on_device": job.prep == "device"},
         compute=ActorPoolStrategy(size=plan.score_actors), num_cpus=plan.score_cpus, num_gpus=plan.score_gpus,
     )
     return prep, score

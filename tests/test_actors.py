@@ -50,3 +50,17 @@ def test_score_actor_refuses_weights_replaced_during_the_job(tmp_path):
     save_checkpoint(build_bundle("tiny", seed=2), tmp_path / "m")  # replaced after the driver looked
     with pytest.raises(CheckpointError, match="changed while the job ran"):
         ScoreActor(model, S3Options(), identity)
+
+
+def test_score_actor_prepares_on_its_device_like_the_prep_stage():
+    photos = [astronaut_jpeg_bytes(quality=q, width=320, height=256) for q in (95, 40)]
+    batch = _read_batch([photos[0], "not_found", photos[1], b"not an image"])
+    identity = model_identity(TINY, S3Options())
+    two_stage = ScoreActor(TINY, S3Options(), identity)(PrepActor(TINY, S3Options())(batch)).to_pylist()
+    on_device = ScoreActor(TINY, S3Options(), identity, prepare_on_device=True)(batch).to_pylist()
+    assert [r["error_code"] for r in on_device] == [None, "not_found", None, "not_an_image"]
+    for a, b in zip(two_stage, on_device):
+        assert (a["status"], a["error_code"], a["face_found"], a["n_faces"]) == \
+               (b["status"], b["error_code"], b["face_found"], b["n_faces"])
+        if a["score"] is not None:  # device resizes match PIL within one level
+            assert abs(a["score"] - b["score"]) < 5e-3

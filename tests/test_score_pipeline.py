@@ -43,7 +43,8 @@ def _by_uri(table) -> dict[str, dict]:
     return {r["uri"]: r for r in rows}
 
 
-def test_bad_file_corpus_gives_exactly_one_row_each(ray_local, tmp_path, monkeypatch):
+@pytest.mark.parametrize("prep", ["actors", "device"])
+def test_bad_file_corpus_gives_exactly_one_row_each(ray_local, tmp_path, monkeypatch, prep):
     lib = tmp_path / "lib"
     expected = {str(lib / name): code for name, code in build_corpus(lib).items()
                 if name.lower().endswith(IMAGE_EXTENSIONS)}  # the listing's default filter
@@ -60,7 +61,7 @@ def test_bad_file_corpus_gives_exactly_one_row_each(ray_local, tmp_path, monkeyp
         return listed
 
     monkeypatch.setattr(score_mod, "list_inputs", list_then_delete)
-    summary = run_score_job(_job([lib], tmp_path / "out"))
+    summary = run_score_job(_job([lib], tmp_path / "out", prep=prep))
 
     rows = _by_uri(read_rows(str(tmp_path / "out")))
     assert set(rows) == set(expected)
@@ -158,6 +159,12 @@ def test_pool_plans():
     for plan, cpus in ((tiny, 2.0), (dn, 2.0), (big, 16.0)):  # every actor fits, with room for IO tasks
         assert plan.prep_actors * plan.prep_cpus + plan.score_actors * plan.score_cpus + 0.2 <= cpus + 1e-6
     assert plan_pools(_job([], "x", prep_actors=3, score_actors=1), {"CPU": 2.0}).prep_actors == 3
+    # --prep device: no prep pool; the score actors prepare on their GPU (or here, CPU)
+    dev_gpu = plan_pools(_job([], "x", prep="device"), {"CPU": 16.0, "GPU": 2.0}, get_preset("dn-piqa"))
+    assert (dev_gpu.prep_actors, dev_gpu.score_actors, dev_gpu.score_gpus) == (0, 2, 1.0)
+    assert plan_pools(_job([], "x", prep="device"), {"CPU": 2.0}).score_actors == 2
+    with pytest.raises(ValueError, match="no effect"):
+        plan_pools(_job([], "x", prep="device", prep_actors=2), {"CPU": 2.0})
     gpu = plan_pools(_job([], "x"), {"CPU": 16.0, "GPU": 1.0})
     assert (gpu.score_actors, gpu.score_gpus, gpu.prep_actors) == (1, 1.0, 14)
     face = plan_pools(_job([], "x", face_device="gpu"), {"CPU": 16.0, "GPU": 2.0})
