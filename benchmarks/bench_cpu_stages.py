@@ -58,8 +58,9 @@ def main() -> None:
         face = bundle.detector.detect([det_in], sizes=[img.size], canvas=cfg.face.detect_long_side)[0]
         stages["face detection (downscale + RetinaFace)"] = timed(lambda: bundle.detector.detect(
             [detector_input(img, cfg.face.detect_long_side)], sizes=[img.size], canvas=cfg.face.detect_long_side), 2)
+        face_img = lambda: crop_face(img, face, cfg.face.margin)  # noqa: E731
         stages["crops (face crop, 2 x resize + crops)"] = timed(lambda: (
-            make_crops(img, cfg.preprocess, mode), make_crops(crop_face(img, face, cfg.face.margin), cfg.preprocess, mode)), 3)
+            make_crops(img, cfg.preprocess, mode), make_crops(face_img(), cfg.preprocess, mode)), 3)
         stages["LIQE patches"] = timed(lambda: extract_patches(img, cfg.liqe), 3)
         predictor = Predictor(cfg, bundle.model, bundle.liqe, torch.device("cpu"))
         cols = prepare_batch(photos[:1], cfg, bundle.detector, mode)

@@ -81,8 +81,8 @@ def main() -> None:
         t2 = time.perf_counter()
         inproc_e2e, inproc_warm = args.images / (t2 - t0), args.images / (t2 - t1)
         inproc_steady = steady_rate(table.column("scored_at").to_pylist())
-        print(f"in-process Scorer ({torch.get_num_threads()} threads): end-to-end {inproc_e2e:.2f} img/s "
-              f"(model load {t1 - t0:.1f} s), scoring {inproc_warm:.2f}, steady {inproc_steady:.2f}", flush=True)
+        print(f"in-process Scorer ({torch.get_num_threads()} threads): end-to-end {inproc_e2e:.3g} img/s "
+              f"(model load {t1 - t0:.1f} s), scoring {inproc_warm:.3g}, steady {inproc_steady:.3g}", flush=True)
 
         ray.init(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False,
                  _temp_dir=tempfile.mkdtemp(prefix="ray", dir="/tmp"))
@@ -99,9 +99,9 @@ def main() -> None:
             ray.shutdown()
     assert summary["ok"] == args.images, summary
     ray_e2e, ray_steady = args.images / wall, steady_rate(stamps)
-    print(f"Ray pipeline ({args.num_cpus} CPUs): end-to-end {ray_e2e:.2f} img/s (wall {wall:.1f} s), "
-          f"steady {ray_steady:.2f}")
-    print(f"efficiency: end-to-end {ray_e2e / inproc_e2e:.2f}, steady state {ray_steady / inproc_steady:.2f}")
+    print(f"Ray pipeline ({args.num_cpus} CPUs): end-to-end {ray_e2e:.3g} img/s (wall {wall:.1f} s), "
+          f"steady {ray_steady:.3g}")
+    print(f"efficiency: end-to-end {ray_e2e / inproc_e2e:.3f}, steady state {ray_steady / inproc_steady:.3f}")
 
 
 if __name__ == "__main__":

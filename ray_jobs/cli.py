@@ -38,7 +38,8 @@ def main() -> None:
                    "their GPU (nvJPEG decode, GPU resizes; for GPU nodes short of CPU cores).")
 @click.option("--prep-actors", type=click.IntRange(1), default=None, help="CPU actor pool size.")
 @click.option("--score-actors", type=click.IntRange(1), default=None, help="Model actor pool size.")
-@click.option("--prep-batch-size", type=click.IntRange(1), default=4, show_default=True)
+@click.option("--prep-batch-size", type=click.IntRange(1), default=None,
+              help="Images per prep call (default: the score batch size, at most 8).")
 @click.option("--gpus-per-actor", type=click.FloatRange(0, 1, min_open=True), default=1.0, show_default=True)
 @click.option("--gpu/--no-gpu", default=None,
               help="Score on GPUs (default: if the cluster has GPUs now; --gpu waits for autoscaled GPU nodes).")
@@ -47,7 +48,7 @@ def main() -> None:
 @model_options
 def score(inputs: tuple[str, ...], out: str, engine: str, manifest: bool, endpoint_url: str | None,
           region: str | None, max_bytes: int, resume: bool, run_date: str | None, face_device: str, prep: str,
-          prep_actors: int | None, score_actors: int | None, prep_batch_size: int, gpus_per_actor: float,
+          prep_actors: int | None, score_actors: int | None, prep_batch_size: int | None, gpus_per_actor: float,
           gpu: bool | None, address: str | None, inject_crash: str | None, model: ModelOptions) -> None:
     """Score images under INPUTS (files, folders, s3:// prefixes); one output row per input."""
     from .storage import S3Options

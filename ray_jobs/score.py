@@ -50,7 +50,9 @@ class ScoreJob:
     prep: str = "actors"
     prep_actors: int | None = None
     score_actors: int | None = None
-    prep_batch_size: int = 4
+    # Images per prep call; default: the score batch (at most 8), so a prepared block is exactly
+    # one model batch and Ray Data never copies pixel columns to re-batch them.
+    prep_batch_size: int | None = None
     gpus_per_score_actor: float = 1.0
     # None: use GPUs if the cluster has some now; True: request them even if the autoscaler has
     # not started GPU nodes yet; False: CPU only.
@@ -171,11 +173,11 @@ def run_score_job(job: ScoreJob) -> dict[str, Any]:
             ray.data.from_items([{"uri": o.uri, "etag_or_mtime": o.etag_or_mtime, "bytes": o.size}
                                  for o in objects], override_num_blocks=_num_blocks(len(objects), job))
             .map_batches(read_objects, fn_kwargs={"s3": job.s3, "max_bytes": job.max_bytes},
-                         batch_size=job.prep_batch_size, num_cpus=IO_TASK_CPUS, batch_format="numpy",
+                         batch_size=_prep_batch(job), num_cpus=IO_TASK_CPUS, batch_format="numpy",
                          compute=ray.data.TaskPoolStrategy(size=2))
         )
         if prep is not None:
-            ds = ds.map_batches(PrepActor, batch_size=job.prep_batch_size, batch_format="numpy", **prep)
+            ds = ds.map_batches(PrepActor, batch_size=_prep_batch(job), batch_format="numpy", **prep)
         ds = ds.map_batches(ScoreActor, batch_size=job.model.batch_size, batch_format="numpy", **score)
         fs, path = resolve(dest, job.s3)
         meta = schema_metadata(identity["model_id"], identity["sha256"], identity["crop_mode"],
@@ -218,7 +220,11 @@ def _stage_args(job: ScoreJob, plan: PoolPlan, run_id: str,
 
 def _num_blocks(n: int, job: ScoreJob) -> int:
     """Enough blocks to spread over the pools, few enough that files stay large."""
-    return max(1, min(n // max(1, job.prep_batch_size), 2000)) if n else 1
+    return max(1, min(n // _prep_batch(job), 2000)) if n else 1
+
+
+def _prep_batch(job: ScoreJob) -> int:
+    return job.prep_batch_size or min(job.model.batch_size, 8)
 
 
 def main(argv: list[str] | None = None) -> None:
