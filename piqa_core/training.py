@@ -26,8 +26,8 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 import torch
 
-from .checkpoints import (Bundle, backbone_from_official, build_bundle, clean_state_dict, clip_cfg_from_openai,
-                          load_checkpoint, load_liqe_openai, load_strict, official_to_ours, torch_load)
+from .checkpoints import Bundle, build_bundle, clean_state_dict, load_checkpoint, load_strict, torch_load
+from .official import backbone_from_official, clip_cfg_from_openai, load_liqe_openai, official_to_ours
 from .config import PIQAConfig, get_preset
 from .faces import FaceDetector, FaceResult
 from .liqe import LIQE

@@ -160,7 +160,8 @@ def weights() -> None:
 def import_official_cmd(piq_model: str, liqe: str, retinaface: str | None, out: str, model_id: str,
                         preset: str) -> None:
     """Convert the official PIQ_model.pth + LIQE.pt (+ RetinaFace) into a model directory."""
-    from piqa_core.checkpoints import CheckpointError, import_official, save_checkpoint
+    from piqa_core.checkpoints import CheckpointError, save_checkpoint
+    from piqa_core.official import import_official
 
     try:
         bundle = import_official(piq_model, liqe, retinaface, config=preset, model_id=model_id)

@@ -8,19 +8,17 @@ import torch
 
 from piqa_core.checkpoints import (
     CheckpointError,
-    backbone_from_official,
     build_bundle,
     clean_state_dict,
-    import_official,
     load_checkpoint,
     load_strict,
-    official_to_ours,
     resolve_weights,
     save_checkpoint,
     torch_load,
 )
 from piqa_core.config import get_preset
 from piqa_core.model import DualBranchPIQA
+from piqa_core.official import backbone_from_official, import_official, official_to_ours
 
 
 def to_timm067_swin(backbone: torch.nn.Module) -> dict:
