@@ -193,6 +193,51 @@ def test_corrupt_or_foreign_model_dir(tmp_path):
         load_checkpoint(tmp_path / "empty")
 
 
+def test_loaded_bundle_equals_saved_one_buffers_included(tmp_path):
+    """Loading builds parameters on meta and assigns the file's tensors: nothing may stay uninitialised."""
+    src = build_bundle("tiny", seed=4)
+    save_checkpoint(src, tmp_path / "m")
+    loaded = load_checkpoint(tmp_path / "m")
+    for a, b in ((src.model, loaded.model), (src.liqe, loaded.liqe), (src.detector, loaded.detector)):
+        for get in (lambda m: m.state_dict(), lambda m: dict(m.named_buffers())):  # buffers: non-persistent too
+            sa, sb = get(a), get(b)
+            assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+        assert [p.requires_grad for p in a.parameters()] == [p.requires_grad for p in b.parameters()]
+    assert any(n.endswith("attn_mask") for n, _ in loaded.model.named_buffers())  # the derived buffer was rebuilt
+
+
+def test_module_with_uninitialisable_buffer_is_refused(tmp_path):
+    from piqa_core import checkpoints
+
+    class Scaled(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.ones(3))
+            self.register_buffer("twice", self.w.detach() * 2, persistent=False)
+
+    with checkpoints._empty_parameters():
+        m = Scaled()
+    with pytest.raises(CheckpointError, match="uninitialised buffer"):
+        load_strict(m, {"w": torch.ones(3)}, "scaled")
+
+
+def test_file_replaced_during_load_is_refused(tmp_path, monkeypatch):
+    from piqa_core import checkpoints
+
+    save_checkpoint(build_bundle("tiny", seed=1), tmp_path / "m")
+    save_checkpoint(build_bundle("tiny", seed=2), tmp_path / "other")
+    hash_file = checkpoints._file_sha256
+
+    def hash_then_replace(path):
+        digest = hash_file(path)
+        os.replace(tmp_path / "other" / "model.safetensors", path)
+        return digest
+
+    monkeypatch.setattr(checkpoints, "_file_sha256", hash_then_replace)
+    with pytest.raises(CheckpointError, match="replaced while it was being loaded"):
+        load_checkpoint(tmp_path / "m")
+
+
 def test_random_bundles_are_deterministic_and_marked():
     a, b = build_bundle("tiny", seed=0), build_bundle("tiny", seed=0)
     assert a.random_init and a.model_id == "random-tiny-seed0"
