@@ -55,9 +55,9 @@ def main() -> None:
         img = load_image(photos[0], cfg.preprocess)
         stages["decode (PIL, full resolution)"] = timed(lambda: load_image(photos[0], cfg.preprocess), 3)
         det_in = detector_input(img, cfg.face.detect_long_side)
-        face = bundle.detector.detect([det_in], sizes=[img.size], canvas=cfg.face.detect_long_side)[0]
-        stages["face detection (downscale + RetinaFace)"] = timed(lambda: bundle.detector.detect(
-            [detector_input(img, cfg.face.detect_long_side)], sizes=[img.size], canvas=cfg.face.detect_long_side), 2)
+        face = bundle.detector.detect_each([det_in], sizes=[img.size])[0]
+        stages["face detection (downscale + RetinaFace)"] = timed(lambda: bundle.detector.detect_each(
+            [detector_input(img, cfg.face.detect_long_side)], sizes=[img.size]), 2)
         face_img = lambda: crop_face(img, face, cfg.face.margin)  # noqa: E731
         stages["crops (face crop, 2 x resize + crops)"] = timed(lambda: (
             make_crops(img, cfg.preprocess, mode), make_crops(face_img(), cfg.preprocess, mode)), 3)

@@ -105,7 +105,7 @@ def main() -> None:
     for name, dtype in (("fp32", None), ("bf16 autocast", torch.bfloat16)):
         def detect(dtype=dtype) -> None:
             with torch.autocast(dev.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-                detector.detect(inputs, sizes=sizes, canvas=cfg.face.detect_long_side)
+                detector.detect_each(inputs, sizes=sizes)
         attempt(f"RetinaFace {name}", lambda: row(f"RetinaFace {name}", len(inputs) / timed(detect, 3, gpu)))
 
     print("Preparing columns for the model stages …", flush=True)

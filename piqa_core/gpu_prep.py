@@ -11,7 +11,7 @@ Resampling emulates Pillow's uint8 bilinear: horizontal pass, round half up to u
 round again. Measured against Pillow: one float pass is off by 1 on 4-18 % of values; two passes on
 < 0.5 % (~2 % at ratios with exact halves, e.g. 512 -> 448, max 2). The detector input emulates
 ``reducing_gap=3``: Pillow's integer ``reduce`` (block means), then bilinear over the reduced box.
-``detect_on_device`` letterboxes device tensors onto the detector's fixed canvas and calls
+``detect_on_device`` puts device tensors on the detector's per-image canvases and calls
 ``FaceDetector.detect_batch``.
 """
 
@@ -28,7 +28,7 @@ from PIL import Image
 from torchvision.io import ImageReadMode, decode_jpeg
 
 from .config import PIQAConfig
-from .faces import PAD_MULTIPLE, FaceDetector, FaceResult, _round_up, face_crop_box
+from .faces import FaceDetector, FaceResult, canvas_groups, face_crop_box
 from .liqe import patch_positions
 from .preprocess import ImageError, _check_header, crop_positions, load_image
 from .stages import ImageInput, _describe, empty_columns
@@ -177,18 +177,21 @@ def detector_input_tensor(img: torch.Tensor, long_side: int) -> tuple[torch.Tens
 
 
 def detect_on_device(detector: FaceDetector, inputs: Sequence[tuple[torch.Tensor, float]],
-                     sizes: Sequence[tuple[int, int]], canvas: int) -> list[FaceResult]:
-    """``FaceDetector.detect`` for uint8 (3, h, w) device tensors: the same padding, then ``detect_batch``."""
-    if not inputs:
-        return []
+                     sizes: Sequence[tuple[int, int]]) -> list[FaceResult]:
+    """``FaceDetector.detect_each`` for uint8 (3, h, w) device tensors: the same canvases, then ``detect_batch``."""
     dev = detector.mean.device
-    hs = [t.shape[1] for t, _ in inputs]
-    ws = [t.shape[2] for t, _ in inputs]
-    hp, wp = _round_up(max(*hs, canvas), PAD_MULTIPLE), _round_up(max(*ws, canvas), PAD_MULTIPLE)
-    batch = torch.zeros((len(inputs), hp, wp, 3), dtype=torch.uint8, device=dev)
-    for i, (t, _) in enumerate(inputs):
-        batch[i, : hs[i], : ws[i]] = t.permute(1, 2, 0).to(dev)
-    return detector.detect_batch(batch, list(zip(hs, ws)), [s for _, s in inputs], sizes)
+    results: list[FaceResult | None] = [None] * len(inputs)
+    for (hp, wp), idx in canvas_groups([tuple(inputs[i][0].shape[1:]) for i in range(len(inputs))]).items():
+        batch = torch.zeros((len(idx), hp, wp, 3), dtype=torch.uint8, device=dev)
+        valid = []
+        for j, i in enumerate(idx):
+            t = inputs[i][0]
+            batch[j, : t.shape[1], : t.shape[2]] = t.permute(1, 2, 0).to(dev)
+            valid.append((t.shape[1], t.shape[2]))
+        found = detector.detect_batch(batch, valid, [inputs[i][1] for i in idx], [sizes[i] for i in idx])
+        for i, r in zip(idx, found):
+            results[i] = r
+    return results  # type: ignore[return-value]
 
 
 def prepare_batch_on_device(
@@ -246,7 +249,7 @@ def prepare_batch_on_device(
         side = cfg.face.detect_long_side
         inputs = [detector_input_tensor(img, side) for img in images.values()]
         sizes = [(img.shape[2], img.shape[1]) for img in images.values()]
-        faces = dict(zip(images, detect_on_device(detector, inputs, sizes, canvas=side)))
+        faces = dict(zip(images, detect_on_device(detector, inputs, sizes)))
 
     for i, img in images.items():
         try:

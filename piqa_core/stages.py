@@ -82,8 +82,7 @@ def prepare_batch(
     if detector is not None and images:
         idx = list(images)
         inputs = [detector_input(images[i], cfg.face.detect_long_side) for i in idx]
-        # A fixed canvas makes each image's result independent of its batch-mates (resume-safe).
-        found = detector.detect(inputs, sizes=[images[i].size for i in idx], canvas=cfg.face.detect_long_side)
+        found = detector.detect_each(inputs, sizes=[images[i].size for i in idx])  # batch-independent
         faces = dict(zip(idx, found))
 
     for i, img in images.items():

@@ -45,7 +45,7 @@ class KnownFaces:
     def __init__(self, faces: Sequence[FaceResult]) -> None:
         self.faces = list(faces)
 
-    def detect(self, inputs: Sequence[Any], sizes: Any = None, canvas: Any = None) -> list[FaceResult]:
+    def detect_each(self, inputs: Sequence[Any], sizes: Any = None) -> list[FaceResult]:
         if len(inputs) != len(self.faces):
             raise ValueError(f"{len(inputs)} images but {len(self.faces)} known faces")
         return self.faces

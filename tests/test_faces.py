@@ -126,11 +126,16 @@ def _assert_same(a: list[FaceResult], b: list[FaceResult]) -> None:
             assert ra.confidence == pytest.approx(rb.confidence, abs=1e-4)
 
 
-def test_batch_equals_one_by_one_on_fixed_canvas(detector):
-    images = [Image.fromarray(data.astronaut()), _rgb(300, 200, 3), _rgb(90, 140, 4)]
-    batch = detector.detect_images(images)
+def test_batch_equals_one_by_one_on_own_canvas(detector, monkeypatch):
+    images = [Image.fromarray(data.astronaut()), _rgb(300, 200, 3), _rgb(90, 140, 4), _rgb(290, 210, 8)]
     single = [detector.detect_images([im])[0] for im in images]
+    shapes = []
+    forward = detector.net.forward
+    monkeypatch.setattr(detector.net, "forward", lambda x: shapes.append(tuple(x.shape)) or forward(x))
+    batch = detector.detect_images(images)
     _assert_same(batch, single)
+    # one pass per canvas (own size rounded up to 32), never a square letterbox: 300x200 and 290x210 share one
+    assert sorted(shapes) == sorted([(1, 3, 160, 160), (2, 3, 128, 160), (1, 3, 160, 96)])
     assert any(r.n_faces > 0 for r in batch)
     for r, im in zip(batch, images):
         if r.found:
@@ -141,7 +146,7 @@ def test_batch_equals_one_by_one_on_fixed_canvas(detector):
 def test_batch_padding_to_max_size(detector):
     # Different sizes that all pad to 160x160: the per-image bookkeeping (valid area, scale,
     # NMS) must give what a batch of one gives. Results are only padding-independent when the
-    # padded size matches: a CNN sees its padding (hence the fixed canvas of detect_images).
+    # padded size matches: a CNN sees its padding (hence the per-image canvases of detect_each).
     images = [_rgb(160, 150, 5), _rgb(150, 140, 6), _rgb(140, 130, 7)]
     inputs = [detector_input(im, LONG) for im in images]
     batch = detector.detect(inputs)
