@@ -1,10 +1,12 @@
-"""Ray pipeline efficiency: images/s of `run_score_job` vs the in-process Scorer on the same photos.
+"""Ray pipeline efficiency: images/s of `run_score_job` vs the in-process Scorer and vs the model alone.
 
     python benchmarks/bench_pipeline.py [--images 200] [--size 480x360] [--preset tiny] [--num-cpus 2]
+    python benchmarks/bench_pipeline.py --weights DIR --size 4000x3000 --images 16   # dn-piqa, 12 MP
 
-Same photos, preset (random weights), crop mode and batch size for both; efficiency = Ray / in-process.
-Two figures, because a Ray job pays a fixed start-up (actor processes import torch and load the model)
-that the in-process loop pays once before its timer:
+Same photos, preset (random weights), crop mode and batch size for all; efficiency = Ray / in-process
+and Ray / model-only, where model-only runs the Scorer's forward passes over columns prepared
+beforehand (no decode, faces, crops or IO). Two figures, because a Ray job pays a fixed start-up
+(actor processes import torch and load the model) that the in-process loop pays once before its timer:
 
 - end-to-end: Ray = listing + actor start-up + scoring + Parquet write; in-process = model load +
   scoring. Ray's own start-up is excluded: a cluster is up (and has run a job: Ray Data's helper
@@ -33,6 +35,18 @@ def steady_rate(stamps: list) -> float:
     first, last = min(stamps), max(stamps)
     later = sum(1 for s in stamps if s > first)
     return later / max((last - first).total_seconds(), 1e-9)
+
+
+def model_only_rate(scorer, photos: list[bytes], batch_size: int) -> float:
+    """Images/s of the Scorer's forward passes alone, over columns prepared before the timer."""
+    from piqa_core.stages import prepare_batch
+
+    batches = [prepare_batch(photos[i:i + batch_size], scorer.config, scorer.detector, scorer.crop_mode)
+               for i in range(0, len(photos), batch_size)]
+    t0 = time.perf_counter()
+    for cols in batches:
+        scorer.predictor(cols)
+    return len(photos) / (time.perf_counter() - t0)
 
 
 def warm_cluster(address: str) -> None:
@@ -83,6 +97,9 @@ def main() -> None:
         inproc_steady = steady_rate(table.column("scored_at").to_pylist())
         print(f"in-process Scorer ({torch.get_num_threads()} threads): end-to-end {inproc_e2e:.3g} img/s "
               f"(model load {t1 - t0:.1f} s), scoring {inproc_warm:.3g}, steady {inproc_steady:.3g}", flush=True)
+        model_only = model_only_rate(scorer, [p.read_bytes() for p in sorted(folder.iterdir())], args.batch_size)
+        print(f"model only (same batches, prepared beforehand): {model_only:.3g} img/s; in-process scoring "
+              f"= {inproc_warm / model_only:.3f} of it", flush=True)
 
         ray.init(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False,
                  _temp_dir=tempfile.mkdtemp(prefix="ray", dir="/tmp"))
@@ -102,6 +119,7 @@ def main() -> None:
     print(f"Ray pipeline ({args.num_cpus} CPUs): end-to-end {ray_e2e:.3g} img/s (wall {wall:.1f} s), "
           f"steady {ray_steady:.3g}")
     print(f"efficiency: end-to-end {ray_e2e / inproc_e2e:.3f}, steady state {ray_steady / inproc_steady:.3f}")
+    print(f"Ray vs model only: end-to-end {ray_e2e / model_only:.3f}, steady state {ray_steady / model_only:.3f}")
 
 
 if __name__ == "__main__":

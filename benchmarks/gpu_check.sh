@@ -12,6 +12,6 @@ fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 python3 -c "import torch, timm, open_clip; print('torch', torch.__version__, 'timm', timm.__version__, 'open_clip', open_clip.__version__)"
 echo "== GPU tests"
-timeout 300 python3 -m pytest -q -s -m gpu -p no:cacheprovider tests/test_scorer.py tests/test_gpu_prep.py
+timeout 300 python3 -m pytest -q -s -m gpu -p no:cacheprovider tests/test_scorer.py tests/test_gpu_prep.py tests/test_actors.py
 echo "== throughput"
 python3 benchmarks/gpu_check.py "$@"

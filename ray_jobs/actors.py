@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -105,6 +107,10 @@ class ScoreActor:
     With ``prepare_on_device`` the actor takes the read stage's bytes and prepares them itself on its
     device (``gpu_prep``: nvJPEG decode, detection, resizes and crops on the GPU; the same code on
     a CPU), so no prep pool is needed.
+
+    Calls may run concurrently (Ray Data's ``max_concurrent_calls_per_actor``): each thread works on
+    its own CUDA stream and one forward pass runs at a time, so one batch's preparation, transfers
+    and Arrow conversion overlap another batch's model passes.
     """
 
     def __init__(self, model: ModelOptions, s3: S3Options, identity: dict[str, Any], device: str = "cpu",
@@ -125,13 +131,25 @@ class ScoreActor:
             self.detector = bundle.detector.to(self.device).eval()
         self.prepare_on_device = prepare_on_device
         self.crash_marker = crash_marker
+        self._model_lock, self._local = threading.Lock(), threading.local()
+
+    def _stream(self) -> contextlib.AbstractContextManager:
+        """This thread's CUDA stream (created on first use); no-op on CPU."""
+        if self.device.type != "cuda":
+            return contextlib.nullcontext()
+        if not hasattr(self._local, "stream"):
+            self._local.stream = torch.cuda.Stream(self.device)
+        return torch.cuda.stream(self._local.stream)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         _maybe_crash(self.crash_marker)
-        if self.prepare_on_device:
-            prepared = prepare_batch_on_device(_items(batch), self.cfg, self.detector, self.device, self.crop_mode)
-            batch = {**_identity_columns(batch), **prepared}
-        cols = self.predictor(batch)
+        with self._stream():
+            if self.prepare_on_device:
+                prepared = prepare_batch_on_device(_items(batch), self.cfg, self.detector, self.device,
+                                                   self.crop_mode)
+                batch = {**_identity_columns(batch), **prepared}
+            with self._model_lock:
+                cols = self.predictor(batch)  # scores come back to the host: this stream is synced
         n = len(cols["uri"])
         ok = cols["status"] == "ok"
         box = cols["face_box"]

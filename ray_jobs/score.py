@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import math
 import os
 import sys
 import tempfile
@@ -80,14 +81,18 @@ PREP_PLACES = ("actors", "device")
 
 # Logical CPUs kept free for the light read and write tasks, so the actor pools cannot starve them.
 IO_TASK_CPUS = 0.1
+# Torch threads per CPU score actor at most (measured up to 2; beyond a few, one Swin pass of two
+# crops stops scaling, and more actors keep the cores busy instead).
+CPU_SCORE_THREADS = 4
 
 
 def model_share(cfg: PIQAConfig, crop_mode: str) -> float:
     """Estimated fraction of one image's CPU time spent in the model (the rest: decode, faces, crops).
 
     A cost model fitted to this project's single-thread CPU measurements: a Swin-B/384 crop 0.7 s,
-    LIQE ViT-B/32 over 15 patches 0.35 s, RetinaFace-R50 at 640² 0.55 s, plus fixed per-image
-    costs. Gives 0.93 for dn-piqa five-crop (measured 0.92) and 0.30 for the tiny preset (0.32).
+    LIQE ViT-B/32 over 15 patches 0.35 s, RetinaFace-R50 on a 4:3 photo's 640x480 canvas 0.41 s,
+    plus fixed per-image costs. Gives 0.95 for dn-piqa five-crop (measured with 2 threads: 6.5 % of
+    the model time beyond it, i.e. 0.94) and 0.33 for the tiny preset.
     """
     kw = cfg.model.backbone_kwargs
     swin = (kw.get("embed_dim", 128) / 128) ** 2 * sum(kw.get("depths", (2, 2, 18, 2))) / 24
@@ -95,7 +100,7 @@ def model_share(cfg: PIQAConfig, crop_mode: str) -> float:
     if cfg.liqe.enabled:
         vis = cfg.liqe.clip_cfg.get("vision_cfg", {})
         model += 0.35 * (vis.get("width", 768) / 768) ** 2 * vis.get("layers", 12) / 12 * cfg.liqe.num_patches / 15
-    prep = 0.03 + (0.55 * (cfg.face.detect_long_side / 640) ** 2 if cfg.face.enabled else 0.0)
+    prep = 0.03 + (0.41 * (cfg.face.detect_long_side / 640) ** 2 if cfg.face.enabled else 0.0)
     return model / (model + prep)
 
 
@@ -124,15 +129,19 @@ def plan_pools(job: ScoreJob, resources: dict[str, float], cfg: PIQAConfig | Non
         return PoolPlan(prep, score, per / 2, 1.0, prep_gpus=round(per / 2 * score / prep, 4))
     if job.face_device == "gpu":
         raise ValueError("--face-device gpu needs GPUs: the cluster has none (pass --gpu to wait for them)")
-    # CPU-only: single-threaded actors (one torch thread each scales best here) split by each stage's
-    # share of the work, plus one more process than cores so the OS keeps every core busy while
-    # one stage waits on the other.
+    # CPU-only: cores split by each stage's share of the work, plus one more process than cores so
+    # the OS keeps every core busy while one stage waits on the other. Prep actors are single-threaded;
+    # score cores are grouped into actors of up to CPU_SCORE_THREADS threads: one 2-thread dn-piqa actor
+    # beat two 1-thread ones (0.128 vs 0.118 img/s on 2 cores) and holds one copy of the weights.
     share = model_share(cfg, job.model.crop_mode or cfg.preprocess.crop_mode) if cfg is not None else 0.5
     n = int(cpus)
-    score = job.score_actors or min(n, max(1, round(n * share)))
-    prep = job.prep_actors or max(1, n + 1 - score)
-    each = max(0.05, (cpus - 2 * IO_TASK_CPUS) / (prep + score))  # logical CPUs: all actors must fit
-    return PoolPlan(prep, score, 0.0, round(each, 3), prep_cpus=round(each, 3))
+    score_cores = min(n, max(1, round(n * share)))
+    score = job.score_actors or max(1, -(-score_cores // CPU_SCORE_THREADS))
+    threads = max(1, score_cores // score)
+    prep = job.prep_actors or max(1, n + 1 - score_cores)
+    unit = max(0.05, (cpus - 2 * IO_TASK_CPUS) / (prep + score * threads))  # logical CPUs: all actors must fit
+    down = lambda x: math.floor(x * 1000) / 1000  # noqa: E731  (rounding up could overbook the cluster)
+    return PoolPlan(prep, score, 0.0, down(unit * threads), prep_cpus=down(unit), score_threads=threads)
 
 
 def _fit_to_inputs(plan: PoolPlan, job: ScoreJob, n: int) -> PoolPlan:
@@ -209,13 +218,23 @@ def _stage_args(job: ScoreJob, plan: PoolPlan, run_id: str,
                                "threads": plan.prep_threads},
         compute=ActorPoolStrategy(size=plan.prep_actors), num_cpus=plan.prep_cpus, num_gpus=plan.prep_gpus,
     )
+    calls = score_calls(plan)
     score = dict(
         fn_constructor_kwargs={**common, "identity": identity, "device": "cuda" if plan.score_gpus else "cpu",
                                "threads": plan.score_threads, "crash_marker": crash_marker("score"),
                                "prepare_on_device": job.prep == "device"},
-        compute=ActorPoolStrategy(size=plan.score_actors), num_cpus=plan.score_cpus, num_gpus=plan.score_gpus,
+        compute=ActorPoolStrategy(size=plan.score_actors, max_concurrent_calls_per_actor=calls,
+                                  enable_true_multi_threading=calls > 1),
+        num_cpus=plan.score_cpus, num_gpus=plan.score_gpus,
     )
     return prep, score
+
+
+def score_calls(plan: PoolPlan) -> int:
+    """Concurrent calls per score actor (``ScoreActor`` serialises the forward passes itself): two on a
+    GPU, so one batch is prepared and converted while the other runs the model; one on CPUs, where a
+    second call would only take cores from the model."""
+    return 2 if plan.score_gpus else 1
 
 
 def _num_blocks(n: int, job: ScoreJob) -> int:

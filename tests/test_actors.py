@@ -64,3 +64,56 @@ def test_score_actor_prepares_on_its_device_like_the_prep_stage():
                (b["status"], b["error_code"], b["face_found"], b["n_faces"])
         if a["score"] is not None:  # device resizes match PIL within one level
             assert abs(a["score"] - b["score"]) < 5e-3
+
+
+def test_concurrent_calls_give_the_rows_of_serial_calls(monkeypatch):
+    """Ray Data may run two calls at once on a GPU score actor: forwards must not interleave."""
+    import threading
+    import time
+
+    from concurrent.futures import ThreadPoolExecutor
+
+    photos = [astronaut_jpeg_bytes(quality=q, width=320, height=256) for q in (95, 70, 50, 30)]
+    batches = [_read_batch(photos[:2]), _read_batch(photos[2:])]
+    actor = ScoreActor(TINY, S3Options(), model_identity(TINY, S3Options()), prepare_on_device=True)
+    serial = [actor(b).column("score").to_pylist() for b in batches]
+
+    inside, overlaps = [0], []
+    forward = actor.predictor.forward
+
+    def watched(*args, **kwargs):
+        inside[0] += 1
+        overlaps.append(inside[0])
+        time.sleep(0.05)  # widen the window in which a second forward could slip in
+        try:
+            return forward(*args, **kwargs)
+        finally:
+            inside[0] -= 1
+
+    monkeypatch.setattr(actor.predictor, "forward", watched)
+    start = threading.Barrier(2)
+    with ThreadPoolExecutor(2) as pool:
+        got = list(pool.map(lambda b: (start.wait(), actor(b).column("score").to_pylist())[1], batches))
+    assert got == serial
+    assert overlaps and max(overlaps) == 1  # one forward at a time
+
+
+def test_score_actors_take_two_calls_on_gpus_only():
+    from ray_jobs.score import PoolPlan, score_calls
+
+    assert score_calls(PoolPlan(0, 1, 1.0, 1.0)) == 2
+    assert score_calls(PoolPlan(1, 1, 0.0, 1.0)) == 1
+
+
+@pytest.mark.gpu
+def test_concurrent_calls_on_cuda_streams_match_serial():
+    """On a GPU each call prepares on its own CUDA stream while the other's forward runs."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    photos = [astronaut_jpeg_bytes(quality=q, width=640, height=480) for q in (95, 80, 65, 50, 35, 20)]
+    batches = [_read_batch(photos[i:i + 2]) for i in range(0, 6, 2)]
+    actor = ScoreActor(TINY, S3Options(), model_identity(TINY, S3Options()), device="cuda", prepare_on_device=True)
+    serial = [actor(b).column("score").to_pylist() for b in batches]
+    with ThreadPoolExecutor(2) as pool:
+        got = list(pool.map(lambda b: actor(b).column("score").to_pylist(), batches * 2))
+    assert np.allclose(got, serial * 2, atol=1e-5)
