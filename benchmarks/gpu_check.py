@@ -4,8 +4,9 @@
     python benchmarks/gpu_check.py --compile       # also the torch.compile'd bf16 model
     python benchmarks/gpu_check.py --dry-run       # tiny preset, small photos, CPU: exercises every step
 
-It drives the same prepare/score stages the Ray actors wrap: CPU preparation in a thread pool (decode,
-face detection on the GPU, crops, LIQE patches), scoring on the GPU in large batches.
+Per stage it times the shared prepare/score code; end to end it drives the Ray stage classes
+(``PrepActor``, ``ScoreActor``) directly, as Ray would: prep work in a thread pool feeding a score
+actor, and score actors that prepare on the GPU (nvJPEG), serially and with two concurrent calls.
 """
 
 from __future__ import annotations
@@ -59,6 +60,107 @@ def attempt(stage: str, fn) -> None:
 def replicate(cols: dict, n: int) -> dict:
     idx = np.arange(n) % len(cols["status"])
     return {k: v[idx] for k, v in cols.items()}
+
+
+def read_stage_batch(photos: list[bytes], start: int = 0) -> dict[str, np.ndarray]:
+    """The columns Ray Data's read stage hands the actors, for in-memory photos."""
+    n = len(photos)
+    data = np.empty(n, dtype=object)
+    data[:] = photos
+    return {"uri": np.array([f"mem://{start + i}.jpg" for i in range(n)], dtype=object),
+            "etag_or_mtime": np.full(n, "", dtype=object), "bytes": np.array([len(p) for p in photos]),
+            "data": data, "read_error_code": np.full(n, "", dtype=object),
+            "read_error_message": np.full(n, "", dtype=object)}
+
+
+def end_to_end(args, base, photos: list[bytes], dev: torch.device, batch: int, detector, cols: dict) -> float:
+    """The Ray stage classes driven directly (no Ray on the GPU machines): prep actors' work in a
+    thread pool feeding one score actor, then score actors preparing on their device, serial and with
+    two concurrent calls (what Ray Data runs on a GPU). Returns the best end-to-end images/s."""
+    import tempfile
+
+    from piqa_core.checkpoints import save_checkpoint
+    from piqa_core.gpu_prep import prepare_batch_on_device
+    from ray_jobs.actors import PrepActor, ScoreActor, model_identity
+    from ray_jobs.options import ModelOptions
+    from ray_jobs.storage import S3Options
+
+    gpu, n, s3, best = dev.type == "cuda", len(photos), S3Options(), 0.0
+    cfg = base.config
+    reads = [read_stage_batch(photos[i:i + batch], i) for i in range(0, n, batch)]
+    with tempfile.TemporaryDirectory() as tmp:
+        save_checkpoint(base, tmp)
+        model = ModelOptions(weights=tmp, random_weights=False, preset=cfg.preset, crop_mode="five",
+                             precision="bf16", device=None, batch_size=batch, compile=args.compile)
+        identity = model_identity(model, s3)
+        t0 = time.perf_counter()
+        prep = PrepActor(model, s3, face_device="gpu" if gpu else "cpu", threads=1)
+        device = ScoreActor(model, s3, identity, device=dev.type, prepare_on_device=True)
+        print(f"End to end through the Ray stage classes (bf16; actors loaded in {time.perf_counter() - t0:.1f} s):",
+              flush=True)
+        device(reads[0])  # warm-up (and compile)
+
+        def score(cols: dict):
+            """The same actor as a plain score stage (one model load, one compile)."""
+            device.prepare_on_device = False
+            try:
+                return device(cols)
+            finally:
+                device.prepare_on_device = True
+
+        def sync() -> None:
+            if gpu:
+                torch.cuda.synchronize()
+
+        def two_stage() -> None:
+            nonlocal best
+            t0, done = time.perf_counter(), 0
+            with ThreadPoolExecutor(args.workers) as pool:
+                chunks = [pool.submit(prep, read_stage_batch(photos[i:i + 8], i)) for i in range(0, n, 8)]
+                pending: list[dict] = []
+                for f in chunks:
+                    pending.append(f.result())
+                    if sum(len(c["uri"]) for c in pending) >= batch or f is chunks[-1]:
+                        merged = {k: np.concatenate([c[k] for c in pending]) for k in pending[0]}
+                        done += sum(s == "ok" for s in score(merged).column("status").to_pylist())
+                        pending = []
+            sync()
+            rate = n / (time.perf_counter() - t0)
+            best = max(best, rate)
+            row(f"end-to-end: {args.workers} prep threads + score actor", rate, f"({done}/{n} scored)")
+
+        attempt("prep actors + score actor", two_stage)
+
+        def on_device(calls: int) -> None:
+            nonlocal best
+            sync()
+            t0 = time.perf_counter()
+            with ThreadPoolExecutor(calls) as pool:
+                done = sum(sum(s == "ok" for s in t.column("status").to_pylist()) for t in pool.map(device, reads))
+            sync()
+            rate = n / (time.perf_counter() - t0)
+            best = max(best, rate)
+            row(f"end-to-end: {dev.type} prep in score actor, {calls} call(s)", rate, f"({done}/{n} scored)")
+
+        attempt("device prep, serial", lambda: on_device(1))
+        attempt("device prep, overlapped", lambda: on_device(2))
+
+        def prep_alone() -> None:
+            sync()
+            t0 = time.perf_counter()
+            for i in range(0, n, batch):
+                prepare_batch_on_device(photos[i:i + batch], cfg, detector, dev, "five")
+            sync()
+            row(f"  of which preparation on {dev.type} alone", n / (time.perf_counter() - t0))
+            a = device.predictor(prepare_batch(photos[:batch], cfg, detector, "five"))["score"]
+            b = device.predictor(prepare_batch_on_device(photos[:batch], cfg, detector, dev, "five"))["score"]
+            from scipy.stats import spearmanr
+
+            print(f"  device prep vs PIL prep (bf16 model)          SRCC {spearmanr(a, b).statistic:.5f}  "
+                  f"max|Δ| {np.abs(a - b).max():.5f}", flush=True)
+
+        attempt("device prep alone", prep_alone)
+    return best
 
 
 def main() -> None:
@@ -144,55 +246,7 @@ def main() -> None:
         print(f"  {label:<44} SRCC {spearmanr(ref, got).statistic:.5f}  max|Δ| {dev_max:.5f} "
               f"({dev_max / max(np.ptp(ref), 1e-12):.2f} of the spread)")
 
-    print("End to end (threads prepare, GPU scores; bf16):", flush=True)
-    b = copy.deepcopy(base)
-    pred = Predictor(cfg, b.model, b.liqe, dev, "bf16", batch_size=batch, compile=args.compile)
-    pred(replicate(cols, batch))
-    chunk = 8
-    t0 = time.perf_counter()
-    done = 0
-    with ThreadPoolExecutor(args.workers) as pool:
-        futures = [pool.submit(prepare_batch, photos[i:i + chunk], cfg, detector, "five")
-                   for i in range(0, n, chunk)]
-        pending: list[dict] = []
-        for f in futures:
-            pending.append(f.result())
-            if sum(len(c["status"]) for c in pending) >= batch or f is futures[-1]:
-                merged = {k: np.concatenate([c[k] for c in pending]) for k in pending[0]}
-                done += int(np.isfinite(pred(merged)["score"]).sum())
-                pending = []
-    if gpu:
-        torch.cuda.synchronize()
-    e2e = n / (time.perf_counter() - t0)
-    row("end-to-end five-crop", e2e, f"({done}/{n} scored)")
-
-    if gpu:
-        from piqa_core.gpu_prep import prepare_batch_on_device
-
-        def device_prep() -> None:
-            prepare_batch_on_device(photos[:chunk], cfg, detector, dev, "five")  # warm-up
-            torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            scored = 0
-            for i in range(0, n, batch):
-                cols_dev = prepare_batch_on_device(photos[i:i + batch], cfg, detector, dev, "five")
-                scored += int(np.isfinite(pred(cols_dev)["score"]).sum())
-            torch.cuda.synchronize()
-            row("end-to-end five-crop, nvJPEG + GPU prep", n / (time.perf_counter() - t0), f"({scored}/{n} scored)")
-            t0 = time.perf_counter()
-            for i in range(0, n, batch):
-                prepare_batch_on_device(photos[i:i + batch], cfg, detector, dev, "five")
-            torch.cuda.synchronize()
-            row("  of which GPU prep alone", n / (time.perf_counter() - t0))
-            ref_cols = prepare_batch(photos[:batch], cfg, detector, "five")
-            a = pred(ref_cols)["score"]
-            b2 = pred(prepare_batch_on_device(photos[:batch], cfg, detector, dev, "five"))["score"]
-            from scipy.stats import spearmanr as srcc
-
-            print(f"  GPU prep vs PIL prep (bf16 model)             SRCC {srcc(a, b2).statistic:.5f}  "
-                  f"max|Δ| {np.abs(a - b2).max():.5f}", flush=True)
-
-        attempt("GPU prep", device_prep)
+    e2e = end_to_end(args, base, photos, dev, batch, detector, cols)
 
     from benchmarks.official_style import official_style_score
 
