@@ -14,6 +14,7 @@ import json
 import os
 import pickle
 import re
+import threading
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -217,10 +218,11 @@ def _empty_parameters() -> Iterator[None]:
     CLIP's causal mask, the detector's mean/std) are computed in ``__init__`` and never saved.
     A strict :func:`load_strict` then assigns every parameter (dn-piqa: 3.5 s of init saved per load).
     """
-    register = nn.Module.register_parameter
+    register, owner = nn.Module.register_parameter, threading.get_ident()
 
     def to_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
-        if param is not None and not param.is_meta:
+        # The patch is process-wide: modules other threads build meanwhile stay untouched.
+        if param is not None and not param.is_meta and threading.get_ident() == owner:
             param = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
         register(module, name, param)
 

@@ -221,6 +221,21 @@ def test_module_with_uninitialisable_buffer_is_refused(tmp_path):
         load_strict(m, {"w": torch.ones(3)}, "scaled")
 
 
+def test_empty_parameters_leave_other_threads_alone():
+    import threading
+
+    from piqa_core import checkpoints
+
+    built = {}
+    with checkpoints._empty_parameters():
+        here = torch.nn.Linear(2, 2)
+        t = threading.Thread(target=lambda: built.setdefault("other", torch.nn.Linear(2, 2)))
+        t.start()
+        t.join()
+    assert here.weight.is_meta and not built["other"].weight.is_meta
+    assert not torch.nn.Linear(2, 2).weight.is_meta  # and the patch is gone afterwards
+
+
 def test_file_replaced_during_load_is_refused(tmp_path, monkeypatch):
     from piqa_core import checkpoints
 
