@@ -65,6 +65,8 @@ def main() -> None:
     ap.add_argument("--num-cpus", type=int, default=os.cpu_count())
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--crop-mode", default="five")
+    ap.add_argument("--model-only-images", type=int, default=None,
+                    help="time the model alone on the first N photos only (its rate does not depend on N)")
     args = ap.parse_args()
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     import ray
@@ -97,8 +99,10 @@ def main() -> None:
         inproc_steady = steady_rate(table.column("scored_at").to_pylist())
         print(f"in-process Scorer ({torch.get_num_threads()} threads): end-to-end {inproc_e2e:.3g} img/s "
               f"(model load {t1 - t0:.1f} s), scoring {inproc_warm:.3g}, steady {inproc_steady:.3g}", flush=True)
-        model_only = model_only_rate(scorer, [p.read_bytes() for p in sorted(folder.iterdir())], args.batch_size)
-        print(f"model only (same batches, prepared beforehand): {model_only:.3g} img/s; in-process scoring "
+        sample = [p.read_bytes() for p in sorted(folder.iterdir())][:args.model_only_images or None]
+        model_only = model_only_rate(scorer, sample, args.batch_size)
+        print(f"model only ({len(sample)} photos, same batch size, prepared beforehand): {model_only:.3g} img/s; "
+              f"in-process scoring "
               f"= {inproc_warm / model_only:.3f} of it", flush=True)
 
         ray.init(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False,

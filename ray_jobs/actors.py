@@ -17,7 +17,7 @@ from piqa_core.checkpoints import (CONFIG_FILE, PARTS, Bundle, CheckpointError, 
                                    resolve_weights)
 from piqa_core.gpu_prep import prepare_batch_on_device
 from piqa_core.preprocess import ImageError
-from piqa_core.stages import Predictor, prepare_batch
+from piqa_core.stages import Predictor, prepare_and_score, prepare_batch
 
 from .options import ModelOptions
 from .schema import SCORE_SCHEMA, now_utc
@@ -104,9 +104,9 @@ class ScoreActor:
 
     ``identity`` is the driver's ``model_identity``: rows carry it, and a checkpoint whose sha256
     differs (replaced while the job ran) stops the actor instead of mixing two models in one run.
-    With ``prepare_on_device`` the actor takes the read stage's bytes and prepares them itself on its
-    device (``gpu_prep``: nvJPEG decode, detection, resizes and crops on the GPU; the same code on
-    a CPU), so no prep pool is needed.
+    With ``prepare_on_device`` the actor takes the read stage's bytes and prepares them itself, so no
+    prep pool is needed: on a GPU with ``gpu_prep`` (nvJPEG decode, detection, resizes and crops on
+    the device), on a CPU with the prep actors' own code (``stages.prepare_batch``, PIL-exact).
 
     Calls may run concurrently (Ray Data's ``max_concurrent_calls_per_actor``): each thread works on
     its own CUDA stream and one forward pass runs at a time, so one batch's preparation, transfers
@@ -144,12 +144,18 @@ class ScoreActor:
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         _maybe_crash(self.crash_marker)
         with self._stream():
-            if self.prepare_on_device:
-                prepared = prepare_batch_on_device(_items(batch), self.cfg, self.detector, self.device,
-                                                   self.crop_mode)
-                batch = {**_identity_columns(batch), **prepared}
-            with self._model_lock:
-                cols = self.predictor(batch)  # scores come back to the host: this stream is synced
+            if self.prepare_on_device and self.device.type == "cpu":  # the prep actors' exact code
+                with self._model_lock:
+                    prepared = prepare_and_score(_items(batch), self.cfg, self.detector, self.predictor,
+                                                 self.crop_mode)
+                cols = {**_identity_columns(batch), **prepared}
+            else:
+                if self.prepare_on_device:
+                    prepared = prepare_batch_on_device(_items(batch), self.cfg, self.detector, self.device,
+                                                       self.crop_mode)
+                    batch = {**_identity_columns(batch), **prepared}
+                with self._model_lock:
+                    cols = self.predictor(batch)  # scores come back to the host: this stream is synced
         n = len(cols["uri"])
         ok = cols["status"] == "ok"
         box = cols["face_box"]

@@ -33,9 +33,11 @@ def main() -> None:
 @click.option("--run-date", default=None, help="Partition value run_date=… (default: today).")
 @click.option("--face-device", type=click.Choice(["cpu", "gpu"]), default="cpu", show_default=True,
               help="Where prep actors run RetinaFace (gpu on GPU nodes: CPU detection cannot keep up).")
-@click.option("--prep", type=click.Choice(["actors", "device"]), default="actors", show_default=True,
+@click.option("--prep", type=click.Choice(["auto", "actors", "device"]), default="auto", show_default=True,
               help="actors = a CPU actor pool decodes, detects and crops; device = the score actors do it on "
-                   "their GPU (nvJPEG decode, GPU resizes; for GPU nodes short of CPU cores).")
+                   "their device (GPU: nvJPEG decode, GPU resizes, for GPU nodes short of CPU cores; CPU: the "
+                   "same code as the actors); auto = actors on GPU clusters, device on CPU-only clusters when "
+                   "the model dominates the work (dn-piqa).")
 @click.option("--prep-actors", type=click.IntRange(1), default=None, help="CPU actor pool size.")
 @click.option("--score-actors", type=click.IntRange(1), default=None, help="Model actor pool size.")
 @click.option("--prep-batch-size", type=click.IntRange(1), default=None,

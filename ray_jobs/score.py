@@ -47,8 +47,9 @@ class ScoreJob:
     run_id: str | None = None
     face_device: str = "cpu"
     # "actors": a CPU actor pool prepares (decode, faces, crops); "device": the score actors prepare on
-    # their own device (nvJPEG + GPU resizes on GPU nodes), no prep pool.
-    prep: str = "actors"
+    # their own device (nvJPEG + GPU resizes on GPUs, the exact CPU code on CPUs), no prep pool;
+    # "auto": actors with GPUs, and on CPU-only clusters device when the model dominates the work.
+    prep: str = "auto"
     prep_actors: int | None = None
     score_actors: int | None = None
     # Images per prep call; default: the score batch (at most 8), so a prepared block is exactly
@@ -77,7 +78,9 @@ class PoolPlan:
     score_threads: int = 1
 
 
-PREP_PLACES = ("actors", "device")
+PREP_PLACES = ("auto", "actors", "device")
+# CPU-only clusters prepare inside the score actors when the model's share of the work is at least this.
+IN_ACTOR_PREP_SHARE = 0.75
 
 # Logical CPUs kept free for the light read and write tasks, so the actor pools cannot starve them.
 IO_TASK_CPUS = 0.1
@@ -105,43 +108,56 @@ def model_share(cfg: PIQAConfig, crop_mode: str) -> float:
 
 
 def plan_pools(job: ScoreJob, resources: dict[str, float], cfg: PIQAConfig | None = None) -> PoolPlan:
-    """Actor pool sizes from the cluster's resources unless given explicitly."""
+    """Actor pool sizes (and whether a prep pool exists) from the cluster's resources unless given."""
     cpus, gpus = resources.get("CPU", 1.0), resources.get("GPU", 0.0)
     use_gpu = bool(gpus) if job.gpu is None else job.gpu
     if job.prep not in PREP_PLACES:
         raise ValueError(f"prep must be one of {PREP_PLACES}, got {job.prep!r}")
-    if job.prep == "device":
-        if job.prep_actors:
-            raise ValueError("--prep-actors has no effect with --prep device (the score actors prepare)")
-        if use_gpu:
-            per = job.gpus_per_score_actor
-            return PoolPlan(0, job.score_actors or max(1, int(max(gpus, per) / per)), per, 1.0)
-        score = job.score_actors or max(1, int(cpus))
-        return PoolPlan(0, score, 0.0, round(max(0.05, (cpus - 2 * IO_TASK_CPUS) / score), 3))
+    if job.face_device == "gpu" and not use_gpu:
+        raise ValueError("--face-device gpu needs GPUs: the cluster has none (pass --gpu to wait for them)")
+    share = model_share(cfg, job.model.crop_mode or cfg.preprocess.crop_mode) if cfg is not None else 0.5
+    place = job.prep
+    if place == "auto":
+        # On CPUs a model-dominated job loses more to a second process competing for the cores than
+        # it gains from pipelining: dn-piqa on 2 cores, 0.109 img/s with a prep actor vs 0.122 in one.
+        in_actor = not use_gpu and not job.prep_actors and share >= IN_ACTOR_PREP_SHARE
+        place = "device" if in_actor else "actors"
+    if place == "device" and job.prep_actors:
+        raise ValueError("--prep-actors has no effect with --prep device (the score actors prepare)")
     if use_gpu:
         per = job.gpus_per_score_actor
         score = job.score_actors or max(1, int(max(gpus, per) / per))
+        if place == "device":
+            return PoolPlan(0, score, per, 1.0)
         prep = job.prep_actors or max(1, int(cpus - score - 1))
         if job.face_device != "gpu":
             return PoolPlan(prep, score, per, 1.0)
         # Detection on the GPU: prep actors take half of each score actor's share, split evenly,
         # so Ray counts (and places) every CUDA context.
         return PoolPlan(prep, score, per / 2, 1.0, prep_gpus=round(per / 2 * score / prep, 4))
-    if job.face_device == "gpu":
-        raise ValueError("--face-device gpu needs GPUs: the cluster has none (pass --gpu to wait for them)")
-    # CPU-only: cores split by each stage's share of the work, plus one more process than cores so
-    # the OS keeps every core busy while one stage waits on the other. Prep actors are single-threaded;
-    # score cores are grouped into actors of up to CPU_SCORE_THREADS threads: one 2-thread dn-piqa actor
-    # beat two 1-thread ones (0.128 vs 0.118 img/s on 2 cores) and holds one copy of the weights.
-    share = model_share(cfg, job.model.crop_mode or cfg.preprocess.crop_mode) if cfg is not None else 0.5
-    n = int(cpus)
-    score_cores = min(n, max(1, round(n * share)))
+    return _cpu_plan(job, cpus, share if place == "actors" else 1.0)
+
+
+def _cpu_plan(job: ScoreJob, cpus: float, share: float) -> PoolPlan:
+    """CPU-only pools: cores split by each stage's share of the work (``share`` 1.0: no prep pool).
+
+    One more process than cores when there are two stages, so the OS keeps every core busy while one
+    waits on the other. Prep actors are single-threaded; score cores are grouped into actors of up to
+    CPU_SCORE_THREADS threads (one copy of the weights per actor; on 2 cores one 2-thread dn-piqa
+    process ran 0.128 img/s, two 1-thread ones 0.118).
+    """
+    n = max(1, int(cpus))
+    score_cores = n if share >= 1.0 else min(n, max(1, round(n * share)))
     score = job.score_actors or max(1, -(-score_cores // CPU_SCORE_THREADS))
     threads = max(1, score_cores // score)
-    prep = job.prep_actors or max(1, n + 1 - score_cores)
+    prep = 0 if share >= 1.0 else job.prep_actors or max(1, n + 1 - score_cores)
     unit = max(0.05, (cpus - 2 * IO_TASK_CPUS) / (prep + score * threads))  # logical CPUs: all actors must fit
-    down = lambda x: math.floor(x * 1000) / 1000  # noqa: E731  (rounding up could overbook the cluster)
-    return PoolPlan(prep, score, 0.0, down(unit * threads), prep_cpus=down(unit), score_threads=threads)
+    return PoolPlan(prep, score, 0.0, _floor3(unit * threads), prep_cpus=_floor3(unit), score_threads=threads)
+
+
+def _floor3(x: float) -> float:
+    """Logical CPUs rounded down to 3 decimals: rounding up could overbook the cluster."""
+    return math.floor(x * 1000) / 1000
 
 
 def _fit_to_inputs(plan: PoolPlan, job: ScoreJob, n: int) -> PoolPlan:
@@ -222,7 +238,7 @@ def _stage_args(job: ScoreJob, plan: PoolPlan, run_id: str,
     score = dict(
         fn_constructor_kwargs={**common, "identity": identity, "device": "cuda" if plan.score_gpus else "cpu",
                                "threads": plan.score_threads, "crash_marker": crash_marker("score"),
-                               "prepare_on_device": job.prep == "device"},
+                               "prepare_on_device": plan.prep_actors == 0},
         compute=ActorPoolStrategy(size=plan.score_actors, max_concurrent_calls_per_actor=calls,
                                   enable_true_multi_threading=calls > 1),
         num_cpus=plan.score_cpus, num_gpus=plan.score_gpus,

@@ -59,11 +59,10 @@ def test_score_actor_prepares_on_its_device_like_the_prep_stage():
     two_stage = ScoreActor(TINY, S3Options(), identity)(PrepActor(TINY, S3Options())(batch)).to_pylist()
     on_device = ScoreActor(TINY, S3Options(), identity, prepare_on_device=True)(batch).to_pylist()
     assert [r["error_code"] for r in on_device] == [None, "not_found", None, "not_an_image"]
-    for a, b in zip(two_stage, on_device):
-        assert (a["status"], a["error_code"], a["face_found"], a["n_faces"]) == \
-               (b["status"], b["error_code"], b["face_found"], b["n_faces"])
-        if a["score"] is not None:  # device resizes match PIL within one level
-            assert abs(a["score"] - b["score"]) < 5e-3
+    for a, b in zip(two_stage, on_device):  # on a CPU the very same preparation code: the same rows
+        assert a.keys() == b.keys()
+        for k in a.keys() - {"scored_at"}:  # floats: detection batches differ (2 vs 4 images), so do roundings
+            assert b[k] == (pytest.approx(a[k], abs=1e-3) if isinstance(a[k], (float, list)) else a[k]), k
 
 
 def test_concurrent_calls_give_the_rows_of_serial_calls(monkeypatch):

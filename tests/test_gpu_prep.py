@@ -22,7 +22,7 @@ from piqa_core.config import get_preset
 from piqa_core.faces import FaceResult, detector_input, face_crop_box
 from piqa_core.preprocess import ImageError, resize_short
 from piqa_core.stages import Predictor, prepare_batch
-from tests.corpus import astronaut, astronaut_jpeg_bytes
+from tests.corpus import astronaut, astronaut_jpeg_bytes, build_corpus
 
 META = ("status", "error_code", "error_message", "width", "height", "face_found", "n_faces")
 
@@ -173,6 +173,17 @@ def test_other_crop_modes(bundle, mode):
 
 
 # ---------------------------------------------------------------- full parity (detector + predictor)
+
+
+def test_bad_file_corpus_gives_the_prep_stage_codes(bundle, tmp_path):
+    """The whole corpus the pipeline tests use: the device path (here on CPU) and the prep actors'
+    path give every file the same error code (on a GPU the score actors run this path)."""
+    expected = build_corpus(tmp_path)
+    items = [(tmp_path / name).read_bytes() for name in expected]
+    ref = prepare_batch(items, bundle.config, bundle.detector)
+    dev = gp.prepare_batch_on_device(items, bundle.config, bundle.detector, torch.device("cpu"))
+    assert list(dev["error_code"]) == list(ref["error_code"])
+    assert [c or None for c in dev["error_code"]] == list(expected.values())
 
 
 @pytest.mark.slow

@@ -150,24 +150,32 @@ def test_model_share_matches_the_measured_split():
 
 
 def test_pool_plans():
-    # CPU-only: cores split by the model's share of the work, one process more than cores; score
-    # cores grouped into actors of up to 4 threads
+    # CPU-only with a prep pool: cores split by the model's share of the work, one process more than
+    # cores; score cores grouped into actors of up to 4 threads
     tiny = plan_pools(_job([], "x"), {"CPU": 2.0}, get_preset("tiny"))
     assert (tiny.prep_actors, tiny.score_actors, tiny.score_gpus, tiny.score_threads) == (2, 1, 0.0, 1)
-    dn = plan_pools(_job([], "x"), {"CPU": 2.0}, get_preset("dn-piqa"))
+    dn = plan_pools(_job([], "x", prep="actors"), {"CPU": 2.0}, get_preset("dn-piqa"))
     assert (dn.prep_actors, dn.score_actors, dn.prep_threads, dn.score_threads) == (1, 1, 1, 2)
     assert dn.score_cpus == pytest.approx(2 * dn.prep_cpus, abs=1e-3)  # logical CPUs follow the threads
-    big = plan_pools(_job([], "x"), {"CPU": 16.0}, get_preset("dn-piqa"))
+    big = plan_pools(_job([], "x", prep="actors"), {"CPU": 16.0}, get_preset("dn-piqa"))
     assert (big.prep_actors, big.score_actors, big.score_threads) == (2, 4, 3)
-    for plan, cpus in ((tiny, 2.0), (dn, 2.0), (big, 16.0)):  # every actor fits, with room for IO tasks
+    # auto on CPUs: a model-dominated preset prepares inside its score actors, no prep pool
+    auto = plan_pools(_job([], "x"), {"CPU": 2.0}, get_preset("dn-piqa"))
+    assert (auto.prep_actors, auto.score_actors, auto.score_threads) == (0, 1, 2)
+    auto16 = plan_pools(_job([], "x"), {"CPU": 16.0}, get_preset("dn-piqa"))
+    assert (auto16.prep_actors, auto16.score_actors, auto16.score_threads) == (0, 4, 4)
+    assert plan_pools(_job([], "x", prep_actors=2), {"CPU": 2.0}, get_preset("dn-piqa")).prep_actors == 2
+    for plan, cpus in ((tiny, 2.0), (dn, 2.0), (big, 16.0), (auto, 2.0), (auto16, 16.0)):  # all fit, with IO room
         assert plan.prep_actors * plan.prep_cpus + plan.score_actors * plan.score_cpus + 0.2 <= cpus + 1e-6
     assert plan_pools(_job([], "x", prep_actors=3, score_actors=1), {"CPU": 2.0}).prep_actors == 3
     # --prep device: no prep pool; the score actors prepare on their GPU (or here, CPU)
     dev_gpu = plan_pools(_job([], "x", prep="device"), {"CPU": 16.0, "GPU": 2.0}, get_preset("dn-piqa"))
     assert (dev_gpu.prep_actors, dev_gpu.score_actors, dev_gpu.score_gpus) == (0, 2, 1.0)
-    assert plan_pools(_job([], "x", prep="device"), {"CPU": 2.0}).score_actors == 2
+    assert plan_pools(_job([], "x", prep="device", score_actors=2), {"CPU": 2.0}).score_threads == 1
     with pytest.raises(ValueError, match="no effect"):
         plan_pools(_job([], "x", prep="device", prep_actors=2), {"CPU": 2.0})
+    # auto with GPUs keeps the CPU prep pool
+    assert plan_pools(_job([], "x"), {"CPU": 16.0, "GPU": 1.0}, get_preset("dn-piqa")).prep_actors == 14
     gpu = plan_pools(_job([], "x"), {"CPU": 16.0, "GPU": 1.0})
     assert (gpu.score_actors, gpu.score_gpus, gpu.prep_actors) == (1, 1.0, 14)
     face = plan_pools(_job([], "x", face_device="gpu"), {"CPU": 16.0, "GPU": 2.0})
