@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from .checkpoints import Bundle, Fetcher, build_bundle, load_checkpoint, resolve_weights
-from .stages import ImageInput, Predictor, prepare_and_score, rows_from_columns
+from .stages import ImageInput, Predictor, prepare_batch, rows_from_columns
 
 
 def default_device() -> torch.device:
@@ -61,7 +61,8 @@ class Scorer:
 
     def score_columns(self, items: Sequence[ImageInput]) -> dict[str, np.ndarray]:
         """Prepared + scored columns for one batch (pixel columns included)."""
-        return prepare_and_score(items, self.config, self.detector, self.predictor, self.crop_mode)
+        cols = prepare_batch(items, self.config, self.detector, self.crop_mode)
+        return self.predictor(cols)
 
     def score(self, images: Iterable[ImageInput], batch_size: int = 8,
               progress: Callable[[int], Any] | None = None) -> list[dict[str, Any]]:

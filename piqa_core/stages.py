@@ -115,22 +115,6 @@ def _describe(e: BaseException) -> str:
 
 
 CPU_PIXELS_PER_PASS = 2 * 384 * 384
-# Images prepared at a time before their model passes on CPUs (measured on 2 cores, dn-piqa, 12 MP:
-# preparing 8 full-resolution photos and then scoring them ran at 0.80-0.88 of the model alone,
-# 2 at a time at 0.97-0.98; the model's speed itself does not depend on the batch).
-CPU_SLICE = 2
-
-
-def prepare_and_score(items: Sequence[ImageInput], cfg: PIQAConfig, detector: FaceDetector | None,
-                      predictor: "Predictor", crop_mode: str | None = None,
-                      rng: np.random.Generator | None = None) -> dict[str, np.ndarray]:
-    """``prepare_batch`` then ``predictor``: whole batches on GPUs (and for compiled static shapes),
-    slices of ``CPU_SLICE`` images on CPUs; one set of columns either way."""
-    whole = predictor.device.type == "cuda" or predictor.batch_size is not None
-    step = max(len(items), 1) if whole else CPU_SLICE
-    parts = [predictor(prepare_batch(items[i:i + step], cfg, detector, crop_mode, rng))
-             for i in range(0, max(len(items), 1), step)]
-    return parts[0] if len(parts) == 1 else {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
 
 class Predictor:

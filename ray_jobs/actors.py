@@ -17,7 +17,7 @@ from piqa_core.checkpoints import (CONFIG_FILE, PARTS, Bundle, CheckpointError, 
                                    resolve_weights)
 from piqa_core.gpu_prep import prepare_batch_on_device
 from piqa_core.preprocess import ImageError
-from piqa_core.stages import Predictor, prepare_and_score, prepare_batch
+from piqa_core.stages import Predictor, prepare_batch
 
 from .options import ModelOptions
 from .schema import SCORE_SCHEMA, now_utc
@@ -144,18 +144,15 @@ class ScoreActor:
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         _maybe_crash(self.crash_marker)
         with self._stream():
-            if self.prepare_on_device and self.device.type == "cpu":  # the prep actors' exact code
-                with self._model_lock:
-                    prepared = prepare_and_score(_items(batch), self.cfg, self.detector, self.predictor,
-                                                 self.crop_mode)
-                cols = {**_identity_columns(batch), **prepared}
-            else:
-                if self.prepare_on_device:
+            if self.prepare_on_device:
+                if self.device.type == "cpu":  # the prep actors' exact code
+                    prepared = prepare_batch(_items(batch), self.cfg, self.detector, self.crop_mode)
+                else:
                     prepared = prepare_batch_on_device(_items(batch), self.cfg, self.detector, self.device,
                                                        self.crop_mode)
-                    batch = {**_identity_columns(batch), **prepared}
-                with self._model_lock:
-                    cols = self.predictor(batch)  # scores come back to the host: this stream is synced
+                batch = {**_identity_columns(batch), **prepared}
+            with self._model_lock:
+                cols = self.predictor(batch)  # scores come back to the host: this stream is synced
         n = len(cols["uri"])
         ok = cols["status"] == "ok"
         box = cols["face_box"]

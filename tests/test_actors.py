@@ -61,7 +61,7 @@ def test_score_actor_prepares_on_its_device_like_the_prep_stage():
     assert [r["error_code"] for r in on_device] == [None, "not_found", None, "not_an_image"]
     for a, b in zip(two_stage, on_device):  # on a CPU the very same preparation code: the same rows
         assert a.keys() == b.keys()
-        for k in a.keys() - {"scored_at"}:  # floats: detection batches differ (2 vs 4 images), so do roundings
+        for k in a.keys() - {"scored_at"}:
             assert b[k] == (pytest.approx(a[k], abs=1e-3) if isinstance(a[k], (float, list)) else a[k]), k
 
 

@@ -115,29 +115,3 @@ def test_cuda_matches_cpu(scorer, precision, tol):
     want = [r["score"] for r in scorer.score(imgs)]
     got = [r["score"] for r in gpu.score(imgs)]
     assert np.allclose(got, want, atol=tol), (got, want)
-
-
-
-
-def test_cpu_slices_give_the_whole_batch_columns(scorer):
-    """On CPUs a batch is prepared and scored CPU_SLICE images at a time; the columns are the same."""
-    from piqa_core.stages import CPU_SLICE, prepare_and_score, prepare_batch
-
-    items = [np.asarray(astronaut()), b"", np.asarray(astronaut())[40:, 20:], np.asarray(astronaut())[:300]]
-    assert len(items) > CPU_SLICE
-    cfg, det, pred = scorer.config, scorer.detector, scorer.predictor
-    calls = []
-    forward = pred.forward
-    pred.forward = lambda cols, rows: calls.append(len(rows)) or forward(cols, rows)
-    try:
-        sliced = prepare_and_score(items, cfg, det, pred)
-    finally:
-        del pred.forward
-    whole = pred(prepare_batch(items, cfg, det))
-    assert calls == [1, 2]  # slices of 2 images: the empty file is an error row, never scored
-    assert sliced.keys() == whole.keys()
-    for k in whole:  # float columns: a CPU convolution rounds differently with another batch size
-        if whole[k].dtype.kind == "f":
-            np.testing.assert_allclose(sliced[k], whole[k], atol=1e-3)
-        else:
-            np.testing.assert_array_equal(sliced[k], whole[k])
