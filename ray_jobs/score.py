@@ -119,7 +119,8 @@ def plan_pools(job: ScoreJob, resources: dict[str, float], cfg: PIQAConfig | Non
     place = job.prep
     if place == "auto":
         # On CPUs a model-dominated job loses more to a second process competing for the cores than
-        # it gains from pipelining: dn-piqa on 2 cores, 0.109 img/s with a prep actor vs 0.122 in one.
+        # it gains from pipelining: dn-piqa on 2 cores, 40 photos, steady 0.109 img/s beside a prep
+        # actor, 0.113 with the score actor preparing (end to end 0.100 vs 0.109).
         in_actor = not use_gpu and not job.prep_actors and share >= IN_ACTOR_PREP_SHARE
         place = "device" if in_actor else "actors"
     if place == "device" and job.prep_actors:
