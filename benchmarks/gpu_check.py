@@ -64,13 +64,11 @@ def replicate(cols: dict, n: int) -> dict:
 
 def read_stage_batch(photos: list[bytes], start: int = 0) -> dict[str, np.ndarray]:
     """The columns Ray Data's read stage hands the actors, for in-memory photos."""
-    n = len(photos)
-    data = np.empty(n, dtype=object)
-    data[:] = photos
-    return {"uri": np.array([f"mem://{start + i}.jpg" for i in range(n)], dtype=object),
-            "etag_or_mtime": np.full(n, "", dtype=object), "bytes": np.array([len(p) for p in photos]),
-            "data": data, "read_error_code": np.full(n, "", dtype=object),
-            "read_error_message": np.full(n, "", dtype=object)}
+    from ray_jobs.reader import read_columns
+
+    ids = {"uri": np.array([f"mem://{start + i}.jpg" for i in range(len(photos))], dtype=object),
+           "etag_or_mtime": np.full(len(photos), "", dtype=object), "bytes": np.array([len(p) for p in photos])}
+    return read_columns(ids, photos)
 
 
 def end_to_end(args, base, photos: list[bytes], dev: torch.device, batch: int, detector, cols: dict) -> float:

@@ -16,7 +16,7 @@ import functools
 import math
 import warnings
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -208,13 +208,9 @@ class FaceDetector(nn.Module):
         self, inputs: Sequence[tuple[np.ndarray, float]], sizes: Sequence[tuple[int, int]] | None = None
     ) -> list[FaceResult]:
         """:meth:`detect` with every image on its own canvas, so its result never depends on its
-        batch-mates: images that share a canvas (see :func:`canvas_groups`) share a forward pass."""
-        results: list[FaceResult | None] = [None] * len(inputs)
-        for idx in canvas_groups([a.shape[:2] for a, _ in inputs]).values():
-            found = self.detect([inputs[i] for i in idx], None if sizes is None else [sizes[i] for i in idx])
-            for i, r in zip(idx, found):
-                results[i] = r
-        return results  # type: ignore[return-value]
+        batch-mates: images that share a canvas (see :func:`per_canvas`) share a forward pass."""
+        return per_canvas([a.shape[:2] for a, _ in inputs], lambda canvas, idx: self.detect(
+            [inputs[i] for i in idx], None if sizes is None else [sizes[i] for i in idx]))
 
     def detect_images(self, images: Sequence[Image.Image]) -> list[FaceResult]:
         """:func:`detector_input` at ``cfg.detect_long_side`` then :meth:`detect_each`."""
@@ -222,16 +218,23 @@ class FaceDetector(nn.Module):
         return self.detect_each(inputs, sizes=[im.size for im in images])
 
 
-def canvas_groups(shapes: Sequence[tuple[int, int]]) -> dict[tuple[int, int], list[int]]:
-    """Indices of detector inputs grouped by canvas: the input's own (height, width) rounded up to 32.
+def per_canvas(
+    shapes: Sequence[tuple[int, int]], detect: Callable[[tuple[int, int], list[int]], list[FaceResult]]
+) -> list[FaceResult]:
+    """``detect(canvas, indices)`` once per canvas, the results back in input order.
 
-    The canvas depends on the image alone (batch-independent, resume-safe results), and a 4:3 photo
-    is not padded to a square: 640x480 costs 25 % less RetinaFace work than 640x640.
+    An input's canvas is its own (height, width) rounded up to 32: it depends on the image alone
+    (batch-independent, resume-safe results), and a 4:3 photo is not padded to a square (640x480
+    costs 25 % less RetinaFace work than 640x640).
     """
     groups: dict[tuple[int, int], list[int]] = {}
     for i, (h, w) in enumerate(shapes):
         groups.setdefault((_round_up(h, PAD_MULTIPLE), _round_up(w, PAD_MULTIPLE)), []).append(i)
-    return groups
+    results: list[FaceResult | None] = [None] * len(shapes)
+    for canvas, idx in groups.items():
+        for i, r in zip(idx, detect(canvas, idx)):
+            results[i] = r
+    return results  # type: ignore[return-value]
 
 
 def _to_original(

@@ -28,7 +28,7 @@ from PIL import Image
 from torchvision.io import ImageReadMode, decode_jpeg
 
 from .config import PIQAConfig
-from .faces import FaceDetector, FaceResult, canvas_groups, face_crop_box
+from .faces import FaceDetector, FaceResult, face_crop_box, per_canvas
 from .liqe import patch_positions
 from .preprocess import ImageError, _check_header, crop_positions, load_image
 from .stages import ImageInput, _describe, empty_columns
@@ -180,18 +180,16 @@ def detect_on_device(detector: FaceDetector, inputs: Sequence[tuple[torch.Tensor
                      sizes: Sequence[tuple[int, int]]) -> list[FaceResult]:
     """``FaceDetector.detect_each`` for uint8 (3, h, w) device tensors: the same canvases, then ``detect_batch``."""
     dev = detector.mean.device
-    results: list[FaceResult | None] = [None] * len(inputs)
-    for (hp, wp), idx in canvas_groups([tuple(inputs[i][0].shape[1:]) for i in range(len(inputs))]).items():
-        batch = torch.zeros((len(idx), hp, wp, 3), dtype=torch.uint8, device=dev)
-        valid = []
+
+    def detect(canvas: tuple[int, int], idx: list[int]) -> list[FaceResult]:
+        batch = torch.zeros((len(idx), *canvas, 3), dtype=torch.uint8, device=dev)
         for j, i in enumerate(idx):
             t = inputs[i][0]
             batch[j, : t.shape[1], : t.shape[2]] = t.permute(1, 2, 0).to(dev)
-            valid.append((t.shape[1], t.shape[2]))
-        found = detector.detect_batch(batch, valid, [inputs[i][1] for i in idx], [sizes[i] for i in idx])
-        for i, r in zip(idx, found):
-            results[i] = r
-    return results  # type: ignore[return-value]
+        valid = [tuple(inputs[i][0].shape[1:]) for i in idx]
+        return detector.detect_batch(batch, valid, [inputs[i][1] for i in idx], [sizes[i] for i in idx])
+
+    return per_canvas([tuple(t.shape[1:]) for t, _ in inputs], detect)
 
 
 def prepare_batch_on_device(

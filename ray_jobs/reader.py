@@ -6,6 +6,8 @@ cost seconds of CPU per worker.
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import numpy as np
 
 from piqa_core.errors import ImageError
@@ -29,13 +31,19 @@ def fetch(info: ObjectInfo, s3: S3Options | None, max_bytes: int) -> bytes | Ima
 
 def read_objects(batch: dict[str, np.ndarray], s3: S3Options, max_bytes: int) -> dict[str, np.ndarray]:
     """Adds the objects' bytes; a failed read becomes ``read_error_*`` for its row, never an exception."""
-    n = len(batch["uri"])
+    return read_columns(batch, [fetch(ObjectInfo(str(uri), int(size), str(tag)), s3, max_bytes)
+                                for uri, size, tag in zip(batch["uri"], batch["bytes"], batch["etag_or_mtime"])])
+
+
+def read_columns(batch: dict[str, np.ndarray], got: Sequence[bytes | ImageError]) -> dict[str, np.ndarray]:
+    """``batch`` plus the read stage's columns (``data``, ``read_error_code``, ``read_error_message``)
+    for each row's bytes or read error: the layout the prep and score actors take."""
+    n = len(got)
     data = np.empty(n, dtype=object)
     codes, messages = np.full(n, "", dtype=object), np.full(n, "", dtype=object)
-    for i, uri in enumerate(batch["uri"]):
-        got = fetch(ObjectInfo(str(uri), int(batch["bytes"][i]), str(batch["etag_or_mtime"][i])), s3, max_bytes)
-        if isinstance(got, ImageError):
-            data[i], codes[i], messages[i] = b"", got.code, got.message
+    for i, item in enumerate(got):
+        if isinstance(item, ImageError):
+            data[i], codes[i], messages[i] = b"", item.code, item.message
         else:
-            data[i] = got
+            data[i] = item
     return {**batch, "data": data, "read_error_code": codes, "read_error_message": messages}

@@ -136,11 +136,12 @@ def plan_pools(job: ScoreJob, resources: dict[str, float], cfg: PIQAConfig | Non
         # Detection on the GPU: prep actors take half of each score actor's share, split evenly,
         # so Ray counts (and places) every CUDA context.
         return PoolPlan(prep, score, per / 2, 1.0, prep_gpus=round(per / 2 * score / prep, 4))
-    return _cpu_plan(job, cpus, share if place == "actors" else 1.0)
+    return _cpu_plan(job, cpus, share, prep_pool=place == "actors")
 
 
-def _cpu_plan(job: ScoreJob, cpus: float, share: float) -> PoolPlan:
-    """CPU-only pools: cores split by each stage's share of the work (``share`` 1.0: no prep pool).
+def _cpu_plan(job: ScoreJob, cpus: float, share: float, prep_pool: bool) -> PoolPlan:
+    """CPU-only pools: cores split by the model's ``share`` of the work, or all to score actors
+    that prepare their own batches (no ``prep_pool``).
 
     One more process than cores when there are two stages, so the OS keeps every core busy while one
     waits on the other. Prep actors are single-threaded; score cores are grouped into actors of up to
@@ -148,10 +149,10 @@ def _cpu_plan(job: ScoreJob, cpus: float, share: float) -> PoolPlan:
     process ran 0.128 img/s, two 1-thread ones 0.118).
     """
     n = max(1, int(cpus))
-    score_cores = n if share >= 1.0 else min(n, max(1, round(n * share)))
+    score_cores = min(n, max(1, round(n * share))) if prep_pool else n
     score = job.score_actors or max(1, -(-score_cores // CPU_SCORE_THREADS))
     threads = max(1, score_cores // score)
-    prep = 0 if share >= 1.0 else job.prep_actors or max(1, n + 1 - score_cores)
+    prep = (job.prep_actors or max(1, n + 1 - score_cores)) if prep_pool else 0
     unit = max(0.05, (cpus - 2 * IO_TASK_CPUS) / (prep + score * threads))  # logical CPUs: all actors must fit
     return PoolPlan(prep, score, 0.0, _floor3(unit * threads), prep_cpus=_floor3(unit), score_threads=threads)
 

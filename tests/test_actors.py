@@ -4,9 +4,11 @@ import numpy as np
 import pytest
 
 from piqa_core.checkpoints import CheckpointError, build_bundle, save_checkpoint
+from piqa_core.errors import ImageError
 from piqa_core.scorer import Scorer
 from ray_jobs.actors import PrepActor, ScoreActor, model_identity
 from ray_jobs.options import ModelOptions
+from ray_jobs.reader import read_columns
 from ray_jobs.schema import SCORE_SCHEMA
 from ray_jobs.storage import S3Options
 from tests.corpus import astronaut_jpeg_bytes
@@ -18,12 +20,9 @@ TINY = ModelOptions(weights=None, random_weights=True, preset="tiny", crop_mode=
 def _read_batch(items):
     """What the read stage emits: bytes, or a read error code for the row."""
     n = len(items)
-    data = np.empty(n, dtype=object)
-    data[:] = [x if isinstance(x, bytes) else b"" for x in items]
-    code = np.array(["" if isinstance(x, bytes) else x for x in items], dtype=object)
-    return {"uri": np.array([f"mem://{i}.jpg" for i in range(n)], dtype=object),
-            "etag_or_mtime": np.array(["e"] * n, dtype=object), "bytes": np.arange(n), "data": data,
-            "read_error_code": code, "read_error_message": np.where(code == "", "", "too big").astype(object)}
+    ids = {"uri": np.array([f"mem://{i}.jpg" for i in range(n)], dtype=object),
+           "etag_or_mtime": np.array(["e"] * n, dtype=object), "bytes": np.arange(n)}
+    return read_columns(ids, [x if isinstance(x, bytes) else ImageError(x, "too big") for x in items])
 
 
 def test_stages_score_like_the_in_process_scorer():
