@@ -3,6 +3,7 @@
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -40,3 +41,26 @@ def test_pipeline_benchmark_runs():
                          env={**os.environ, "RAY_AUTH_MODE": "disabled"})
     assert out.returncode == 0, out.stderr[-2000:]
     assert "efficiency: end-to-end" in out.stdout and "steady state" in out.stdout, out.stdout
+    assert "model only again, after the Ray run" in out.stdout, out.stdout
+    if sys.platform.startswith("linux"):
+        assert "CPU during the Ray run: ScoreActor" in out.stdout, out.stdout
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc")
+def test_proc_snapshot_counts_this_process_cpu():
+    from benchmarks.proc_cpu import snapshot
+
+    me = os.getpid()
+    before = snapshot()[me][1]
+    start = time.process_time()
+    while time.process_time() - start < 0.3:
+        pass
+    assert snapshot()[me][1] - before >= 0.25
+
+
+def test_proc_used_subtracts_per_process_and_treats_reused_pids_as_new():
+    from benchmarks.proc_cpu import used
+
+    before = {1: ("raylet", 5.0), 2: ("old worker", 3.0), 3: ("idle", 1.0)}
+    after = {1: ("raylet", 6.5), 2: ("ray::ScoreActor", 2.0), 3: ("idle", 1.0), 4: ("driver", 0.5)}
+    assert used(before, after) == [(2.0, "ray::ScoreActor"), (1.5, "raylet"), (0.5, "driver")]
