@@ -93,7 +93,7 @@ def end_to_end(args, base, photos: list[bytes], dev: torch.device, batch: int, d
         identity = model_identity(model, s3)
         t0 = time.perf_counter()
         prep = PrepActor(model, s3, face_device="gpu" if gpu else "cpu", threads=1)
-        device = ScoreActor(model, s3, identity, device=dev.type, prepare_on_device=True)
+        device = ScoreActor(model, s3, identity, device=dev.type, prepare_on_device=True, calls=2 if gpu else 1)
         print(f"End to end through the Ray stage classes (bf16; actors loaded in {time.perf_counter() - t0:.1f} s):",
               flush=True)
         device(reads[0])  # warm-up (and compile)

@@ -6,6 +6,7 @@ import contextlib
 import json
 import os
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -72,11 +73,31 @@ def _maybe_crash(marker: str | None) -> None:
         os._exit(1)
 
 
+class TorchThread:
+    """Runs an actor's torch work, loading included, on one long-lived thread.
+
+    Ray Data constructs an actor on its main thread and calls it on another. libgomp (torch's CPU
+    thread pool) counts every thread that ever led a parallel region, so a model loaded on one
+    thread and run on another looks oversubscribed to it on a small machine, and its workers then
+    sleep at every barrier instead of spinning: a 2-thread dn-piqa forward kept 1.72 of 2 cores
+    busy (73 s per batch of 8) instead of 1.99 (64 s). ``enabled=False`` runs on the caller's thread.
+    """
+
+    def __init__(self, enabled: bool = True) -> None:
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="torch") if enabled else None
+
+    def run(self, fn, *args, **kwargs):
+        if self._pool is None:
+            return fn(*args, **kwargs)
+        return self._pool.submit(fn, *args, **kwargs).result()
+
+
 class PrepActor:
     """CPU stage: decode, batched face detection, crops, LIQE patches (pixel columns are uint8)."""
 
     def __init__(self, model: ModelOptions, s3: S3Options, face_device: str = "cpu",
                  crash_marker: str | None = None, threads: int | None = None) -> None:
+        # Planned with one torch thread, so libgomp's count (see TorchThread) cannot mislead it.
         torch.set_num_threads(threads or max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
         bundle = load_bundle(model, s3, parts=("face",))
         self.cfg, self.crop_mode = bundle.config, model.crop_mode
@@ -108,14 +129,20 @@ class ScoreActor:
     prep pool is needed: on a GPU with ``gpu_prep`` (nvJPEG decode, detection, resizes and crops on
     the device), on a CPU with the prep actors' own code (``stages.prepare_batch``, PIL-exact).
 
-    Calls may run concurrently (Ray Data's ``max_concurrent_calls_per_actor``): each thread works on
-    its own CUDA stream and one forward pass runs at a time, so one batch's preparation, transfers
-    and Arrow conversion overlap another batch's model passes.
+    ``calls``: how many calls Ray Data makes at once (``max_concurrent_calls_per_actor``). With one,
+    all torch work runs on one :class:`TorchThread`; with more, each call runs on its caller's thread
+    and its own CUDA stream, one forward pass at a time, so one batch's preparation, transfers and
+    Arrow conversion overlap another batch's model passes.
     """
 
     def __init__(self, model: ModelOptions, s3: S3Options, identity: dict[str, Any], device: str = "cpu",
                  crash_marker: str | None = None, threads: int | None = None,
-                 prepare_on_device: bool = False) -> None:
+                 prepare_on_device: bool = False, calls: int = 1) -> None:
+        self._torch = TorchThread(enabled=calls == 1)
+        self._torch.run(self._setup, model, s3, identity, device, crash_marker, threads, prepare_on_device)
+
+    def _setup(self, model: ModelOptions, s3: S3Options, identity: dict[str, Any], device: str,
+               crash_marker: str | None, threads: int | None, prepare_on_device: bool) -> None:
         if threads:
             torch.set_num_threads(threads)
         bundle = load_bundle(model, s3, parts=PARTS if prepare_on_device else ("model", "liqe"))
@@ -142,6 +169,9 @@ class ScoreActor:
         return torch.cuda.stream(self._local.stream)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
+        return self._torch.run(self._score, batch)
+
+    def _score(self, batch: dict[str, np.ndarray]) -> pa.Table:
         _maybe_crash(self.crash_marker)
         with self._stream():
             if self.prepare_on_device:

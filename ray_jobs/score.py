@@ -240,7 +240,7 @@ def _stage_args(job: ScoreJob, plan: PoolPlan, run_id: str,
     score = dict(
         fn_constructor_kwargs={**common, "identity": identity, "device": "cuda" if plan.score_gpus else "cpu",
                                "threads": plan.score_threads, "crash_marker": crash_marker("score"),
-                               "prepare_on_device": plan.prep_actors == 0},
+                               "prepare_on_device": plan.prep_actors == 0, "calls": calls},
         compute=ActorPoolStrategy(size=plan.score_actors, max_concurrent_calls_per_actor=calls,
                                   enable_true_multi_threading=calls > 1),
         num_cpus=plan.score_cpus, num_gpus=plan.score_gpus,

@@ -73,7 +73,7 @@ def test_concurrent_calls_give_the_rows_of_serial_calls(monkeypatch):
 
     photos = [astronaut_jpeg_bytes(quality=q, width=320, height=256) for q in (95, 70, 50, 30)]
     batches = [_read_batch(photos[:2]), _read_batch(photos[2:])]
-    actor = ScoreActor(TINY, S3Options(), model_identity(TINY, S3Options()), prepare_on_device=True)
+    actor = ScoreActor(TINY, S3Options(), model_identity(TINY, S3Options()), prepare_on_device=True, calls=2)
     serial = [actor(b).column("score").to_pylist() for b in batches]
 
     inside, overlaps = [0], []
@@ -96,6 +96,28 @@ def test_concurrent_calls_give_the_rows_of_serial_calls(monkeypatch):
     assert overlaps and max(overlaps) == 1  # one forward at a time
 
 
+def test_one_call_actor_loads_and_scores_on_one_thread_whoever_calls(monkeypatch):
+    """Ray Data builds an actor on one thread and calls it on another: the torch work must not follow."""
+    import threading
+
+    from concurrent.futures import ThreadPoolExecutor
+
+    import ray_jobs.actors as actors
+
+    seen = {}
+    load = actors.load_bundle
+    monkeypatch.setattr(actors, "load_bundle", lambda *a, **k: (seen.setdefault("load", threading.get_ident()),
+                                                                  load(*a, **k))[1])
+    actor = ScoreActor(TINY, S3Options(), model_identity(TINY, S3Options()), prepare_on_device=True)
+    forward = actor.predictor.forward
+    monkeypatch.setattr(actor.predictor, "forward", lambda *a, **k: (seen.setdefault("forward", threading.get_ident()),
+                                                                      forward(*a, **k))[1])
+    with ThreadPoolExecutor(1) as caller:
+        table = caller.submit(actor, _read_batch([astronaut_jpeg_bytes(width=320, height=256)])).result()
+    assert table.column("status").to_pylist() == ["ok"]
+    assert seen["load"] == seen["forward"] != threading.get_ident()
+
+
 def test_score_actors_take_two_calls_on_gpus_only():
     from ray_jobs.score import PoolPlan, score_calls
 
@@ -110,7 +132,8 @@ def test_concurrent_calls_on_cuda_streams_match_serial():
 
     photos = [astronaut_jpeg_bytes(quality=q, width=640, height=480) for q in (95, 80, 65, 50, 35, 20)]
     batches = [_read_batch(photos[i:i + 2]) for i in range(0, 6, 2)]
-    actor = ScoreActor(TINY, S3Options(), model_identity(TINY, S3Options()), device="cuda", prepare_on_device=True)
+    actor = ScoreActor(TINY, S3Options(), model_identity(TINY, S3Options()), device="cuda", prepare_on_device=True,
+                       calls=2)
     serial = [actor(b).column("score").to_pylist() for b in batches]
     with ThreadPoolExecutor(2) as pool:
         got = list(pool.map(lambda b: actor(b).column("score").to_pylist(), batches * 2))
