@@ -172,6 +172,10 @@ def end_to_end(args, base, photos: list[bytes], dev: torch.device, batch: int, d
                 prepare_batch_on_device(photos[i:i + batch], cfg, detector, dev, "five")
             sync()
             row(f"  of which preparation on {dev.type} alone", n / (time.perf_counter() - t0))
+            from piqa_core.gpu_prep import _decode
+
+            decode = lambda: [_decode(photos[i:i + batch], dev) for i in range(0, n, batch)]  # noqa: E731
+            row(f"  of which JPEG decode on {dev.type} alone", n / timed(decode, 1, gpu))
             a = device.predictor(prepare_batch(photos[:batch], cfg, detector, "five"))["score"]
             b = device.predictor(prepare_batch_on_device(photos[:batch], cfg, detector, dev, "five"))["score"]
             from scipy.stats import spearmanr

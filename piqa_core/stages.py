@@ -7,11 +7,10 @@ training all call these, so there is exactly one implementation of every transfo
 
 from __future__ import annotations
 
-import contextlib
 import math
 import traceback
 from pathlib import Path
-from typing import Any, Iterator, Sequence, Union
+from typing import Any, Sequence, Union
 
 import numpy as np
 import torch
@@ -121,7 +120,8 @@ class Predictor:
     """Device-side scoring of prepared columns: normalise, LIQE, dual-branch model, crop mean.
 
     Precision: ``fp32`` (the reference), ``tf32`` (fp32 weights, TF32 matmuls on CUDA) or ``bf16``
-    (weights and activations cast to bfloat16; scores returned as float32). ``compile`` wraps the
+    (weights and activations cast to bfloat16; scores returned as float32); on CUDA it sets torch's
+    process-global TF32 flags (:func:`use_tf32`). ``compile`` wraps the
     networks in ``torch.compile`` and pads every batch to ``batch_size`` rows so shapes stay static.
     ``fused_attn`` switches timm's Swin window attention to ``scaled_dot_product_attention``
     (default: on for CUDA).
@@ -137,6 +137,8 @@ class Predictor:
         self.cfg, self.device, self.precision = cfg, torch.device(device), precision
         self.dtype = torch.bfloat16 if precision == "bf16" else torch.float32
         self.batch_size = batch_size if compile else None
+        if self.device.type == "cuda":
+            use_tf32(precision)
         self.model = model.to(self.device, self.dtype).eval()
         self.liqe = liqe.to(self.device, self.dtype).eval() if liqe is not None else None
         if fused_attn if fused_attn is not None else self.device.type == "cuda":
@@ -180,27 +182,30 @@ class Predictor:
             t = torch.from_numpy(np.ascontiguousarray(col[rows]))
             return (t.pin_memory() if pin else t).to(dev, non_blocking=True)
 
-        with _tf32(self.precision == "tf32"):
-            aux, scenes = None, [""] * len(rows)
-            if self._liqe_fn is not None:
-                aux = self._liqe_fn(take("patches")).float()
-                scenes = top_scene(aux)
-            whole = normalize(take("whole"), pp.mean, pp.std).to(self.dtype)
-            face = normalize(take("face"), pp.mean, pp.std).to(self.dtype)
-            aux = None if aux is None else aux.to(self.dtype)
-            scores = self._model_fn(whole, face, aux, chunk=self.crops_per_pass)
+        if dev.type == "cuda":
+            use_tf32(self.precision)  # a no-op unless another precision's Predictor ran in between
+        aux, scenes = None, [""] * len(rows)
+        if self._liqe_fn is not None:
+            aux = self._liqe_fn(take("patches")).float()
+            scenes = top_scene(aux)
+        whole = normalize(take("whole"), pp.mean, pp.std).to(self.dtype)
+        face = normalize(take("face"), pp.mean, pp.std).to(self.dtype)
+        aux = None if aux is None else aux.to(self.dtype)
+        scores = self._model_fn(whole, face, aux, chunk=self.crops_per_pass)
         return scores.float().cpu().numpy()[:n], scenes[:n]
 
 
-@contextlib.contextmanager
-def _tf32(enabled: bool) -> Iterator[None]:
-    """TF32 matmuls and convolutions for the duration of one forward (process-global flags)."""
-    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = enabled
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+def use_tf32(precision: str) -> None:
+    """Sets torch's process-global TF32 flags for ``precision``: ``fp32`` none (IEEE matmuls and
+    convolutions, the face detector's too), ``tf32`` both, ``bf16`` convolutions (torch's default).
+
+    Set, never toggled around a forward: on an H200 a forward that switched them off and back raced
+    with face detection on another thread (concurrent calls), which then ran its convolutions under
+    the other setting and moved a face box. One precision per process; a Predictor of another
+    precision used afterwards sets its own.
+    """
+    torch.backends.cuda.matmul.allow_tf32 = precision == "tf32"
+    torch.backends.cudnn.allow_tf32 = precision != "fp32"
 
 
 def rows_from_columns(cols: dict[str, np.ndarray]) -> list[dict[str, Any]]:

@@ -18,7 +18,8 @@ def test_gpu_check_dry_run_prints_every_stage():
     assert out.returncode == 0, out.stderr[-2000:]
     for stage in ("decode (PIL", "RetinaFace fp32", "model five-crop fp32", "model center-crop bf16",
                   "SRCC", "five: 1 prep threads + actor", "five: cpu prep in actor, 1 call(s)",
-                  "center: cpu prep in actor", "center-crop / best five-crop", "official-style loop",
+                  "center: cpu prep in actor", "center-crop / best five-crop",
+                  "JPEG decode on cpu alone", "official-style loop",
                   "gpu_check: done"):
         assert stage in out.stdout, stage
     assert "FAILED" not in out.stdout, out.stdout

@@ -107,6 +107,36 @@ def test_compiled_static_batches_match_eager(scorer):
     assert np.isnan(got[3]) and np.allclose(np.delete(got, 3), np.delete(cols["score"], 3), atol=1e-4)
 
 
+def _tf32_flags() -> tuple[bool, bool]:
+    return torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+
+
+def test_forward_never_flips_tf32_flags_under_other_threads(scorer):
+    """Face detection may run on another thread during a forward: the flags it sees must not change."""
+    before, seen = _tf32_flags(), []
+    pred = scorer.predictor
+    model_fn = pred._model_fn
+    pred._model_fn = lambda *a, **kw: seen.append(_tf32_flags()) or model_fn(*a, **kw)
+    try:
+        scorer.score([np.asarray(astronaut())])
+    finally:
+        pred._model_fn = model_fn
+    assert seen == [before] and _tf32_flags() == before
+
+
+@pytest.mark.parametrize("precision,flags", [("fp32", (False, False)), ("tf32", (True, True)),
+                                             ("bf16", (False, True))])
+def test_use_tf32_sets_flags_per_precision(precision, flags):
+    from piqa_core.stages import use_tf32
+
+    saved = _tf32_flags()
+    try:
+        use_tf32(precision)
+        assert _tf32_flags() == flags
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("precision,tol", [("fp32", 1e-3), ("tf32", 5e-3), ("bf16", 0.05)])
 def test_cuda_matches_cpu(scorer, precision, tol):
