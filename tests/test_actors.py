@@ -118,10 +118,11 @@ def test_one_call_actor_loads_and_scores_on_one_thread_whoever_calls(monkeypatch
     assert seen["load"] == seen["forward"] != threading.get_ident()
 
 
-def test_score_actors_take_two_calls_on_gpus_only():
+def test_score_actors_take_two_calls_only_on_gpus_fed_by_a_prep_pool():
     from ray_jobs.score import PoolPlan, score_calls
 
-    assert score_calls(PoolPlan(0, 1, 1.0, 1.0)) == 2
+    assert score_calls(PoolPlan(2, 1, 1.0, 1.0)) == 2
+    assert score_calls(PoolPlan(0, 1, 1.0, 1.0)) == 1  # prepares on its GPU: overlap measured slower
     assert score_calls(PoolPlan(1, 1, 0.0, 1.0)) == 1
 
 
