@@ -26,7 +26,7 @@ from benchmarks.gpu_check import timed  # noqa: E402
 from benchmarks.official_style import official_style_score  # noqa: E402
 from benchmarks.photos import synthetic_jpegs  # noqa: E402
 from piqa_core.checkpoints import build_bundle  # noqa: E402
-from piqa_core.faces import crop_face, detector_input  # noqa: E402
+from piqa_core.faces import crop_face, detector_input, for_inference  # noqa: E402
 from piqa_core.liqe import extract_patches  # noqa: E402
 from piqa_core.preprocess import load_image, make_crops  # noqa: E402
 from piqa_core.stages import Predictor, prepare_batch, rows_from_columns  # noqa: E402
@@ -46,6 +46,7 @@ def main() -> None:
     photos = synthetic_jpegs(args.images, w, h)
     bundle = build_bundle(args.preset, text_features=args.preset == "tiny")
     cfg, mode = bundle.config, args.crop_mode
+    detector = for_inference(bundle.detector, "cpu")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, preset {args.preset} ({mode} crops), "
           f"{args.images} photos {w}x{h} ({len(photos[0]) / 1e6:.1f} MB JPEG)", flush=True)
 
@@ -56,20 +57,20 @@ def main() -> None:
         img = load_image(photos[0], cfg.preprocess)
         stages["decode (PIL, full resolution)"] = timed(lambda: load_image(photos[0], cfg.preprocess), 3)
         det_in = detector_input(img, cfg.face.detect_long_side)
-        face = bundle.detector.detect_each([det_in], sizes=[img.size])[0]
-        stages["face detection (downscale + RetinaFace)"] = timed(lambda: bundle.detector.detect_each(
+        face = detector.detect_each([det_in], sizes=[img.size])[0]
+        stages["face detection (downscale + RetinaFace)"] = timed(lambda: detector.detect_each(
             [detector_input(img, cfg.face.detect_long_side)], sizes=[img.size]), 2)
         face_img = lambda: crop_face(img, face, cfg.face.margin)  # noqa: E731
         stages["crops (face crop, 2 x resize + crops)"] = timed(lambda: (
             make_crops(img, cfg.preprocess, mode), make_crops(face_img(), cfg.preprocess, mode)), 3)
         stages["LIQE patches"] = timed(lambda: extract_patches(img, cfg.liqe), 3)
         predictor = Predictor(cfg, bundle.model, bundle.liqe, torch.device("cpu"))
-        cols = prepare_batch(photos[:1], cfg, bundle.detector, mode)
+        cols = prepare_batch(photos[:1], cfg, detector, mode)
         model_s = timed(lambda: predictor(cols), 2)
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        rows = rows_from_columns(predictor(prepare_batch(photos, cfg, bundle.detector, mode))) * 64
+        rows = rows_from_columns(predictor(prepare_batch(photos, cfg, detector, mode))) * 64
         table = pa.Table.from_pylist(rows)
         stages["Parquet write (per row)"] = timed(lambda: pq.write_table(table, Path(tmp) / "o.parquet"), 3) / len(rows)
 
@@ -82,14 +83,14 @@ def main() -> None:
 
     # The in-process pipeline against the model alone on the very same batches (same passes).
     batches = [photos[i:i + args.batch] for i in range(0, len(photos), args.batch)]
-    prepared = [prepare_batch(b, cfg, bundle.detector, mode) for b in batches]
+    prepared = [prepare_batch(b, cfg, detector, mode) for b in batches]
     t0 = time.perf_counter()
     for cols in prepared:
         predictor(cols)
     model_only = args.images / (time.perf_counter() - t0)
     t0 = time.perf_counter()
     for b in batches:
-        predictor(prepare_batch(b, cfg, bundle.detector, mode))
+        predictor(prepare_batch(b, cfg, detector, mode))
     pipeline = args.images / (time.perf_counter() - t0)
     print(f"batches of {args.batch}: model only {model_only:.4f} img/s; prepare + model {pipeline:.4f} img/s "
           f"= {pipeline / model_only:.2f} of model-only")

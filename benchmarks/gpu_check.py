@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.photos import synthetic_jpegs  # noqa: E402
 from piqa_core.checkpoints import build_bundle  # noqa: E402
-from piqa_core.faces import detector_input  # noqa: E402
+from piqa_core.faces import detector_input, for_inference  # noqa: E402
 from piqa_core.liqe import extract_patches  # noqa: E402
 from piqa_core.preprocess import load_image, make_crops  # noqa: E402
 from piqa_core.stages import Predictor, prepare_batch  # noqa: E402
@@ -224,7 +224,7 @@ def main() -> None:
     row("LIQE patches (15 crops)", 1 / timed(lambda: extract_patches(img, cfg.liqe), 3))
     row("prepare without faces", 1 / timed(lambda: prepare_batch(photos[:1], cfg, None), 2))
 
-    detector = copy.deepcopy(base.detector).to(dev)
+    detector = for_inference(base.detector, dev)
     inputs = [detector_input(load_image(p, cfg.preprocess), cfg.face.detect_long_side) for p in photos[:batch]]
     sizes = [(w, h)] * len(inputs)
     print(f"Face detection on {dev.type}, batch {len(inputs)}:")

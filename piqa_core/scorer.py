@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from .checkpoints import Bundle, Fetcher, build_bundle, load_checkpoint, resolve_weights
+from .faces import for_inference
 from .stages import ImageInput, Predictor, prepare_batch, rows_from_columns
 
 
@@ -30,7 +31,7 @@ class Scorer:
         self.config = bundle.config
         self.device = torch.device(device) if device is not None else default_device()
         self.crop_mode = crop_mode or self.config.preprocess.crop_mode
-        self.detector = bundle.detector.to(self.device).eval() if bundle.detector is not None else None
+        self.detector = for_inference(bundle.detector, self.device)
         self.predictor = Predictor(self.config, bundle.model, bundle.liqe, self.device, precision,
                                    compile=compile, batch_size=batch_size)
 

@@ -16,6 +16,7 @@ import torch
 
 from piqa_core.checkpoints import (CONFIG_FILE, PARTS, Bundle, CheckpointError, build_bundle, load_checkpoint,
                                    resolve_weights)
+from piqa_core.faces import for_inference
 from piqa_core.gpu_prep import prepare_batch_on_device
 from piqa_core.preprocess import ImageError
 from piqa_core.stages import Predictor, prepare_batch
@@ -103,7 +104,7 @@ class PrepActor:
         bundle = load_bundle(model, s3, parts=("face",))
         self.cfg, self.crop_mode = bundle.config, model.crop_mode
         device = torch.device("cuda" if face_device == "gpu" and torch.cuda.is_available() else "cpu")
-        self.detector = bundle.detector.to(device).eval() if bundle.detector is not None else None
+        self.detector = for_inference(bundle.detector, device)
         self.crash_marker = crash_marker
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -154,9 +155,7 @@ class ScoreActor:
         self.identity, self.crop_mode, self.cfg = identity, identity["crop_mode"], bundle.config
         self.predictor = Predictor(bundle.config, bundle.model, bundle.liqe, self.device, model.precision,
                                    compile=model.compile, batch_size=model.batch_size)
-        self.detector = None
-        if prepare_on_device and bundle.detector is not None:
-            self.detector = bundle.detector.to(self.device).eval()
+        self.detector = for_inference(bundle.detector, self.device) if prepare_on_device else None
         self.prepare_on_device = prepare_on_device
         self.crash_marker = crash_marker
         self._model_lock, self._local = threading.Lock(), threading.local()

@@ -19,6 +19,7 @@ import ray
 import torch
 
 from piqa_core.checkpoints import load_checkpoint, resolve_weights, save_checkpoint
+from piqa_core.faces import for_inference
 from piqa_core.training import (FeatureCache, all_gather, crop_rngs, epoch_pairs, fingerprint, init_bundle,
                                 make_optimizer, object_group, pair_loss, predict, prefetch, prepare_items,
                                 seed_torch, shard, val_metrics)
@@ -65,7 +66,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             log(f"warning: {w}")
     cfg = bundle.config
     liqe = bundle.liqe.to(device).eval() if bundle.liqe is not None else None
-    detector = bundle.detector.to(device).eval() if bundle.detector is not None else None
+    detector = for_inference(bundle.detector, device)
     model = ray.train.torch.prepare_model(bundle.model)  # DDP when world > 1; bundle.model stays the module
     opt, sched = make_optimizer(bundle.model, job.lr, job.weight_decay, job.lr_step, job.lr_gamma)
     start = 0

@@ -19,6 +19,7 @@ from piqa_core.faces import (
     _priors,
     crop_face,
     detector_input,
+    for_inference,
 )
 
 LONG = 160
@@ -163,6 +164,32 @@ def test_astronaut_inference(detector):
     assert 0 <= x1 < x2 <= 512 and 0 <= y1 < y2 <= 512
     crop = crop_face(img, res, margin=20)
     assert crop.size == (round(x2 + 20) - round(x1 - 20), round(y2 + 20) - round(y1 - 20))
+
+
+def test_for_inference_folds_every_batchnorm_and_keeps_the_outputs():
+    torch.manual_seed(1)
+    det = FaceDetector(FaceConfig(detect_long_side=LONG, confidence_threshold=0.5))
+    # Random-init BatchNorm is the identity; real statistics make a wrong conv/BN pairing visible.
+    gen = torch.Generator().manual_seed(2)
+    for bn in (m for m in det.modules() if isinstance(m, torch.nn.BatchNorm2d)):
+        for t, lo, hi in ((bn.running_mean, -0.5, 0.5), (bn.running_var, 0.5, 2.0), (bn.weight, 0.5, 1.5),
+                          (bn.bias, -0.2, 0.2)):
+            t.data.copy_(torch.rand(t.shape, generator=gen) * (hi - lo) + lo)
+    before = {k: v.clone() for k, v in det.state_dict().items()}
+    fused = for_inference(det, "cpu")
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fused.modules())
+    assert fused.net.body.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    after = det.state_dict()  # the original is untouched: it still saves in the package's layout
+    assert after.keys() == before.keys() and all(torch.equal(after[k], v) for k, v in before.items())
+
+    x = torch.randn(2, 3, 128, 160)
+    with torch.inference_mode():
+        ref, out = det.net(x), fused.net(x.contiguous(memory_format=torch.channels_last))
+    for a, b in zip(ref, out):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
+    images = [Image.fromarray(data.astronaut()), _rgb(300, 200, 3)]
+    _assert_same(fused.detect_images(images), det.detect_images(images))
+    assert for_inference(None, "cpu") is None
 
 
 def test_empty_batch(detector):
