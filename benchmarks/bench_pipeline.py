@@ -33,7 +33,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.photos import synthetic_jpegs  # noqa: E402
-from benchmarks.proc_cpu import snapshot, used  # noqa: E402
+from benchmarks.proc_cpu import Watch  # noqa: E402
 
 
 def steady_rate(stamps: list) -> float:
@@ -71,6 +71,8 @@ def main() -> None:
     ap.add_argument("--num-cpus", type=int, default=os.cpu_count())
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--crop-mode", default="five")
+    ap.add_argument("--skip-inprocess", action="store_true",
+                    help="compare the Ray job with the model alone only (halves a dn-piqa run)")
     ap.add_argument("--model-only-images", type=int, default=None,
                     help="time the model alone on the first N photos only (its rate does not depend on N)")
     args = ap.parse_args()
@@ -99,17 +101,18 @@ def main() -> None:
         scorer = Scorer.from_pretrained(source, random_weights=not args.weights, device="cpu",
                                         crop_mode=args.crop_mode, batch_size=args.batch_size)
         t1 = time.perf_counter()
-        table = score_objects(objects, scorer, batch_size=args.batch_size)
-        t2 = time.perf_counter()
-        inproc_e2e, inproc_warm = args.images / (t2 - t0), args.images / (t2 - t1)
-        inproc_steady = steady_rate(table.column("scored_at").to_pylist())
-        print(f"in-process Scorer ({torch.get_num_threads()} threads): end-to-end {inproc_e2e:.3g} img/s "
-              f"(model load {t1 - t0:.1f} s), scoring {inproc_warm:.3g}, steady {inproc_steady:.3g}", flush=True)
+        inproc = None
+        if not args.skip_inprocess:
+            table = score_objects(objects, scorer, batch_size=args.batch_size)
+            t2 = time.perf_counter()
+            inproc = (args.images / (t2 - t0), args.images / (t2 - t1),
+                      steady_rate(table.column("scored_at").to_pylist()))
+            print(f"in-process Scorer ({torch.get_num_threads()} threads): end-to-end {inproc[0]:.3g} img/s "
+                  f"(model load {t1 - t0:.1f} s), scoring {inproc[1]:.3g}, steady {inproc[2]:.3g}", flush=True)
         sample = [p.read_bytes() for p in sorted(folder.iterdir())][:args.model_only_images or None]
         model_only = model_only_rate(scorer, sample, args.batch_size)
-        print(f"model only ({len(sample)} photos, same batch size, prepared beforehand): {model_only:.3g} img/s; "
-              f"in-process scoring "
-              f"= {inproc_warm / model_only:.3f} of it", flush=True)
+        print(f"model only ({len(sample)} photos, same batch size, prepared beforehand): {model_only:.3g} img/s"
+              + (f"; in-process scoring = {inproc[1] / model_only:.3f} of it" if inproc else ""), flush=True)
 
         ray.init(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False,
                  _temp_dir=tempfile.mkdtemp(prefix="ray", dir="/tmp"))
@@ -118,9 +121,9 @@ def main() -> None:
             model = ModelOptions(weights=args.weights, random_weights=not args.weights, preset=args.preset,
                                  crop_mode=args.crop_mode, precision="fp32", device=None, batch_size=args.batch_size)
             out = str(Path(tmp) / "out")
-            before, t0 = snapshot(), time.perf_counter()
+            watch, t0 = Watch(), time.perf_counter()
             summary = run_score_job(ScoreJob(inputs=[str(folder)], out=out, model=model))
-            wall, cpu = time.perf_counter() - t0, used(before, snapshot())
+            wall, cpu = time.perf_counter() - t0, watch.used()
             stamps = read_rows(out).column("scored_at").to_pylist()
         finally:
             ray.shutdown()
@@ -132,7 +135,8 @@ def main() -> None:
     print_cpu_use(cpu, wall, args.num_cpus)
     print(f"model only again, after the Ray run: {model_after:.3g} img/s")
     model_only = (model_only + model_after) / 2
-    print(f"efficiency: end-to-end {ray_e2e / inproc_e2e:.3f}, steady state {ray_steady / inproc_steady:.3f}")
+    if inproc:
+        print(f"efficiency: end-to-end {ray_e2e / inproc[0]:.3f}, steady state {ray_steady / inproc[2]:.3f}")
     print(f"Ray vs model only (mean of both): end-to-end {ray_e2e / model_only:.3f}, "
           f"steady state {ray_steady / model_only:.3f}")
 

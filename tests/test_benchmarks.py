@@ -60,9 +60,17 @@ def test_proc_snapshot_counts_this_process_cpu():
     assert snapshot()[me][1] - before >= 0.25
 
 
-def test_proc_used_subtracts_per_process_and_treats_reused_pids_as_new():
-    from benchmarks.proc_cpu import used
+def test_watch_keeps_every_title_a_process_had(monkeypatch):
+    from benchmarks import proc_cpu
 
-    before = {1: ("raylet", 5.0), 2: ("old worker", 3.0), 3: ("idle", 1.0)}
-    after = {1: ("raylet", 6.5), 2: ("ray::ScoreActor", 2.0), 3: ("idle", 1.0), 4: ("driver", 0.5)}
-    assert used(before, after) == [(2.0, "ray::ScoreActor"), (1.5, "raylet"), (0.5, "driver")]
+    snaps = [
+        {1: ("raylet", 5.0), 2: ("ray::IDLE", 1.0)},
+        {1: ("raylet", 5.5), 2: ("ray::MapWorker(MapBatches(ScoreActor))", 9.0), 3: ("driver", 0.2)},
+        {1: ("raylet", 6.0), 2: ("ray::MapWorker(", 20.0), 3: ("driver", 0.5), 4: ("kworker", 0.0)},
+    ]
+    monkeypatch.setattr(proc_cpu, "snapshot", lambda: snaps.pop(0) if len(snaps) > 1 else snaps[0])
+    watch = proc_cpu.Watch(interval=0.01)
+    while len(snaps) > 1:  # the watcher has taken the middle snapshot: the one where pid 2 had its stage name
+        time.sleep(0.01)
+    assert watch.used() == [(19.0, "ray::IDLE | ray::MapWorker(MapBatches(ScoreActor)) | ray::MapWorker("),
+                            (1.0, "raylet"), (0.5, "driver")]
