@@ -43,8 +43,14 @@ def steady_rate(stamps: list) -> float:
     return later / max((last - first).total_seconds(), 1e-9)
 
 
-def model_only_rate(scorer, photos: list[bytes], batch_size: int) -> float:
-    """Images/s of the Scorer's forward passes alone, over columns prepared before the timer."""
+def model_only_rate(scorer, photos: list[bytes], batch_size: int, cores: int) -> float:
+    """Images/s of the Scorer's forward passes alone, over columns prepared before the timer: the
+    better of one call on ``cores`` torch threads and ``cores`` concurrent single-threaded calls (the
+    way CPU score actors run), each printed."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import torch
+
     from piqa_core.stages import prepare_batch
 
     batches = [prepare_batch(photos[i:i + batch_size], scorer.config, scorer.detector, scorer.crop_mode)
@@ -52,7 +58,14 @@ def model_only_rate(scorer, photos: list[bytes], batch_size: int) -> float:
     t0 = time.perf_counter()
     for cols in batches:
         scorer.predictor(cols)
-    return len(photos) / (time.perf_counter() - t0)
+    serial = len(photos) / (time.perf_counter() - t0)
+    with ThreadPoolExecutor(cores, initializer=torch.set_num_threads, initargs=(1,)) as pool:
+        t0 = time.perf_counter()
+        list(pool.map(scorer.predictor, batches))
+        concurrent = len(photos) / (time.perf_counter() - t0)
+    print(f"  model only: one call on {cores} threads {serial:.3g} img/s, {cores} single-threaded calls "
+          f"{concurrent:.3g}", flush=True)
+    return max(serial, concurrent)
 
 
 def warm_cluster(address: str) -> None:
@@ -110,7 +123,7 @@ def main() -> None:
             print(f"in-process Scorer ({torch.get_num_threads()} threads): end-to-end {inproc[0]:.3g} img/s "
                   f"(model load {t1 - t0:.1f} s), scoring {inproc[1]:.3g}, steady {inproc[2]:.3g}", flush=True)
         sample = [p.read_bytes() for p in sorted(folder.iterdir())][:args.model_only_images or None]
-        model_only = model_only_rate(scorer, sample, args.batch_size)
+        model_only = model_only_rate(scorer, sample, args.batch_size, args.num_cpus)
         print(f"model only ({len(sample)} photos, same batch size, prepared beforehand): {model_only:.3g} img/s"
               + (f"; in-process scoring = {inproc[1] / model_only:.3f} of it" if inproc else ""), flush=True)
 
@@ -127,7 +140,7 @@ def main() -> None:
             stamps = read_rows(out).column("scored_at").to_pylist()
         finally:
             ray.shutdown()
-        model_after = model_only_rate(scorer, sample, args.batch_size)
+        model_after = model_only_rate(scorer, sample, args.batch_size, args.num_cpus)
     assert summary["ok"] == args.images, summary
     ray_e2e, ray_steady = args.images / wall, steady_rate(stamps)
     print(f"Ray pipeline ({args.num_cpus} CPUs): end-to-end {ray_e2e:.3g} img/s (wall {wall:.1f} s), "

@@ -132,15 +132,18 @@ class ScoreActor:
     the device), on a CPU with the prep actors' own code (``stages.prepare_batch``, PIL-exact).
 
     ``calls``: how many calls Ray Data makes at once (``max_concurrent_calls_per_actor``). With one,
-    all torch work runs on one :class:`TorchThread`; with more, each call runs on its caller's thread
-    and its own CUDA stream, one forward pass at a time, so one batch's preparation, transfers and
-    Arrow conversion overlap another batch's model passes.
+    all torch work runs on one :class:`TorchThread`; with more, each call runs on its caller's thread.
+    On a GPU each call has its own CUDA stream and forward passes go one at a time, so one batch's
+    preparation, transfers and Arrow conversion overlap another batch's model passes. On a CPU each
+    call is one core's work: it runs with ``threads`` torch threads (1 as planned) and the calls'
+    forward passes run side by side, with no OpenMP barrier between the cores.
     """
 
     def __init__(self, model: ModelOptions, s3: S3Options, identity: dict[str, Any], device: str = "cpu",
                  crash_marker: str | None = None, threads: int | None = None,
                  prepare_on_device: bool = False, calls: int = 1) -> None:
         self._torch = TorchThread(enabled=calls == 1)
+        self._threads, self._local = threads, threading.local()
         self._torch.run(self._setup, model, s3, identity, device, crash_marker, threads, prepare_on_device)
 
     def _setup(self, model: ModelOptions, s3: S3Options, identity: dict[str, Any], device: str,
@@ -158,7 +161,8 @@ class ScoreActor:
         self.detector = for_inference(bundle.detector, self.device) if prepare_on_device else None
         self.prepare_on_device = prepare_on_device
         self.crash_marker = crash_marker
-        self._model_lock, self._local = threading.Lock(), threading.local()
+        on_gpu = self.device.type == "cuda"
+        self._model_lock = threading.Lock() if on_gpu else contextlib.nullcontext()
 
     def _stream(self) -> contextlib.AbstractContextManager:
         """This thread's CUDA stream (created on first use); no-op on CPU."""
@@ -173,6 +177,11 @@ class ScoreActor:
 
     def _score(self, batch: dict[str, np.ndarray]) -> pa.Table:
         _maybe_crash(self.crash_marker)
+        if self._threads and getattr(self._local, "threads", None) != self._threads:
+            # OpenMP's and MKL's thread counts are per thread: a new call thread starts at the
+            # process default (all cores), which would oversubscribe concurrent CPU calls.
+            torch.set_num_threads(self._threads)
+            self._local.threads = self._threads
         with self._stream():
             if self.prepare_on_device:
                 if self.device.type == "cpu":  # the prep actors' exact code

@@ -84,8 +84,8 @@ IN_ACTOR_PREP_SHARE = 0.75
 
 # Logical CPUs kept free for the light read and write tasks, so the actor pools cannot starve them.
 IO_TASK_CPUS = 0.1
-# Torch threads per CPU score actor at most (measured up to 2; beyond a few, one Swin pass of two
-# crops stops scaling, and more actors keep the cores busy instead).
+# Cores per CPU score actor at most: it takes one concurrent call per core (one torch thread each)
+# and holds one copy of the weights for all of them.
 CPU_SCORE_THREADS = 4
 
 
@@ -145,8 +145,9 @@ def _cpu_plan(job: ScoreJob, cpus: float, share: float, prep_pool: bool) -> Pool
 
     One more process than cores when there are two stages, so the OS keeps every core busy while one
     waits on the other. Prep actors are single-threaded; score cores are grouped into actors of up to
-    CPU_SCORE_THREADS threads (one copy of the weights per actor; on 2 cores one 2-thread dn-piqa
-    process ran 0.128 img/s, two 1-thread ones 0.118).
+    CPU_SCORE_THREADS cores (``score_threads``), each core one concurrent single-threaded call
+    (``score_calls``) sharing the actor's copy of the weights (on 2 cores one 2-core dn-piqa actor
+    process ran 0.128 img/s, two 1-core ones 0.118).
     """
     n = max(1, int(cpus))
     score_cores = min(n, max(1, round(n * share))) if prep_pool else n
@@ -239,7 +240,8 @@ def _stage_args(job: ScoreJob, plan: PoolPlan, run_id: str,
     calls = score_calls(plan)
     score = dict(
         fn_constructor_kwargs={**common, "identity": identity, "device": "cuda" if plan.score_gpus else "cpu",
-                               "threads": plan.score_threads, "crash_marker": crash_marker("score"),
+                               "threads": plan.score_threads // calls if not plan.score_gpus else plan.score_threads,
+                               "crash_marker": crash_marker("score"),
                                "prepare_on_device": plan.prep_actors == 0, "calls": calls},
         compute=ActorPoolStrategy(size=plan.score_actors, max_concurrent_calls_per_actor=calls,
                                   enable_true_multi_threading=calls > 1),
@@ -249,14 +251,20 @@ def _stage_args(job: ScoreJob, plan: PoolPlan, run_id: str,
 
 
 def score_calls(plan: PoolPlan) -> int:
-    """Concurrent calls per score actor (``ScoreActor`` serialises the forward passes itself).
+    """Concurrent calls per score actor.
 
-    Two on a GPU fed by a prep pool: one call pins and uploads its batch (~6.7 MB of uint8 per image)
-    and converts rows to Arrow while the other runs the model. One where the actor prepares on its GPU:
-    there both calls' work is GPU work, and overlapping them measured slower on an H200 (five-crop
-    dn-piqa: 88 vs 94 and 83 vs 85 images/s). One on CPUs, where a second call only takes cores.
+    GPUs (``ScoreActor`` runs one forward pass at a time): two when fed by a prep pool, so one call
+    pins and uploads its batch (~6.7 MB of uint8 per image) and converts rows to Arrow while the other
+    runs the model; one where the actor prepares on its GPU, since there both calls' work is GPU work
+    and overlapping them measured slower on an H200 (five-crop dn-piqa: 88 vs 94 and 83 vs 85 images/s).
+    CPUs: one call per core, each on one torch thread. On 2 cores, dn-piqa batches prepared and scored
+    by two single-threaded calls ran 0.077 images/s against 0.066-0.073 for one 2-thread call: no
+    OpenMP barrier ties the cores together, and one call's single-threaded steps (decode, crops,
+    Python between operators) overlap the other's model work.
     """
-    return 2 if plan.score_gpus and plan.prep_actors else 1
+    if plan.score_gpus:
+        return 2 if plan.prep_actors else 1
+    return max(1, plan.score_threads)
 
 
 def _num_blocks(n: int, job: ScoreJob) -> int:

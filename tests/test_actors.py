@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+import torch
 
 from piqa_core.checkpoints import CheckpointError, build_bundle, save_checkpoint
 from piqa_core.errors import ImageError
@@ -64,8 +65,9 @@ def test_score_actor_prepares_on_its_device_like_the_prep_stage():
             assert b[k] == (pytest.approx(a[k], abs=1e-3) if isinstance(a[k], (float, list)) else a[k]), k
 
 
-def test_concurrent_calls_give_the_rows_of_serial_calls(monkeypatch):
-    """Ray Data may run two calls at once on a GPU score actor: forwards must not interleave."""
+def test_concurrent_cpu_calls_run_side_by_side_on_one_torch_thread_each(monkeypatch):
+    """On CPUs a score actor takes one call per core: forwards overlap, each on a single torch thread,
+    and the rows are those of serial calls."""
     import threading
     import time
 
@@ -73,27 +75,33 @@ def test_concurrent_calls_give_the_rows_of_serial_calls(monkeypatch):
 
     photos = [astronaut_jpeg_bytes(quality=q, width=320, height=256) for q in (95, 70, 50, 30)]
     batches = [_read_batch(photos[:2]), _read_batch(photos[2:])]
-    actor = ScoreActor(TINY, S3Options(), model_identity(TINY, S3Options()), prepare_on_device=True, calls=2)
+    actor = ScoreActor(TINY, S3Options(), model_identity(TINY, S3Options()), prepare_on_device=True, calls=2,
+                       threads=1)
     serial = [actor(b).column("score").to_pylist() for b in batches]
 
-    inside, overlaps = [0], []
+    inside, overlaps, threads = [0], [], []
+    lock = threading.Lock()
     forward = actor.predictor.forward
 
     def watched(*args, **kwargs):
-        inside[0] += 1
-        overlaps.append(inside[0])
-        time.sleep(0.05)  # widen the window in which a second forward could slip in
+        with lock:
+            inside[0] += 1
+            overlaps.append(inside[0])
+            threads.append(torch.get_num_threads())
+        time.sleep(0.2)  # both calls are inside a forward at once unless something serialises them
         try:
             return forward(*args, **kwargs)
         finally:
-            inside[0] -= 1
+            with lock:
+                inside[0] -= 1
 
     monkeypatch.setattr(actor.predictor, "forward", watched)
     start = threading.Barrier(2)
-    with ThreadPoolExecutor(2) as pool:
+    with ThreadPoolExecutor(2) as pool:  # fresh threads, as Ray Data's: they start at the process default
         got = list(pool.map(lambda b: (start.wait(), actor(b).column("score").to_pylist())[1], batches))
     assert got == serial
-    assert overlaps and max(overlaps) == 1  # one forward at a time
+    assert max(overlaps) == 2
+    assert threads == [1, 1]
 
 
 def test_one_call_actor_loads_and_scores_on_one_thread_whoever_calls(monkeypatch):
@@ -118,12 +126,14 @@ def test_one_call_actor_loads_and_scores_on_one_thread_whoever_calls(monkeypatch
     assert seen["load"] == seen["forward"] != threading.get_ident()
 
 
-def test_score_actors_take_two_calls_only_on_gpus_fed_by_a_prep_pool():
+def test_score_calls_per_actor():
     from ray_jobs.score import PoolPlan, score_calls
 
-    assert score_calls(PoolPlan(2, 1, 1.0, 1.0)) == 2
+    assert score_calls(PoolPlan(2, 1, 1.0, 1.0)) == 2  # GPU fed by a prep pool: transfers overlap the model
     assert score_calls(PoolPlan(0, 1, 1.0, 1.0)) == 1  # prepares on its GPU: overlap measured slower
     assert score_calls(PoolPlan(1, 1, 0.0, 1.0)) == 1
+    assert score_calls(PoolPlan(0, 1, 0.0, 1.8, score_threads=2)) == 2  # CPU: one call per core
+    assert score_calls(PoolPlan(0, 4, 0.0, 3.9, score_threads=4)) == 4
 
 
 @pytest.mark.gpu
@@ -136,6 +146,19 @@ def test_concurrent_calls_on_cuda_streams_match_serial():
     actor = ScoreActor(TINY, S3Options(), model_identity(TINY, S3Options()), device="cuda", prepare_on_device=True,
                        calls=2)
     serial = [actor(b).column("score").to_pylist() for b in batches]
+    inside, overlaps = [0], []
+    forward = actor.predictor.forward
+
+    def watched(*args, **kwargs):
+        inside[0] += 1
+        overlaps.append(inside[0])
+        try:
+            return forward(*args, **kwargs)
+        finally:
+            inside[0] -= 1
+
+    actor.predictor.forward = watched
     with ThreadPoolExecutor(2) as pool:
         got = list(pool.map(lambda b: actor(b).column("score").to_pylist(), batches * 2))
     assert np.allclose(got, serial * 2, atol=1e-5)
+    assert max(overlaps) == 1  # one forward pass at a time on the GPU

@@ -9,6 +9,7 @@ import pytest
 import ray_jobs.score as score_mod
 from piqa_core.checkpoints import build_bundle, save_checkpoint
 from piqa_core.config import get_preset
+from piqa_core.scorer import Scorer
 from ray_jobs.options import ModelOptions
 from ray_jobs.resume import read_rows
 from ray_jobs.score import ScoreJob, model_share, plan_pools, run_score_job
@@ -72,6 +73,11 @@ def test_bad_file_corpus_gives_exactly_one_row_each(ray_local, tmp_path, monkeyp
         assert (row["score"] is not None) == (code is None)
     assert summary["rows"] == len(expected) and summary["ok"] == sum(c is None for c in expected.values())
     assert (tmp_path / "out" / f"_summary-{summary['run_id']}.json").is_file()
+    # The scores of the in-process Scorer, whichever stage prepared them (with "device" on 2 CPUs the
+    # score actor takes two concurrent single-threaded calls).
+    ok = sorted(uri for uri, code in expected.items() if code is None)
+    want = Scorer.from_pretrained("tiny", random_weights=True, device="cpu").score([Path(u).read_bytes() for u in ok])
+    assert [rows[u]["score"] for u in ok] == pytest.approx([r["score"] for r in want], abs=1e-5)
 
 
 def test_output_layout_schema_metadata_and_model_identity(ray_local, tmp_path):
