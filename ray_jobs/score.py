@@ -163,6 +163,11 @@ def _floor3(x: float) -> float:
     return math.floor(x * 1000) / 1000
 
 
+def job_plan(job: ScoreJob, resources: dict[str, float], cfg: PIQAConfig | None, n: int) -> PoolPlan:
+    """The pools a job of ``n`` inputs runs with on a cluster of ``resources``."""
+    return _fit_to_inputs(plan_pools(job, resources, cfg), job, n)
+
+
 def _fit_to_inputs(plan: PoolPlan, job: ScoreJob, n: int) -> PoolPlan:
     """No more actors than there are blocks/batches for: an idle actor only pays its start-up."""
     prep = job.prep_actors or min(plan.prep_actors, _num_blocks(n, job))  # 0 stays 0 (--prep device)
@@ -189,7 +194,7 @@ def run_score_job(job: ScoreJob) -> dict[str, Any]:
         before = len(objects)
         objects = [o for o in objects if o.uri not in done]
         skipped = before - len(objects)
-    plan = _fit_to_inputs(plan_pools(job, ray.cluster_resources(), identity["config"]), job, len(objects))
+    plan = job_plan(job, ray.cluster_resources(), identity["config"], len(objects))
     run_id = job.run_id or _run_id(job, objects)
     dest = join(job.out, f"run_date={job.run_date}")
     print(f"piqa: {len(objects)} inputs to score ({skipped} already scored), "

@@ -74,3 +74,17 @@ def test_watch_keeps_every_title_a_process_had(monkeypatch):
         time.sleep(0.01)
     assert watch.used() == [(19.0, "ray::IDLE | ray::MapWorker(MapBatches(ScoreActor)) | ray::MapWorker("),
                             (1.0, "raylet"), (0.5, "driver")]
+
+
+def test_steady_rate_skips_the_first_group_of_concurrent_batches():
+    from datetime import datetime, timedelta
+
+    from benchmarks.bench_pipeline import steady_rate
+
+    t = lambda sec: datetime(2026, 1, 1) + timedelta(seconds=sec)  # noqa: E731
+    # two calls, batches of 2 rows finishing in pairs every 10 s: 4 rows per 10 s
+    stamps = [x for sec in (10, 10.5, 20, 20.5, 30, 30.5) for x in [t(sec)] * 2]
+    assert steady_rate(stamps, calls=2) == pytest.approx(8 / 20)
+    assert steady_rate(stamps[:4], calls=1) == pytest.approx(2 / 0.5)  # one call: skips one batch only
+    with pytest.raises(ValueError, match="too few"):
+        steady_rate(stamps[:4], calls=2)
