@@ -102,10 +102,10 @@ def main() -> None:
     import torch
 
     from piqa_core.scorer import Scorer
+    from ray_jobs.actors import model_identity
     from ray_jobs.inprocess import score_objects
     from ray_jobs.options import ModelOptions
     from ray_jobs.resume import read_rows
-    from ray_jobs.actors import model_identity
     from ray_jobs.score import ScoreJob, job_plan, run_score_job, score_calls
     from ray_jobs.storage import S3Options, list_inputs
 
