@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import math
 import os
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence, TypeVar
 
 import numpy as np
 import torch
 
 from .checkpoints import Bundle, Fetcher, build_bundle, load_checkpoint, resolve_weights
+from .concurrency import ordered_map
 from .faces import for_inference
 from .stages import ImageInput, Predictor, prepare_batch, rows_from_columns
+
+T = TypeVar("T")
 
 
 def default_device() -> torch.device:
@@ -22,15 +26,19 @@ class Scorer:
 
     Preparation (decode, faces, crops) and the forward pass are the shared stages of
     ``piqa_core.stages``; the Ray pipeline runs the very same code in its actors.
+
+    ``calls``: batches scored at once. Default: on a CPU one per torch thread, each call on one
+    thread (see ``piqa_core.concurrency``); on a GPU one.
     """
 
     def __init__(self, bundle: Bundle, device: str | torch.device | None = None,
                  precision: str = "fp32", crop_mode: str | None = None, compile: bool = False,
-                 batch_size: int = 8) -> None:
+                 batch_size: int = 8, calls: int | None = None) -> None:
         self.bundle = bundle
         self.config = bundle.config
         self.device = torch.device(device) if device is not None else default_device()
         self.crop_mode = crop_mode or self.config.preprocess.crop_mode
+        self.calls = calls or (torch.get_num_threads() if self.device.type == "cpu" else 1)
         self.detector = for_inference(bundle.detector, self.device)
         self.predictor = Predictor(self.config, bundle.model, bundle.liqe, self.device, precision,
                                    compile=compile, batch_size=batch_size)
@@ -51,14 +59,15 @@ class Scorer:
     def from_pretrained(cls, source: str | os.PathLike, *, random_weights: bool = False,
                         device: str | torch.device | None = None, precision: str = "fp32",
                         crop_mode: str | None = None, fetch: Fetcher | None = None,
-                        seed: int = 0, compile: bool = False, batch_size: int = 8) -> "Scorer":
+                        seed: int = 0, compile: bool = False, batch_size: int = 8,
+                        calls: int | None = None) -> "Scorer":
         """A model directory (local or remote URI), or with ``random_weights=True`` a preset name."""
         if random_weights:
             bundle = build_bundle(str(source), seed=seed)
         else:
             bundle = load_checkpoint(resolve_weights(source, fetch=fetch))
         return cls(bundle, device=device, precision=precision, crop_mode=crop_mode, compile=compile,
-                   batch_size=batch_size)
+                   batch_size=batch_size, calls=calls)
 
     def score_columns(self, items: Sequence[ImageInput]) -> dict[str, np.ndarray]:
         """Prepared + scored columns for one batch (pixel columns included)."""
@@ -68,11 +77,23 @@ class Scorer:
     def score(self, images: Iterable[ImageInput], batch_size: int = 8,
               progress: Callable[[int], Any] | None = None) -> list[dict[str, Any]]:
         """One result dict per input, in order; bad inputs give ``status='error'`` rows."""
-        images = list(images)
         results: list[dict[str, Any]] = []
-        for start in range(0, len(images), batch_size):
-            chunk = images[start:start + batch_size]
-            results.extend(rows_from_columns(self.score_columns(chunk)))
+        for chunk, cols in self.score_chunks(list(images), batch_size):
+            results.extend(rows_from_columns(cols))
             if progress is not None:
                 progress(len(chunk))
         return results
+
+    def score_chunks(self, items: Sequence[T], batch_size: int,
+                     load: Callable[[Sequence[T]], Sequence[ImageInput]] = list,
+                     ) -> Iterator[tuple[Sequence[T], dict[str, np.ndarray]]]:
+        """(chunk, scored columns) per chunk of ``items``, in order; ``load`` turns a chunk into images
+        on the call's thread (reads overlap scoring).
+
+        With several calls the chunks shrink so that every call gets one (scores do not depend on
+        the batch); with fewer chunks than calls, one call runs on all threads.
+        """
+        size = max(1, min(batch_size, math.ceil(len(items) / self.calls)))
+        chunks = [items[start:start + size] for start in range(0, len(items), size)]
+        calls = self.calls if len(chunks) >= self.calls else 1
+        yield from ordered_map(lambda chunk: (chunk, self.score_columns(load(chunk))), chunks, calls)

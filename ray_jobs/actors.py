@@ -16,6 +16,7 @@ import torch
 
 from piqa_core.checkpoints import (CONFIG_FILE, PARTS, Bundle, CheckpointError, build_bundle, load_checkpoint,
                                    resolve_weights)
+from piqa_core.concurrency import use_torch_threads
 from piqa_core.faces import for_inference
 from piqa_core.gpu_prep import prepare_batch_on_device
 from piqa_core.preprocess import ImageError
@@ -177,11 +178,8 @@ class ScoreActor:
 
     def _score(self, batch: dict[str, np.ndarray]) -> pa.Table:
         _maybe_crash(self.crash_marker)
-        if self._threads and getattr(self._local, "threads", None) != self._threads:
-            # OpenMP's and MKL's thread counts are per thread: a new call thread starts at the
-            # process default (all cores), which would oversubscribe concurrent CPU calls.
-            torch.set_num_threads(self._threads)
-            self._local.threads = self._threads
+        if self._threads:
+            use_torch_threads(self._threads)
         with self._stream():
             if self.prepare_on_device:
                 if self.device.type == "cpu":  # the prep actors' exact code

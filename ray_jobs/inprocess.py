@@ -18,10 +18,12 @@ def score_objects(objects: list[ObjectInfo], scorer: Scorer, batch_size: int = 8
                   s3: S3Options | None = None, max_bytes: int = DEFAULT_MAX_BYTES,
                   progress: Callable[[int], object] | None = None) -> pa.Table:
     """One output row per object, in order."""
+    def load(chunk: list[ObjectInfo]) -> list[bytes]:
+        return [fetch(info, s3, max_bytes) for info in chunk]
+
     rows = []
-    for start in range(0, len(objects), batch_size):
-        chunk = objects[start:start + batch_size]
-        results = rows_from_columns(scorer.score_columns([fetch(info, s3, max_bytes) for info in chunk]))
+    for chunk, cols in scorer.score_chunks(objects, batch_size, load):
+        results = rows_from_columns(cols)
         stamp = now_utc()
         for info, result in zip(chunk, results):
             rows.append({

@@ -1,6 +1,8 @@
 """The in-process Scorer: inputs of every kind, error rows, batching, and parity with the official steps."""
 
 
+import threading
+
 import numpy as np
 import pytest
 import torch
@@ -145,3 +147,38 @@ def test_cuda_matches_cpu(scorer, precision, tol):
     want = [r["score"] for r in scorer.score(imgs)]
     got = [r["score"] for r in gpu.score(imgs)]
     assert np.allclose(got, want, atol=tol), (got, want)
+
+
+def test_cpu_batches_run_as_one_call_per_thread_with_the_same_scores(scorer):
+    rng = np.random.default_rng(1)
+    imgs = [rng.integers(0, 255, (300, 260, 3), dtype=np.uint8) for _ in range(5)]
+    one = Scorer(scorer.bundle, device="cpu", calls=1)
+    two = Scorer(scorer.bundle, device="cpu", calls=2)
+    calls = []
+    score_columns = two.score_columns
+
+    def record(items):
+        calls.append((len(items), threading.current_thread().name, torch.get_num_threads()))
+        return score_columns(items)
+
+    two.score_columns = record
+    want = [r["score"] for r in one.score(imgs, batch_size=8)]
+    got = [r["score"] for r in two.score(imgs, batch_size=8)]
+    assert np.allclose(got, want, atol=1e-5)
+    # 5 images, batch 8, 2 calls: chunks of 3 and 2 so that both calls get one, on 1 torch thread each
+    assert sorted(n for n, _, _ in calls) == [2, 3]
+    assert all(name.startswith("piqa-call") and threads == 1 for _, name, threads in calls)
+
+
+def test_fewer_chunks_than_calls_run_as_one_call_on_all_threads(scorer):
+    two = Scorer(scorer.bundle, device="cpu", calls=2)
+    names = []
+    score_columns = two.score_columns
+    two.score_columns = lambda items: (names.append(threading.current_thread().name), score_columns(items))[1]
+    assert two.score([astronaut()])[0]["status"] == "ok"
+    assert names == [threading.current_thread().name]
+
+
+def test_default_calls_follow_the_device(scorer):
+    assert Scorer(scorer.bundle, device="cpu").calls == torch.get_num_threads()
+    assert Scorer(scorer.bundle, device="cpu", calls=3).calls == 3
