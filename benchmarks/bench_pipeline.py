@@ -55,10 +55,7 @@ def model_only_rate(scorer, photos: list[bytes], batch_size: int, cores: int) ->
     """Images/s of the Scorer's forward passes alone, over columns prepared before the timer: the
     better of one call on ``cores`` torch threads and ``cores`` concurrent single-threaded calls (the
     way CPU score actors run), each printed."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    import torch
-
+    from piqa_core.concurrency import ordered_map
     from piqa_core.stages import prepare_batch
 
     batches = [prepare_batch(photos[i:i + batch_size], scorer.config, scorer.detector, scorer.crop_mode)
@@ -67,10 +64,9 @@ def model_only_rate(scorer, photos: list[bytes], batch_size: int, cores: int) ->
     for cols in batches:
         scorer.predictor(cols)
     serial = len(photos) / (time.perf_counter() - t0)
-    with ThreadPoolExecutor(cores, initializer=torch.set_num_threads, initargs=(1,)) as pool:
-        t0 = time.perf_counter()
-        list(pool.map(scorer.predictor, batches))
-        concurrent = len(photos) / (time.perf_counter() - t0)
+    t0 = time.perf_counter()
+    list(ordered_map(scorer.predictor, batches, cores))
+    concurrent = len(photos) / (time.perf_counter() - t0)
     print(f"  model only: one call on {cores} threads {serial:.3g} img/s, {cores} single-threaded calls "
           f"{concurrent:.3g}", flush=True)
     return max(serial, concurrent)
@@ -128,8 +124,8 @@ def main() -> None:
             table = score_objects(objects, scorer, batch_size=args.batch_size)
             t2 = time.perf_counter()
             inproc = (args.images / (t2 - t0), args.images / (t2 - t1),
-                      steady_rate(table.column("scored_at").to_pylist()))
-            print(f"in-process Scorer ({torch.get_num_threads()} threads): end-to-end {inproc[0]:.3g} img/s "
+                      steady_rate(table.column("scored_at").to_pylist(), scorer.calls))
+            print(f"in-process Scorer ({scorer.calls} call(s)): end-to-end {inproc[0]:.3g} img/s "
                   f"(model load {t1 - t0:.1f} s), scoring {inproc[1]:.3g}, steady {inproc[2]:.3g}", flush=True)
         sample = [p.read_bytes() for p in sorted(folder.iterdir())][:args.model_only_images or None]
         model_only = model_only_rate(scorer, sample, args.batch_size, args.num_cpus)

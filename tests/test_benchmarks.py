@@ -38,7 +38,8 @@ def test_cpu_stage_table_runs():
 @pytest.mark.slow
 @pytest.mark.ray
 def test_pipeline_benchmark_runs():
-    out = subprocess.run([sys.executable, "benchmarks/bench_pipeline.py", "--images", "12", "--num-cpus", "2"],
+    out = subprocess.run([sys.executable, "benchmarks/bench_pipeline.py", "--images", "12", "--num-cpus", "2",
+                          "--batch-size", "2"],
                          cwd=ROOT, capture_output=True, text=True, timeout=600,
                          env={**os.environ, "RAY_AUTH_MODE": "disabled"})
     assert out.returncode == 0, out.stderr[-2000:]
@@ -88,3 +89,15 @@ def test_steady_rate_skips_the_first_group_of_concurrent_batches():
     assert steady_rate(stamps[:4], calls=1) == pytest.approx(2 / 0.5)  # one call: skips one batch only
     with pytest.raises(ValueError, match="too few"):
         steady_rate(stamps[:4], calls=2)
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_ray_tax_benchmark_attributes_cpu_to_processes():
+    out = subprocess.run([sys.executable, "benchmarks/bench_ray_tax.py", "--seconds", "3", "--batch-seconds", "1",
+                          "--prep-share", "0.05"], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "RAY_AUTH_MODE": "disabled"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "all processes:" in out.stdout and "with preparation at 5.0% of the model" in out.stdout, out.stdout
+    if sys.platform.startswith("linux"):
+        assert "bench_ray_tax.py" in out.stdout, out.stdout  # the driver is among the processes listed
