@@ -28,7 +28,7 @@ from retinaface.prior_box import priorbox
 from torch import nn
 from torch.nn import functional as F
 from torch.nn.utils.fusion import fuse_conv_bn_eval
-from torchvision.ops import nms
+from torchvision.ops import batched_nms
 
 from piqa_core.config import IMAGENET_MEAN, IMAGENET_STD, FaceConfig
 
@@ -180,30 +180,34 @@ class FaceDetector(nn.Module):
         cols = torch.arange(wp, device=device)[None, None, :] < w_valid
         x = (x * (rows & cols).unsqueeze(1)).contiguous(memory_format=torch.channels_last)
         loc, conf, _ = self.net(x)
-        scores = F.softmax(conf.float(), dim=-1)[..., 1]
+        scores = F.softmax(conf.float(), dim=-1)[..., 1]  # (B, priors)
         priors = _priors(hp, wp).to(device)
-        to_pixels = torch.tensor([wp, hp, wp, hp], dtype=torch.float32, device=device)
-
+        b, n = scores.shape
+        boxes = decode(loc.float().reshape(-1, 4), priors.repeat(b, 1), VARIANCE).view(b, n, 4)
+        boxes = boxes * torch.tensor([wp, hp, wp, hp], dtype=torch.float32, device=device)
+        centre = (boxes[..., :2] + boxes[..., 2:]) / 2
+        inside = (centre[..., 0] < w_valid[:, 0]) & (centre[..., 1] < h_valid[:, 0])
+        keep = (scores > self.cfg.confidence_threshold) & inside
+        # The whole batch's post-processing syncs with the host a handful of times, not per image:
+        # on a GPU every sync leaves the device idle while the host catches up.
+        image, prior = keep.nonzero(as_tuple=True)
+        boxes, scores = boxes[image, prior], scores[image, prior]
+        kept = batched_nms(boxes, scores, image, self.cfg.nms_threshold)  # per image; decreasing score
+        best = torch.zeros((b, 6), dtype=torch.float32, device=device)  # box, confidence, n_faces
+        if len(kept):
+            owner = image[kept]
+            first = torch.full((b,), len(kept) - 1, device=device).scatter_reduce_(
+                0, owner, torch.arange(len(kept), device=device), "amin")
+            best[:, :4], best[:, 4] = boxes[kept][first], scores[kept][first]
+            best[:, 5] = torch.bincount(owner, minlength=b)
         results = []
-        for i, scale in enumerate(scales):
-            boxes = decode(loc[i].float(), priors, VARIANCE) * to_pixels
-            cx = (boxes[:, 0] + boxes[:, 2]) / 2
-            cy = (boxes[:, 1] + boxes[:, 3]) / 2
-            keep = (scores[i] > self.cfg.confidence_threshold) & (cx < ws[i]) & (cy < hs[i])
-            boxes, s = boxes[keep], scores[i][keep]
-            kept = nms(boxes, s, self.cfg.nms_threshold)  # sorted by decreasing score
-            if len(kept) == 0:
+        for i, (x1, y1, x2, y2, confidence, count) in enumerate(best.cpu().tolist()):
+            if count == 0:
                 results.append(FaceResult(None, 0.0, 0))
                 continue
-            size = sizes[i] if sizes is not None else (round(ws[i] / scale), round(hs[i] / scale))
-            best = boxes[kept[0]].cpu().tolist()
-            results.append(
-                FaceResult(
-                    _to_original(best, (ws[i], hs[i]), size, scale, exact=sizes is not None),
-                    float(s[kept[0]]),
-                    int(len(kept)),
-                )
-            )
+            size = sizes[i] if sizes is not None else (round(ws[i] / scales[i]), round(hs[i] / scales[i]))
+            box = _to_original([x1, y1, x2, y2], (ws[i], hs[i]), size, scales[i], exact=sizes is not None)
+            results.append(FaceResult(box, confidence, int(count)))
         return results
 
     def detect_each(

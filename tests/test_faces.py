@@ -260,3 +260,19 @@ def test_decode_scale_pad_and_clip(detector, monkeypatch):
     r0, r1 = detector.detect([a0, a1], sizes=[(600, 400), (120, 90)])
     np.testing.assert_allclose(r0.box, [480.0, 240.0, 600.0, 400.0], atol=1e-3)
     assert not r1.found and r1.n_faces == 0 and r1.confidence == 0.0
+
+
+def test_nms_never_suppresses_across_images_of_a_batch(detector, monkeypatch):
+    # The batch's NMS runs in one call: the same face in images 0 and 2 must survive in both,
+    # each image's own duplicate must not, and the empty image between them stays empty.
+    hp, wp = 128, 160
+    inputs = [(np.zeros((120, 160, 3), np.uint8), 1.0)] * 3
+    face, dup = (40.0, 30.0, 90.0, 70.0), (42.0, 31.0, 91.0, 72.0)
+    k_face, k_dup = _prior_near(hp, wp, 65, 50), _prior_near(hp, wp, 50, 40)
+    one = [(face, k_face, 6.0), (dup, k_dup, 5.0)]
+    monkeypatch.setattr(detector.net, "forward", _fake_net(hp, wp, [one, [], one]))
+    r0, r1, r2 = detector.detect(inputs)
+    assert (r0.n_faces, r1.n_faces, r2.n_faces) == (1, 0, 1)
+    assert not r1.found and r1.confidence == 0.0
+    np.testing.assert_allclose(r0.box, face, atol=1e-3)
+    assert r2.box == r0.box and r2.confidence == r0.confidence
