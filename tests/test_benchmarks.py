@@ -16,7 +16,7 @@ def test_gpu_check_dry_run_prints_every_stage():
     out = subprocess.run([sys.executable, "benchmarks/gpu_check.py", "--dry-run", "--images", "4"], cwd=ROOT,
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
-    for stage in ("decode (PIL", "RetinaFace fp32", "model five-crop fp32", "model center-crop bf16",
+    for stage in ("decode (PIL", "RetinaFace fp32", "RetinaFace network alone", "model five-crop fp32", "model center-crop bf16",
                   "SRCC", "five: 1 prep threads + actor", "five: cpu prep in actor, 1 call(s)",
                   "center: cpu prep in actor", "center-crop / best five-crop",
                   "JPEG decode on cpu alone", "official-style loop",
