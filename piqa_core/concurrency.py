@@ -34,8 +34,8 @@ def use_torch_threads(n: int) -> None:
         _local.threads = n
 
 
-def ordered_map(fn: Callable[[T], R], items: Iterable[T], calls: int, torch_threads: int = 1) -> Iterator[R]:
-    """``fn`` over ``items`` on ``calls`` threads of ``torch_threads`` each, in input order.
+def ordered_map(fn: Callable[[T], R], items: Iterable[T], calls: int) -> Iterator[R]:
+    """``fn`` over ``items`` on ``calls`` threads of one torch thread each, in input order.
 
     At most ``calls`` items are taken from ``items`` ahead of the results, so a lazy iterable (files
     read as they are needed) stays lazy. ``calls <= 1`` runs on the caller's thread, threads unchanged.
@@ -45,7 +45,7 @@ def ordered_map(fn: Callable[[T], R], items: Iterable[T], calls: int, torch_thre
         return
 
     def run(item: T) -> R:
-        use_torch_threads(torch_threads)
+        use_torch_threads(1)
         return fn(item)
 
     with ThreadPoolExecutor(calls, thread_name_prefix="piqa-call") as pool:

@@ -28,7 +28,7 @@ def test_calls_run_side_by_side_each_on_its_own_torch_threads():
         return i
 
     before = torch.get_num_threads()
-    assert list(ordered_map(call, range(4), calls=2, torch_threads=1)) == [0, 1, 2, 3]
+    assert list(ordered_map(call, range(4), calls=2)) == [0, 1, 2, 3]
     assert {threads for _, threads in seen} == {1}
     assert all(name.startswith("piqa-call") for name, _ in seen)
     assert torch.get_num_threads() == before  # the caller's own count is untouched
