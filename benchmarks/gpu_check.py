@@ -3,6 +3,7 @@
     python benchmarks/gpu_check.py                 # dn-piqa, random weights, synthetic 12 MP photos
     python benchmarks/gpu_check.py --compile       # also the torch.compile'd bf16 model
     python benchmarks/gpu_check.py --dry-run       # tiny preset, small photos, CPU: exercises every step
+    python benchmarks/gpu_check.py --weights DIR   # real weights: the fp32-agreement target is judged
 
 Per stage it times the shared prepare/score code; end to end it drives the Ray stage classes
 (``PrepActor``, ``ScoreActor``) directly, as Ray would: prep work in a thread pool feeding a score
@@ -25,8 +26,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.photos import synthetic_jpegs  # noqa: E402
-from piqa_core.checkpoints import build_bundle  # noqa: E402
+from benchmarks.photos import graded_jpegs, synthetic_jpegs  # noqa: E402
+from piqa_core.checkpoints import build_bundle, load_checkpoint, resolve_weights  # noqa: E402
 from piqa_core.faces import detector_input, for_inference  # noqa: E402
 from piqa_core.liqe import extract_patches  # noqa: E402
 from piqa_core.preprocess import load_image, make_crops  # noqa: E402
@@ -188,6 +189,29 @@ def end_to_end(args, base, photos: list[bytes], dev: torch.device, batch: int, d
     return best
 
 
+SRCC_MIN, MAX_DEVIATION = 0.999, 0.02  # the precision target, on the JOD scale
+
+
+def agreement(results: dict[str, np.ndarray], judged: bool) -> list[str]:
+    """SRCC and max |deviation| of every variant against the first (fp32); a verdict only with real
+    weights: random weights score every photo alike, so bf16 noise reorders them."""
+    from scipy.stats import spearmanr
+
+    labels = list(results)
+    ref = results[labels[0]]
+    lines = [f"fp32 score spread (max - min) {np.ptp(ref):.4f}"]
+    for label in labels[1:]:
+        got = results[label]
+        srcc, dmax = spearmanr(ref, got).statistic, float(np.abs(ref - got).max())
+        if judged:
+            met = srcc >= SRCC_MIN and dmax <= MAX_DEVIATION
+            verdict = f"{'meets' if met else 'misses'} the target (SRCC >= {SRCC_MIN}, max|Δ| <= {MAX_DEVIATION})"
+        else:
+            verdict = f"{dmax / max(np.ptp(ref), 1e-12):.2f} of the spread; random weights: no verdict"
+        lines.append(f"{label:<44} SRCC {srcc:.5f}  max|Δ| {dmax:.5f}  {verdict}")
+    return lines
+
+
 def detector_split(detector, inputs: list, dev: torch.device) -> None:
     """The network alone on a device-resident batch (bf16 autocast), with cuDNN autotuning on a GPU:
     what is left of a detection row is host padding, upload and post-processing."""
@@ -216,13 +240,16 @@ def main() -> None:
     ap.add_argument("--size", default=None)
     ap.add_argument("--batch", type=int, default=None, help="images per GPU batch")
     ap.add_argument("--compile", action="store_true")
-    ap.add_argument("--preset", default=None, help="default: dn-piqa (tiny with --dry-run)")
+    ap.add_argument("--preset", default=None, help="random weights' preset: dn-piqa (tiny with --dry-run)")
     ap.add_argument("--device", default=None, help="default: cuda if present (cpu with --dry-run)")
     ap.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 2))
+    ap.add_argument("--weights", default=None, help="model directory (local or s3://); default random weights")
+    ap.add_argument("--agree-images", type=int, default=None,
+                    help="graded photos for the agreement check (default 66, 6 with --dry-run)")
     args = ap.parse_args()
     dry = args.dry_run
     dev = torch.device(args.device or ("cpu" if dry or not torch.cuda.is_available() else "cuda"))
-    preset = args.preset or ("tiny" if dry else "dn-piqa")
+    preset = "from --weights" if args.weights else args.preset or ("tiny" if dry else "dn-piqa")
     n = args.images or (6 if dry else 64)
     w, h = (int(v) for v in (args.size or ("640x480" if dry else "4000x3000")).split("x"))
     batch = args.batch or (4 if dry else 32)
@@ -234,8 +261,14 @@ def main() -> None:
     with ThreadPoolExecutor(args.workers) as pool:
         photos = [p for chunk in pool.map(lambda i: synthetic_jpegs(1, w, h, quality=90 - i % 20), range(n))
                   for p in chunk]
-    print(f"  made photos in {time.perf_counter() - t0:.1f} s; building {preset} (random weights)", flush=True)
-    base = build_bundle(preset)
+    m = args.agree_images or (6 if dry else 66)
+    agree = graded_jpegs(m, *((320, 240) if dry else (1024, 768)))
+    if args.weights:
+        base = load_checkpoint(resolve_weights(args.weights))
+        source = f"weights {args.weights}, {base.config.preset}, sha256 {base.sha256[:12]}"
+    else:
+        base, source = build_bundle(preset), f"{preset}, random weights"
+    print(f"  made photos in {time.perf_counter() - t0:.1f} s; model: {source}", flush=True)
     cfg = base.config
 
     print("CPU stages, one core, per image:")
@@ -260,6 +293,7 @@ def main() -> None:
     print("Preparing columns for the model stages …", flush=True)
     cols = prepare_batch(photos, cfg, detector, "five")
     center_cols = prepare_batch(photos[:batch], cfg, detector, "center")
+    agree_cols = prepare_batch(agree, cfg, detector, "five")
     print(f"Model stages on {dev.type}, {batch} images per batch (five crops = {5 * batch} crops):")
     variants = [("fp32", {})] + ([("tf32", {})] if gpu else []) + [("bf16", {})]
     variants += [("bf16", {"compile": True})] if args.compile else []
@@ -277,21 +311,15 @@ def main() -> None:
             row(f"model five-crop {label}", batch / per, f"(first call incl. warm-up {warm:.0f} s)")
             center = replicate(center_cols, batch)
             row(f"model center-crop {label}", batch / timed(lambda: pred(center), 1 if dry else 3, gpu))
-            results[label] = pred(cols)["score"]
+            results[label] = pred(agree_cols)["score"]
 
         attempt(label, measure)
         if gpu:
             torch.cuda.empty_cache()
 
-    ref = results[next(iter(results))]
-    from scipy.stats import spearmanr
-
-    print(f"Agreement with the fp32 reference over {n} photos (random weights: score spread "
-          f"{np.ptp(ref):.4f}):")
-    for label, got in list(results.items())[1:]:
-        dev_max = np.abs(ref - got).max()
-        print(f"  {label:<44} SRCC {spearmanr(ref, got).statistic:.5f}  max|Δ| {dev_max:.5f} "
-              f"({dev_max / max(np.ptp(ref), 1e-12):.2f} of the spread)")
+    print(f"Agreement with the fp32 reference over {m} graded photos ({source}):")
+    for line in agreement(results, judged=args.weights is not None):
+        print("  " + line, flush=True)
 
     e2e = end_to_end(args, base, photos, dev, batch, detector, cols)
 

@@ -12,10 +12,16 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.mark.slow
-def test_gpu_check_dry_run_prints_every_stage():
-    out = subprocess.run([sys.executable, "benchmarks/gpu_check.py", "--dry-run", "--images", "4"], cwd=ROOT,
-                         capture_output=True, text=True, timeout=600)
+def test_gpu_check_dry_run_prints_every_stage(tmp_path):
+    from piqa_core.checkpoints import build_bundle, save_checkpoint
+
+    save_checkpoint(build_bundle("tiny", seed=3), tmp_path / "model")  # a model directory, as --weights takes
+    out = subprocess.run([sys.executable, "benchmarks/gpu_check.py", "--dry-run", "--images", "4",
+                          "--weights", str(tmp_path / "model")], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
+    assert f"model: weights {tmp_path / 'model'}, tiny, sha256 {build_bundle('tiny', seed=3).sha256[:12]}" in out.stdout
+    assert "Agreement with the fp32 reference over 6 graded photos" in out.stdout
+    assert "the target (SRCC >= 0.999" in out.stdout, out.stdout  # real weights get a verdict
     for stage in ("decode (PIL", "RetinaFace fp32", "RetinaFace network alone", "model five-crop fp32", "model center-crop bf16",
                   "SRCC", "five: 1 prep threads + actor", "five: cpu prep in actor, 1 call(s)",
                   "center: cpu prep in actor", "center-crop / best five-crop",
@@ -23,6 +29,52 @@ def test_gpu_check_dry_run_prints_every_stage():
                   "gpu_check: done"):
         assert stage in out.stdout, stage
     assert "FAILED" not in out.stdout, out.stdout
+
+
+def test_agreement_judges_the_target_only_with_real_weights():
+    import numpy as np
+
+    from benchmarks.gpu_check import agreement
+
+    ref = np.linspace(1.0, 5.0, 10)
+    close = ref + np.where(np.arange(10) % 2, 0.004, -0.004)  # same order, 0.004 off
+    swapped = ref.copy()
+    swapped[[3, 4]] = swapped[[4, 3]]  # one rank swap: SRCC 0.9879
+    lines = agreement({"fp32": ref, "bf16": close, "bf16 + compile": swapped}, judged=True)
+    assert lines[0] == "fp32 score spread (max - min) 4.0000"
+    assert "SRCC 1.00000" in lines[1] and "max|Δ| 0.00400" in lines[1] and "meets the target" in lines[1]
+    assert "SRCC 0.98788" in lines[2] and "misses the target" in lines[2]
+    far = agreement({"fp32": ref, "bf16": ref + 0.03}, judged=True)[1]
+    assert "SRCC 1.00000" in far and "misses the target" in far  # in order, but 0.03 JOD off
+    unjudged = agreement({"fp32": ref, "bf16": close}, judged=False)[1]
+    assert "no verdict" in unjudged and "target" not in unjudged and "0.00 of the spread" in unjudged
+
+
+def test_graded_photos_degrade_their_scenes():
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from benchmarks.photos import LADDER, SCENES, graded_jpegs
+
+    def sharpness(data: bytes) -> float:
+        grey = np.asarray(Image.open(io.BytesIO(data)).convert("L"), dtype=np.float32)
+        return float(np.abs(np.diff(grey, axis=1)).mean())
+
+    k = len(SCENES)
+    photos = graded_jpegs(k * len(LADDER), 320, 240)
+    assert len(set(photos)) == len(photos)
+    assert all(Image.open(io.BytesIO(p)).size == (320, 240) for p in photos)
+    level = {step: i for i, step in enumerate(LADDER)}
+    for scene in range(k):
+        at = lambda step: photos[level[step] * k + scene]  # noqa: E731
+        pristine = at(("pristine", 0))
+        assert sharpness(at(("blur", 4))) < sharpness(at(("blur", 1.5))) < sharpness(pristine)
+        assert sharpness(at(("noise", 25))) > sharpness(pristine)
+        assert len(at(("jpeg", 8))) < len(at(("jpeg", 30))) < len(pristine)
+        dark = np.asarray(Image.open(io.BytesIO(at(("dark", 0.2))))).mean()
+        assert dark < 0.3 * np.asarray(Image.open(io.BytesIO(pristine))).mean()
 
 
 @pytest.mark.slow
