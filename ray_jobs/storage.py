@@ -166,7 +166,12 @@ def _remote_version(info: dict[str, Any]) -> str:
 
 
 def _local_info(path: str) -> ObjectInfo:
-    st = os.stat(path)
+    """Size and mtime; ``size=-1`` when the file vanished after the walk saw it (or is a dangling
+    link), so it still gets its row (the read stage records ``not_found``)."""
+    try:
+        st = os.stat(path)
+    except (FileNotFoundError, PermissionError):
+        return ObjectInfo(path, -1, "")
     return ObjectInfo(path, st.st_size, str(st.st_mtime_ns))
 
 

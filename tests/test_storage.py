@@ -72,6 +72,23 @@ def test_list_images(root):
             storage.list_images("s3://nope-bucket-404/x", s3)
 
 
+def test_a_file_gone_during_the_listing_keeps_its_place(tmp_path, monkeypatch):
+    (tmp_path / "a.jpg").write_bytes(b"aa")
+    (tmp_path / "b.jpg").write_bytes(b"b")
+    (tmp_path / "dangling.jpg").symlink_to(tmp_path / "nowhere.jpg")
+    real_walk = os.walk
+
+    def walk_then_delete(top, *args, **kwargs):  # an ingest deletes b.jpg right after the walk saw it
+        for entry in real_walk(top, *args, **kwargs):
+            (tmp_path / "b.jpg").unlink(missing_ok=True)
+            yield entry
+
+    monkeypatch.setattr(storage.os, "walk", walk_then_delete)
+    infos = storage.list_images(str(tmp_path))
+    assert [(os.path.basename(i.uri), i.size) for i in infos] == [("a.jpg", 2), ("b.jpg", -1), ("dangling.jpg", -1)]
+    assert infos[1].etag_or_mtime == "" and infos[0].etag_or_mtime.isdigit()
+
+
 @pytest.mark.parametrize("kind", ["txt", "csv", "csv-noheader", "parquet"])
 def test_manifests(root, kind):
     base, s3 = root
