@@ -9,7 +9,7 @@ import pyarrow as pa
 from piqa_core.scorer import Scorer
 from piqa_core.stages import rows_from_columns
 
-from .reader import DEFAULT_MAX_BYTES, fetch
+from .reader import DEFAULT_MAX_BYTES, fetch_all
 from .schema import now_utc, schema_metadata, to_table
 from .storage import ObjectInfo, S3Options
 
@@ -19,7 +19,7 @@ def score_objects(objects: list[ObjectInfo], scorer: Scorer, batch_size: int = 8
                   progress: Callable[[int], object] | None = None) -> pa.Table:
     """One output row per object, in order."""
     def load(chunk: list[ObjectInfo]) -> list[bytes]:
-        return [fetch(info, s3, max_bytes) for info in chunk]
+        return fetch_all(chunk, s3, max_bytes)
 
     rows = []
     for chunk, cols in scorer.score_chunks(objects, batch_size, load):

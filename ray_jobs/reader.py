@@ -6,6 +6,7 @@ cost seconds of CPU per worker.
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from typing import Sequence
 
 import numpy as np
@@ -15,6 +16,9 @@ from piqa_core.errors import ImageError
 from .storage import ObjectInfo, ObjectTooLarge, S3Options, read_bytes
 
 DEFAULT_MAX_BYTES = 256 * 1024 * 1024
+# Object-store GETs are latency-bound (tens of ms before the first byte on S3): read one at a time,
+# a read task would feed a few dozen images/s, well under one GPU's rate.
+READ_THREADS = 16
 
 
 def fetch(info: ObjectInfo, s3: S3Options | None, max_bytes: int) -> bytes | ImageError:
@@ -29,10 +33,20 @@ def fetch(info: ObjectInfo, s3: S3Options | None, max_bytes: int) -> bytes | Ima
         return ImageError("read_failed", f"{type(e).__name__}: {e}")
 
 
+def fetch_all(infos: Sequence[ObjectInfo], s3: S3Options | None, max_bytes: int,
+              threads: int = READ_THREADS) -> list[bytes | ImageError]:
+    """:func:`fetch` for every object, up to ``threads`` at a time, in order."""
+    if len(infos) < 2 or threads < 2:
+        return [fetch(info, s3, max_bytes) for info in infos]
+    with ThreadPoolExecutor(min(threads, len(infos)), thread_name_prefix="piqa-read") as pool:
+        return list(pool.map(lambda info: fetch(info, s3, max_bytes), infos))
+
+
 def read_objects(batch: dict[str, np.ndarray], s3: S3Options, max_bytes: int) -> dict[str, np.ndarray]:
     """Adds the objects' bytes; a failed read becomes ``read_error_*`` for its row, never an exception."""
-    return read_columns(batch, [fetch(ObjectInfo(str(uri), int(size), str(tag)), s3, max_bytes)
-                                for uri, size, tag in zip(batch["uri"], batch["bytes"], batch["etag_or_mtime"])])
+    infos = [ObjectInfo(str(uri), int(size), str(tag))
+             for uri, size, tag in zip(batch["uri"], batch["bytes"], batch["etag_or_mtime"])]
+    return read_columns(batch, fetch_all(infos, s3, max_bytes))
 
 
 def read_columns(batch: dict[str, np.ndarray], got: Sequence[bytes | ImageError]) -> dict[str, np.ndarray]:

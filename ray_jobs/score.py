@@ -27,7 +27,7 @@ from piqa_core.stages import num_crops
 
 from .actors import PrepActor, ScoreActor, model_identity
 from .options import ModelOptions
-from .reader import read_objects
+from .reader import READ_THREADS, read_objects
 from .resume import RunFiles, already_scored, run_files
 from .schema import SCORE_SCHEMA, schema_metadata
 from .storage import ObjectInfo, S3Options, join, list_inputs, resolve, write_text
@@ -206,8 +206,8 @@ def run_score_job(job: ScoreJob) -> dict[str, Any]:
             ray.data.from_items([{"uri": o.uri, "etag_or_mtime": o.etag_or_mtime, "bytes": o.size}
                                  for o in objects], override_num_blocks=_num_blocks(len(objects), job))
             .map_batches(read_objects, fn_kwargs={"s3": job.s3, "max_bytes": job.max_bytes},
-                         batch_size=_prep_batch(job), num_cpus=IO_TASK_CPUS, batch_format="numpy",
-                         compute=ray.data.TaskPoolStrategy(size=2))
+                         batch_size=max(_prep_batch(job), READ_THREADS), num_cpus=IO_TASK_CPUS,
+                         batch_format="numpy", compute=ray.data.TaskPoolStrategy(size=read_tasks(plan)))
         )
         if prep is not None:
             ds = ds.map_batches(PrepActor, batch_size=_prep_batch(job), batch_format="numpy", **prep)
@@ -270,6 +270,13 @@ def score_calls(plan: PoolPlan) -> int:
     if plan.score_gpus:
         return 2 if plan.prep_actors else 1
     return max(1, plan.score_threads)
+
+
+def read_tasks(plan: PoolPlan) -> int:
+    """Concurrent read tasks, each with READ_THREADS GETs in flight: two per score actor (a GPU
+    actor takes ~90 photos/s; 32 GETs of ~100 ms each fetch ~300/s). Few, since every new task worker
+    pays for importing Ray Data."""
+    return 2 * plan.score_actors
 
 
 def _num_blocks(n: int, job: ScoreJob) -> int:

@@ -25,7 +25,7 @@ from piqa_core.training import (FeatureCache, all_gather, crop_rngs, epoch_pairs
                                 seed_torch, shard, val_metrics)
 
 from .actors import _fetcher
-from .reader import DEFAULT_MAX_BYTES, fetch
+from .reader import DEFAULT_MAX_BYTES, fetch_all
 from .storage import ObjectInfo, S3Options, exists, join, read_bytes, write_bytes
 
 if TYPE_CHECKING:
@@ -138,7 +138,7 @@ def _maybe_fail(job: TrainJob, epoch: int, rank: int, marker: str) -> None:
 
 def _prepare(env: dict[str, Any], uris: list[str], idx: np.ndarray, crop_mode: str, rngs: list) -> dict:
     keys = [uris[i] for i in idx]
-    items = [fetch(ObjectInfo(k, 0, ""), env["job"].s3, DEFAULT_MAX_BYTES) for k in keys]
+    items = fetch_all([ObjectInfo(k, 0, "") for k in keys], env["job"].s3, DEFAULT_MAX_BYTES)
     return prepare_items(items, keys, env["cfg"], env["detector"], env["liqe"], env["cache"], crop_mode, rngs,
                          env["device"])
 

@@ -1,8 +1,11 @@
 import subprocess
 import sys
+import threading
+import time
 
 import numpy as np
 
+from ray_jobs import reader
 from ray_jobs.reader import read_objects
 from ray_jobs.storage import list_inputs
 
@@ -32,3 +35,30 @@ def test_read_and_write_stage_modules_do_not_import_torch():
     code = "import sys, ray_jobs.reader, ray_jobs.resume, ray_jobs.options; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_reads_run_side_by_side_and_keep_their_order(tmp_path, monkeypatch):
+    for i in range(12):
+        (tmp_path / f"{i:02d}.jpg").write_bytes(bytes([i]) * (i + 1))
+    (tmp_path / "12.jpg").write_bytes(b"x" * 100)  # too large: its row gets the code, the others their bytes
+    objects = list_inputs([str(tmp_path)])
+    real_fetch, lock, state = reader.fetch, threading.Lock(), {"now": 0, "most": 0}
+
+    def slow_fetch(info, s3, max_bytes):  # an object store's latency
+        with lock:
+            state["now"] += 1
+            state["most"] = max(state["most"], state["now"])
+        time.sleep(0.2)
+        with lock:
+            state["now"] -= 1
+        return real_fetch(info, s3, max_bytes)
+
+    monkeypatch.setattr(reader, "fetch", slow_fetch)
+    t0 = time.perf_counter()
+    out = read_objects(_batch(objects), s3=None, max_bytes=50)
+    assert time.perf_counter() - t0 < 1.0  # 13 reads of 0.2 s each, one after another, take 2.6 s
+    assert state["most"] == 13
+    assert [bytes(d) for d in out["data"][:12]] == [bytes([i]) * (i + 1) for i in range(12)]
+    assert list(out["read_error_code"]) == [""] * 12 + ["too_large"] and out["data"][12] == b""
+    state["most"] = 0
+    assert reader.fetch_all(objects[:3], None, 50, threads=1)[2] == bytes([2]) * 3 and state["most"] == 1
