@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 import click
+from click.core import ParameterSource
 
 from piqa_core.config import list_presets
 
@@ -58,10 +59,19 @@ def score(inputs: tuple[str, ...], out: str, engine: str, manifest: bool, endpoi
     s3 = S3Options.from_env()
     s3.endpoint_url = endpoint_url or s3.endpoint_url
     s3.region = region or s3.region
+    if prep == "device" and prep_actors:
+        raise click.UsageError("--prep-actors has no effect with --prep device (the score actors prepare)")
+    if face_device == "gpu" and gpu is False:
+        raise click.UsageError("--face-device gpu needs GPUs; it contradicts --no-gpu")
     if engine == "local":
+        ctx = click.get_current_context()
+        given = [f"--{name.replace('_', '-')}" for name in RAY_ONLY
+                 if ctx.get_parameter_source(name) == ParameterSource.COMMANDLINE]
+        if given:
+            raise click.UsageError(f"{', '.join(given)}: Ray engine options; --engine local takes none of them")
         _score_local(inputs, out, manifest, s3, max_bytes, model)
     else:
-        from .score import ScoreJob, run_score_job
+        from .score import PlanError, ScoreJob, run_score_job
 
         job = ScoreJob(inputs=list(inputs), out=out, manifest=manifest, s3=s3, max_bytes=max_bytes,
                        model=model, resume=resume, face_device=face_device, prep=prep, prep_actors=prep_actors,
@@ -69,32 +79,47 @@ def score(inputs: tuple[str, ...], out: str, engine: str, manifest: bool, endpoi
                        gpus_per_score_actor=gpus_per_actor, gpu=gpu, address=address, inject_crash=inject_crash)
         if run_date:
             job.run_date = run_date
-        summary = run_score_job(job)
+        try:
+            summary = run_score_job(job)
+        except FileNotFoundError as e:
+            raise click.ClickException(f"input not found: {e.filename or e}") from None
+        except PlanError as e:
+            raise click.UsageError(str(e)) from None
         click.echo(f"wrote {summary['rows']} rows to {summary['output']}")
 
 
+# Options that shape the Ray pipeline; the in-process engine refuses them rather than ignore them.
+RAY_ONLY = ("resume", "run_date", "face_device", "prep", "prep_actors", "score_actors", "prep_batch_size",
+            "gpus_per_actor", "gpu", "address")
+
+
 def _score_local(inputs, out, manifest, s3, max_bytes, model: ModelOptions) -> None:
+    import pyarrow as pa
     import pyarrow.parquet as pq
     from tqdm import tqdm
 
     from piqa_core.scorer import Scorer
 
+    from .actors import _fetcher
     from .inprocess import score_objects
-    from .storage import list_inputs, resolve
+    from .storage import atomic_write_bytes, is_dir, list_inputs
     from .summary import format_summary, summarize
 
-    objects = list_inputs(inputs, s3, manifest=manifest)
+    if not out.lower().endswith(".parquet") or is_dir(out, s3):
+        raise click.UsageError(f"--engine local writes one Parquet file: --out must be a *.parquet file, got {out}")
+    try:
+        objects = list_inputs(inputs, s3, manifest=manifest)
+    except FileNotFoundError as e:
+        raise click.ClickException(f"input not found: {e.filename or e}") from None
     scorer = Scorer.from_pretrained(model.source, random_weights=model.random_weights, device=model.device,
                                     precision=model.precision, crop_mode=model.crop_mode, compile=model.compile,
-                                    batch_size=model.batch_size)
+                                    batch_size=model.batch_size, fetch=_fetcher(s3))
     t0 = time.perf_counter()
     with tqdm(total=len(objects), unit="img", file=sys.stderr) as bar:
         table = score_objects(objects, scorer, model.batch_size, s3, max_bytes, progress=bar.update)
-    fs, path = resolve(out, s3)
-    parent = path.rsplit("/", 1)[0] if "/" in path else ""
-    if parent:
-        fs.create_dir(parent, recursive=True)
-    pq.write_table(table, path, filesystem=fs)
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink)
+    atomic_write_bytes(out, sink.getvalue().to_pybytes(), s3)  # a killed run never leaves half a file
     summary = summarize(table, time.perf_counter() - t0, random_weights=scorer.bundle.random_init)
     click.echo(format_summary(summary))
     click.echo(f"wrote {table.num_rows} rows to {out}")
@@ -104,7 +129,7 @@ def _score_local(inputs, out, manifest, s3, max_bytes, model: ModelOptions) -> N
 @click.argument("library")
 @click.option("--state", "state_uri", required=True,
               help="Audit state folder/prefix (CURRENT pointer, states/, runs/, reports/).")
-@click.option("--alert-if-mean-drops", type=float, default=None,
+@click.option("--alert-if-mean-drops", type=click.FloatRange(0), default=None,
               help="Exit 3 when the library's mean score fell by more than this vs the previous run.")
 @click.option("--alert-if-error-rate", type=click.FloatRange(0, 1), default=None,
               help="Exit 3 when more than this fraction of the objects scored in this run are errors.")

@@ -78,6 +78,10 @@ class PoolPlan:
     score_threads: int = 1
 
 
+class PlanError(ValueError):
+    """Options that contradict each other or the cluster (a usage error, not a failure)."""
+
+
 PREP_PLACES = ("auto", "actors", "device")
 # CPU-only clusters prepare inside the score actors when the model's share of the work is at least this.
 IN_ACTOR_PREP_SHARE = 0.75
@@ -112,9 +116,9 @@ def plan_pools(job: ScoreJob, resources: dict[str, float], cfg: PIQAConfig | Non
     cpus, gpus = resources.get("CPU", 1.0), resources.get("GPU", 0.0)
     use_gpu = bool(gpus) if job.gpu is None else job.gpu
     if job.prep not in PREP_PLACES:
-        raise ValueError(f"prep must be one of {PREP_PLACES}, got {job.prep!r}")
+        raise PlanError(f"prep must be one of {PREP_PLACES}, got {job.prep!r}")
     if job.face_device == "gpu" and not use_gpu:
-        raise ValueError("--face-device gpu needs GPUs: the cluster has none (pass --gpu to wait for them)")
+        raise PlanError("--face-device gpu needs GPUs: the cluster has none (pass --gpu to wait for them)")
     share = model_share(cfg, job.model.crop_mode or cfg.preprocess.crop_mode) if cfg is not None else 0.5
     place = job.prep
     if place == "auto":
@@ -124,7 +128,7 @@ def plan_pools(job: ScoreJob, resources: dict[str, float], cfg: PIQAConfig | Non
         in_actor = not use_gpu and not job.prep_actors and share >= IN_ACTOR_PREP_SHARE
         place = "device" if in_actor else "actors"
     if place == "device" and job.prep_actors:
-        raise ValueError("--prep-actors has no effect with --prep device (the score actors prepare)")
+        raise PlanError("--prep-actors has no effect with --prep device (the score actors prepare)")
     if use_gpu:
         per = job.gpus_per_score_actor
         score = job.score_actors or max(1, int(max(gpus, per) / per))
@@ -135,7 +139,8 @@ def plan_pools(job: ScoreJob, resources: dict[str, float], cfg: PIQAConfig | Non
             return PoolPlan(prep, score, per, 1.0)
         # Detection on the GPU: prep actors take half of each score actor's share, split evenly,
         # so Ray counts (and places) every CUDA context.
-        return PoolPlan(prep, score, per / 2, 1.0, prep_gpus=round(per / 2 * score / prep, 4))
+        # Rounded down (Ray counts GPUs in 1e-4 steps): rounding up asked for more than the node has.
+        return PoolPlan(prep, score, per / 2, 1.0, prep_gpus=math.floor(per / 2 * score / prep * 1e4) / 1e4)
     return _cpu_plan(job, cpus, share, prep_pool=place == "actors")
 
 

@@ -344,6 +344,12 @@ def exists(uri: str, s3: S3Options | None = None) -> bool:
     return fs.get_file_info(path).type != pafs.FileType.NotFound
 
 
+def is_dir(uri: str, s3: S3Options | None = None) -> bool:
+    """True for an existing directory (or, on S3, a prefix with objects under it)."""
+    fs, path = resolve(uri, s3)
+    return fs.get_file_info(path).type == pafs.FileType.Directory
+
+
 def write_bytes(uri: str, data: bytes, s3: S3Options | None = None) -> None:
     """Write (overwrite) an object; local parent directories are created."""
     fs, path = resolve(uri, s3)

@@ -46,6 +46,47 @@ def test_local_engine_writes_one_row_per_image(photos, tmp_path):
     assert meta[b"model_sha256"].decode() == build_bundle("tiny").sha256 and meta[b"crop_mode"] == b"center"
 
 
+def test_local_engine_refuses_before_any_work(photos, tmp_path):
+    runner, tiny = CliRunner(), ["--engine", "local", "--random-weights", "--preset", "tiny"]
+    (tmp_path / "dir.parquet").mkdir()
+    for out in (tmp_path, tmp_path / "scores", tmp_path / "dir.parquet"):  # Ray-style folders: refused up front
+        res = runner.invoke(main, ["score", str(photos), "--out", str(out), *tiny])
+        assert res.exit_code == 2 and "must be a *.parquet file" in res.output, res.output
+    res = runner.invoke(main, ["score", str(photos), "--out", str(tmp_path / "o.parquet"), "--resume",
+                               "--prep-actors", "2", *tiny])
+    assert res.exit_code == 2 and "--resume, --prep-actors: Ray engine options" in res.output, res.output
+    res = runner.invoke(main, ["score", str(tmp_path / "nope"), "--out", str(tmp_path / "o.parquet"), *tiny])
+    assert res.exit_code == 1 and f"input not found: {tmp_path / 'nope'}" in res.output
+    assert "Traceback" not in res.output and not (tmp_path / "o.parquet").exists()
+    res = runner.invoke(main, ["score", str(photos), "--out", str(tmp_path / "o"), "--prep", "device",
+                               "--prep-actors", "2", "--random-weights"])
+    assert res.exit_code == 2 and "no effect with --prep device" in res.output
+    res = runner.invoke(main, ["score", str(photos), "--out", str(tmp_path / "o"), "--face-device", "gpu",
+                               "--no-gpu", "--random-weights"])
+    assert res.exit_code == 2 and "contradicts --no-gpu" in res.output
+
+
+def test_local_engine_replaces_its_output_whole(photos, tmp_path, monkeypatch):
+    out = tmp_path / "scores" / "o.parquet"
+    out.parent.mkdir()
+    out.write_bytes(b"the previous run's file")
+    import pyarrow.parquet
+
+    def dies_mid_write(table, where, **kwargs):  # writes a first chunk, then the process "dies"
+        if isinstance(where, str):
+            with open(where, "wb") as f:
+                f.write(b"PAR1 half a file")
+        else:
+            where.write(b"PAR1 half a file")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(pyarrow.parquet, "write_table", dies_mid_write)
+    res = CliRunner().invoke(main, ["score", str(photos / "p0.jpg"), "--out", str(out), "--engine", "local",
+                                    "--random-weights", "--preset", "tiny"])
+    assert res.exit_code == 1 and out.read_bytes() == b"the previous run's file"
+    assert [p.name for p in out.parent.iterdir()] == ["o.parquet"]  # no temp file left behind
+
+
 def test_weights_random_info_and_scoring_from_dir(photos, tmp_path):
     runner = CliRunner()
     res = runner.invoke(main, ["weights", "random", "--preset", "tiny", "--seed", "3", "-o", str(tmp_path / "m")])
