@@ -14,6 +14,8 @@ import json
 import os
 import pickle
 import re
+import shutil
+import tempfile
 import threading
 import zipfile
 from dataclasses import dataclass, field
@@ -210,6 +212,18 @@ def _build_part(cfg: PIQAConfig, part: str) -> nn.Module | None:
     return net.eval() if net is not None else None
 
 
+_META = threading.local()  # depth of _empty_parameters in this thread
+_PATCH_LOCK = threading.Lock()
+_PATCH: dict[str, Any] = {"users": 0, "register": None}
+
+
+def _register_maybe_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+    # The patch is process-wide: only threads inside _empty_parameters build on the meta device.
+    if param is not None and getattr(_META, "depth", 0) and not param.is_meta:
+        param = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+    _PATCH["register"](module, name, param)
+
+
 @contextlib.contextmanager
 def _empty_parameters() -> Iterator[None]:
     """Modules built inside get their parameters on the meta device: no random init to pay for.
@@ -217,20 +231,22 @@ def _empty_parameters() -> Iterator[None]:
     Buffers stay real: the non-persistent ones (Swin's attention masks and position indices,
     CLIP's causal mask, the detector's mean/std) are computed in ``__init__`` and never saved.
     A strict :func:`load_strict` then assigns every parameter (dn-piqa: 3.5 s of init saved per load).
+    Threads may overlap in any order: the patch is counted in and out under a lock.
     """
-    register, owner = nn.Module.register_parameter, threading.get_ident()
-
-    def to_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
-        # The patch is process-wide: modules other threads build meanwhile stay untouched.
-        if param is not None and not param.is_meta and threading.get_ident() == owner:
-            param = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
-        register(module, name, param)
-
-    nn.Module.register_parameter = to_meta
+    with _PATCH_LOCK:
+        if _PATCH["users"] == 0:
+            _PATCH["register"] = nn.Module.register_parameter
+            nn.Module.register_parameter = _register_maybe_meta
+        _PATCH["users"] += 1
+    _META.depth = getattr(_META, "depth", 0) + 1
     try:
         yield
     finally:
-        nn.Module.register_parameter = register
+        _META.depth -= 1
+        with _PATCH_LOCK:
+            _PATCH["users"] -= 1
+            if _PATCH["users"] == 0:
+                nn.Module.register_parameter = _PATCH["register"]
 
 
 def save_checkpoint(bundle: Bundle, directory: str | os.PathLike, extra: Mapping[str, Any] | None = None) -> str:
@@ -325,14 +341,38 @@ def resolve_weights(uri: str | os.PathLike, cache_dir: str | os.PathLike | None 
         return Path(text.removeprefix("file://")).expanduser()
     cache = Path(cache_dir or Path(torch.hub.get_dir()).parent / "piqa").expanduser()
     dest = cache / hashlib.sha256(text.encode()).hexdigest()[:16]
-    if not (dest / WEIGHTS_FILE).is_file():
-        tmp = dest.with_name(dest.name + f".partial-{os.getpid()}")
-        tmp.mkdir(parents=True, exist_ok=True)
-        (fetch or _fsspec_fetch)(text, tmp)
-        if not (tmp / WEIGHTS_FILE).is_file():
-            raise CheckpointError(f"{text} holds no {WEIGHTS_FILE}: is it a model directory?")
+    if (dest / WEIGHTS_FILE).is_file():
+        return dest
+    cache.mkdir(parents=True, exist_ok=True)
+    # The actors starting on one node at once share one download: the others wait for it.
+    with _exclusive(cache / f"{dest.name}.lock"):
+        if (dest / WEIGHTS_FILE).is_file():
+            return dest
+        tmp = Path(tempfile.mkdtemp(prefix=f"{dest.name}.partial-", dir=cache))
         try:
-            os.replace(tmp, dest)
-        except OSError:  # another process won the race; its copy is as good as ours
-            pass
+            (fetch or _fsspec_fetch)(text, tmp)
+            if not (tmp / WEIGHTS_FILE).is_file():
+                raise CheckpointError(f"{text} holds no {WEIGHTS_FILE}: is it a model directory?")
+            try:
+                os.replace(tmp, dest)
+            except OSError:  # a process without the lock (another cache user) won the race
+                pass
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)  # a failed or surplus copy is not left behind
     return dest
+
+
+@contextlib.contextmanager
+def _exclusive(lock_file: Path) -> Iterator[None]:
+    """An advisory lock between processes (and threads) of this node; none where flock is missing."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: concurrent downloads stay correct, only duplicated
+        yield
+        return
+    with open(lock_file, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)

@@ -236,6 +236,38 @@ def test_empty_parameters_leave_other_threads_alone():
     assert not torch.nn.Linear(2, 2).weight.is_meta  # and the patch is gone afterwards
 
 
+def test_empty_parameters_overlapping_in_threads_restore_the_original():
+    import threading
+
+    from piqa_core import checkpoints
+
+    original = torch.nn.Module.register_parameter
+    a_in, b_in, a_out = threading.Event(), threading.Event(), threading.Event()
+    seen = {}
+
+    def a():
+        with checkpoints._empty_parameters():
+            a_in.set()
+            b_in.wait()
+        seen["a after"] = torch.nn.Linear(2, 2).weight.is_meta
+        a_out.set()
+
+    def b():
+        a_in.wait()
+        with checkpoints._empty_parameters():
+            b_in.set()
+            a_out.wait()  # A has left while B is still inside: B keeps building on meta
+            seen["b inside"] = torch.nn.Linear(2, 2).weight.is_meta
+
+    threads = [threading.Thread(target=f) for f in (a, b)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert seen == {"a after": False, "b inside": True}
+    assert torch.nn.Module.register_parameter is original  # the last one out restores it
+
+
 def test_file_replaced_during_load_is_refused(tmp_path, monkeypatch):
     from piqa_core import checkpoints
 
@@ -293,6 +325,39 @@ def test_resolve_weights_local_and_remote(tmp_path):
     again = resolve_weights("s3://bucket/model", cache_dir=tmp_path / "cache", fetch=fetch)
     assert local == again and calls == ["s3://bucket/model"]
     assert load_checkpoint(local).sha256 == load_checkpoint(tmp_path / "src").sha256
+
+
+def test_concurrent_resolves_download_once_and_leave_no_partial_copies(tmp_path):
+    import threading
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    save_checkpoint(build_bundle("tiny"), tmp_path / "src")
+    calls, lock = [], threading.Lock()
+
+    def fetch(uri, dest):
+        with lock:
+            calls.append(uri)
+        time.sleep(0.3)  # a slow download: the other callers arrive meanwhile
+        for f in (tmp_path / "src").iterdir():
+            (dest / f.name).write_bytes(f.read_bytes())
+
+    cache = tmp_path / "cache"
+    with ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(lambda _: resolve_weights("s3://b/m", cache_dir=cache, fetch=fetch), range(4)))
+    assert len(set(got)) == 1 and calls == ["s3://b/m"]
+    assert sorted(p.name for p in cache.iterdir()) == sorted([got[0].name, f"{got[0].name}.lock"])
+
+    def broken(uri, dest):
+        (dest / "half.bin").write_bytes(b"x")
+        raise OSError("connection reset")
+
+    with pytest.raises(OSError, match="connection reset"):
+        resolve_weights("s3://b/other", cache_dir=cache, fetch=broken)
+    assert not [p for p in cache.iterdir() if ".partial-" in p.name]
+    with pytest.raises(CheckpointError, match="holds no model.safetensors"):
+        resolve_weights("s3://b/empty", cache_dir=cache, fetch=lambda uri, dest: None)
+    assert not [p for p in cache.iterdir() if ".partial-" in p.name]
 
 
 def test_other_swin_variant_is_refused_not_resampled():
