@@ -7,6 +7,8 @@ training all call these, so there is exactly one implementation of every transfo
 
 from __future__ import annotations
 
+import copy
+
 import math
 import traceback
 from pathlib import Path
@@ -120,7 +122,8 @@ class Predictor:
     """Device-side scoring of prepared columns: normalise, LIQE, dual-branch model, crop mean.
 
     Precision: ``fp32`` (the reference), ``tf32`` (fp32 weights, TF32 matmuls on CUDA) or ``bf16``
-    (weights and activations cast to bfloat16; scores returned as float32); on CUDA it sets torch's
+    (weights and activations cast to bfloat16, on copies of the networks given; fp32 and tf32 move
+    those networks to the device in place; scores returned as float32); on CUDA it sets torch's
     process-global TF32 flags (:func:`use_tf32`). ``compile`` wraps the
     networks in ``torch.compile`` and pads every batch to ``batch_size`` rows so shapes stay static.
     ``fused_attn`` switches timm's Swin window attention to ``scaled_dot_product_attention``
@@ -139,6 +142,8 @@ class Predictor:
         self.batch_size = batch_size if compile else None
         if self.device.type == "cuda":
             use_tf32(precision)
+        if self.dtype != torch.float32:  # cast copies: the caller's networks (and their sha256) stay fp32
+            model, liqe = copy.deepcopy(model), copy.deepcopy(liqe)
         self.model = model.to(self.device, self.dtype).eval()
         self.liqe = liqe.to(self.device, self.dtype).eval() if liqe is not None else None
         if fused_attn if fused_attn is not None else self.device.type == "cuda":

@@ -86,12 +86,16 @@ def test_from_pretrained_directory_matches_in_memory(tmp_path, scorer):
     assert loaded.score([img])[0]["score"] == pytest.approx(scorer.score([img])[0]["score"], abs=1e-6)
 
 
-def test_bf16_precision_is_close_on_cpu(scorer):
-    # The Predictor casts the networks it is given in place, so bf16 gets its own (identical) bundle.
-    fast = Scorer(build_bundle("tiny"), device="cpu", precision="bf16")
+def test_bf16_precision_is_close_on_cpu_and_leaves_the_bundle_fp32(scorer):
+    bundle = build_bundle("tiny")
+    fast = Scorer(bundle, device="cpu", precision="bf16")
     assert next(fast.model.parameters()).dtype == torch.bfloat16
     img = np.asarray(astronaut())
     assert fast.score([img])[0]["score"] == pytest.approx(scorer.score([img])[0]["score"], abs=0.05)
+    # bf16 ran on copies: the bundle still hashes and scores as the fp32 model it was
+    assert next(bundle.model.parameters()).dtype == bundle.liqe.text_features.dtype == torch.float32
+    assert fast.sha256 == bundle.sha256 == scorer.sha256
+    assert Scorer(bundle, device="cpu").score([img])[0]["score"] == scorer.score([img])[0]["score"]
 
 
 def test_random_weights_are_marked():
