@@ -100,6 +100,10 @@ class PIQAConfig:
             raise ValueError(
                 f"model.aux_dim={self.model.aux_dim} but liqe.enabled={self.liqe.enabled} needs {want}"
             )
+        if self.liqe.enabled and self.preprocess.min_side < self.liqe.patch:
+            # A smaller image has no LIQE patch: it must be refused as too_small at decode, not fail later.
+            raise ValueError(f"preprocess.min_side={self.preprocess.min_side} is below the "
+                             f"{self.liqe.patch}-pixel LIQE patch")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

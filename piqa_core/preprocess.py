@@ -26,7 +26,7 @@ from piqa_core.errors import ERROR_CODES, ImageError  # noqa: F401  (re-exported
 
 
 # Modes whose official `img.convert('RGB')` is faithful (alpha is dropped, as officially).
-_CONVERT_MODES = frozenset({"1", "L", "LA", "La", "P", "PA", "RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr"})
+_CONVERT_MODES = frozenset({"1", "L", "LA", "P", "PA", "RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr"})
 # 16-bit grey: PIL's convert would clip to 255, so these are scaled (>> 8) instead.
 _SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16B", "I;16L", "I;16N"})
 # Formats whose 32-bit "I" mode holds 16-bit samples (older Pillow PNG, PGM with maxval > 255).

@@ -37,6 +37,12 @@ def test_bad_values_are_rejected():
     d["liqe"]["enabled"] = False
     with pytest.raises(ValueError, match="aux_dim"):
         PIQAConfig.from_dict(d)
+    d = get_preset("tiny").to_dict()
+    d["preprocess"]["min_side"] = d["liqe"]["patch"] - 1  # would let images through that have no LIQE patch
+    with pytest.raises(ValueError, match="below the 224-pixel LIQE patch"):
+        PIQAConfig.from_dict(d)
+    d["liqe"]["enabled"], d["model"]["aux_dim"] = False, 0
+    assert PIQAConfig.from_dict(d).preprocess.min_side == 223  # without LIQE the bound is free
 
 
 def test_presets_are_fresh_copies():

@@ -235,6 +235,7 @@ def test_load_image_sources(tmp_path: Path) -> None:
     (lambda p: np.zeros((100, 300, 3), np.uint8), "too_small"),
     (lambda p: Image.new("F", (300, 300)), "unsupported_mode"),
     (lambda p: Image.new("I", (300, 300)), "unsupported_mode"),
+    (lambda p: Image.new("La", (300, 300)), "unsupported_mode"),  # Pillow cannot convert it to RGB
     (lambda p: b"", "empty_file"),
 ])
 def test_load_image_errors(tmp_path: Path, src, code: str) -> None:
