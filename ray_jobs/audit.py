@@ -63,6 +63,10 @@ class AuditJob:
     address: str | None = None
 
 
+class AuditRefused(ValueError):
+    """The audit will not run against this library and state; nothing was written."""
+
+
 @dataclass
 class AuditResult:
     run_id: str
@@ -171,7 +175,7 @@ def plan_run(job: AuditJob, identity: dict[str, Any], pointer: dict[str, Any] | 
             print(f"piqa audit: abandoning unfinished run {marker['run_id']} (library, model or previous "
                   f"state differ); its files stay under runs/", file=sys.stderr)
     if pointer and pointer["library"] != root:
-        raise ValueError(f"state {job.state} belongs to library {pointer['library']}, not {root}")
+        raise AuditRefused(f"state {job.state} belongs to library {pointer['library']}, not {root}")
     reason = None
     if pointer and pointer["model_sha256"] != sha:
         reason = (f"model changed: {pointer['model_id']} sha256 {pointer['model_sha256'][:12]} -> "
@@ -179,6 +183,11 @@ def plan_run(job: AuditJob, identity: dict[str, Any], pointer: dict[str, Any] | 
     state_root = library_root(job.state) + "/"
     # A state kept inside the library must not audit its own thumbnails.
     objects = [o for o in list_images(job.library, job.s3) if not o.uri.startswith(state_root)]
+    live = _live(previous).num_rows
+    if not objects and live:  # an unmounted volume or a wrong prefix, far likelier than a library emptied
+        raise AuditRefused(f"{job.library} lists no images, but the previous state holds {live} live objects: "
+                           "refusing to mark them all deleted (is the library mounted, the prefix right?). "
+                           "If the library was emptied on purpose, audit it into a new --state.")
     listing = classify(objects, previous, rescore_all=reason is not None)
     plan = Plan(_new_run_id(), now_utc(), root, sha, identity["model_id"], prev_id, reason, listing)
     _write_parquet(join(job.state, "runs", plan.run_id, "plan.parquet"), listing, job.s3)

@@ -151,7 +151,7 @@ def audit(library: str, state_uri: str, alert_if_mean_drops: float | None, alert
     Exit status: 0 ok; 3 an --alert-if-* threshold was crossed (state and report are still committed);
     other non-zero: the run failed, the previous state stays current and a re-run finishes the run.
     """
-    from .audit import ALERT_EXIT_CODE, AuditJob, run_audit
+    from .audit import ALERT_EXIT_CODE, AuditJob, AuditRefused, run_audit
     from .storage import S3Options
 
     s3 = S3Options.from_env()
@@ -160,7 +160,10 @@ def audit(library: str, state_uri: str, alert_if_mean_drops: float | None, alert
     job = AuditJob(library=library, state=state_uri, model=model, s3=s3, alert_if_mean_drops=alert_if_mean_drops,
                    alert_if_error_rate=alert_if_error_rate, top_worst=top_worst, prefix_depth=prefix_depth,
                    keep_deleted_days=keep_deleted_days, address=address)
-    result = run_audit(job)
+    try:
+        result = run_audit(job)
+    except AuditRefused as e:
+        raise click.ClickException(str(e)) from None
     c = result.summary["counts"]
     click.echo(f"run {result.run_id}: {c['new']} new, {c['changed']} changed, {c['unchanged']} unchanged, "
                f"{c['deleted']} deleted; scored {c['scored']}")

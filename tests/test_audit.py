@@ -105,6 +105,21 @@ def test_second_run_scores_exactly_the_delta(local_runs: dict) -> None:
     assert not Path(local_runs["state"], "IN_PROGRESS").exists()
 
 
+def test_an_empty_listing_is_refused_not_taken_as_everything_deleted(local_runs: dict) -> None:
+    lib, state = local_runs["lib"], local_runs["state"]
+    before = read_json(join(state, "CURRENT"))
+    lib.rename(lib.with_name("away"))  # the volume is not mounted tonight
+    lib.mkdir()
+    try:
+        res = CliRunner().invoke(cli, ["audit", str(lib), "--state", state, "--random-weights", "--preset", "tiny",
+                                       "--device", "cpu"])
+    finally:
+        lib.rmdir()
+        lib.with_name("away").rename(lib)
+    assert res.exit_code == 1 and "lists no images, but the previous state holds 7 live objects" in res.output
+    assert read_json(join(state, "CURRENT")) == before and not Path(state, "IN_PROGRESS").exists()
+
+
 def test_report_of_a_real_run(local_runs: dict, chromium: str) -> None:  # noqa: F811
     r2, state2, lib = local_runs["r2"], local_runs["state2"], local_runs["lib"]
     folder = Path(r2.report_uri).parent
