@@ -26,7 +26,7 @@ from piqa_core.training import (FeatureCache, all_gather, crop_rngs, epoch_pairs
 
 from .actors import _fetcher
 from .reader import DEFAULT_MAX_BYTES, fetch_all
-from .storage import ObjectInfo, S3Options, exists, join, read_bytes, write_bytes
+from .storage import ObjectInfo, S3Options, atomic_write_bytes, exists, join, read_bytes
 
 if TYPE_CHECKING:
     from .train import TrainJob
@@ -196,7 +196,7 @@ def _share_cache(cache: FeatureCache, before: set[str], rank: int, world: int, g
         if r != rank:
             cache.add_columns(p)
     if uri and rank == 0:
-        write_bytes(uri, cache.to_npz(), s3)
+        atomic_write_bytes(uri, cache.to_npz(), s3)  # a crash mid-write must not leave a cache later runs load
 
 
 def _report(metrics: dict[str, Any], record: dict[str, Any], bundle: Any, opt: Any, sched: Any, job: TrainJob,
