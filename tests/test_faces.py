@@ -262,6 +262,25 @@ def test_decode_scale_pad_and_clip(detector, monkeypatch):
     assert not r1.found and r1.n_faces == 0 and r1.confidence == 0.0
 
 
+def test_faces_past_any_edge_are_dropped_alike(detector, monkeypatch):
+    # A 160x128 image (no padding): boxes centred 10 px past the left and right edges are mirror
+    # images of each other; neither is a face in this photo. The one centred inside is.
+    hp, wp = 128, 160
+    left, right, top = (-40.0, 40.0, 20.0, 80.0), (140.0, 40.0, 200.0, 80.0), (60.0, -50.0, 100.0, 30.0)
+    inside = (60.0, 40.0, 100.0, 80.0)
+    cases = {"left": (left, _prior_near(hp, wp, 0, 60)), "right": (right, _prior_near(hp, wp, 159, 60)),
+             "top": (top, _prior_near(hp, wp, 80, 0))}
+    for name, (box, k) in cases.items():
+        monkeypatch.setattr(detector.net, "forward", _fake_net(hp, wp, [[(box, k, 8.0)]]))
+        (r,) = detector.detect([(np.zeros((hp, wp, 3), np.uint8), 1.0)])
+        assert not r.found and r.n_faces == 0, name
+    monkeypatch.setattr(detector.net, "forward", _fake_net(hp, wp, [[(left, cases["left"][1], 8.0),
+                                                                     (inside, _prior_near(hp, wp, 80, 60), 3.0)]]))
+    (r,) = detector.detect([(np.zeros((hp, wp, 3), np.uint8), 1.0)])
+    assert r.n_faces == 1
+    np.testing.assert_allclose(r.box, inside, atol=1e-3)
+
+
 def test_nms_never_suppresses_across_images_of_a_batch(detector, monkeypatch):
     # The batch's NMS runs in one call: the same face in images 0 and 2 must survive in both,
     # each image's own duplicate must not, and the empty image between them stays empty.
