@@ -278,9 +278,9 @@ def score_calls(plan: PoolPlan) -> int:
 
 
 def read_tasks(plan: PoolPlan) -> int:
-    """Concurrent read tasks, each with READ_THREADS GETs in flight: two per score actor (a GPU
-    actor takes ~90 photos/s; 32 GETs of ~100 ms each fetch ~300/s). Few, since every new task worker
-    pays for importing Ray Data."""
+    """Concurrent read tasks: two per score actor, each fetching a block's objects up to READ_THREADS
+    at a time. A GPU score actor takes ~90 photos/s; 16-32 GETs in flight at ~100 ms each fetch
+    160-320/s. Few tasks, since every new task worker pays for importing Ray Data."""
     return 2 * plan.score_actors
 
 
