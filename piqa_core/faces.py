@@ -188,7 +188,7 @@ class FaceDetector(nn.Module):
         centre = (boxes[..., :2] + boxes[..., 2:]) / 2
         # A box centred in the padding (or past any edge: more than half the face cut off) is dropped,
         # on all four sides alike, so a mirrored photo finds the mirrored face.
-        inside = ((centre >= 0).all(-1) & (centre[..., 0] < w_valid[:, 0]) & (centre[..., 1] < h_valid[:, 0]))
+        inside = (centre >= 0).all(-1) & (centre[..., 0] < w_valid[:, 0]) & (centre[..., 1] < h_valid[:, 0])
         keep = (scores > self.cfg.confidence_threshold) & inside
         # The whole batch's post-processing syncs with the host a handful of times, not per image:
         # on a GPU every sync leaves the device idle while the host catches up.

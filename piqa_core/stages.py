@@ -8,7 +8,6 @@ training all call these, so there is exactly one implementation of every transfo
 from __future__ import annotations
 
 import copy
-
 import math
 import traceback
 from pathlib import Path
