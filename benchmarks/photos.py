@@ -8,18 +8,22 @@ import numpy as np
 from PIL import Image
 
 
+def _cover(img: Image.Image, width: int, height: int) -> Image.Image:
+    """``img`` scaled (bilinear) so that it covers ``width``x``height``."""
+    scale = max(width / img.width, height / img.height)
+    return img.resize((int(img.width * scale) + 1, int(img.height * scale) + 1), Image.BILINEAR)
+
+
 def synthetic_jpegs(n: int, width: int, height: int, quality: int = 90) -> list[bytes]:
     """``n`` distinct JPEGs of ``width``x``height`` with a real face in them."""
     import skimage.data
 
-    base = Image.fromarray(skimage.data.astronaut())
+    base = _cover(Image.fromarray(skimage.data.astronaut()), width, height)
     rng = np.random.default_rng(0)
     out = []
     for i in range(n):
-        scale = max(width / base.width, height / base.height)
-        img = base.resize((int(base.width * scale) + 1, int(base.height * scale) + 1), Image.BILINEAR)
-        left = int(rng.integers(0, img.width - width + 1))
-        img = img.crop((left, 0, left + width, height))
+        left = int(rng.integers(0, base.width - width + 1))
+        img = base.crop((left, 0, left + width, height))
         arr = np.asarray(img).astype(np.int16) + rng.integers(-8, 9, size=(1, 1, 3))
         buf = io.BytesIO()
         Image.fromarray(arr.clip(0, 255).astype(np.uint8)).save(buf, format="JPEG", quality=quality - i % 20)
@@ -36,9 +40,7 @@ def _scene(name: str, width: int, height: int) -> Image.Image:
 
     arr = getattr(skimage.data, name)()
     arr = arr[0] if isinstance(arr, tuple) else arr  # stereo pairs: the left view
-    img = Image.fromarray(arr).convert("RGB")
-    scale = max(width / img.width, height / img.height)
-    img = img.resize((round(img.width * scale), round(img.height * scale)), Image.BICUBIC)
+    img = _cover(Image.fromarray(arr).convert("RGB"), width, height)
     left, top = (img.width - width) // 2, (img.height - height) // 2
     return img.crop((left, top, left + width, top + height))
 
