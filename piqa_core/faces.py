@@ -63,16 +63,17 @@ class FaceResult:
 
 
 def detector_input(img: Image.Image, long_side: int) -> tuple[np.ndarray, float]:
-    """Downscale ``img`` so its long side is ``long_side`` (never upscale) for the detector.
+    """Resize ``img`` so its long side is ``long_side``, down or up, for the detector.
 
-    Returns the RGB uint8 HxWx3 array and ``scale`` = detector pixels / original pixels (1.0 when
-    the image is already small enough). Uses PIL bilinear (antialiased) with ``reducing_gap=3``:
+    Small photos are upscaled, as ``predict_single``'s ``LongestMaxSize`` does: RetinaFace's
+    smallest anchor is 16 detector pixels, so a small photo's faces would otherwise be missed. Returns the RGB uint8 HxWx3 array and ``scale`` = detector
+    pixels / original pixels. Uses PIL bilinear (antialiased when reducing) with ``reducing_gap=3``:
     a cheap integer ``reduce`` first, then bilinear, visually the same as a plain bilinear resize.
     """
     if img.mode != "RGB":
         img = img.convert("RGB")
     w, h = img.size
-    if max(w, h) <= long_side:
+    if max(w, h) == long_side:
         return np.asarray(img, dtype=np.uint8).copy(), 1.0
     scale = long_side / max(w, h)
     size = (max(1, round(w * scale)), max(1, round(h * scale)))
@@ -134,7 +135,7 @@ class FaceDetector(nn.Module):
 
         ``sizes``: the original (width, height) of each image. With them, boxes map back per axis
         exactly and clip to the true bounds; without, the original size is taken as
-        round(detector size / scale), exact when the image was not downscaled.
+        round(detector size / scale), exact when the image was not resized.
         """
         if not inputs:
             return []

@@ -171,9 +171,9 @@ def crop_pil_semantics(img: torch.Tensor, rect: tuple[int, int, int, int]) -> to
 
 
 def detector_input_tensor(img: torch.Tensor, long_side: int) -> tuple[torch.Tensor, float]:
-    """``faces.detector_input`` on the device: long side -> ``long_side`` (never upscaled), and the scale."""
+    """``faces.detector_input`` on the device: long side -> ``long_side`` (down or up), and the scale."""
     h, w = img.shape[-2:]
-    if max(w, h) <= long_side:
+    if max(w, h) == long_side:
         return img, 1.0
     scale = long_side / max(w, h)
     small = resize_tensor(img, max(1, round(h * scale)), max(1, round(w * scale)), reducing_gap=3.0)

@@ -88,13 +88,18 @@ def test_detector_input_downscales_long_side():
     assert arr.shape == (160, 48, 3) and scale == pytest.approx(0.16)
 
 
-def test_detector_input_never_upscales_and_converts_to_rgb():
+def test_detector_input_upscales_small_photos_and_converts_to_rgb():
+    # predict_single's LongestMaxSize brings small photos up to size too
     img = _rgb(100, 50)
     arr, scale = detector_input(img, LONG)
-    assert scale == 1.0
-    np.testing.assert_array_equal(arr, np.asarray(img))
+    assert arr.shape == (80, 160, 3) and scale == pytest.approx(1.6)
+    np.testing.assert_array_equal(arr, np.asarray(img.resize((160, 80), Image.Resampling.BILINEAR)))
     arr, _ = detector_input(img.convert("L"), LONG)
-    assert arr.shape == (50, 100, 3)
+    assert arr.shape == (80, 160, 3)
+    exact = _rgb(160, 90)
+    arr, scale = detector_input(exact, LONG)
+    assert scale == 1.0
+    np.testing.assert_array_equal(arr, np.asarray(exact))
 
 
 # ---------------------------------------------------------------- detector (random weights)
@@ -135,8 +140,9 @@ def test_batch_equals_one_by_one_on_own_canvas(detector, monkeypatch):
     monkeypatch.setattr(detector.net, "forward", lambda x: shapes.append(tuple(x.shape)) or forward(x))
     batch = detector.detect_images(images)
     _assert_same(batch, single)
-    # one pass per canvas (own size rounded up to 32), never a square letterbox: 300x200 and 290x210 share one
-    assert sorted(shapes) == sorted([(1, 3, 160, 160), (2, 3, 128, 160), (1, 3, 160, 96)])
+    # one pass per canvas (own size rounded up to 32), never a square letterbox: 300x200 and 290x210 share
+    # one; 90x140 is brought up to 103x160 first
+    assert sorted(shapes) == sorted([(1, 3, 160, 160), (2, 3, 128, 160), (1, 3, 160, 128)])
     assert any(r.n_faces > 0 for r in batch)
     for r, im in zip(batch, images):
         if r.found:
