@@ -41,7 +41,7 @@ def empty_columns(cfg: PIQAConfig, n: int, crop_mode: str) -> dict[str, np.ndarr
         "width": np.zeros(n, np.int32),
         "height": np.zeros(n, np.int32),
         "face_found": np.zeros(n, bool),
-        "face_box": np.full((n, 4), np.nan, np.float32),
+        "face_box": np.full((n, 4), np.nan, np.float64),  # float64: the crop is cut from this box (training caches it)
         "face_confidence": np.full(n, np.nan, np.float32),
         "n_faces": np.zeros(n, np.int32),
         "whole": np.zeros((n, k, s, s, 3), np.uint8),

@@ -75,7 +75,7 @@ class FeatureCache:
         width = next((len(a) for a in aux if a is not None), 0)
         return {
             "uri": np.array(keys, dtype=object),
-            "face_box": np.array([f.box if f.box else (np.nan,) * 4 for f in faces], np.float32).reshape(-1, 4),
+            "face_box": np.array([f.box if f.box else (np.nan,) * 4 for f in faces], np.float64).reshape(-1, 4),
             "face_confidence": np.array([f.confidence for f in faces], np.float32),
             "n_faces": np.array([f.n_faces for f in faces], np.int32),
             "liqe": np.array([np.zeros(width) if a is None else a for a in aux], np.float32).reshape(len(keys), width),
