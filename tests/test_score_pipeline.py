@@ -1,5 +1,6 @@
 """The Ray Data scoring pipeline end to end: local folders, S3, bad files, resume, crashing actors."""
 
+import tempfile
 from pathlib import Path
 
 import boto3
@@ -110,14 +111,15 @@ def test_resume_scores_only_the_rest(ray_local, tmp_path):
 
 
 @pytest.mark.parametrize("stage", ["prep", "score"])
-def test_actor_crash_mid_run_still_exactly_once(ray_local, tmp_path, stage):
+def test_actor_crash_mid_run_still_exactly_once(ray_local, tmp_path, stage, monkeypatch):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # the crash marker lands here, not in /tmp
     photos = _photos(tmp_path / "in", 6)
     summary = run_score_job(_job([tmp_path / "in"], tmp_path / "out", inject_crash=stage, prep_batch_size=2))
     rows = _by_uri(read_rows(str(tmp_path / "out")))
     assert set(rows) == {str(p) for p in photos}
     assert all(r["status"] == "ok" for r in rows.values())
     assert summary["rows"] == 6
-    assert Path(f"/tmp/piqa-crash-{stage}-{summary['run_id']}").exists(), "the crash was never injected"
+    assert (tmp_path / f"piqa-crash-{stage}-{summary['run_id']}").exists(), "the crash was never injected"
 
 
 def test_s3_round_trip_with_weights_from_s3(ray_local, s3_server, s3_bucket, tmp_path):

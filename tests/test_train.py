@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import io
 import json
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -136,7 +137,9 @@ def test_eval_cli_on_the_exported_model(learned: dict, small: Path, tmp_path: Pa
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_worker_failure_resumes_from_the_last_checkpoint(ray_local, small: Path, tmp_path: Path) -> None:
+def test_worker_failure_resumes_from_the_last_checkpoint(ray_local, small: Path, tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # the crash marker lands here, not in /tmp
     labels = pd.read_csv(small)
     labels["split"] = np.where(labels["uri"].str.contains("v1"), "test", "train")  # one framing is test
     labels.to_csv(small.parent / "with_test.csv", index=False)
@@ -160,8 +163,9 @@ def test_worker_failure_resumes_from_the_last_checkpoint(ray_local, small: Path,
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_s3_checkpoints_and_rerunning_the_same_command_resumes(ray_local, s3_server, s3_bucket: str,
-                                                                small: Path) -> None:
+def test_s3_checkpoints_and_rerunning_the_same_command_resumes(ray_local, s3_server, s3_bucket: str, small: Path,
+                                                                tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # the crash marker lands here, not in /tmp
     storage, cache = f"s3://{s3_bucket}/runs", f"s3://{s3_bucket}/cache"
     argv = ["train", "--labels", str(small), "--run-name", "s3run", "--storage", storage, "--cache", cache,
             "--endpoint-url", s3_server.endpoint_url, "--workers", "1", "--epochs", "2", "--preset", "tiny",
