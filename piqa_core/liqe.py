@@ -110,6 +110,18 @@ class LIQE(nn.Module):
         feats = [self.clip.encode_text(t.to(dev)).float() for t in tokens.split(chunk)]
         self.text_features.copy_(F.normalize(torch.cat(feats), dim=-1))
 
+    def to_compute(self, device: torch.device, dtype: torch.dtype) -> LIQE:
+        """Move to ``device`` with CLIP's towers in ``dtype``; the logit scale and prompt embeddings stay fp32.
+
+        exp(logit_scale) multiplies all 495 logits: rounded to bf16 (ln 100 -> 4.59375) it becomes
+        99.0 and shifts every feature by ~1 %.
+        """
+        scale, feats = self.clip.logit_scale.detach().float(), self.text_features.float()
+        self.to(device, dtype)
+        self.clip.logit_scale.data = scale.to(device)
+        self.text_features = feats.to(device)
+        return self
+
     def forward(self, patches: torch.Tensor) -> torch.Tensor:
         """uint8 patches (B, num, p, p, 3) -> (B, 495) float32 logits averaged over each image's patches."""
         # Same arithmetic as ToTensor + Normalize on the whole image, so results match bit for bit.

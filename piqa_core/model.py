@@ -38,16 +38,17 @@ class DualBranchPIQA(nn.Module):
     def forward_features(
         self, whole: torch.Tensor, face: torch.Tensor, aux: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """Concatenated (whole, face, aux) features, shape (B, 2F + aux_dim)."""
+        """Concatenated (whole, face, aux) features in the head's dtype, shape (B, 2F + aux_dim)."""
         parts = [self.backbone(whole), self.backbone_face(face)]
         if self.cfg.aux_dim:
             if aux is None or aux.shape[-1] != self.cfg.aux_dim:
                 got = None if aux is None else tuple(aux.shape)
                 raise ValueError(f"aux features of width {self.cfg.aux_dim} required, got {got}")
-            parts.append(aux.to(parts[0].dtype))
+            parts.append(aux)
         elif aux is not None and aux.numel():
             raise ValueError("this model takes no auxiliary features (aux_dim=0)")
-        return torch.cat(parts, dim=1)
+        dtype = self.head[0].weight.dtype
+        return torch.cat([p.to(dtype) for p in parts], dim=1)
 
     def forward_head(self, features: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         if pre_logits:

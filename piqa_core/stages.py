@@ -121,8 +121,9 @@ class Predictor:
     """Device-side scoring of prepared columns: normalise, LIQE, dual-branch model, crop mean.
 
     Precision: ``fp32`` (the reference), ``tf32`` (fp32 weights, TF32 matmuls on CUDA) or ``bf16``
-    (weights and activations cast to bfloat16, on copies of the networks given; fp32 and tf32 move
-    those networks to the device in place; scores returned as float32); on CUDA it sets torch's
+    (backbones and CLIP towers cast to bfloat16, on copies of the networks given; the head, LIQE's
+    logit scale and prompt embeddings stay fp32; fp32 and tf32 move those networks to the device in
+    place; scores returned as float32); on CUDA it sets torch's
     process-global TF32 flags (:func:`use_tf32`). ``compile`` wraps the
     networks in ``torch.compile`` and pads every batch to ``batch_size`` rows so shapes stay static.
     ``fused_attn`` switches timm's Swin window attention to ``scaled_dot_product_attention``
@@ -143,8 +144,10 @@ class Predictor:
             use_tf32(precision)
         if self.dtype != torch.float32:  # cast copies: the caller's networks (and their sha256) stay fp32
             model, liqe = copy.deepcopy(model), copy.deepcopy(liqe)
+        # The head stays fp32 (a few thousand FLOPs): bf16 would round LIQE features of 16-32 to 0.125.
         self.model = model.to(self.device, self.dtype).eval()
-        self.liqe = liqe.to(self.device, self.dtype).eval() if liqe is not None else None
+        self.model.head.float()
+        self.liqe = liqe.to_compute(self.device, self.dtype).eval() if liqe is not None else None
         if fused_attn if fused_attn is not None else self.device.type == "cuda":
             for m in self.model.modules():
                 if hasattr(m, "fused_attn"):
@@ -194,7 +197,6 @@ class Predictor:
             scenes = top_scene(aux)
         whole = normalize(take("whole"), pp.mean, pp.std).to(self.dtype)
         face = normalize(take("face"), pp.mean, pp.std).to(self.dtype)
-        aux = None if aux is None else aux.to(self.dtype)
         scores = self._model_fn(whole, face, aux, chunk=self.crops_per_pass)
         return scores.float().cpu().numpy()[:n], scenes[:n]
 

@@ -89,7 +89,14 @@ def test_from_pretrained_directory_matches_in_memory(tmp_path, scorer):
 def test_bf16_precision_is_close_on_cpu_and_leaves_the_bundle_fp32(scorer):
     bundle = build_bundle("tiny")
     fast = Scorer(bundle, device="cpu", precision="bf16")
-    assert next(fast.model.parameters()).dtype == torch.bfloat16
+    assert next(fast.model.backbone.parameters()).dtype == torch.bfloat16
+    liqe = fast.predictor.liqe
+    assert liqe.clip.visual.conv1.weight.dtype == torch.bfloat16
+    # one number scales all 495 LIQE logits: rounded to bf16, exp(ln 100) would be 99.0
+    assert liqe.clip.logit_scale.dtype == liqe.text_features.dtype == torch.float32
+    assert liqe.clip.logit_scale.exp().item() == pytest.approx(bundle.liqe.clip.logit_scale.exp().item(), rel=1e-6)
+    torch.testing.assert_close(liqe.text_features, bundle.liqe.text_features, rtol=0, atol=0)
+    assert fast.model.head[0].weight.dtype == torch.float32  # bf16 would round LIQE features of 16-32 to 0.125
     img = np.asarray(astronaut())
     assert fast.score([img])[0]["score"] == pytest.approx(scorer.score([img])[0]["score"], abs=0.05)
     # bf16 ran on copies: the bundle still hashes and scores as the fp32 model it was
