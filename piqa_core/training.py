@@ -203,6 +203,13 @@ def val_metrics(pred: np.ndarray, labels: np.ndarray, groups: Sequence[Any]) -> 
             "val_failed": int((~ok).sum())}
 
 
+def format_val_srcc(metrics: dict[str, Any]) -> str:
+    """:func:`val_metrics`' SRCC for people: "n/a" where no group was large enough (-1.0 is for ranking)."""
+    if not metrics.get("val_valid_groups"):
+        return "n/a (no validation group large enough)"
+    return f"mean {metrics['val_srcc_mean']:.4f} median {metrics['val_srcc_median']:.4f}"
+
+
 def prefetch(fn: Callable[[int], Any], n: int, threads: int) -> Iterator[Any]:
     """fn(0), …, fn(n-1) in order, computed ``threads`` steps ahead (decode and resize release the GIL)."""
     with ThreadPoolExecutor(threads) as pool:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
 from pathlib import Path
+from typing import Iterator
 
 import click
 from click.core import ParameterSource
@@ -12,6 +14,23 @@ from click.core import ParameterSource
 from piqa_core.config import list_presets
 
 from .options import ModelOptions, model_options
+
+
+@contextlib.contextmanager
+def _user_errors() -> Iterator[None]:
+    """Mistakes a user can fix (a missing file, bad labels, options or weights) as a message, not a traceback."""
+    import pandas as pd
+
+    from piqa_core.checkpoints import CheckpointError
+
+    try:
+        yield
+    except FileNotFoundError as e:
+        raise click.ClickException(f"not found: {e.filename or e}") from None
+    except (pd.errors.EmptyDataError, pd.errors.ParserError) as e:
+        raise click.ClickException(f"cannot read the labels: {e}") from None
+    except (CheckpointError, ValueError) as e:  # LabelError, TrainSetupError, AuditRefused are ValueErrors
+        raise click.ClickException(str(e)) from None
 
 
 @click.group()
@@ -151,7 +170,7 @@ def audit(library: str, state_uri: str, alert_if_mean_drops: float | None, alert
     Exit status: 0 ok; 3 an --alert-if-* threshold was crossed (state and report are still committed);
     other non-zero: the run failed, the previous state stays current and a re-run finishes the run.
     """
-    from .audit import ALERT_EXIT_CODE, AuditJob, AuditRefused, run_audit
+    from .audit import ALERT_EXIT_CODE, AuditJob, run_audit
     from .storage import S3Options
 
     s3 = S3Options.from_env()
@@ -160,10 +179,8 @@ def audit(library: str, state_uri: str, alert_if_mean_drops: float | None, alert
     job = AuditJob(library=library, state=state_uri, model=model, s3=s3, alert_if_mean_drops=alert_if_mean_drops,
                    alert_if_error_rate=alert_if_error_rate, top_worst=top_worst, prefix_depth=prefix_depth,
                    keep_deleted_days=keep_deleted_days, address=address)
-    try:
+    with _user_errors():
         result = run_audit(job)
-    except AuditRefused as e:
-        raise click.ClickException(str(e)) from None
     c = result.summary["counts"]
     click.echo(f"run {result.run_id}: {c['new']} new, {c['changed']} changed, {c['unchanged']} unchanged, "
                f"{c['deleted']} deleted; scored {c['scored']}")
@@ -272,12 +289,13 @@ def _s3(endpoint_url: str | None, region: str | None):
 @click.option("--workers", type=click.IntRange(1), default=1, show_default=True)
 @click.option("--gpu", is_flag=True, help="One GPU per worker (bf16 autocast).")
 @click.option("--cpus-per-worker", type=click.FloatRange(0.1), default=None, help="Default 1 (CPU) / 4 (GPU).")
-@click.option("--epochs", type=click.IntRange(0), default=10, show_default=True)
+@click.option("--epochs", type=click.IntRange(1), default=10, show_default=True,
+              help="Epochs in all: a resumed run trains the ones still missing.")
 @click.option("--batch-pairs", type=click.IntRange(1), default=6, show_default=True)
-@click.option("--lr", type=float, default=1e-5, show_default=True)
-@click.option("--weight-decay", type=float, default=1e-7, show_default=True)
+@click.option("--lr", type=click.FloatRange(0, min_open=True), default=1e-5, show_default=True)
+@click.option("--weight-decay", type=click.FloatRange(0), default=1e-7, show_default=True)
 @click.option("--lr-step", type=click.IntRange(1), default=2, show_default=True, help="StepLR step (epochs).")
-@click.option("--lr-gamma", type=float, default=0.9, show_default=True)
+@click.option("--lr-gamma", type=click.FloatRange(0, min_open=True), default=0.9, show_default=True)
 @click.option("--preset", type=click.Choice(list_presets()), default="dn-piqa", show_default=True,
               help="Architecture when not starting from a model directory.")
 @click.option("--init", default=None, help="Model directory (ours) or the official PIQ_model.pth.")
@@ -295,20 +313,20 @@ def train(labels, images, fmt, train_list, test_list, val_fraction, seed, endpoi
     """Train DN-PIQA on labelled images (fidelity loss on pairs within a group) with Ray Train."""
     import ray.train as ray_train
 
-    from .labels import LabelError
+    from piqa_core.training import format_val_srcc
+
     from .train import TrainJob, run_train_job
 
     job = TrainJob(labels=labels, images=images, format=fmt, train_list=train_list, test_list=test_list,
                    val_fraction=val_fraction, seed=seed, s3=_s3(endpoint_url, region), **kw)
     try:
-        summary = run_train_job(job)
-    except LabelError as e:
-        raise click.ClickException(str(e)) from None
+        with _user_errors():
+            summary = run_train_job(job)
     except ray_train.TrainingFailedError as e:
         raise click.ClickException(f"training failed: {e}\nRe-run the same command to resume from the last "
                                    "checkpoint.") from None
     click.echo(f"model: {summary['model_dir']} (best epoch {summary['best_epoch'] + 1} of "
-               f"{summary['epochs_completed']}, val SRCC mean {summary['best']['val_srcc_mean']:.4f})")
+               f"{summary['epochs_completed']}, val SRCC {format_val_srcc(summary['best'])})")
 
 
 @main.command("eval")
@@ -327,15 +345,14 @@ def eval_cmd(labels, images, fmt, train_list, test_list, val_fraction, seed, end
 
     from .actors import load_bundle
     from .evaluate import evaluate_table, select_split, write_eval
-    from .labels import LabelError, load_labels
+    from .labels import load_labels
 
     s3 = _s3(endpoint_url, region)
-    try:
+    with _user_errors():
         table = load_labels(labels, images, fmt, train_list, test_list, val_fraction, seed, s3, check_images=False)
         table, split = select_split(table, split)
-    except (LabelError, ValueError) as e:
-        raise click.ClickException(str(e)) from None
-    scorer = Scorer(load_bundle(model, s3), device=model.device, precision=model.precision, crop_mode=model.crop_mode)
+        scorer = Scorer(load_bundle(model, s3), device=model.device, precision=model.precision,
+                        crop_mode=model.crop_mode)
     with tqdm(total=len(table), unit="img", file=sys.stderr) as bar:
         result = evaluate_table(scorer, table, split, s3, model.batch_size, progress=bar.update)
     click.echo(result.format())

@@ -21,10 +21,13 @@ import math
 import os
 import sys
 import tempfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import ray
+
+from piqa_core.metrics import MIN_GROUP
+from piqa_core.training import format_val_srcc
 
 from .labels import LabelError, LabelTable, load_labels, load_pairs
 from .storage import S3Options, join, resolve, write_text
@@ -80,11 +83,42 @@ class TrainJob:
         return join(self.storage, self.run_name)
 
 
+class TrainSetupError(ValueError):
+    """A wrong option or a missing file, found on the driver before any worker starts (nothing to retry)."""
+
+
 def _require_v2() -> None:
     from ray.train.v2._internal.constants import V2_ENABLED_ENV_VAR, is_v2_enabled
 
     if not is_v2_enabled():
-        raise RuntimeError(f"piqa train needs Ray Train V2 (resume-by-run-name); unset {V2_ENABLED_ENV_VAR}=0")
+        raise TrainSetupError(f"piqa train needs Ray Train V2 (resume-by-run-name); unset {V2_ENABLED_ENV_VAR}=0")
+
+
+WEIGHT_SOURCES = ("init", "init_whole", "init_face", "liqe", "retinaface")
+
+
+def _is_local(uri: str) -> bool:
+    return "://" not in uri or uri.startswith("file://")
+
+
+def checked_job(job: TrainJob) -> TrainJob:
+    """The job with local paths absolute, its weight files checked to exist.
+
+    Ray Train runs each worker in a directory of its own, where a relative path names nothing; and a
+    file that is missing in a worker fails the worker group, which Ray retries ``max_failures`` times.
+    """
+    paths = {}
+    for name in (*WEIGHT_SOURCES, "cache", "storage"):
+        uri = getattr(job, name)
+        if uri is None or not _is_local(uri):
+            continue
+        paths[name] = os.path.abspath(uri.removeprefix("file://"))
+        if name in WEIGHT_SOURCES and not os.path.exists(paths[name]):
+            raise TrainSetupError(f"--{name.replace('_', '-')} {uri}: no such file or directory")
+    if paths.get("init") and os.path.isdir(paths["init"]) and (job.liqe or job.retinaface):
+        raise TrainSetupError("--init is a model directory, which already holds LIQE and RetinaFace: "
+                              "drop --liqe/--retinaface")
+    return replace(job, **paths)
 
 
 def prepare_data(job: TrainJob) -> tuple[LabelTable, dict[str, Any]]:
@@ -94,6 +128,10 @@ def prepare_data(job: TrainJob) -> tuple[LabelTable, dict[str, Any]]:
     train, val = table.subset("train"), table.subset("val")
     if len(train) < 2 or len(val) == 0:
         raise LabelError(f"need at least 2 train and 1 validation images; {table.describe()}")
+    if not (val.frame.groupby("group").size() >= MIN_GROUP).any():
+        print(f"piqa train: warning: no validation group has {MIN_GROUP} images, so validation SRCC is "
+              "undefined and checkpoints cannot be ranked; raise --val-fraction or use larger groups",
+              file=sys.stderr)
     data: dict[str, Any] = {s: (t.uris, t.scores, t.groups) for s, t in (("train", train), ("val", val))}
     data["pairs"] = None
     if job.pairs:
@@ -110,10 +148,11 @@ def run_train_job(job: TrainJob) -> dict[str, Any]:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    job = checked_job(job)
     job.s3 = job.s3.filled()
+    table, data = prepare_data(job)  # before Ray starts: a typo in the labels costs no cluster start
     if not ray.is_initialized():
         ray.init(address=job.address or os.environ.get("RAY_ADDRESS"), log_to_driver=True)
-    table, data = prepare_data(job)
     print(f"piqa train {job.run_name}: {table.describe()}", file=sys.stderr)
     fs, path = resolve(job.storage, job.s3)  # S3: an explicit pyarrow filesystem (custom endpoints)
     resources = {"CPU": job.cpus, **({"GPU": 1} if job.gpu else {})}
@@ -185,7 +224,7 @@ def _evaluate_test(job: TrainJob, model_dir: str, test: LabelTable) -> dict[str,
 def _print_summary(s: dict[str, Any]) -> None:
     b, t = s["best"], s["test"]
     print(f"piqa train {s['run_name']}: {s['epochs_completed']} epochs; best epoch {s['best_epoch'] + 1}: val SRCC "
-          f"mean {b['val_srcc_mean']:.4f} median {b['val_srcc_median']:.4f}; model {s['model_dir']}"
+          f"{format_val_srcc(b)}; model {s['model_dir']}"
           + (f"\n  test ({t['items']} images, {t['failed']} failed): SRCC mean {t['mean']['srcc']} "
              f"median {t['median']['srcc']}" if t else ""), file=sys.stderr)
 

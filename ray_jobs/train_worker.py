@@ -20,9 +20,9 @@ import torch
 
 from piqa_core.checkpoints import load_checkpoint, resolve_weights, save_checkpoint
 from piqa_core.faces import for_inference
-from piqa_core.training import (FeatureCache, all_gather, crop_rngs, epoch_pairs, fingerprint, init_bundle,
-                                make_optimizer, object_group, pair_loss, predict, prefetch, prepare_items,
-                                seed_torch, shard, val_metrics)
+from piqa_core.training import (FeatureCache, all_gather, crop_rngs, epoch_pairs, fingerprint, format_val_srcc,
+                                init_bundle, make_optimizer, object_group, pair_loss, predict, prefetch,
+                                prepare_items, seed_torch, shard, val_metrics)
 
 from .actors import _fetcher
 from .reader import DEFAULT_MAX_BYTES, fetch_all
@@ -89,8 +89,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         _share_cache(cache, before, rank, world, group, cache_uri, job.s3)
         if rank == 0:
             record["before"] = val_metrics(pred, *data["val"][1:])
-            log(f"before training: val SRCC mean {record['before']['val_srcc_mean']:.4f} "
-                f"median {record['before']['val_srcc_median']:.4f}")
+            log(f"before training: val SRCC {format_val_srcc(record['before'])}")
 
     for epoch in range(start, job.epochs):
         seed_torch(job.seed, epoch, rank)
@@ -107,8 +106,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if rank == 0:
             metrics.update(val_metrics(pred, *data["val"][1:]))
             log(f"epoch {epoch + 1}/{job.epochs}  loss {metrics['train_loss']:.4f}  "
-                f"{metrics['pairs_per_s']:.1f} pairs/s  val SRCC mean {metrics['val_srcc_mean']:.4f} "
-                f"median {metrics['val_srcc_median']:.4f}  PLCC mean {metrics['val_plcc_mean']:.4f}  "
+                f"{metrics['pairs_per_s']:.1f} pairs/s  val SRCC {format_val_srcc(metrics)}  "
+                f"PLCC mean {metrics['val_plcc_mean']:.4f}  "
                 f"lr {lr:.2e}  ({metrics['epoch_time_s']:.0f}s)")
         _report(metrics, record, bundle, opt, sched, job, init, rank)
 

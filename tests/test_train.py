@@ -32,11 +32,11 @@ from PIL import Image, ImageFilter
 from skimage import data as skdata
 
 from piqa_core.checkpoints import build_bundle, load_checkpoint, resolve_weights, save_checkpoint
-from piqa_core.training import init_bundle
+from piqa_core.training import format_val_srcc, init_bundle
 from ray_jobs.actors import _fetcher
 from ray_jobs.cli import main
 from ray_jobs.storage import list_images, read_bytes
-from ray_jobs.train import TrainJob, run_train_job
+from ray_jobs.train import TrainJob, checked_job, prepare_data, run_train_job
 from tests.test_checkpoints import official_layout, openai_layout, to_timm067_swin
 
 
@@ -218,3 +218,58 @@ def test_start_weights_from_each_kind_of_source(tmp_path: Path) -> None:
     assert _same(bundle.model.backbone_face, src.model.backbone_face)
     assert _same(bundle.model.head, build_bundle("tiny", seed=0).model.head)  # the head stays random (seed 0)
     assert len(warnings) == 2
+
+
+# ----------------------------------------------------------------------- refused before any worker starts
+
+
+def _train(small: Path, tmp_path: Path, *extra: str):
+    argv = ["train", "--labels", str(small), "--run-name", "r", "--storage", str(tmp_path / "runs"),
+            "--preset", "tiny", "--val-fraction", "0.35", *extra]
+    return CliRunner().invoke(main, argv)
+
+
+def test_setup_mistakes_are_one_line_errors_and_start_no_ray(small: Path, tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    import ray
+
+    started = []
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda *a, **k: started.append(1))
+    missing = _train(tmp_path / "nope.csv", tmp_path)
+    assert missing.exit_code == 1 and "nope.csv" in missing.output and "Traceback" not in missing.output
+    no_init = _train(small, tmp_path, "--init-face", "GFIQA_Swin.pth")
+    assert no_init.exit_code == 1, no_init.output
+    assert "--init-face GFIQA_Swin.pth: no such file or directory" in no_init.output
+    save_checkpoint(build_bundle("tiny", seed=1), tmp_path / "ours")
+    (tmp_path / "LIQE.pt").write_bytes(b"x")
+    both = _train(small, tmp_path, "--init", str(tmp_path / "ours"), "--liqe", str(tmp_path / "LIQE.pt"))
+    assert both.exit_code == 1 and "already holds LIQE" in both.output, both.output
+    for bad in (["--epochs", "0"], ["--lr", "0"], ["--lr-gamma", "-1"]):
+        assert _train(small, tmp_path, *bad).exit_code == 2, bad
+    assert not started
+
+
+def test_local_paths_become_absolute_for_the_workers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Ray Train runs each worker in a directory of its own: a relative path there names nothing.
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "w").mkdir()
+    (tmp_path / "w" / "lsvq.pth").write_bytes(b"x")
+    job = checked_job(TrainJob(labels="l.csv", run_name="r", storage="runs", init_whole="w/lsvq.pth",
+                               cache="cache", liqe="s3://bucket/LIQE.pt"))
+    assert job.init_whole == str(tmp_path / "w" / "lsvq.pth")
+    assert (job.storage, job.cache) == (str(tmp_path / "runs"), str(tmp_path / "cache"))
+    assert job.liqe == "s3://bucket/LIQE.pt"  # remote sources are fetched by the workers
+
+
+def test_validation_without_a_rankable_group_is_said_not_shown_as_minus_one(tmp_path: Path, capsys) -> None:
+    rows = [{"uri": f"images/g{g}/{i}.png", "score": float(i), "group": f"g{g}"} for g in range(3) for i in range(6)]
+    for r in rows:
+        (tmp_path / r["uri"]).parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (240, 240), (40 * int(r["score"]), 90, 90)).save(tmp_path / r["uri"])
+    pd.DataFrame(rows).to_csv(tmp_path / "labels.csv", index=False)
+    prepare_data(TrainJob(labels=str(tmp_path / "labels.csv"), run_name="r", storage=str(tmp_path), val_fraction=0.2))
+    assert "no validation group has 3 images" in capsys.readouterr().err  # 6 per group -> 1-2 held out
+    assert format_val_srcc({"val_srcc_mean": -1.0, "val_srcc_median": -1.0, "val_valid_groups": 0}).startswith("n/a")
+    assert format_val_srcc({"val_srcc_mean": 0.5, "val_srcc_median": 0.25, "val_valid_groups": 2}) == \
+        "mean 0.5000 median 0.2500"
