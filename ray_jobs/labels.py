@@ -3,11 +3,19 @@
 Two sources:
 
 * **PIQ23** (``--format piq23``): the dataset CSV (``IMAGE PATH, IMAGE, JOD, SCENE, …``) plus an image
-  root; label = JOD, group = SCENE, uri = root / IMAGE PATH (Windows ``\\`` separators accepted). Splits
-  come from official split files (``ntire24_overall_scene_train.csv`` / ``_test.csv``: any CSV with
-  an ``IMAGE`` column, or a text list of names) or from a ``split`` column.
+  root; label = JOD, group = SCENE, uri = root / IMAGE PATH (Windows ``\\`` separators accepted). The
+  root defaults to the CSV's directory; a relative local ``--images`` is taken from the current
+  directory. Splits come from official split files (``ntire24_overall_scene_train.csv`` /
+  ``_test.csv``: any CSV with an ``IMAGE`` column, or a text list of names) or from a ``split`` column.
 * **A generic table** (``--format table``): CSV/Parquet with ``uri, score, group[, split]``; relative
   uris are resolved against the table's own directory.
+
+Local image paths are absolute after loading (Ray Train workers run in another working directory).
+Every row needs a uri, a finite score and a non-empty group; ``LabelError`` lists the offending rows
+(0-based data rows of the label file).
+
+Pair lists (``load_pairs``) name images by file name: a name that matches several images is an error;
+pairs across groups are dropped with a warning, since JOD labels compare only within a scene.
 
 Validation split: when the labels name none, ``with_validation`` holds out a deterministic fraction of
 the items **within every group** of the train split (by a hash of seed and uri, so the choice does
@@ -23,6 +31,9 @@ import hashlib
 import io
 import os
 import posixpath
+import sys
+from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -65,6 +76,21 @@ def _require(df: pd.DataFrame, columns: tuple[str, ...], uri: str, fmt: str) -> 
                          f"(needs {list(columns)}; found {list(df.columns)})")
 
 
+def _absolute(path: str) -> str:
+    """A local path made absolute against the current directory; a ``scheme://`` URI stays."""
+    return path if "://" in path else os.path.abspath(os.path.expanduser(path))
+
+
+def _text(col: pd.Series) -> list[str | None]:
+    """Cells as strings; missing or blank ones as ``None`` (pandas 2 turns NaN into "nan" in ``astype(str)``)."""
+    return [None if pd.isna(v) or not str(v).strip() else str(v) for v in col]
+
+
+def _blank(col: pd.Series) -> np.ndarray:
+    # pandas 3 keeps NaN through astype(str), pandas 2 does not: test isna first.
+    return (col.isna() | col.astype(str).str.strip().eq("")).to_numpy(bool)
+
+
 def resolve_relative(entry: str, base_uri: str) -> str:
     """An absolute path / URI stays; a relative one is taken relative to ``base_uri``'s directory."""
     if "://" in entry or os.path.isabs(entry):
@@ -87,24 +113,43 @@ def _split_names(uri: str, s3: S3Options | None) -> set[str]:
     return {ln.strip() for ln in lines if ln.strip() and not ln.startswith("#")}
 
 
+def _row(f: pd.DataFrame, k: int) -> str:
+    r = f.iloc[k]
+    uri, group = ("<empty>" if pd.isna(v) or not str(v).strip() else v for v in (r["uri"], r["group"]))
+    return f"row {f.index[k]}: uri {uri}, score {r['score']}, group {group}"
+
+
 @dataclass
 class LabelTable:
-    """Columns ``uri, score, group, split, name`` (name = image file name, used by pair lists)."""
+    """Columns ``uri, score, group, split, name`` (name = image file name, used by pair lists).
+
+    ``unused``: names of labelled images that the official split lists left out of the table.
+    """
 
     frame: pd.DataFrame
     source: str = ""
+    unused: frozenset[str] = frozenset()
 
     def __post_init__(self) -> None:
-        self.frame = self.frame.reset_index(drop=True)
-        bad = sorted(set(self.frame["split"]) - set(SPLITS))
+        # Checked before the index reset: after split lists drop rows, the index is still the file's row.
+        f = self.frame
+        bad = sorted(set(f["split"]) - set(SPLITS), key=str)
         if bad:
             raise LabelError(f"{self.source}: unknown split value(s) {bad}; use {list(SPLITS)}")
-        if self.frame["score"].isna().any():
-            rows = self.frame.index[self.frame["score"].isna()].tolist()
-            raise LabelError(f"{self.source}: {len(rows)} row(s) without a score (rows {rows[:10]})")
-        dup = self.frame["uri"][self.frame["uri"].duplicated()].tolist()
+        no_uri = _blank(f["uri"])
+        score = pd.to_numeric(f["score"], errors="coerce").to_numpy(np.float64)
+        checks = ((no_uri, "without an image uri"),
+                  (~np.isfinite(score), "without a finite score (missing, inf or -inf)"),
+                  (_blank(f["group"]), "without a group (scene)"))
+        problems = [_listing([_row(f, k) for k in np.flatnonzero(mask)], f"row(s) {what}")
+                    for mask, what in checks if mask.any()]
+        uris = f["uri"][~no_uri]
+        dup = uris[uris.duplicated()].tolist()
         if dup:
-            raise LabelError(f"{self.source}: " + _listing(dup, "duplicated image uri(s)"))
+            problems.append(_listing(dup, "duplicated image uri(s)"))
+        if problems:
+            raise LabelError(f"{self.source}: " + "\n".join(problems))
+        self.frame = f.reset_index(drop=True)
 
     def __len__(self) -> int:
         return len(self.frame)
@@ -122,7 +167,7 @@ class LabelTable:
         return self.frame["group"].astype(str).tolist()
 
     def subset(self, split: str) -> "LabelTable":
-        return LabelTable(self.frame[self.frame["split"] == split].copy(), self.source)
+        return LabelTable(self.frame[self.frame["split"] == split].copy(), self.source, self.unused)
 
     def with_validation(self, fraction: float = 0.2, seed: int = 0) -> "LabelTable":
         """Hold out ``fraction`` of each group's train items as ``val`` (no-op if a val split exists)."""
@@ -135,7 +180,7 @@ class LabelTable:
             k = min(int(np.floor(fraction * n + 0.5)), n - 2)
             if k > 0:
                 df.loc[key[members.index].sort_values().index[:k], "split"] = "val"
-        return LabelTable(df, self.source)
+        return LabelTable(df, self.source, self.unused)
 
     def check_images(self, s3: S3Options | None = None) -> None:
         """Raise ``LabelError`` listing every image that does not exist."""
@@ -156,16 +201,19 @@ def from_piq23(csv_uri: str, images: str | None = None, train_list: str | None =
     """PIQ23 CSV + image root (default: the CSV's directory) + optional official split files."""
     df = read_frame(csv_uri, s3)
     _require(df, PIQ23_REQUIRED, csv_uri, "PIQ23")
-    root = images or resolve_relative(".", csv_uri)
-    rel = df["IMAGE PATH"].astype(str).str.replace("\\", "/", regex=False).str.lstrip("/")
-    out = pd.DataFrame({"uri": [join(root, p) for p in rel], "score": pd.to_numeric(df["JOD"], errors="coerce"),
-                        "group": df["SCENE"].astype(str), "name": df["IMAGE"].astype(str)})
+    root = _absolute(images) if images else resolve_relative(".", csv_uri)
+    rel = [p and p.replace("\\", "/").lstrip("/") for p in _text(df["IMAGE PATH"])]
+    out = pd.DataFrame({"uri": [p and join(root, p) for p in rel], "score": pd.to_numeric(df["JOD"], errors="coerce"),
+                        "group": _text(df["SCENE"]),
+                        "name": [n or (p and posixpath.basename(p)) for n, p in zip(_text(df["IMAGE"]), rel)]})
+    unused: frozenset[str] = frozenset()
     if train_list or test_list:
         out["split"] = _split_from_lists(out["name"], train_list, test_list, s3)
+        unused = frozenset(out["name"][out["split"] == ""].dropna())
         out = out[out["split"] != ""]
     else:
         out["split"] = _split_column(df)
-    return LabelTable(out, csv_uri)
+    return LabelTable(out, csv_uri, unused)
 
 
 def _split_from_lists(names: pd.Series, train_list: str | None, test_list: str | None,
@@ -197,9 +245,9 @@ def from_table(uri: str, s3: S3Options | None = None) -> LabelTable:
     """A generic ``uri, score, group[, split]`` CSV/Parquet; relative uris resolve against its folder."""
     df = read_frame(uri, s3)
     _require(df, TABLE_REQUIRED, uri, "table")
-    uris = [resolve_relative(str(u), uri) for u in df["uri"]]
+    uris = [u and resolve_relative(u, uri) for u in _text(df["uri"])]
     out = pd.DataFrame({"uri": uris, "score": pd.to_numeric(df["score"], errors="coerce"),
-                        "group": df["group"].astype(str), "name": [posixpath.basename(u) for u in uris],
+                        "group": _text(df["group"]), "name": [u and posixpath.basename(u) for u in uris],
                         "split": _split_column(df)})
     return LabelTable(out, uri)
 
@@ -229,22 +277,40 @@ def load_labels(labels: str, images: str | None = None, fmt: str = "auto", train
 
 
 def load_pairs(uri: str, table: LabelTable, s3: S3Options | None = None,
-               known: set[str] | None = None) -> tuple[np.ndarray, dict[str, Any]]:
+               known: Iterable[str] | None = None) -> tuple[np.ndarray, dict[str, Any]]:
     """An official-style pair list (``IMAGE``, ``IMAGE second``, self-pairs kept) as indices into ``table``.
 
-    Names outside ``known`` (all labelled names; default: the table's) raise ``LabelError``. Pairs with
-    an image that is labelled but not in ``table`` (e.g. a list covering more than the train split)
-    are dropped and counted in the returned stats.
+    Names outside ``known`` (all labelled names; default: the table's) and ``table.unused`` raise
+    ``LabelError``, as does a name matching several images of ``table`` or ``known`` (a set cannot
+    show repeats: pass the full table's name column). Dropped with one stderr warning, and counted in
+    the returned stats: pairs with an image that is labelled but not in ``table`` (another split, or
+    left out by a split list), and pairs across groups (JOD labels compare only within a scene).
     """
     df = read_frame(uri, s3)
     _require(df, PAIR_COLUMNS, uri, "pair list")
-    index = {n: i for i, n in enumerate(table.frame["name"])}
-    a, b = df["IMAGE"].astype(str).tolist(), df["IMAGE second"].astype(str).tolist()
-    unknown = sorted((set(a) | set(b)) - (known if known is not None else set(index)))
+    known = list(known) if known is not None else None
+    names = table.frame["name"].tolist()
+    index = {n: i for i, n in enumerate(names)}
+    a, b = (df[c].fillna("<empty>").astype(str).tolist() for c in PAIR_COLUMNS)
+    used = set(a) | set(b)
+    unknown = sorted(used - (set(known) if known is not None else set(index)) - table.unused)
     if unknown:
         raise LabelError(f"{uri}: " + _listing(unknown, "image name(s) in the pair list are not labelled"))
-    keep = [i for i in range(len(a)) if a[i] in index and b[i] in index]
-    pairs = pairs_from_names([a[i] for i in keep], [b[i] for i in keep], index)
-    groups = np.asarray(table.groups)
-    cross = int((groups[pairs[:, 0]] != groups[pairs[:, 1]]).sum()) if len(pairs) else 0
-    return pairs, {"rows": len(a), "kept": len(keep), "dropped": len(a) - len(keep), "cross_group": cross}
+    repeats = Counter(names) | Counter(known if known is not None else ())
+    ambiguous = [f"{n}: " + ", ".join(u for u, m in zip(table.uris, names) if m == n)
+                 for n in sorted(used) if repeats[n] > 1]
+    if ambiguous:
+        raise LabelError(f"{uri}: " + _listing(ambiguous, "image name(s) in the pair list match several "
+                                               "labelled images (pairs name images by file name)"))
+    inside = [i for i in range(len(a)) if a[i] in index and b[i] in index]
+    pairs = pairs_from_names([a[i] for i in inside], [b[i] for i in inside], index)
+    groups = np.asarray(table.groups, dtype=object)
+    same = groups[pairs[:, 0]] == groups[pairs[:, 1]]
+    stats = {"rows": len(a), "kept": int(same.sum()), "dropped": len(a) - int(same.sum()),
+             "outside_split": len(a) - len(inside), "cross_group": int((~same).sum())}
+    if stats["dropped"]:
+        print(f"warning: pair list {uri}: dropped {stats['dropped']} of {len(a)} pair(s): "
+              f"{stats['outside_split']} with an image outside this split (another split, or left out by the "
+              f"split lists), {stats['cross_group']} across groups (JOD labels compare only within a scene)",
+              file=sys.stderr)
+    return pairs[same], stats

@@ -139,8 +139,62 @@ def test_missing_images_and_columns_are_listed(tmp_path: Path) -> None:
     with pytest.raises(LabelError, match=r"missing column\(s\) \['SCENE'\] for the PIQ23 format"):
         load_labels(str(tmp_path / "p.csv"), fmt="piq23")
     df.assign(score=[None] + list(range(14))).to_csv(tmp_path / "v.csv", index=False)
-    with pytest.raises(LabelError, match=r"1 row\(s\) without a score"):
+    with pytest.raises(LabelError, match=r"1 row\(s\) without a finite score \(missing, inf or -inf\):\n"
+                                         rf"  row 0: uri {tmp_path / 'img0.png'}, score nan, group g$"):
         from_table(str(tmp_path / "v.csv"))
+
+
+def test_rows_without_finite_score_group_or_uri_are_listed(tmp_path: Path) -> None:
+    df = pd.DataFrame({"uri": [f"img{i}.png" for i in range(16)], "score": [float(i) for i in range(16)],
+                       "group": ["g"] * 16})
+    df.loc[[1, 2], "score"] = [np.inf, -np.inf]
+    df.loc[[3, 4], "group"] = [None, "  "]  # an empty cell (NaN) and a blank one
+    df.loc[5, "uri"] = None
+    df.loc[6:15, "group"] = None  # 12 rows without a group in all: the listing stops at 10
+    for path in (tmp_path / "t.csv", tmp_path / "t.parquet"):
+        df.to_csv(path, index=False) if path.suffix == ".csv" else df.to_parquet(path)
+        with pytest.raises(LabelError) as e:
+            from_table(str(path))
+        msg = str(e.value)
+        assert msg.startswith(f"{path}: 1 row(s) without an image uri:\n  row 5: uri <empty>, score 5.0, group g\n")
+        assert (f"2 row(s) without a finite score (missing, inf or -inf):\n  row 1: uri {tmp_path / 'img1.png'}, "
+                f"score inf, group g\n  row 2: uri {tmp_path / 'img2.png'}, score -inf, group g\n") in msg
+        assert f"12 row(s) without a group (scene):\n  row 3: uri {tmp_path / 'img3.png'}, score 3.0, group " in msg
+        assert f"row 4: uri {tmp_path / 'img4.png'}" in msg and "  … and 2 more" in msg
+        assert "img14.png" not in msg and "duplicated" not in msg  # missing uris are not duplicates
+    # PIQ23: an empty SCENE or IMAGE PATH; the rows are the CSV's even after a split list drops some
+    csv = _piq23(tmp_path, {"S0": 4})
+    pd.read_csv(csv, encoding="utf-8-sig").assign(SCENE=["S0", "S0", None, "S0"]).to_csv(csv, index=False)
+    (tmp_path / "train.txt").write_text("1_S0.jpg\n2_S0.jpg\n")
+    with pytest.raises(LabelError, match=r"1 row\(s\) without a group \(scene\):\n  row 2: uri "
+                                         rf"{tmp_path / 'Overall' / '2_S0.jpg'}, score 0.0, group <empty>$"):
+        load_labels(str(csv), train_list=str(tmp_path / "train.txt"))
+    pd.read_csv(csv).assign(SCENE="S0", **{"IMAGE PATH": [None, "Overall\\1_S0.jpg", " ", "Overall\\3_S0.jpg"]}) \
+        .to_csv(csv, index=False)
+    with pytest.raises(LabelError, match=r"2 row\(s\) without an image uri:\n  row 0: uri <empty>.*\n"
+                                         r"  row 2: uri <empty>"):
+        load_labels(str(csv))
+
+
+def test_local_image_paths_become_absolute(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ray Train workers chdir elsewhere, so a relative uri would not be found there."""
+    _piq23(tmp_path / "PIQ23", {"S0": 3})
+    monkeypatch.chdir(tmp_path)
+    want = [str(tmp_path / "PIQ23" / "Overall" / f"{i}_S0.jpg") for i in range(3)]
+    for images in ("PIQ23", "./PIQ23/", None):
+        assert load_labels("PIQ23/labels.csv", images=images, val_fraction=0).uris == want
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert load_labels("PIQ23/labels.csv", images="~/PIQ23", val_fraction=0).uris == want
+    (tmp_path / "meta").mkdir()
+    pd.DataFrame({"uri": ["../PIQ23/Overall/0_S0.jpg", want[1]], "score": [1, 2], "group": "g"}) \
+        .to_csv(tmp_path / "meta" / "t.csv", index=False)
+    assert load_labels("meta/t.csv", val_fraction=0).uris == want[:2]
+    table = load_labels("PIQ23/labels.csv", images="PIQ23", val_fraction=0)
+    monkeypatch.chdir(tmp_path / "meta")  # as in a worker: still found
+    table.check_images()
+    # remote roots are left as they are
+    remote = load_labels(str(tmp_path / "PIQ23" / "labels.csv"), images="s3://b/PIQ23/", check_images=False)
+    assert remote.uris[0] == "s3://b/PIQ23/Overall/0_S0.jpg"
 
 
 def test_pair_list(tmp_path: Path) -> None:
@@ -154,7 +208,7 @@ def test_pair_list(tmp_path: Path) -> None:
     names = train.frame["name"].tolist()
     assert [(names[a], names[b]) for a, b in got] == [("0_S0.jpg", "1_S0.jpg"), ("1_S0.jpg", "1_S0.jpg"),
                                                       ("0_S1.jpg", "2_S1.jpg")]  # self-pair kept
-    assert stats == {"rows": 4, "kept": 3, "dropped": 1, "cross_group": 0}
+    assert stats == {"rows": 4, "kept": 3, "dropped": 1, "outside_split": 1, "cross_group": 0}
     pairs.assign(IMAGE=["nope.jpg"] * 4).to_csv(tmp_path / "bad.csv", index=False)
     with pytest.raises(LabelError, match="1 image name\\(s\\) in the pair list are not labelled"):
         load_pairs(str(tmp_path / "bad.csv"), train, known=set(table.frame["name"]))
@@ -172,3 +226,47 @@ def test_labels_and_images_on_s3(s3_server, s3_bucket: str) -> None:
     table = load_labels(f"s3://{s3_bucket}/piq/labels.csv", s3=opts, check_images=False)
     assert table.uris[0] == f"s3://{s3_bucket}/piq/Overall/0_S.jpg"
     assert np.allclose(table.scores, [0, 1, 2, 3, 4])
+
+
+def test_pair_list_drops_cross_group_pairs_and_unlisted_images(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    csv = _piq23(tmp_path, {"S0": 3, "S1": 3})
+    (tmp_path / "train.txt").write_text("0_S0.jpg\n1_S0.jpg\n0_S1.jpg\n1_S1.jpg\n2_S1.jpg\n")  # 2_S0 unused
+    table = load_labels(str(csv), train_list=str(tmp_path / "train.txt"), val_fraction=0.0)
+    assert table.unused == {"2_S0.jpg"} and table.subset("train").unused == {"2_S0.jpg"}
+    pd.DataFrame({"IMAGE": ["0_S0.jpg", "0_S0.jpg", "1_S1.jpg", "2_S0.jpg", "1_S0.jpg"],
+                  "IMAGE second": ["1_S0.jpg", "0_S1.jpg", "2_S1.jpg", "0_S0.jpg", "2_S1.jpg"]}) \
+        .to_csv(tmp_path / "exp.csv", index=False)
+    train = table.subset("train")
+    got, stats = load_pairs(str(tmp_path / "exp.csv"), train, known=set(table.frame["name"]))
+    names = train.frame["name"].tolist()
+    assert [(names[a], names[b]) for a, b in got] == [("0_S0.jpg", "1_S0.jpg"), ("1_S1.jpg", "2_S1.jpg")]
+    assert stats == {"rows": 5, "kept": 2, "dropped": 3, "outside_split": 1, "cross_group": 2}
+    assert capsys.readouterr().err == (
+        f"warning: pair list {tmp_path / 'exp.csv'}: dropped 3 of 5 pair(s): 1 with an image outside this split "
+        "(another split, or left out by the split lists), 2 across groups (JOD labels compare only within a scene)\n")
+    # nothing dropped: no warning
+    pd.DataFrame({"IMAGE": ["0_S0.jpg"], "IMAGE second": ["1_S0.jpg"]}).to_csv(tmp_path / "ok.csv", index=False)
+    assert load_pairs(str(tmp_path / "ok.csv"), train)[1]["dropped"] == 0 and capsys.readouterr().err == ""
+
+
+def test_pair_list_refuses_names_of_several_images(tmp_path: Path) -> None:
+    for d in ("s1", "s2"):
+        (tmp_path / d).mkdir()
+    df = pd.DataFrame({"uri": ["s1/x.jpg", "s1/a.jpg", "s2/x.jpg", "s2/b.jpg"], "score": [1, 2, 3, 4],
+                       "group": ["A", "A", "C", "C"], "split": ["train", "train", "train", "test"]})
+    df.to_csv(tmp_path / "t.csv", index=False)
+    table = from_table(str(tmp_path / "t.csv"))
+    pd.DataFrame({"IMAGE": ["x.jpg", "a.jpg"], "IMAGE second": ["a.jpg", "a.jpg"]}) \
+        .to_csv(tmp_path / "exp.csv", index=False)
+    with pytest.raises(LabelError, match=r"1 image name\(s\) in the pair list match several labelled images "
+                                         rf"\(pairs name images by file name\):\n  x.jpg: {tmp_path / 's1' / 'x.jpg'}, "
+                                         rf"{tmp_path / 's2' / 'x.jpg'}$"):
+        load_pairs(str(tmp_path / "exp.csv"), table)
+    # repeated only in the full labels (its other copy in another split): still ambiguous, given the names
+    df.assign(split=["train", "train", "test", "test"]).to_csv(tmp_path / "t.csv", index=False)
+    full = from_table(str(tmp_path / "t.csv"))
+    with pytest.raises(LabelError, match=rf"match several .*\n  x.jpg: {tmp_path / 's1' / 'x.jpg'}$"):
+        load_pairs(str(tmp_path / "exp.csv"), full.subset("train"), known=full.frame["name"])
+    # a repeated name that no pair uses is fine
+    pd.DataFrame({"IMAGE": ["a.jpg"], "IMAGE second": ["a.jpg"]}).to_csv(tmp_path / "ok.csv", index=False)
+    assert load_pairs(str(tmp_path / "ok.csv"), table)[0].tolist() == [[1, 1]]
