@@ -334,25 +334,33 @@ def _fsspec_fetch(uri: str, dest: Path) -> None:
 
 
 def resolve_weights(uri: str | os.PathLike, cache_dir: str | os.PathLike | None = None,
-                    fetch: Fetcher | None = None) -> Path:
-    """A local model directory for a path or remote URI (copied once into a cache keyed by the URI)."""
+                    fetch: Fetcher | None = None, sha256: str | None = None) -> Path:
+    """A local model directory for a path or remote URI (copied once into a cache keyed by the URI).
+
+    ``sha256``: the weights expected there. A cached copy of other weights (the URI was written
+    again, as a training run's ``model/`` is) is fetched anew instead of served.
+    """
     text = os.fspath(uri)
     if not re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*://", text) or text.startswith("file://"):
         return Path(text.removeprefix("file://")).expanduser()
     cache = Path(cache_dir or Path(torch.hub.get_dir()).parent / "piqa").expanduser()
     dest = cache / hashlib.sha256(text.encode()).hexdigest()[:16]
-    if (dest / WEIGHTS_FILE).is_file():
+    if _cached(dest, sha256):
         return dest
     cache.mkdir(parents=True, exist_ok=True)
     # The actors starting on one node at once share one download: the others wait for it.
     with _exclusive(cache / f"{dest.name}.lock"):
-        if (dest / WEIGHTS_FILE).is_file():
+        if _cached(dest, sha256):
             return dest
         tmp = Path(tempfile.mkdtemp(prefix=f"{dest.name}.partial-", dir=cache))
         try:
             (fetch or _fsspec_fetch)(text, tmp)
             if not (tmp / WEIGHTS_FILE).is_file():
                 raise CheckpointError(f"{text} holds no {WEIGHTS_FILE}: is it a model directory?")
+            if dest.exists():  # other weights: moved aside first, os.replace cannot overwrite a folder
+                stale = tmp.with_name(f"{dest.name}.stale-{os.getpid()}")
+                os.replace(dest, stale)
+                shutil.rmtree(stale, ignore_errors=True)
             try:
                 os.replace(tmp, dest)
             except OSError:  # a process without the lock (another cache user) won the race
@@ -360,6 +368,17 @@ def resolve_weights(uri: str | os.PathLike, cache_dir: str | os.PathLike | None 
         finally:
             shutil.rmtree(tmp, ignore_errors=True)  # a failed or surplus copy is not left behind
     return dest
+
+
+def _cached(dest: Path, sha256: str | None) -> bool:
+    if not (dest / WEIGHTS_FILE).is_file():
+        return False
+    if sha256 is None:
+        return True
+    try:
+        return json.loads((dest / CONFIG_FILE).read_text()).get("sha256") == sha256
+    except (OSError, ValueError):
+        return False
 
 
 @contextlib.contextmanager

@@ -10,7 +10,7 @@ the worker group from that checkpoint (``FailureConfig(max_failures)``). V1 is r
 Under ``<storage>/<run_name>/``: Ray's checkpoint folders ``epoch_NNNN`` (each a model directory:
 ``config.json`` + ``model.safetensors``, plus ``train_state.pt`` and ``history.json``); ``model/``, the
 best checkpoint by validation SRCC (give it to ``piqa score --weights``); ``test_report.json`` and
-``test_predictions.parquet`` when the labels have a test split; ``summary.json``.
+``test_report.parquet`` when the labels have a test split; ``summary.json``.
 """
 
 from __future__ import annotations
@@ -135,10 +135,11 @@ def prepare_data(job: TrainJob) -> tuple[LabelTable, dict[str, Any]]:
     data: dict[str, Any] = {s: (t.uris, t.scores, t.groups) for s, t in (("train", train), ("val", val))}
     data["pairs"] = None
     if job.pairs:
-        data["pairs"], stats = load_pairs(job.pairs, train, job.s3, known=set(table.frame["name"]))
+        # All names, repeats included: a name two images share is refused even outside the train split.
+        data["pairs"], stats = load_pairs(job.pairs, train, job.s3, known=list(table.frame["name"]))
         print(f"piqa train: pair list {job.pairs}: {stats}", file=sys.stderr)
         if not len(data["pairs"]):
-            raise LabelError(f"{job.pairs}: no pair has both images in the train split")
+            raise LabelError(f"{job.pairs}: no pair left with both images in the train split and one group")
     return table, data
 
 
@@ -174,6 +175,7 @@ def run_train_job(job: TrainJob) -> dict[str, Any]:
         raise RuntimeError(f"run {job.run_name} has no checkpoint (0 epochs trained?)")
     best, best_metrics = max(result.best_checkpoints, key=lambda cm: cm[1].get("val_srcc_mean", -math.inf))
     model_dir = export_model(best, job)
+    model_sha256 = json.loads(_read_checkpoint_file(best, "config.json"))["sha256"]
     record = json.loads(_read_checkpoint_file(result.checkpoint, HISTORY_FILE))
     history = record["epochs"]
     summary = {
@@ -184,7 +186,7 @@ def run_train_job(job: TrainJob) -> dict[str, Any]:
         "job": {k: v for k, v in asdict(job).items() if k not in ("s3", "address")},
     }
     test = table.subset("test")
-    summary["test"] = _evaluate_test(job, model_dir, test) if len(test) else None
+    summary["test"] = _evaluate_test(job, model_dir, model_sha256, test) if len(test) else None
     write_text(join(job.run_dir, "summary.json"), json.dumps(summary, indent=2, default=str), job.s3)
     _print_summary(summary)
     return summary
@@ -210,15 +212,19 @@ def export_model(checkpoint: Any, job: TrainJob) -> str:
     return dest
 
 
-def _evaluate_test(job: TrainJob, model_dir: str, test: LabelTable) -> dict[str, Any]:
-    """Five-crop evaluation of the exported (best-by-val) model on the test split, in a Ray task."""
+def _evaluate_test(job: TrainJob, model_dir: str, sha256: str, test: LabelTable) -> dict[str, Any]:
+    """Five-crop evaluation of the exported (best-by-val) model on the test split, in a Ray task.
+
+    ``sha256`` names the exported weights: a node that cached an earlier export of the same
+    ``model/`` fetches it again instead of evaluating the old model.
+    """
     from .evaluate import evaluate_remote
 
     task = evaluate_remote.options(num_cpus=1, num_gpus=1 if job.gpu else 0)
     report = ray.get(task.remote(model_dir, test.frame, job.s3, join(job.run_dir, "test_report.json"),
-                                 job.eval_batch))
+                                 job.eval_batch, sha256))
     return {"mean": report["mean"], "median": report["median"], "pooled": report["pooled"],
-            "items": report["items"], "failed": report["failed"]}
+            "items": report["items"], "failed": report["failed"], "model_sha256": report["model_sha256"]}
 
 
 def _print_summary(s: dict[str, Any]) -> None:

@@ -326,6 +326,14 @@ def test_resolve_weights_local_and_remote(tmp_path):
     assert local == again and calls == ["s3://bucket/model"]
     assert load_checkpoint(local).sha256 == load_checkpoint(tmp_path / "src").sha256
 
+    # the URI written again (a training run re-exports its model/): the expected sha256 refetches
+    new_sha = save_checkpoint(build_bundle("tiny", seed=9), tmp_path / "src")
+    assert resolve_weights("s3://bucket/model", cache_dir=tmp_path / "cache", fetch=fetch) == local
+    assert load_checkpoint(local).sha256 != new_sha and len(calls) == 1  # without it: the cached copy
+    fresh = resolve_weights("s3://bucket/model", cache_dir=tmp_path / "cache", fetch=fetch, sha256=new_sha)
+    assert fresh == local and load_checkpoint(fresh).sha256 == new_sha and len(calls) == 2
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == sorted([local.name, f"{local.name}.lock"])
+
 
 def test_concurrent_resolves_download_once_and_leave_no_partial_copies(tmp_path):
     import threading

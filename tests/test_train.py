@@ -156,6 +156,7 @@ def test_worker_failure_resumes_from_the_last_checkpoint(ray_local, small: Path,
     assert sorted(p.name for p in tmp_path.joinpath("chaos").glob("epoch_*")) == ["epoch_0000", "epoch_0001"]
     # the test split is scored once, at the end, with the best-by-validation model
     assert summary["test"]["items"] == 10 and summary["test"]["failed"] == 0
+    assert summary["test"]["model_sha256"] == load_checkpoint(tmp_path / "chaos" / "model").sha256
     report = json.loads((tmp_path / "chaos" / "test_report.json").read_text())
     assert report["model_id"] == "chaos" and report["split"] == "test" and report["mean"]["valid_groups"] == 2
     assert len(pd.read_parquet(tmp_path / "chaos" / "test_report.parquet")) == 10
