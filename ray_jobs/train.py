@@ -10,7 +10,8 @@ the worker group from that checkpoint (``FailureConfig(max_failures)``). V1 is r
 Under ``<storage>/<run_name>/``: Ray's checkpoint folders ``epoch_NNNN`` (each a model directory:
 ``config.json`` + ``model.safetensors``, plus ``train_state.pt`` and ``history.json``); ``model/``, the
 best checkpoint by validation SRCC (give it to ``piqa score --weights``); ``test_report.json`` and
-``test_report.parquet`` when the labels have a test split; ``summary.json``.
+``test_report.parquet`` when the labels have a test split; ``summary.json``; ``recipe.json``, the
+settings that define the run (labels, split, start weights, optimiser): resuming with others is refused.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from piqa_core.metrics import MIN_GROUP
 from piqa_core.training import format_val_srcc
 
 from .labels import LabelError, LabelTable, load_labels, load_pairs
-from .storage import S3Options, join, resolve, write_text
+from .storage import S3Options, atomic_write_bytes, exists, join, read_bytes, resolve
 from .train_worker import HISTORY_FILE, train_loop_per_worker
 
 
@@ -108,7 +109,7 @@ def checked_job(job: TrainJob) -> TrainJob:
     file that is missing in a worker fails the worker group, which Ray retries ``max_failures`` times.
     """
     paths = {}
-    for name in (*WEIGHT_SOURCES, "cache", "storage"):
+    for name in (*WEIGHT_SOURCES, "cache", "storage", "labels", "images", "train_list", "test_list", "pairs"):
         uri = getattr(job, name)
         if uri is None or not _is_local(uri):
             continue
@@ -119,6 +120,27 @@ def checked_job(job: TrainJob) -> TrainJob:
         raise TrainSetupError("--init is a model directory, which already holds LIQE and RetinaFace: "
                               "drop --liqe/--retinaface")
     return replace(job, **paths)
+
+
+# What defines a run: resuming it with other values would mix two experiments in one set of checkpoints
+# (a new split moves trained images into validation; the optimiser state would override a new --lr).
+RECIPE = ("labels", "images", "format", "train_list", "test_list", "pairs", "val_fraction", "seed", "preset",
+          *WEIGHT_SOURCES, "batch_pairs", "lr", "weight_decay", "lr_step", "lr_gamma")
+RECIPE_FILE = "recipe.json"
+
+
+def claim_run(job: TrainJob) -> None:
+    """Record the run's recipe when it starts; refuse to resume it with another one."""
+    uri = join(job.run_dir, RECIPE_FILE)
+    recipe = {k: getattr(job, k) for k in RECIPE}
+    if not exists(uri, job.s3):
+        atomic_write_bytes(uri, json.dumps(recipe, indent=2).encode(), job.s3)
+        return
+    saved = json.loads(read_bytes(uri, job.s3))
+    changed = [f"--{k.replace('_', '-')} {saved.get(k)!r} -> {v!r}" for k, v in recipe.items() if saved.get(k) != v]
+    if changed:
+        raise TrainSetupError(f"run {job.run_name} was started with other settings ({'; '.join(changed)}): "
+                              "resume it with its own options, or start a new run with another --run-name")
 
 
 def prepare_data(job: TrainJob) -> tuple[LabelTable, dict[str, Any]]:
@@ -152,6 +174,7 @@ def run_train_job(job: TrainJob) -> dict[str, Any]:
     job = checked_job(job)
     job.s3 = job.s3.filled()
     table, data = prepare_data(job)  # before Ray starts: a typo in the labels costs no cluster start
+    claim_run(job)
     if not ray.is_initialized():
         ray.init(address=job.address or os.environ.get("RAY_ADDRESS"), log_to_driver=True)
     print(f"piqa train {job.run_name}: {table.describe()}", file=sys.stderr)
@@ -187,7 +210,7 @@ def run_train_job(job: TrainJob) -> dict[str, Any]:
     }
     test = table.subset("test")
     summary["test"] = _evaluate_test(job, model_dir, model_sha256, test) if len(test) else None
-    write_text(join(job.run_dir, "summary.json"), json.dumps(summary, indent=2, default=str), job.s3)
+    atomic_write_bytes(join(job.run_dir, "summary.json"), json.dumps(summary, indent=2, default=str).encode(), job.s3)
     _print_summary(summary)
     return summary
 

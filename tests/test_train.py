@@ -21,6 +21,7 @@ from __future__ import annotations
 import io
 import json
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -36,7 +37,7 @@ from piqa_core.training import format_val_srcc, init_bundle
 from ray_jobs.actors import _fetcher
 from ray_jobs.cli import main
 from ray_jobs.storage import list_images, read_bytes
-from ray_jobs.train import TrainJob, checked_job, prepare_data, run_train_job
+from ray_jobs.train import TrainJob, TrainSetupError, checked_job, claim_run, prepare_data, run_train_job
 from tests.test_checkpoints import official_layout, openai_layout, to_timm067_swin
 
 
@@ -274,3 +275,12 @@ def test_validation_without_a_rankable_group_is_said_not_shown_as_minus_one(tmp_
     assert format_val_srcc({"val_srcc_mean": -1.0, "val_srcc_median": -1.0, "val_valid_groups": 0}).startswith("n/a")
     assert format_val_srcc({"val_srcc_mean": 0.5, "val_srcc_median": 0.25, "val_valid_groups": 2}) == \
         "mean 0.5000 median 0.2500"
+
+
+def test_a_run_resumes_only_with_its_own_recipe(tmp_path: Path) -> None:
+    job = TrainJob(labels=str(tmp_path / "l.csv"), run_name="r", storage=str(tmp_path), lr=3e-4, seed=1)
+    claim_run(job)  # first start: recorded
+    assert json.loads((tmp_path / "r" / "recipe.json").read_text())["lr"] == 3e-4
+    claim_run(replace(job, epochs=20, workers=4, keep=5))  # more epochs, other resources: the same run
+    with pytest.raises(TrainSetupError, match=r"--seed 1 -> 2; --lr 0.0003 -> 0.001\): resume it with its own"):
+        claim_run(replace(job, lr=1e-3, seed=2))  # the optimiser state would override it; the split would move
