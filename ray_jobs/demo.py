@@ -65,7 +65,8 @@ def main(out: str, num_cpus: int | None) -> None:
     images = root / "images"
     write_samples(images)
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+    # "local": a new embedded Ray, even where RAY_ADDRESS names a cluster (which has no local folders)
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
     try:
         model = ModelOptions(weights=None, random_weights=True, preset="tiny", crop_mode=None,
                              precision="fp32", device=None, batch_size=8)
