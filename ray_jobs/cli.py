@@ -346,18 +346,25 @@ def eval_cmd(labels, images, fmt, train_list, test_list, val_fraction, seed, end
     from .actors import load_bundle
     from .evaluate import evaluate_table, select_split, write_eval
     from .labels import load_labels
+    from .storage import is_dir
 
     s3 = _s3(endpoint_url, region)
+    if out.endswith("/") or is_dir(out, s3):  # refused now, not after scoring everything
+        raise click.UsageError(f"--out names the JSON report file (the predictions go next to it), got a folder: {out}")
     with _user_errors():
         table = load_labels(labels, images, fmt, train_list, test_list, val_fraction, seed, s3, check_images=False)
         table, split = select_split(table, split)
         scorer = Scorer(load_bundle(model, s3), device=model.device, precision=model.precision,
-                        crop_mode=model.crop_mode)
+                        crop_mode=model.crop_mode, compile=model.compile, batch_size=model.batch_size)
     with tqdm(total=len(table), unit="img", file=sys.stderr) as bar:
         result = evaluate_table(scorer, table, split, s3, model.batch_size, progress=bar.update)
     click.echo(result.format())
     parquet = write_eval(result, out, s3)
     click.echo(f"wrote {out} and {parquet}")
+    if result.info["failed"] == result.info["items"]:
+        codes = result.predictions["error_code"].value_counts().head(3)
+        raise click.ClickException(f"every image failed to score ({', '.join(f'{k}: {v}' for k, v in codes.items())});"
+                                   f" the metrics are undefined, see {parquet}")
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ from piqa_core.scorer import Scorer
 from .actors import _fetcher
 from .inprocess import score_objects
 from .labels import LabelTable
-from .storage import S3Options, stat_objects, write_bytes, write_text
+from .storage import S3Options, atomic_write_bytes, stat_objects
 
 
 @dataclass
@@ -72,12 +72,15 @@ def predictions_uri(out: str) -> str:
 
 
 def write_eval(result: EvalResult, out: str, s3: S3Options | None = None) -> str:
-    """JSON report at ``out`` and per-image predictions as Parquet next to it; returns the Parquet URI."""
-    write_text(out, json.dumps(result.to_dict(), indent=2), s3)
+    """JSON report at ``out`` and per-image predictions as Parquet next to it; returns the Parquet URI.
+
+    Each file is replaced whole (a killed run leaves the previous one), the report last.
+    """
     buf = io.BytesIO()
     result.predictions.to_parquet(buf, index=False)
     dest = predictions_uri(out)
-    write_bytes(dest, buf.getvalue(), s3)
+    atomic_write_bytes(dest, buf.getvalue(), s3)
+    atomic_write_bytes(out, json.dumps(result.to_dict(), indent=2).encode(), s3)
     return dest
 
 

@@ -123,3 +123,32 @@ def test_module_entrypoint_for_ray_job_submit():
     out = subprocess.run([sys.executable, "-m", "ray_jobs.score", "--help"], capture_output=True, text=True,
                          timeout=120)
     assert out.returncode == 0 and "--resume" in out.stdout and "--face-device" in out.stdout
+
+
+def _labels(tmp_path, photos) -> str:
+    rows = ["uri,score,group"] + [f"{p},{i},g" for i, p in enumerate(sorted(photos.rglob("*.*"))) if p.suffix != ".txt"]
+    (tmp_path / "labels.csv").write_text("\n".join(rows) + "\n")
+    return str(tmp_path / "labels.csv")
+
+
+def test_eval_refuses_a_folder_out_before_scoring_and_fails_when_nothing_scored(photos, tmp_path, monkeypatch):
+    import piqa_core.scorer
+
+    args = ["eval", "--labels", _labels(tmp_path, photos), "--random-weights", "--preset", "tiny",
+            "--crop-mode", "center", "--compile", "--batch-size", "2"]
+    built: list[dict] = []
+    monkeypatch.setattr(piqa_core.scorer.Scorer, "score_columns", lambda *a: pytest.fail("scored before --out check"))
+    res = CliRunner().invoke(main, [*args, "--out", str(tmp_path)])
+    assert res.exit_code == 2 and "got a folder" in res.output, res.output
+
+    monkeypatch.undo()
+    for p in photos.glob("*.jpg"):
+        p.write_bytes(b"\xff\xd8 not a jpeg")  # now every labelled image is broken
+    real_init = piqa_core.scorer.Scorer.__init__  # records its arguments, compiles nothing (minutes on CPU)
+    monkeypatch.setattr(piqa_core.scorer.Scorer, "__init__",
+                        lambda self, *a, **kw: built.append(kw) or real_init(self, *a, **{**kw, "compile": False}))
+    res = CliRunner().invoke(main, [*args, "--out", str(tmp_path / "r.json")])
+    assert res.exit_code == 1 and "every image failed to score" in res.output, res.output
+    assert built[-1]["compile"] is True and built[-1]["batch_size"] == 2  # --compile reaches the scorer
+    assert json.loads((tmp_path / "r.json").read_text())["failed"] == 4
+    assert pq.read_table(tmp_path / "r.parquet").num_rows == 4
