@@ -150,6 +150,8 @@ def prepare_data(job: TrainJob) -> tuple[LabelTable, dict[str, Any]]:
     train, val = table.subset("train"), table.subset("val")
     if len(train) < 2 or len(val) == 0:
         raise LabelError(f"need at least 2 train and 1 validation images; {table.describe()}")
+    if not job.pairs and not (train.frame.groupby("group").size() >= 2).any():
+        raise LabelError(f"no group has 2 train images, so there is no pair to train on; {table.describe()}")
     if not (val.frame.groupby("group").size() >= MIN_GROUP).any():
         print(f"piqa train: warning: no validation group has {MIN_GROUP} images, so validation SRCC is "
               "undefined and checkpoints cannot be ranked; raise --val-fraction or use larger groups",

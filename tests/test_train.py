@@ -37,6 +37,7 @@ from piqa_core.training import format_val_srcc, init_bundle
 from ray_jobs.actors import _fetcher
 from ray_jobs.cli import main
 from ray_jobs.storage import list_images, read_bytes
+from ray_jobs.labels import LabelError
 from ray_jobs.train import TrainJob, TrainSetupError, checked_job, claim_run, prepare_data, run_train_job
 from tests.test_checkpoints import official_layout, openai_layout, to_timm067_swin
 
@@ -272,6 +273,11 @@ def test_validation_without_a_rankable_group_is_said_not_shown_as_minus_one(tmp_
     pd.DataFrame(rows).to_csv(tmp_path / "labels.csv", index=False)
     prepare_data(TrainJob(labels=str(tmp_path / "labels.csv"), run_name="r", storage=str(tmp_path), val_fraction=0.2))
     assert "no validation group has 3 images" in capsys.readouterr().err  # 6 per group -> 1-2 held out
+    frame = pd.DataFrame(rows)
+    frame["split"] = np.where(frame.index % 6 == 0, "train", "val")  # one train image per group: no pair
+    frame.to_csv(tmp_path / "singletons.csv", index=False)
+    with pytest.raises(LabelError, match="no group has 2 train images"):
+        prepare_data(TrainJob(labels=str(tmp_path / "singletons.csv"), run_name="r", storage=str(tmp_path)))
     assert format_val_srcc({"val_srcc_mean": -1.0, "val_srcc_median": -1.0, "val_valid_groups": 0}).startswith("n/a")
     assert format_val_srcc({"val_srcc_mean": 0.5, "val_srcc_median": 0.25, "val_valid_groups": 2}) == \
         "mean 0.5000 median 0.2500"
