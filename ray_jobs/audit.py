@@ -3,10 +3,10 @@ the delta with the Ray Data pipeline, write a new immutable state and a report, 
 
 State layout under ``STATE_URI`` (local folder or ``s3://`` prefix)::
 
-    CURRENT                          JSON pointer to the last good run (run_id, state, model sha256, …);
-                                     replaced atomically, only after the state and report exist
-    IN_PROGRESS                      JSON marker of an unfinished run (run_id, model, previous run_id);
-                                     a re-run finds it and continues that run instead of starting anew
+    CURRENT                          JSON pointer to the last good run (run_id, state, model sha256,
+                                     crop mode, …); replaced atomically, only after the state and report exist
+    IN_PROGRESS                      JSON marker of an unfinished run (run_id, model, crop mode, previous
+                                     run_id); a re-run finds it and continues that run instead of starting anew
     runs/<run_id>/plan.parquet       the run's listing: uri, etag_or_mtime, bytes, action, to_score
     runs/<run_id>/scores/…           the scoring pipeline's output for the run (resumable)
     states/<run_id>.parquet          the full table after the run (never rewritten once committed)
@@ -15,6 +15,10 @@ State layout under ``STATE_URI`` (local folder or ``s3://`` prefix)::
 A state row is the latest score row of an object plus ``deleted``, ``deleted_at`` and
 ``audit_run_id`` (the run that scored it). A deleted object stays as a ``deleted=True`` row for at
 least the run that notices the deletion, and until ``keep_deleted_days`` have passed since.
+
+"The same model" means the same weights sha256 *and* the same crop mode: a change of either re-scores
+every object. An unchanged object whose row holds a transient error (``TRANSIENT_ERROR_CODES``) is
+re-scored ("retry") rather than carried.
 
 Exit codes of ``piqa audit``: 0 ok, 3 an alert threshold was crossed (the state is still committed),
 anything else a failure (CURRENT unchanged; re-run to finish the run without re-scoring).
@@ -45,6 +49,15 @@ STATE_SCHEMA = SCORE_SCHEMA.append(pa.field("deleted", pa.bool_())).append(
     pa.field("deleted_at", pa.timestamp("us", tz="UTC"))).append(pa.field("audit_run_id", pa.string()))
 PLAN_SCHEMA = pa.schema([("uri", pa.string()), ("etag_or_mtime", pa.string()), ("bytes", pa.int64()),
                          ("action", pa.string()), ("to_score", pa.bool_())])
+ACTIONS = ("new", "changed", "retry", "unchanged")
+# A re-read of the same bytes may succeed: the read itself failed (I/O, permissions, throttling), the
+# object was briefly missing, or an unexpected exception. Every other code is a verdict on the bytes
+# (corrupt, too small, unsupported mode, over the size limit) and would only recur, so those rows are
+# carried until the object changes.
+TRANSIENT_ERROR_CODES = frozenset({"read_failed", "not_found", "internal"})
+# A pointer written before the crop mode was recorded lacks it. Its rows say theirs; with none to ask,
+# assume "five", the default then (of --crop-mode and of every preset's config).
+LEGACY_CROP_MODE = "five"
 
 
 @dataclass
@@ -61,6 +74,7 @@ class AuditJob:
     max_bytes: int = 256 * 1024 * 1024
     face_device: str = "cpu"
     address: str | None = None
+    gpu: bool | None = None  # None: score on GPUs when the cluster has them
 
 
 class AuditRefused(ValueError):
@@ -84,6 +98,7 @@ class Plan:
     library: str
     model_sha256: str
     model_id: str
+    crop_mode: str
     previous_run_id: str | None
     rescored_all_reason: str | None
     listing: pa.Table  # PLAN_SCHEMA
@@ -140,16 +155,28 @@ def _live(table: pa.Table) -> pa.Table:
 
 
 def classify(listing: list[ObjectInfo], previous: pa.Table, rescore_all: bool) -> pa.Table:
-    """new / changed (etag, mtime or size differ) / unchanged, against the previous live rows."""
+    """new / changed (etag, mtime or size differ) / retry (same object, but its row holds a transient
+    error) / unchanged, against the previous live rows; all but unchanged are to be scored."""
     prev = _live(previous)
-    known = dict(zip(prev["uri"].to_pylist(), zip(prev["etag_or_mtime"].to_pylist(), prev["bytes"].to_pylist())))
+    known = {u: ((e, b), c if s == "error" else None) for u, e, b, s, c in zip(
+        *(prev[k].to_pylist() for k in ("uri", "etag_or_mtime", "bytes", "status", "error_code")))}
     actions = []
     for o in listing:
         old = known.get(o.uri)
-        actions.append("new" if old is None else "unchanged" if old == (o.etag_or_mtime, o.size) else "changed")
+        actions.append("new" if old is None else "changed" if old[0] != (o.etag_or_mtime, o.size)
+                       else "retry" if old[1] in TRANSIENT_ERROR_CODES else "unchanged")
     return pa.table({"uri": [o.uri for o in listing], "etag_or_mtime": [o.etag_or_mtime for o in listing],
                      "bytes": [o.size for o in listing], "action": actions,
                      "to_score": [rescore_all or a != "unchanged" for a in actions]}, schema=PLAN_SCHEMA)
+
+
+def recorded_crop_mode(pointer: dict[str, Any], previous: pa.Table) -> str:
+    """The crop mode of the state ``pointer`` names. For an old pointer, the mode its live rows record
+    (several, mixed by older runs, come back joined: that matches no run, so all is re-scored)."""
+    if "crop_mode" in pointer:
+        return pointer["crop_mode"]
+    modes = {m for m in _live(previous)["crop_mode"].to_pylist() if m}
+    return "+".join(sorted(modes)) if modes else LEGACY_CROP_MODE
 
 
 def _new_run_id() -> str:
@@ -159,27 +186,33 @@ def _new_run_id() -> str:
 def plan_run(job: AuditJob, identity: dict[str, Any], pointer: dict[str, Any] | None,
              previous: pa.Table) -> Plan:
     """Continue the unfinished run recorded in IN_PROGRESS when it still applies, else plan a new one."""
-    root, sha = library_root(job.library), identity["sha256"]
+    root, sha, crop = library_root(job.library), identity["sha256"], identity["crop_mode"]
     prev_id = pointer["run_id"] if pointer else None
     marker_uri = join(job.state, "IN_PROGRESS")
     marker = _read_json(marker_uri, job.s3)
     if marker is not None:
         if marker["run_id"] == prev_id:  # committed, but the marker outlived the pointer switch
             _delete(marker_uri, job.s3)
-        elif (marker["library"], marker["model_sha256"], marker["previous_run_id"]) == (root, sha, prev_id):
+        # A marker without crop_mode (older code) is abandoned, not continued: its scores folder may hold
+        # either protocol, and resuming skips what it holds whatever the protocol.
+        elif (marker["library"], marker["model_sha256"], marker.get("crop_mode"),
+              marker["previous_run_id"]) == (root, sha, crop, prev_id):
             print(f"piqa audit: continuing unfinished run {marker['run_id']}", file=sys.stderr)
             listing = _read_parquet(join(job.state, marker["plan"]), job.s3, PLAN_SCHEMA)
             return Plan(marker["run_id"], datetime.fromisoformat(marker["started_at"]), root, sha,
-                        identity["model_id"], prev_id, marker["rescored_all_reason"], listing, resumed=True)
+                        identity["model_id"], crop, prev_id, marker["rescored_all_reason"], listing, resumed=True)
         else:
-            print(f"piqa audit: abandoning unfinished run {marker['run_id']} (library, model or previous "
-                  f"state differ); its files stay under runs/", file=sys.stderr)
+            print(f"piqa audit: abandoning unfinished run {marker['run_id']} (library, model, crop mode or "
+                  f"previous state differ); its files stay under runs/", file=sys.stderr)
     if pointer and pointer["library"] != root:
         raise AuditRefused(f"state {job.state} belongs to library {pointer['library']}, not {root}")
-    reason = None
+    changes: list[str] = []
     if pointer and pointer["model_sha256"] != sha:
-        reason = (f"model changed: {pointer['model_id']} sha256 {pointer['model_sha256'][:12]} -> "
-                  f"{identity['model_id']} sha256 {sha[:12]}; every object is re-scored")
+        changes.append(f"model changed: {pointer['model_id']} sha256 {pointer['model_sha256'][:12]} -> "
+                       f"{identity['model_id']} sha256 {sha[:12]}")
+    if pointer and (old_crop := recorded_crop_mode(pointer, previous)) != crop:
+        changes.append(f"crop mode changed: {old_crop} -> {crop}")
+    reason = "; ".join(changes) + "; every object is re-scored" if changes else None
     state_root = library_root(job.state) + "/"
     # A state kept inside the library must not audit its own thumbnails.
     objects = [o for o in list_images(job.library, job.s3) if not o.uri.startswith(state_root)]
@@ -189,9 +222,9 @@ def plan_run(job: AuditJob, identity: dict[str, Any], pointer: dict[str, Any] | 
                            "refusing to mark them all deleted (is the library mounted, the prefix right?). "
                            "If the library was emptied on purpose, audit it into a new --state.")
     listing = classify(objects, previous, rescore_all=reason is not None)
-    plan = Plan(_new_run_id(), now_utc(), root, sha, identity["model_id"], prev_id, reason, listing)
+    plan = Plan(_new_run_id(), now_utc(), root, sha, identity["model_id"], crop, prev_id, reason, listing)
     _write_parquet(join(job.state, "runs", plan.run_id, "plan.parquet"), listing, job.s3)
-    _write_json(marker_uri, {"run_id": plan.run_id, "library": root, "model_sha256": sha,
+    _write_json(marker_uri, {"run_id": plan.run_id, "library": root, "model_sha256": sha, "crop_mode": crop,
                              "previous_run_id": prev_id, "started_at": plan.started_at.isoformat(),
                              "rescored_all_reason": reason, "plan": f"runs/{plan.run_id}/plan.parquet"}, job.s3)
     return plan
@@ -209,11 +242,12 @@ def score_delta(job: AuditJob, plan: Plan) -> tuple[pa.Table, dict[str, int]]:
     if objects:
         res = run_score_job(ScoreJob(inputs=[job.library], out=out, model=job.model, s3=job.s3, objects=objects,
                                      resume=True, run_id=plan.run_id, max_bytes=job.max_bytes,
-                                     face_device=job.face_device, address=job.address))
+                                     face_device=job.face_device, address=job.address, gpu=job.gpu))
         skipped = res["skipped_already_scored"]
         stats.update(scored_now=len(objects) - skipped, reused_from_unfinished_run=skipped)
     rows = read_rows(out, job.s3)
-    rows = rows.filter(pc.and_(pc.equal(rows["model_sha256"], plan.model_sha256),
+    rows = rows.filter(pc.and_(pc.and_(pc.equal(rows["model_sha256"], plan.model_sha256),
+                                       pc.equal(rows["crop_mode"], plan.crop_mode)),
                                pc.is_in(rows["uri"], value_set=todo["uri"])))
     # A retried write may leave two rows for one URI: keep the latest.
     rows = rows.sort_by([("uri", "ascending"), ("scored_at", "descending")])
@@ -245,7 +279,7 @@ def merge_state(plan: Plan, previous: pa.Table, scored: pa.Table, keep_deleted_d
     kept = older.filter(pc.greater(older["deleted_at"], pa.scalar(cutoff, pa.timestamp("us", tz="UTC"))))
     state = pa.concat_tables([fresh, carried, newly, kept]).sort_by("uri")
     actions = plan.listing["action"].to_pylist()
-    counts = {"listed": plan.listing.num_rows, **{a: actions.count(a) for a in ("new", "changed", "unchanged")},
+    counts = {"listed": plan.listing.num_rows, **{a: actions.count(a) for a in ACTIONS},
               "deleted": newly.num_rows, "deleted_kept": kept.num_rows,
               "deleted_dropped": older.num_rows - kept.num_rows, "carried": carried.num_rows,
               "scored": scored.num_rows}
@@ -267,11 +301,14 @@ def run_audit(job: AuditJob) -> AuditResult:
     plan = plan_run(job, identity, pointer, previous)
     if plan.rescored_all_reason:
         print(f"piqa audit: WARNING {plan.rescored_all_reason}", file=sys.stderr)
+    if retries := plan.listing["action"].to_pylist().count("retry"):
+        print(f"piqa audit: retrying {retries} unchanged objects whose last row holds a transient error",
+              file=sys.stderr)
     scored, score_stats = score_delta(job, plan)
     state, counts = merge_state(plan, previous, scored, job.keep_deleted_days)
     state_rel, report_rel = f"states/{plan.run_id}.parquet", f"reports/{plan.run_id}"
     _write_parquet(join(job.state, state_rel), state.replace_schema_metadata(
-        {"run_id": plan.run_id, "model_sha256": plan.model_sha256}), job.s3)
+        {"run_id": plan.run_id, "model_sha256": plan.model_sha256, "crop_mode": plan.crop_mode}), job.s3)
     summary = write_report(ReportInput(
         run_id=plan.run_id, library=plan.library, out=join(job.state, report_rel), s3=job.s3, current=state,
         previous=previous if pointer else None, scored=scored, counts={**counts, **score_stats},
@@ -281,6 +318,7 @@ def run_audit(job: AuditJob) -> AuditResult:
         extra={"resumed": plan.resumed, "started_at": plan.started_at.isoformat(), "state": state_rel}))
     _switch_pointer(job, {"run_id": plan.run_id, "state": state_rel, "report": report_rel,
                           "library": plan.library, "model_sha256": plan.model_sha256, "model_id": plan.model_id,
+                          "crop_mode": plan.crop_mode,
                           "previous_run_id": plan.previous_run_id, "finished_at": now_utc().isoformat(),
                           "rows": state.num_rows})
     _delete(join(job.state, "IN_PROGRESS"), job.s3)
