@@ -95,7 +95,8 @@ def score(inputs: tuple[str, ...], out: str, engine: str, manifest: bool, endpoi
         job = ScoreJob(inputs=list(inputs), out=out, manifest=manifest, s3=s3, max_bytes=max_bytes,
                        model=model, resume=resume, face_device=face_device, prep=prep, prep_actors=prep_actors,
                        score_actors=score_actors, prep_batch_size=prep_batch_size,
-                       gpus_per_score_actor=gpus_per_actor, gpu=gpu, address=address, inject_crash=inject_crash)
+                       gpus_per_score_actor=gpus_per_actor, gpu=_ray_gpu(model.device, gpu), address=address,
+                       inject_crash=inject_crash)
         if run_date:
             job.run_date = run_date
         try:
@@ -105,6 +106,18 @@ def score(inputs: tuple[str, ...], out: str, engine: str, manifest: bool, endpoi
         except PlanError as e:
             raise click.UsageError(str(e)) from None
         click.echo(f"wrote {summary['rows']} rows to {summary['output']}")
+
+
+def _ray_gpu(device: str | None, gpu: bool | None) -> bool | None:
+    """``--device`` for a Ray job: cpu or cuda chooses the score pools' kind (Ray gives each actor its GPU)."""
+    if device is None:
+        return gpu
+    if device not in ("cpu", "cuda"):
+        raise click.UsageError(f"--device {device}: a Ray job takes cpu or cuda (each actor is given its own GPU)")
+    want = device == "cuda"
+    if gpu is not None and gpu != want:
+        raise click.UsageError(f"--device {device} contradicts --{'' if gpu else 'no-'}gpu")
+    return want
 
 
 # Options that shape the Ray pipeline; the in-process engine refuses them rather than ignore them.
@@ -178,12 +191,12 @@ def audit(library: str, state_uri: str, alert_if_mean_drops: float | None, alert
     s3.region = region or s3.region
     job = AuditJob(library=library, state=state_uri, model=model, s3=s3, alert_if_mean_drops=alert_if_mean_drops,
                    alert_if_error_rate=alert_if_error_rate, top_worst=top_worst, prefix_depth=prefix_depth,
-                   keep_deleted_days=keep_deleted_days, address=address)
+                   keep_deleted_days=keep_deleted_days, address=address, gpu=_ray_gpu(model.device, None))
     with _user_errors():
         result = run_audit(job)
     c = result.summary["counts"]
-    click.echo(f"run {result.run_id}: {c['new']} new, {c['changed']} changed, {c['unchanged']} unchanged, "
-               f"{c['deleted']} deleted; scored {c['scored']}")
+    click.echo(f"run {result.run_id}: {c['new']} new, {c['changed']} changed, {c.get('retry', 0)} retried, "
+               f"{c['unchanged']} unchanged, {c['deleted']} deleted; scored {c['scored']}")
     click.echo(f"state  {result.state_uri}\nreport {result.report_uri}")
     if result.alerts:
         for message in result.alerts:

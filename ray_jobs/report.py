@@ -29,7 +29,7 @@ from .storage import S3Options, join, read_bytes, write_bytes  # noqa: E402
 
 RANDOM_NOTE = "scores from random weights are not quality judgements"
 QUANTILES = {"p10": 0.1, "p25": 0.25, "p50": 0.5, "p75": 0.75, "p90": 0.9}
-COUNT_KEYS = ("new", "changed", "unchanged", "deleted")
+COUNT_KEYS = ("new", "changed", "retry", "unchanged", "deleted")
 
 
 @dataclass
@@ -170,8 +170,8 @@ def plot_quantiles(tonight: dict[str, Any], previous: dict[str, Any] | None) -> 
 
 def plot_counts(counts: dict[str, int], error_codes: dict[str, int]) -> bytes:
     fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.4), gridspec_kw={"width_ratios": [4, 3]})
-    a.bar(list(COUNT_KEYS), [counts.get(k, 0) for k in COUNT_KEYS], color=["#2ca02c", "#ff7f0e", "#9bbbd4",
-                                                                           "#d62728"])
+    a.bar(list(COUNT_KEYS), [counts.get(k, 0) for k in COUNT_KEYS],
+          color=["#2ca02c", "#ff7f0e", "#9467bd", "#9bbbd4", "#d62728"])
     a.set(title="Objects by change", ylabel="objects")
     if error_codes:
         b.barh(list(error_codes), list(error_codes.values()), color="#d62728")
@@ -245,8 +245,9 @@ def render_html(s: dict[str, Any]) -> str:
         parts.append(f'<div class="warn">{html.escape(s["rescored_all_reason"])}</div>')
     parts += [f'<div class="alert">ALERT: {html.escape(a["message"])}</div>' for a in s["alerts"]]
     parts.append("<h2>Counts</h2>" + _table(
-        ["listed", "new", "changed", "unchanged", "deleted", "scored this run", "errors this run", "no-face rate"],
-        [[c["listed"], c["new"], c["changed"], c["unchanged"], c["deleted"], c["scored"],
+        ["listed", "new", "changed", "retried", "unchanged", "deleted", "scored this run", "errors this run",
+         "no-face rate"],
+        [[c["listed"], c["new"], c["changed"], c.get("retry", 0), c["unchanged"], c["deleted"], c["scored"],
           s["scored_this_run"]["error"], t["no_face_rate"]]]))
     parts.append("<h2>Errors by code</h2>" + _table(
         ["code", "scored this run", "whole library"],

@@ -152,3 +152,27 @@ def test_eval_refuses_a_folder_out_before_scoring_and_fails_when_nothing_scored(
     assert built[-1]["compile"] is True and built[-1]["batch_size"] == 2  # --compile reaches the scorer
     assert json.loads((tmp_path / "r.json").read_text())["failed"] == 4
     assert pq.read_table(tmp_path / "r.parquet").num_rows == 4
+
+
+def test_device_chooses_the_ray_pools_kind(photos, tmp_path, monkeypatch):
+    import ray_jobs.audit
+    import ray_jobs.score
+
+    jobs = []
+    monkeypatch.setattr(ray_jobs.score, "run_score_job", lambda job: jobs.append(job) or {"rows": 0, "output": "o"})
+    def audit(job):
+        jobs.append(job)
+        raise RuntimeError("stop: only the job's arguments are under test")
+
+    monkeypatch.setattr(ray_jobs.audit, "run_audit", audit)
+    score = ["score", str(photos), "--out", str(tmp_path / "o"), "--random-weights", "--preset", "tiny"]
+    for extra, gpu in ((["--device", "cpu"], False), (["--device", "cuda", "--gpu"], True), ([], None)):
+        assert CliRunner().invoke(main, [*score, *extra]).exit_code == 0
+        assert jobs.pop().gpu is gpu, extra  # --device was ignored by Ray jobs: a GPU cluster scored on GPUs
+    res = CliRunner().invoke(main, [*score, "--device", "cuda:1"])
+    assert res.exit_code == 2 and "a Ray job takes cpu or cuda" in res.output
+    res = CliRunner().invoke(main, [*score, "--device", "cpu", "--gpu"])
+    assert res.exit_code == 2 and "--device cpu contradicts --gpu" in res.output
+    CliRunner().invoke(main, ["audit", str(photos), "--state", str(tmp_path / "s"), "--random-weights",
+                              "--preset", "tiny", "--device", "cpu"])
+    assert jobs.pop().gpu is False

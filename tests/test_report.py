@@ -57,7 +57,7 @@ def synthetic(tmp_path_factory: pytest.TempPathFactory) -> dict:
     gone = [{**r, "deleted": True, "deleted_at": T0} for r in prev[110:]]
     scored = cur[40:60] + cur[110:]
     out = tmp_path_factory.mktemp("report")
-    counts = {"listed": 120, "new": 10, "changed": 20, "unchanged": 90, "deleted": 10, "scored": 30}
+    counts = {"listed": 120, "new": 10, "changed": 17, "retry": 3, "unchanged": 90, "deleted": 10, "scored": 30}
     inp = ReportInput(run_id="run2", library=str(root), out=str(out), s3=S3Options(),
                       current=state_table(cur + gone), previous=state_table(prev), scored=state_table(scored),
                       counts=counts, model=MODEL, previous_run_id="run1", top_worst=8, prefix_depth=2,
@@ -73,7 +73,8 @@ def _ok(rows: list[dict]) -> np.ndarray:
 def test_summary_json_numbers(synthetic: dict) -> None:
     s = json.loads((synthetic["out"] / "summary.json").read_text())
     cur, prev = _ok(synthetic["cur"]), _ok(synthetic["prev"])
-    assert s["counts"] == {"listed": 120, "new": 10, "changed": 20, "unchanged": 90, "deleted": 10, "scored": 30}
+    assert s["counts"] == {"listed": 120, "new": 10, "changed": 17, "retry": 3, "unchanged": 90, "deleted": 10,
+                           "scored": 30}
     t = s["tonight"]
     assert (t["objects"], t["ok"], t["error"]) == (120, 116, 4)
     assert t["error_codes"] == {"not_an_image": 2, "truncated": 2}
@@ -141,6 +142,7 @@ def test_html_is_self_contained(synthetic: dict) -> None:
         assert (synthetic["out"] / ref).is_file(), ref
     assert RANDOM_NOTE in page and "ALERT: mean score dropped" in page
     assert "2023/summer" in page and "not_an_image" in page
+    assert "<th>retried</th>" in page and "<td>17</td><td>3</td><td>90</td>" in page  # changed, retried, unchanged
 
 
 def test_no_banner_for_real_weights(synthetic: dict) -> None:
