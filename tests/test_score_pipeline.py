@@ -13,7 +13,8 @@ from piqa_core.config import get_preset
 from piqa_core.scorer import Scorer
 from ray_jobs.options import ModelOptions
 from ray_jobs.resume import read_rows
-from ray_jobs.score import ScoreJob, model_share, plan_pools, run_score_job
+from ray_jobs.reader import READ_THREADS
+from ray_jobs.score import ScoreJob, model_share, plan_pools, read_batch, run_score_job
 from ray_jobs.storage import IMAGE_EXTENSIONS, S3Options
 from tests.corpus import astronaut_jpeg_bytes, build_corpus
 
@@ -155,6 +156,20 @@ def test_model_share_matches_the_measured_split():
     assert model_share(get_preset("dn-piqa"), "five") == pytest.approx(0.94, abs=0.02)
     assert model_share(get_preset("tiny"), "five") == pytest.approx(0.32, abs=0.05)
     assert model_share(get_preset("dn-piqa"), "center") < model_share(get_preset("dn-piqa"), "five")
+
+
+def test_read_blocks_are_no_larger_than_what_the_next_stage_takes_per_call():
+    import dataclasses
+
+    dn = get_preset("dn-piqa")
+    cpu = _job([], "x", model=dataclasses.replace(TINY, batch_size=2), prep_batch_size=None)
+    # dn-piqa on 2 cores: the score actor prepares its own 2-image batches in two calls; a 16-row read
+    # block went to one call whole and left the other idle (0.67 of the model alone instead of ~0.8)
+    assert read_batch(cpu, plan_pools(cpu, {"CPU": 2.0}, dn)) == 2
+    gpu = _job([], "x", model=dataclasses.replace(TINY, batch_size=32), prep_batch_size=None, prep="device")
+    assert read_batch(gpu, plan_pools(gpu, {"CPU": 16.0, "GPU": 1.0}, dn)) == READ_THREADS  # GETs in flight
+    pool = _job([], "x", model=dataclasses.replace(TINY, batch_size=32), prep_batch_size=None)
+    assert read_batch(pool, plan_pools(pool, {"CPU": 16.0, "GPU": 1.0}, dn)) == 8  # a prep actor's batch
 
 
 def test_pool_plans():
