@@ -357,6 +357,9 @@ def resolve_weights(uri: str | os.PathLike, cache_dir: str | os.PathLike | None 
             (fetch or _fsspec_fetch)(text, tmp)
             if not (tmp / WEIGHTS_FILE).is_file():
                 raise CheckpointError(f"{text} holds no {WEIGHTS_FILE}: is it a model directory?")
+            if not _cached(tmp, sha256):
+                raise CheckpointError(f"{text} holds other weights than the sha256 {sha256} expected: "
+                                      "was it written again during the job? Re-run it")
             if dest.exists():  # other weights: moved aside first, os.replace cannot overwrite a folder
                 stale = tmp.with_name(f"{dest.name}.stale-{os.getpid()}")
                 os.replace(dest, stale)

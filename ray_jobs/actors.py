@@ -24,7 +24,7 @@ from piqa_core.stages import Predictor, prepare_batch
 
 from .options import ModelOptions
 from .schema import SCORE_SCHEMA, now_utc
-from .storage import S3Options, list_images, read_bytes
+from .storage import S3Options, join, list_images, read_bytes
 
 PIXEL_COLUMNS = ("whole", "face", "patches")
 
@@ -43,23 +43,31 @@ def _fetcher(s3: S3Options):
     return copy
 
 
-def load_bundle(model: ModelOptions, s3: S3Options, parts: tuple[str, ...] = PARTS) -> Bundle:
+def load_bundle(model: ModelOptions, s3: S3Options, parts: tuple[str, ...] = PARTS,
+                sha256: str | None = None) -> Bundle:
+    """The model's networks (``parts``); ``sha256``: the weights the job's identity names (a node's
+    cached copy of other weights is fetched again)."""
     if model.random_weights:
         return build_bundle(model.preset, parts=parts)
-    return load_checkpoint(resolve_weights(model.weights, fetch=_fetcher(s3)), parts=parts)
+    return load_checkpoint(resolve_weights(model.weights, fetch=_fetcher(s3), sha256=sha256), parts=parts)
 
 
 def model_identity(model: ModelOptions, s3: S3Options) -> dict[str, Any]:
     """model_id, sha256, preset, crop mode, config and whether weights are random.
 
-    A model directory is identified by its config.json alone; random weights are built once here
+    A model directory is identified by its config.json alone, read from the source itself rather than
+    from this node's weight cache, which may hold an earlier copy; random weights are built once here
     to hash them.
     """
     if model.random_weights:
         bundle = build_bundle(model.preset)
         cfg, model_id, sha, random_init = bundle.config, bundle.model_id, bundle.sha256, True
     else:
-        meta = json.loads((resolve_weights(model.weights, fetch=_fetcher(s3)) / CONFIG_FILE).read_text())
+        source = str(model.weights).removeprefix("file://")
+        try:
+            meta = json.loads(read_bytes(join(os.path.expanduser(source), CONFIG_FILE), s3))
+        except FileNotFoundError:
+            raise CheckpointError(f"{model.weights} is not a model directory (no {CONFIG_FILE})") from None
         from piqa_core.config import PIQAConfig
 
         cfg, model_id = PIQAConfig.from_dict(meta["config"]), meta["model_id"]
@@ -99,10 +107,10 @@ class PrepActor:
     """CPU stage: decode, batched face detection, crops, LIQE patches (pixel columns are uint8)."""
 
     def __init__(self, model: ModelOptions, s3: S3Options, face_device: str = "cpu",
-                 crash_marker: str | None = None, threads: int | None = None) -> None:
+                 crash_marker: str | None = None, threads: int | None = None, sha256: str | None = None) -> None:
         # Planned with one torch thread, so libgomp's count (see TorchThread) cannot mislead it.
         torch.set_num_threads(threads or max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
-        bundle = load_bundle(model, s3, parts=("face",))
+        bundle = load_bundle(model, s3, parts=("face",), sha256=sha256)
         self.cfg, self.crop_mode = bundle.config, model.crop_mode
         device = torch.device("cuda" if face_device == "gpu" and torch.cuda.is_available() else "cpu")
         self.detector = for_inference(bundle.detector, device)
@@ -151,7 +159,8 @@ class ScoreActor:
                crash_marker: str | None, threads: int | None, prepare_on_device: bool) -> None:
         if threads:
             torch.set_num_threads(threads)
-        bundle = load_bundle(model, s3, parts=PARTS if prepare_on_device else ("model", "liqe"))
+        bundle = load_bundle(model, s3, parts=PARTS if prepare_on_device else ("model", "liqe"),
+                             sha256=identity["sha256"] if model.weights else None)
         if model.weights and bundle.sha256 != identity["sha256"]:
             raise CheckpointError(f"{model.weights} changed while the job ran: sha256 {bundle.sha256} "
                                   f"!= {identity['sha256']} at job start; re-run the job")

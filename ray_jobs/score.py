@@ -244,7 +244,8 @@ def _stage_args(job: ScoreJob, plan: PoolPlan, run_id: str,
     common = {"model": job.model, "s3": job.s3}
     prep = None if not plan.prep_actors else dict(
         fn_constructor_kwargs={**common, "face_device": job.face_device, "crash_marker": crash_marker("prep"),
-                               "threads": plan.prep_threads},
+                               "threads": plan.prep_threads,
+                               "sha256": identity["sha256"] if job.model.weights else None},
         compute=ActorPoolStrategy(size=plan.prep_actors), num_cpus=plan.prep_cpus, num_gpus=plan.prep_gpus,
     )
     calls = score_calls(plan)

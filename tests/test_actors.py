@@ -42,6 +42,39 @@ def test_stages_score_like_the_in_process_scorer():
     assert all(r["random_weights"] for r in rows)
 
 
+def test_a_node_holding_an_older_copy_of_the_weights_loads_the_ones_the_job_names(s3_server, s3_bucket, tmp_path,
+                                                                                   monkeypatch):
+    import boto3
+
+    from piqa_core.checkpoints import load_checkpoint
+    from ray_jobs.actors import load_bundle
+
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "node1" / "hub"))  # cache: node1/piqa
+    client = boto3.client("s3", endpoint_url=s3_server.endpoint_url, region_name="us-east-1",
+                          aws_access_key_id="testing", aws_secret_access_key="testing")
+
+    def publish(seed: int) -> str:
+        save_checkpoint(build_bundle("tiny", seed=seed), tmp_path / f"m{seed}")
+        for f in (tmp_path / f"m{seed}").iterdir():
+            client.put_object(Bucket=s3_bucket, Key=f"models/m/{f.name}", Body=f.read_bytes())
+        return load_checkpoint(tmp_path / f"m{seed}").sha256
+
+    model = ModelOptions(weights=f"s3://{s3_bucket}/models/m", random_weights=False, preset="tiny", crop_mode=None,
+                         precision="fp32", device=None, batch_size=4)
+    old = publish(1)
+    assert load_bundle(model, s3_server.options).sha256 == old  # cached on this node
+    new = publish(2)  # the same URI written again, days later
+    identity = model_identity(model, s3_server.options)
+    assert identity["sha256"] == new  # read from the source, not from the node's cache
+    assert load_bundle(model, s3_server.options).sha256 == old  # what every actor here loaded before
+    actor = ScoreActor(model, s3_server.options, identity)  # used to stop: "changed while the job ran"
+    assert actor.predictor is not None and load_bundle(model, s3_server.options, sha256=new).sha256 == new
+    publish(3)  # written again while the job runs: refused, not mixed into the run
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "node2" / "hub"))  # a node yet to fetch
+    with pytest.raises(CheckpointError, match="other weights than the sha256"):
+        PrepActor(model, s3_server.options, threads=1, sha256=new)
+
+
 def test_score_actor_refuses_weights_replaced_during_the_job(tmp_path):
     save_checkpoint(build_bundle("tiny", seed=1), tmp_path / "m")
     model = ModelOptions(weights=str(tmp_path / "m"), random_weights=False, preset="tiny", crop_mode=None,
