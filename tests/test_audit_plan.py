@@ -1,0 +1,128 @@
+"""Audit planning without Ray: which objects are re-scored (transient errors, crop mode), how the state
+merges, and when an unfinished run is continued."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pytest
+
+from piqa_core.errors import ERROR_CODES
+from ray_jobs import audit
+from ray_jobs.audit import PLAN_SCHEMA, STATE_SCHEMA, AuditJob
+from ray_jobs.schema import SCORE_SCHEMA
+from ray_jobs.storage import ObjectInfo, join, list_images, write_bytes
+from tests.test_audit import TINY, read_json
+
+T0 = datetime(2024, 5, 1, 2, 0, tzinfo=timezone.utc)
+SHA = "a" * 64
+
+
+def state_table(rows: list[dict]) -> pa.Table:
+    """A state from partial rows: live, scored five-crop, other columns null unless given."""
+    return pa.Table.from_pylist([{"deleted": False, "crop_mode": "five", **r} for r in rows], schema=STATE_SCHEMA)
+
+
+def row(uri: str, tag: str = "e1", **kw: Any) -> dict:
+    return {"uri": uri, "etag_or_mtime": tag, "bytes": 10, "status": "error" if "error_code" in kw else "ok", **kw}
+
+
+def test_classify_retries_only_transient_errors() -> None:
+    prev = state_table([row("ok"), *(row(c, error_code=c) for c in ERROR_CODES),
+                        row("edited", error_code="read_failed"), row("back", error_code="internal", deleted=True)])
+    uris = ("ok", *ERROR_CODES, "edited", "back", "new")
+    listing = [ObjectInfo(u, 10, "e2" if u == "edited" else "e1") for u in uris]
+    plan = {r["uri"]: (r["action"], r["to_score"]) for r in audit.classify(listing, prev, False).to_pylist()}
+    transient = {"read_failed", "not_found", "internal"}  # decode verdicts on unchanged bytes would recur
+    assert plan == {"ok": ("unchanged", False), "edited": ("changed", True), "back": ("new", True),
+                    "new": ("new", True), **{c: (("retry", True) if c in transient else ("unchanged", False))
+                                             for c in ERROR_CODES}}
+
+
+def test_a_retried_row_is_replaced_and_counted() -> None:
+    prev = state_table([row("a", score=1.0, audit_run_id="r1"), row("b", error_code="read_failed", audit_run_id="r1"),
+                        row("c", error_code="not_an_image", audit_run_id="r1")])
+    listing = audit.classify([ObjectInfo(u, 10, "e1") for u in "abc"], prev, False)
+    plan = audit.Plan("r2", T0, "/lib", SHA, "tiny", "five", "r1", None, listing)
+    scored = pa.Table.from_pylist([{**row("b", score=0.5), "crop_mode": "five"}], schema=SCORE_SCHEMA)
+    state, counts = audit.merge_state(plan, prev, scored, 30.0)
+    assert ({k: counts[k] for k in ("new", "changed", "retry", "unchanged", "carried", "scored")}
+            == {"new": 0, "changed": 0, "retry": 1, "unchanged": 2, "carried": 2, "scored": 1})
+    got = {r["uri"]: r for r in state.to_pylist()}
+    assert len(state) == 3 and (got["b"]["status"], got["b"]["score"], got["b"]["audit_run_id"]) == ("ok", 0.5, "r2")
+    assert (got["c"]["error_code"], got["c"]["audit_run_id"]) == ("not_an_image", "r1")
+
+
+def planning(tmp_path: Path, modes: tuple[str | None, ...]) -> tuple[AuditJob, pa.Table]:
+    """A library of len(modes) files and a previous state that holds them all, scored in those crop modes."""
+    lib = tmp_path / "lib"
+    for i in range(len(modes)):
+        write_bytes(str(lib / f"p{i}.jpg"), b"x" * (i + 1))
+    previous = state_table([{**row(o.uri, o.etag_or_mtime, bytes=o.size), "crop_mode": m}
+                            for o, m in zip(list_images(str(lib)), modes)])
+    return AuditJob(library=str(lib), state=str(tmp_path / "state"), model=TINY), previous
+
+
+def pointer(job: AuditJob, crop_mode: str | None) -> dict:
+    p = {"run_id": "r1", "library": audit.library_root(job.library), "model_sha256": SHA, "model_id": "tiny"}
+    return p if crop_mode is None else {**p, "crop_mode": crop_mode}
+
+
+@pytest.mark.parametrize("recorded, modes, crop, old", [
+    ("five", ("five", "five"), "five", None), ("five", ("five", "five"), "center", "five"),
+    ("center", ("center", "center"), "five", "center"),
+    # Pointers from before crop_mode was recorded: the rows tell, else the old default (five).
+    (None, ("five", "five"), "five", None), (None, ("center", "center"), "center", None),
+    (None, ("center", "center"), "five", "center"),
+    (None, ("five", "center"), "five", "center+five"),  # mixed already: re-score to one protocol
+    (None, (None, None), "five", None), (None, (None, None), "center", "five"),
+])
+def test_a_crop_mode_change_rescores_everything(tmp_path: Path, recorded: str | None, modes: tuple,
+                                                crop: str, old: str | None) -> None:
+    job, previous = planning(tmp_path, modes)
+    plan = audit.plan_run(job, {"sha256": SHA, "model_id": "tiny", "crop_mode": crop}, pointer(job, recorded),
+                          previous)
+    reason = f"crop mode changed: {old} -> {crop}; every object is re-scored" if old else None
+    assert (plan.crop_mode, plan.rescored_all_reason) == (crop, reason)
+    assert plan.listing["action"].to_pylist() == ["unchanged"] * 2
+    assert plan.listing["to_score"].to_pylist() == [old is not None] * 2
+    marker = read_json(join(job.state, "IN_PROGRESS"))
+    assert (marker["crop_mode"], marker["rescored_all_reason"]) == (crop, reason)
+
+
+def test_an_unfinished_run_continues_only_under_the_same_crop_mode(tmp_path: Path,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    job, previous = planning(tmp_path, ("five", "five"))
+    five, center = ({"sha256": SHA, "model_id": "tiny", "crop_mode": m} for m in ("five", "center"))
+    first = audit.plan_run(job, five, pointer(job, "five"), previous)
+    again = audit.plan_run(job, five, pointer(job, "five"), previous)
+    assert again.resumed and again.run_id == first.run_id and again.crop_mode == "five"
+    other = audit.plan_run(job, center, pointer(job, "five"), previous)
+    assert not other.resumed and other.run_id != first.run_id and other.listing["to_score"].to_pylist() == [True] * 2
+    assert f"abandoning unfinished run {first.run_id}" in capsys.readouterr().err
+    marker_uri = join(job.state, "IN_PROGRESS")
+    marker = read_json(marker_uri)
+    assert (marker["run_id"], marker["crop_mode"]) == (other.run_id, "center")
+    del marker["crop_mode"]  # as older code wrote it: its rows' crop mode is unknown, so it is not continued
+    audit._write_json(marker_uri, marker, job.s3)
+    legacy = audit.plan_run(job, center, pointer(job, "five"), previous)
+    assert not legacy.resumed and legacy.run_id != other.run_id
+
+
+def test_score_delta_keeps_only_rows_of_the_runs_crop_mode(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from ray_jobs import score
+
+    job = AuditJob(library=str(tmp_path / "lib"), state=str(tmp_path / "state"), model=TINY)
+    listing = pa.Table.from_pylist([{**row("/lib/a.jpg"), "action": "new", "to_score": True}], schema=PLAN_SCHEMA)
+    plan = audit.Plan("r1", T0, "/lib", SHA, "tiny", "center", None, None, listing, resumed=True)
+    rows = [{**row("/lib/a.jpg", score=s), "model_sha256": SHA, "crop_mode": m, "scored_at": T0 + timedelta(hours=h)}
+            for s, m, h in ((1.0, "center", 0), (2.0, "five", 1))]  # the other protocol's row is the later one
+    audit._write_parquet(join(job.state, "runs", "r1", "scores", "part-r1-x_000000.parquet"),
+                         pa.Table.from_pylist(rows, schema=SCORE_SCHEMA), job.s3)
+    monkeypatch.setattr(score, "run_score_job", lambda _job: {"skipped_already_scored": 1})
+    scored, stats = audit.score_delta(job, plan)
+    assert (scored["score"].to_pylist(), scored["crop_mode"].to_pylist()) == ([1.0], ["center"])
+    assert stats == {"to_score": 1, "scored_now": 0, "reused_from_unfinished_run": 1}
