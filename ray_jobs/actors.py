@@ -24,7 +24,7 @@ from piqa_core.stages import Predictor, prepare_batch
 
 from .options import ModelOptions
 from .schema import SCORE_SCHEMA, now_utc
-from .storage import S3Options, join, list_images, read_bytes
+from .storage import S3Options, join, list_images, local_path, read_bytes
 
 PIXEL_COLUMNS = ("whole", "face", "patches")
 
@@ -63,9 +63,9 @@ def model_identity(model: ModelOptions, s3: S3Options) -> dict[str, Any]:
         bundle = build_bundle(model.preset)
         cfg, model_id, sha, random_init = bundle.config, bundle.model_id, bundle.sha256, True
     else:
-        source = str(model.weights).removeprefix("file://")
+        source = local_path(str(model.weights)) or str(model.weights)
         try:
-            meta = json.loads(read_bytes(join(os.path.expanduser(source), CONFIG_FILE), s3))
+            meta = json.loads(read_bytes(join(source, CONFIG_FILE), s3))
         except FileNotFoundError:
             raise CheckpointError(f"{model.weights} is not a model directory (no {CONFIG_FILE})") from None
         from piqa_core.config import PIQAConfig

@@ -42,7 +42,7 @@ import pandas as pd
 
 from piqa_core.losses import pairs_from_names
 
-from .storage import S3Options, join, read_bytes, stat_objects
+from .storage import S3Options, join, local_path, read_bytes, stat_objects
 
 SPLITS = ("train", "val", "test")
 PIQ23_REQUIRED = ("IMAGE PATH", "IMAGE", "JOD", "SCENE")
@@ -74,11 +74,6 @@ def _require(df: pd.DataFrame, columns: tuple[str, ...], uri: str, fmt: str) -> 
     if missing:
         raise LabelError(f"{uri}: missing column(s) {missing} for the {fmt} format "
                          f"(needs {list(columns)}; found {list(df.columns)})")
-
-
-def _absolute(path: str) -> str:
-    """A local path made absolute against the current directory; a ``scheme://`` URI stays."""
-    return path if "://" in path else os.path.abspath(os.path.expanduser(path))
 
 
 def _text(col: pd.Series) -> list[str | None]:
@@ -201,7 +196,7 @@ def from_piq23(csv_uri: str, images: str | None = None, train_list: str | None =
     """PIQ23 CSV + image root (default: the CSV's directory) + optional official split files."""
     df = read_frame(csv_uri, s3)
     _require(df, PIQ23_REQUIRED, csv_uri, "PIQ23")
-    root = _absolute(images) if images else resolve_relative(".", csv_uri)
+    root = (local_path(images) or images) if images else resolve_relative(".", csv_uri)
     rel = [p and p.replace("\\", "/").lstrip("/") for p in _text(df["IMAGE PATH"])]
     out = pd.DataFrame({"uri": [p and join(root, p) for p in rel], "score": pd.to_numeric(df["JOD"], errors="coerce"),
                         "group": _text(df["SCENE"]),

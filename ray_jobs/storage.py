@@ -89,7 +89,7 @@ def _scheme(uri: str) -> str:
     return uri.split("://", 1)[0].lower() if "://" in uri else ""
 
 
-def _local_path(uri: str) -> str | None:
+def local_path(uri: str) -> str | None:
     """Absolute local path for a plain path or ``file:`` URI, else ``None``."""
     if uri.startswith("file:"):
         return os.path.abspath(unquote(urlparse(uri).path))
@@ -120,7 +120,7 @@ def _pyarrow_s3(o: S3Options) -> pafs.S3FileSystem:
 
 def resolve(uri: str, s3: S3Options | None = None) -> tuple[pafs.FileSystem, str]:
     """Return ``(pyarrow filesystem, path inside it)`` for a local path or URI."""
-    local = _local_path(uri)
+    local = local_path(uri)
     if local is not None:
         return pafs.LocalFileSystem(), local
     scheme = _scheme(uri)
@@ -144,7 +144,7 @@ def fsspec_filesystem(uri: str, s3: S3Options | None = None) -> fsspec.AbstractF
             token=o.session_token, endpoint_url=o.endpoint_url, client_kwargs=client_kwargs,
             skip_instance_cache=True, use_listings_cache=False,
         )
-    if _local_path(uri) is not None:
+    if local_path(uri) is not None:
         return fsspec.filesystem("file")
     return fsspec.core.url_to_fs(uri)[0]
 
@@ -196,7 +196,7 @@ def list_images(
     def keep(name: str) -> bool:
         return extensions is None or name.lower().endswith(exts)
 
-    local = _local_path(prefix_uri)
+    local = local_path(prefix_uri)
     if local is not None:
         if os.path.isfile(local):
             return [_local_info(local)]
@@ -232,7 +232,7 @@ def stat_objects(uris: Iterable[str], s3: S3Options | None = None) -> list[Objec
     fss: dict[str, fsspec.AbstractFileSystem] = {}
 
     def one(uri: str) -> ObjectInfo:
-        local = _local_path(uri)
+        local = local_path(uri)
         try:
             if local is not None:
                 return _local_info(local) if os.path.isfile(local) else ObjectInfo(local, -1, "")
@@ -247,7 +247,7 @@ def stat_objects(uris: Iterable[str], s3: S3Options | None = None) -> list[Objec
 
     uris = list(uris)
     for u in uris:
-        if _local_path(u) is None and _scheme(u) not in fss:
+        if local_path(u) is None and _scheme(u) not in fss:
             fss[_scheme(u)] = fsspec_filesystem(u, s3)
     with ThreadPoolExecutor(max_workers=16) as pool:
         return list(pool.map(one, uris))
@@ -302,10 +302,10 @@ def read_manifest(uri: str, s3: S3Options | None = None) -> list[str]:
     """
     out: list[str] = []
     seen: set[str] = set()
-    local_manifest = _local_path(uri)
+    local_manifest = local_path(uri)
     for entry in _manifest_entries(uri, s3):
         if "://" in entry or entry.startswith("file:") or os.path.isabs(entry):
-            resolved = _local_path(entry) or entry
+            resolved = local_path(entry) or entry
         elif local_manifest is not None:
             resolved = os.path.normpath(os.path.join(os.path.dirname(local_manifest), entry))
         else:
@@ -372,7 +372,7 @@ def atomic_write_bytes(uri: str, data: bytes, s3: S3Options | None = None) -> No
     object becomes visible only when its single PUT (or multipart completion) succeeds, so a
     plain write is already atomic.
     """
-    path = _local_path(uri)
+    path = local_path(uri)
     if path is None:
         write_bytes(uri, data, s3)
         return

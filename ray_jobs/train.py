@@ -31,7 +31,7 @@ from piqa_core.metrics import MIN_GROUP
 from piqa_core.training import format_val_srcc
 
 from .labels import LabelError, LabelTable, load_labels, load_pairs
-from .storage import S3Options, atomic_write_bytes, exists, join, read_bytes, resolve
+from .storage import S3Options, atomic_write_bytes, exists, join, local_path, read_bytes, resolve
 from .train_worker import HISTORY_FILE, train_loop_per_worker
 
 
@@ -98,10 +98,6 @@ def _require_v2() -> None:
 WEIGHT_SOURCES = ("init", "init_whole", "init_face", "liqe", "retinaface")
 
 
-def _is_local(uri: str) -> bool:
-    return "://" not in uri or uri.startswith("file://")
-
-
 def checked_job(job: TrainJob) -> TrainJob:
     """The job with local paths absolute, its weight files checked to exist.
 
@@ -111,9 +107,9 @@ def checked_job(job: TrainJob) -> TrainJob:
     paths = {}
     for name in (*WEIGHT_SOURCES, "cache", "storage", "labels", "images", "train_list", "test_list", "pairs"):
         uri = getattr(job, name)
-        if uri is None or not _is_local(uri):
+        if uri is None or (path := local_path(uri)) is None:
             continue
-        paths[name] = os.path.abspath(uri.removeprefix("file://"))
+        paths[name] = path
         if name in WEIGHT_SOURCES and not os.path.exists(paths[name]):
             raise TrainSetupError(f"--{name.replace('_', '-')} {uri}: no such file or directory")
     if paths.get("init") and os.path.isdir(paths["init"]) and (job.liqe or job.retinaface):
