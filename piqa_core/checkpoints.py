@@ -61,6 +61,8 @@ class Bundle:
     random_init: bool = False
     meta: dict[str, Any] = field(default_factory=dict)
     parts: tuple[str, ...] = PARTS
+    # frozen networks (of "liqe", "face") a trained model holds at random init: it was trained without them
+    random_parts: tuple[str, ...] = ()
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         self._require_all("state_dict")
@@ -262,6 +264,7 @@ def save_checkpoint(bundle: Bundle, directory: str | os.PathLike, extra: Mapping
         "format": FORMAT,
         "model_id": bundle.model_id,
         "random_init": bundle.random_init,
+        "random_parts": list(bundle.random_parts),
         "sha256": digest,
         "config": bundle.config.to_dict(),
         **(extra or {}),
@@ -309,6 +312,7 @@ def load_checkpoint(directory: str | os.PathLike, verify: bool = True, parts: tu
         raise CheckpointError(f"{w_path} was replaced while it was being loaded; load it again")
     bundle = Bundle(cfg, nets.get("model"), nets.get("liqe"), nets.get("face"), model_id="", parts=parts)
     bundle.model_id, bundle.random_init = meta.get("model_id", root.name), bool(meta.get("random_init"))
+    bundle.random_parts = tuple(meta.get("random_parts", ()))
     bundle.meta = {"sha256": digest, **{k: v for k, v in meta.items() if k not in ("config", "sha256")}}
     return bundle
 

@@ -278,6 +278,12 @@ def _state(src: Source) -> dict[str, torch.Tensor]:
     return torch_load(src if isinstance(src, bytes) else os.fspath(src))
 
 
+def _frozen_parts(bundle: Bundle, **sources: Source | None) -> tuple[str, ...]:
+    """The frozen networks (``liqe``, ``face``) the bundle has and no weights were given for."""
+    nets = {"liqe": bundle.liqe, "face": bundle.detector}
+    return tuple(p for p, src in sources.items() if src is None and nets[p] is not None)
+
+
 def init_bundle(preset: str = "dn-piqa", seed: int = 0, init: Source | None = None,
                 init_whole: Source | None = None, init_face: Source | None = None,
                 liqe: Source | None = None, retinaface: Source | None = None) -> tuple[Bundle, list[str]]:
@@ -291,7 +297,9 @@ def init_bundle(preset: str = "dn-piqa", seed: int = 0, init: Source | None = No
     if init is not None and not isinstance(init, bytes) and os.path.isdir(init):
         if liqe is not None or retinaface is not None:
             raise ValueError("a model directory already holds LIQE and RetinaFace: drop --liqe/--retinaface")
-        bundle, warnings = load_checkpoint(init), []
+        bundle = load_checkpoint(init)
+        if bundle.random_init:  # a random model directory: once trained, only its frozen parts stay random
+            bundle.random_parts = _frozen_parts(bundle, liqe=None, face=None)
     else:
         cfg = get_preset(preset)
         liqe_sd = _state(liqe) if liqe is not None else None
@@ -304,9 +312,9 @@ def init_bundle(preset: str = "dn-piqa", seed: int = 0, init: Source | None = No
             load_strict(bundle.detector.net, clean_state_dict(_state(retinaface)), "RetinaFace")
         if init is not None:
             load_strict(bundle.model, official_to_ours(_state(init), bundle.model), "DN-PIQA model")
-        warnings = [f"{name} weights are random (frozen during training)" for name, src, part in
-                    (("LIQE", liqe, bundle.liqe), ("RetinaFace", retinaface, bundle.detector))
-                    if src is None and part is not None]
+        bundle.random_parts = _frozen_parts(bundle, liqe=liqe, face=retinaface)
+    names = {"liqe": "LIQE", "face": "RetinaFace"}
+    warnings = [f"{names[p]} weights are random (frozen during training)" for p in bundle.random_parts]
     for branch, src in (("backbone", init_whole), ("backbone_face", init_face)):
         if src is not None:
             module = getattr(bundle.model, branch)

@@ -53,7 +53,7 @@ def load_bundle(model: ModelOptions, s3: S3Options, parts: tuple[str, ...] = PAR
 
 
 def model_identity(model: ModelOptions, s3: S3Options) -> dict[str, Any]:
-    """model_id, sha256, preset, crop mode, config and whether weights are random.
+    """model_id, sha256, preset, crop mode, config and which weights are random.
 
     A model directory is identified by its config.json alone, read from the source itself rather than
     from this node's weight cache, which may hold an earlier copy; random weights are built once here
@@ -61,7 +61,7 @@ def model_identity(model: ModelOptions, s3: S3Options) -> dict[str, Any]:
     """
     if model.random_weights:
         bundle = build_bundle(model.preset)
-        cfg, model_id, sha, random_init = bundle.config, bundle.model_id, bundle.sha256, True
+        cfg, model_id, sha, random_init, random_parts = bundle.config, bundle.model_id, bundle.sha256, True, []
     else:
         source = local_path(str(model.weights)) or str(model.weights)
         try:
@@ -71,8 +71,9 @@ def model_identity(model: ModelOptions, s3: S3Options) -> dict[str, Any]:
         from piqa_core.config import PIQAConfig
 
         cfg, model_id = PIQAConfig.from_dict(meta["config"]), meta["model_id"]
-        sha, random_init = meta["sha256"], bool(meta.get("random_init"))
+        sha, random_init, random_parts = meta["sha256"], bool(meta.get("random_init")), meta.get("random_parts", [])
     return {"model_id": model_id, "sha256": sha, "preset": cfg.preset, "random_init": random_init,
+            "random_parts": list(random_parts),
             "crop_mode": model.crop_mode or cfg.preprocess.crop_mode, "config": cfg}
 
 

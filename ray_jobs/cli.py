@@ -152,7 +152,8 @@ def _score_local(inputs, out, manifest, s3, max_bytes, model: ModelOptions) -> N
     sink = pa.BufferOutputStream()
     pq.write_table(table, sink)
     atomic_write_bytes(out, sink.getvalue().to_pybytes(), s3)  # a killed run never leaves half a file
-    summary = summarize(table, time.perf_counter() - t0, random_weights=scorer.bundle.random_init)
+    summary = summarize(table, time.perf_counter() - t0, random_weights=scorer.bundle.random_init,
+                        random_parts=list(scorer.bundle.random_parts))
     click.echo(format_summary(summary))
     click.echo(f"wrote {table.num_rows} rows to {out}")
 
@@ -258,6 +259,8 @@ def info_cmd(model_dir: str) -> None:
     click.echo(f"preset        {bundle.config.preset}")
     click.echo(f"sha256        {bundle.sha256}")
     click.echo(f"random_init   {bundle.random_init}")
+    if bundle.random_parts:
+        click.echo(f"random_parts  {', '.join(bundle.random_parts)} (trained without their weights)")
     click.echo(f"params        model {count(bundle.model):,}  liqe {count(bundle.liqe):,}  "
                f"face {count(bundle.detector):,}")
 

@@ -35,7 +35,8 @@ class EvalResult:
 
     def format(self) -> str:
         i = self.info
-        rnd = ", RANDOM WEIGHTS" if i["random_weights"] else ""
+        rnd = (", RANDOM WEIGHTS" if i["random_weights"] else
+               f", trained with random {'+'.join(i['random_parts'])}" if i.get("random_parts") else "")
         head = (f"model {i['model_id']} (sha256 {i['model_sha256'][:12]}…{rnd}) on {i['split']}: "
                 f"{i['items']} images, {i['failed']} failed, crop {i['crop_mode']}")
         return head + "\n" + self.report.format_table()
@@ -53,6 +54,7 @@ def evaluate_table(scorer: Scorer, table: LabelTable, split: str = "all", s3: S3
     report = evaluate(pred.loc[ok, "score"].to_numpy(float), pred.loc[ok, "label"].to_numpy(float),
                       pred.loc[ok, "group"].tolist())
     info = {"model_id": scorer.model_id, "model_sha256": scorer.sha256, "random_weights": scorer.bundle.random_init,
+            "random_parts": list(scorer.bundle.random_parts),
             "crop_mode": scorer.crop_mode, "split": split, "items": len(pred), "failed": int((~ok).sum())}
     return EvalResult(report, pred, info)
 

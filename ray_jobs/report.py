@@ -26,6 +26,7 @@ from PIL import Image  # noqa: E402
 
 from .schema import now_utc  # noqa: E402
 from .storage import S3Options, join, read_bytes, write_bytes  # noqa: E402
+from .summary import random_parts_note  # noqa: E402
 
 RANDOM_NOTE = "scores from random weights are not quality judgements"
 QUANTILES = {"p10": 0.1, "p25": 0.25, "p50": 0.5, "p75": 0.75, "p90": 0.9}
@@ -236,6 +237,8 @@ def render_html(s: dict[str, Any]) -> str:
              f"</title><style>{CSS}</style></head><body>"]
     if s["random_weights"]:
         parts.append(f'<div class="banner">RANDOM WEIGHTS: {RANDOM_NOTE}.</div>')
+    elif s["model"].get("random_parts"):
+        parts.append(f'<div class="warn">{html.escape(random_parts_note(s["model"]["random_parts"]))}</div>')
     parts.append(f"<h1>Photo-library audit — run {html.escape(s['run_id'])}</h1>")
     parts.append(_table(["run", s["run_id"]], [["library", s["library"]], ["previous run", s["previous_run_id"]],
                                    ["model", f"{s['model']['model_id']} (sha256 {s['model']['sha256'][:12]})"],
@@ -278,7 +281,8 @@ def write_report(inp: ReportInput) -> dict[str, Any]:
     random = bool(inp.model.get("random_init"))
     s: dict[str, Any] = {
         "run_id": inp.run_id, "previous_run_id": inp.previous_run_id, "library": inp.library,
-        "model": {k: inp.model.get(k) for k in ("model_id", "sha256", "preset", "crop_mode", "random_init")},
+        "model": {k: inp.model.get(k) for k in ("model_id", "sha256", "preset", "crop_mode", "random_init",
+                                                   "random_parts")},
         "random_weights": random, "random_weights_note": RANDOM_NOTE if random else None,
         "rescored_all_reason": inp.rescored_all_reason, "counts": dict(inp.counts),
         "tonight": tonight, "previous": previous, "scored_this_run": score_stats(inp.scored),

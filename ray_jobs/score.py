@@ -227,7 +227,8 @@ def run_score_job(job: ScoreJob) -> dict[str, Any]:
     table = run_files(dest, run_id, job.s3)
     summary = summarize(table, time.perf_counter() - t0, run_id=run_id, skipped_already_scored=skipped,
                         listed=len(objects) + skipped, output=dest, random_weights=identity["random_init"],
-                        model_id=identity["model_id"], model_sha256=identity["sha256"])
+                        random_parts=identity["random_parts"], model_id=identity["model_id"],
+                        model_sha256=identity["sha256"])
     write_text(join(job.out, f"_summary-{run_id}.json"), to_json(summary), job.s3)
     print(format_summary(summary), file=sys.stderr)
     return summary

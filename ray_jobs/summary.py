@@ -40,7 +40,15 @@ def format_summary(summary: dict[str, Any]) -> str:
         lines.append(f"  {code:<20} {count}")
     if summary.get("random_weights"):
         lines.append("NOTE: random weights — these scores are not quality judgements.")
+    elif summary.get("random_parts"):
+        lines.append(random_parts_note(summary["random_parts"]))
     return "\n".join(lines)
+
+
+def random_parts_note(parts: list[str]) -> str:
+    """A trained model whose frozen LIQE/RetinaFace were never loaded: not the paper's features."""
+    names = " and ".join({"liqe": "LIQE", "face": "RetinaFace"}.get(p, p) for p in parts)
+    return f"NOTE: this model was trained with random {names} weights (frozen); its features are not the paper's."
 
 
 def to_json(summary: dict[str, Any]) -> str:

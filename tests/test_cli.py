@@ -9,8 +9,10 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from piqa_core.checkpoints import build_bundle
+from piqa_core.checkpoints import build_bundle, save_checkpoint
+from piqa_core.training import init_bundle
 from ray_jobs.cli import main
+from ray_jobs.options import ModelOptions
 from tests.corpus import astronaut_jpeg_bytes
 from tests.test_checkpoints import legacy_zip, official_layout, openai_layout
 
@@ -98,6 +100,26 @@ def test_weights_random_info_and_scoring_from_dir(photos, tmp_path):
     assert res.exit_code == 0, res.output
     assert pq.read_table(tmp_path / "o.parquet").column("model_sha256")[0].as_py() == build_bundle(
         "tiny", seed=3).sha256
+
+
+def test_a_model_trained_with_random_frozen_parts_says_so(photos, tmp_path):
+    """A trained model (random_init false) whose LIQE/RetinaFace were never loaded is not the paper's."""
+    from ray_jobs.actors import model_identity
+    from ray_jobs.storage import S3Options
+
+    bundle, warnings = init_bundle("tiny")  # no --liqe/--retinaface: both frozen networks stay random
+    bundle.random_init = False  # as training exports it
+    save_checkpoint(bundle, tmp_path / "m")
+    assert json.loads((tmp_path / "m" / "config.json").read_text())["random_parts"] == ["liqe", "face"]
+    runner = CliRunner()
+    info = runner.invoke(main, ["weights", "info", str(tmp_path / "m")])
+    assert "random_init   False" in info.output and "random_parts  liqe, face" in info.output
+    res = runner.invoke(main, ["score", str(photos / "p0.jpg"), "--out", str(tmp_path / "o.parquet"),
+                               "--engine", "local", "--weights", str(tmp_path / "m")])
+    assert res.exit_code == 0, res.output
+    assert "trained with random LIQE and RetinaFace weights" in res.output and "NOTE: random weights" not in res.output
+    opts = ModelOptions(str(tmp_path / "m"), False, "tiny", None, "fp32", "cpu", 2)
+    assert model_identity(opts, S3Options())["random_parts"] == ["liqe", "face"]
 
 
 def test_import_official_command(tmp_path):

@@ -147,7 +147,9 @@ def test_html_is_self_contained(synthetic: dict) -> None:
 
 def test_no_banner_for_real_weights(synthetic: dict) -> None:
     s = {**synthetic["summary"], "random_weights": False}
-    assert RANDOM_NOTE not in render_html(s)
+    assert RANDOM_NOTE not in render_html(s) and "trained with random" not in render_html(s)
+    s["model"] = {**s["model"], "random_parts": ["face"]}  # trained without the RetinaFace weights
+    assert "trained with random RetinaFace weights" in render_html(s) and RANDOM_NOTE not in render_html(s)
 
 
 def test_empty_library_first_run(tmp_path: Path) -> None:

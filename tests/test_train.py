@@ -117,6 +117,7 @@ def test_training_beats_the_untrained_model(learned: dict) -> None:
 
     bundle = load_checkpoint(learned["model_dir"])  # the exported best checkpoint is a model directory
     assert bundle.model_id == "ladder" and not bundle.random_init and bundle.config.preset == "tiny"
+    assert bundle.random_parts == ("liqe", "face")  # trained without --liqe/--retinaface
     assert bundle.meta["train"]["epochs_completed"] == 1 and bundle.meta["train"]["init"]["preset"] == "tiny"
     assert not (Path(learned["model_dir"]) / "train_state.pt").exists()
 
@@ -129,7 +130,9 @@ def test_eval_cli_on_the_exported_model(learned: dict, small: Path, tmp_path: Pa
                                   "--weights", learned["model_dir"], "--out", str(out), "--batch-size", "4"])
     assert r.exit_code == 0, r.output
     assert "model ladder" in r.output and "astronaut" in r.output and "median" in r.output
+    assert "trained with random liqe+face" in r.output
     report = json.loads(out.read_text())
+    assert report["random_weights"] is False and report["random_parts"] == ["liqe", "face"]
     assert report["split"] == "val" and report["items"] == 8 and report["failed"] == 0
     assert [g["group"] for g in report["per_group"]] == ["astronaut", "coffee"]
     assert report["mean"]["valid_groups"] == 2 and -1 <= report["mean"]["srcc"] <= 1
@@ -200,7 +203,13 @@ def test_start_weights_from_each_kind_of_source(tmp_path: Path) -> None:
     src = build_bundle("tiny", seed=5)
     save_checkpoint(src, tmp_path / "ours")
     bundle, warnings = init_bundle("tiny", init=str(tmp_path / "ours"))  # our model directory: everything
-    assert not warnings and _same(bundle.model, src.model) and _same(bundle.liqe, src.liqe)
+    assert _same(bundle.model, src.model) and _same(bundle.liqe, src.liqe)
+    # ... but that one is random: once trained, its frozen networks still are
+    assert bundle.random_parts == ("liqe", "face") and len(warnings) == 2
+    bundle.random_init, bundle.random_parts = False, ()
+    save_checkpoint(bundle, tmp_path / "real")
+    bundle, warnings = init_bundle("tiny", init=str(tmp_path / "real"))
+    assert not warnings and bundle.random_parts == ()
     with pytest.raises(ValueError, match="already holds LIQE"):
         init_bundle("tiny", init=str(tmp_path / "ours"), liqe=str(tmp_path / "LIQE.pt"))
 
@@ -208,7 +217,7 @@ def test_start_weights_from_each_kind_of_source(tmp_path: Path) -> None:
     torch.save(openai_layout(src.liqe), tmp_path / "LIQE.pt")
     bundle, warnings = init_bundle("tiny", init=str(tmp_path / "PIQ_model.pth"), liqe=str(tmp_path / "LIQE.pt"))
     assert _same(bundle.model, src.model) and bundle.liqe.text_features.abs().sum() > 0
-    assert warnings == ["RetinaFace weights are random (frozen during training)"]
+    assert warnings == ["RetinaFace weights are random (frozen during training)"] and bundle.random_parts == ("face",)
 
     lsvq = {f"feature_extraction.{k}": v for k, v in to_timm067_swin(src.model.backbone).items()}
     gfiqa = {f"feature_extraction.feature_extraction.{k}": v
