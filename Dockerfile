@@ -31,10 +31,12 @@ ENV NO_ALBUMENTATIONS_UPDATE=1 \
     TORCH_HOME=/home/ray/.cache/torch
 
 # Root only for the mount point of optional local weights; checks the base image's user is the
-# uid/gid the manifests in cluster/ run as (runAsUser 1000, fsGroup 100).
+# uid/gid the manifests in cluster/ run as (runAsUser 1000, fsGroup 100). `install -d` gives the
+# owner only to the directories on its command line; parents it creates stay root's: name each one
+# (/home/ray/.cache too, which the base image may lack) so that all of them belong to 1000:100.
 USER 0
 RUN test "$(id -u ray)" = 1000 && test "$(id -g ray)" = 100 \
-    && install -d -o 1000 -g 100 /models /home/ray/app /home/ray/.cache/torch
+    && install -d -o 1000 -g 100 /models /home/ray/app /home/ray/.cache /home/ray/.cache/torch
 
 # Numeric, so that Kubernetes' runAsNonRoot can verify it.
 USER 1000:100

@@ -10,6 +10,9 @@ Nothing here needs Docker, Kubernetes or AWS. What is checked:
 * KubeRay objects (no schema offline): only fields of the ray.io/v1 API, types and bounds, a GPU
   group that requests nvidia.com/gpu, /dev/shm in memory, requests == limits, rayVersion == the
   pinned ray;
+* pod hardening (test_kuberay): every pod (head, worker groups, each RayJob's submitter pod, the
+  autoscaler sidecar, the CronJob's launcher) runs as non-root with no privilege escalation and all
+  capabilities dropped, and every Ray pod as the ServiceAccount piqa-ray;
 * RayJob entrypoints: ``python -m ray_jobs.<module>`` for a known module, flags that module's CLI
   has, pools that fit the cluster the job brings;
 * the CronJob: a valid schedule, Forbid, a kubectl create of the ConfigMap's RayJob with

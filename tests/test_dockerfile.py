@@ -5,10 +5,11 @@ from __future__ import annotations
 import fnmatch
 import json
 import re
+import shlex
 import shutil
 import subprocess
 import sys
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import pytest
 
@@ -147,3 +148,62 @@ def test_hadolint() -> None:
     findings = json.loads(proc.stdout or "[]")
     assert not findings, "\n".join(f"{f['line']}: {f['code']} {f['message']}" for f in findings)
     assert proc.returncode == 0, proc.stderr
+
+
+# ================================================================ directories owned by the ray user
+_RAY_HOME = PurePosixPath("/home/ray")
+_RAY_OWNERS = {("1000", "100"), ("ray", "100"), ("1000", "users"), ("ray", "users")}
+
+
+def _install_dirs() -> dict[PurePosixPath, tuple[str, str]]:
+    """Directories the RUN instructions create with `install -d`, with their (-o owner, -g group)."""
+    made: dict[PurePosixPath, tuple[str, str]] = {}
+    for instr, args in _dockerfile():
+        if instr != "RUN":
+            continue
+        for cmd in re.split(r"&&|\|\||;", args):
+            if not re.match(r"\s*install\s", cmd):
+                continue  # (other commands may hold quoted `;`, which this split does not respect)
+            argv = shlex.split(cmd)
+            if "-d" not in argv and "--directory" not in argv:
+                continue
+            owner = group = "0"
+            paths, i = [], 1
+            while i < len(argv):
+                if argv[i] in ("-o", "--owner", "-g", "--group", "-m", "--mode"):
+                    if argv[i] in ("-o", "--owner"):
+                        owner = argv[i + 1]
+                    elif argv[i] in ("-g", "--group"):
+                        group = argv[i + 1]
+                    i += 2
+                    continue
+                if not argv[i].startswith("-"):
+                    paths.append(PurePosixPath(argv[i]))
+                i += 1
+            made.update((p, (owner, group)) for p in paths)
+    return made
+
+
+def test_dirs_under_ray_home_belong_to_the_ray_user() -> None:
+    """`install -d -o U -g G a/b/c` gives U:G to c only: b and a, when it creates them, stay root's.
+
+    So every directory created under /home/ray (each parent included) must be named with the ray
+    user's owner and group; otherwise e.g. a root-owned ~/.cache breaks every tool that caches there.
+    """
+    made = _install_dirs()
+    under_home = {p: og for p, og in made.items() if _RAY_HOME in p.parents}
+    assert under_home, "the Dockerfile creates no directory under /home/ray with install -d"
+    errors = []
+    for path, owner_group in under_home.items():
+        if owner_group not in _RAY_OWNERS:
+            errors.append(f"{path}: owned by {':'.join(owner_group)}, not 1000:100")
+        for parent in path.parents:
+            if parent == _RAY_HOME:
+                break
+            if made.get(parent) not in _RAY_OWNERS:
+                errors.append(f"{parent} (parent of {path}) is not created with -o 1000 -g 100: it stays root's")
+    assert not errors, "\n".join(errors)
+    # TORCH_HOME (weights copied from S3 are cached there) is one of them.
+    env = " ".join(a for i, a in _dockerfile() if i == "ENV")
+    m = re.search(r"\bTORCH_HOME=(\S+)", env)
+    assert m and PurePosixPath(m.group(1)) in under_home, "TORCH_HOME must be created, owned by 1000:100"

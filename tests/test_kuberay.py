@@ -17,6 +17,7 @@ from tests.test_deploy import (
     _is_gpu_group,
     JOB_MODULES,
     _k8s,
+    K8S_VERSIONS,
     KUBECTL_IMAGE,
     _launcher_docs,
     _parse_entrypoint,
@@ -179,3 +180,124 @@ def test_one_project_image_everywhere() -> None:
     assert len(seen) >= 10
     wrong = [(w, i) for w, i in seen if i != image]
     assert not wrong, f"every image must be {image}: {wrong}"
+
+
+# ==================================================================================== pod hardening
+# docs/operations.md, "Security notes": pods run as uid 1000 with runAsNonRoot, no privilege
+# escalation and all capabilities dropped; every Ray pod runs as the IRSA ServiceAccount piqa-ray.
+RAY_SERVICE_ACCOUNT = "piqa-ray"
+# Env that KubeRay sets on the submitter container itself (appended: setting them too duplicates them).
+KUBERAY_SUBMITTER_ENV = {"RAY_DASHBOARD_ADDRESS", "RAY_JOB_SUBMISSION_ID", "PYTHONUNBUFFERED"}
+
+
+def _hardening_errors(where: str, pod_sc: dict, container: dict) -> list[str]:
+    """Why `container` (in a pod with securityContext `pod_sc`) is not hardened; [] when it is."""
+    errors = []
+    sc = container.get("securityContext") or {}
+    name = f"{where}.{container.get('name')}"
+    run_as_user = sc.get("runAsUser", pod_sc.get("runAsUser"))
+    run_as_non_root = sc.get("runAsNonRoot", pod_sc.get("runAsNonRoot"))
+    if run_as_non_root is not True:
+        errors.append(f"{name}: runAsNonRoot must be true")
+    if not isinstance(run_as_user, int) or isinstance(run_as_user, bool) or run_as_user == 0:
+        errors.append(f"{name}: runAsUser must be a numeric non-root uid, got {run_as_user!r}")
+    if sc.get("allowPrivilegeEscalation") is not False:
+        errors.append(f"{name}: securityContext.allowPrivilegeEscalation must be false")
+    if "ALL" not in ((sc.get("capabilities") or {}).get("drop") or []):
+        errors.append(f"{name}: securityContext.capabilities.drop must contain ALL")
+    if (sc.get("capabilities") or {}).get("add"):
+        errors.append(f"{name}: no capabilities may be added")
+    if sc.get("privileged"):
+        errors.append(f"{name}: privileged")
+    return errors
+
+
+def _autoscaler_containers() -> list[tuple[str, dict, dict]]:
+    """(where, head pod securityContext, the autoscaler sidecar KubeRay builds) of each autoscaling cluster.
+
+    KubeRay puts the autoscaler in the head pod and copies autoscalerOptions.securityContext onto it
+    only when that is set (utils: mergeAutoscalerOverrides), so that is the container-level context.
+    """
+    out = []
+    for where, spec in _ray_cluster_specs():
+        if not spec.get("enableInTreeAutoscaling"):
+            continue
+        opts = spec.get("autoscalerOptions") or {}
+        head = spec["headGroupSpec"]["template"]
+        container = {"name": "autoscaler",
+                     "image": opts.get("image", head["spec"]["containers"][0]["image"]),
+                     "resources": opts.get("resources", {})}
+        if "securityContext" in opts:
+            container["securityContext"] = opts["securityContext"]
+        out.append((f"{where}.autoscalerOptions", head["spec"].get("securityContext") or {}, container))
+    return out
+
+
+def test_every_pod_and_container_is_hardened() -> None:
+    """Head, worker groups, RayJob submitters, the autoscaler sidecar, the CronJob's launcher."""
+    errors, checked = [], []
+    for where, template in _pod_templates():
+        pod_sc = template["spec"].get("securityContext") or {}
+        for c in _containers(template):
+            errors += _hardening_errors(where, pod_sc, c)
+            checked.append(where)
+    for where, pod_sc, c in _autoscaler_containers():
+        errors += _hardening_errors(where, pod_sc, c)
+        checked.append(where)
+    assert not errors, "\n".join(errors)
+    # The submitters and the autoscaler are part of what was checked (the test below requires them).
+    assert any(w.endswith(".submitter") for w in checked) and any("autoscalerOptions" in w for w in checked)
+
+
+def test_every_ray_pod_uses_the_ray_service_account() -> None:
+    """Pods that talk to Ray or S3 (everything but the kubectl launcher of the CronJob) run as piqa-ray."""
+    wrong = [(w, t["spec"].get("serviceAccountName")) for w, t in _pod_templates()
+             if "jobTemplate" not in w and t["spec"].get("serviceAccountName") != RAY_SERVICE_ACCOUNT]
+    assert not wrong, f"serviceAccountName must be {RAY_SERVICE_ACCOUNT}: {wrong}"
+    assert RAY_SERVICE_ACCOUNT in {d.body["metadata"]["name"] for d in _k8s("ServiceAccount")}
+
+
+@pytest.mark.parametrize("doc", _k8s("RayJob"), ids=repr)
+def test_rayjob_has_a_hardened_submitter(doc: Doc) -> None:
+    """Without spec.submitterPodTemplate KubeRay's default submitter pod has no securityContext and runs
+    as the namespace's `default` ServiceAccount (common/job.go: GetDefaultSubmitterContainer)."""
+    spec = doc.body["spec"]
+    if spec.get("submissionMode", "K8sJobMode") != "K8sJobMode":
+        assert "submitterPodTemplate" not in spec, f"{doc}: only K8sJobMode uses a submitter pod"
+        return
+    template = spec.get("submitterPodTemplate")
+    assert template, f"{doc}: set spec.submitterPodTemplate (KubeRay's default submitter is not hardened)"
+    assert set(template) <= {"metadata", "spec"}, f"{doc}: submitterPodTemplate is a PodTemplateSpec"
+    pod = template["spec"]
+    # KubeRay wraps the template in a batch/v1 Job as is: a Job's pods must not restart Always (the
+    # default when unset, which the API server then rejects).
+    assert pod.get("restartPolicy") in ("Never", "OnFailure"), f"{doc}: submitter restartPolicy Never"
+    assert pod.get("serviceAccountName") == RAY_SERVICE_ACCOUNT, f"{doc}: submitter serviceAccountName"
+    # KubeRay treats the first container as the submitter; it fills in the `ray job submit` command
+    # only when the container has none, and appends its own env.
+    c = pod["containers"][0]
+    assert c.get("image") == _project_image(), f"{doc}: the submitter runs the project image (its Ray)"
+    assert not c.get("command") and not c.get("args"), f"{doc}: leave command/args to KubeRay"
+    env = {e["name"] for e in c.get("env", [])}
+    assert not env & KUBERAY_SUBMITTER_ENV, f"{doc}: KubeRay sets {sorted(env & KUBERAY_SUBMITTER_ENV)}"
+    res = c.get("resources", {})
+    assert {"cpu", "memory"} <= set(res.get("limits", {})), f"{doc}: submitter cpu/memory limits"
+    assert {"cpu", "memory"} <= set(res.get("requests", {})), f"{doc}: submitter cpu/memory requests"
+    assert not _gpus(c), f"{doc}: the submitter needs no GPU"
+    assert not _hardening_errors(f"{doc}.submitter", pod.get("securityContext") or {}, c)
+
+
+def test_autoscaler_options_match_kubernetes_schemas() -> None:
+    """autoscalerOptions' resources and securityContext are core types: validate them as a container's."""
+    kv = pytest.importorskip("kubernetes_validate", reason="pip install kubernetes-validate (test extra)")
+    found = _autoscaler_containers()
+    assert found, "the long-lived RayCluster autoscales"
+    errors = []
+    for where, _, container in found:
+        body = {"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": "check"},
+                "template": {"spec": {"containers": [container]}}}
+        try:
+            kv.validate(body, K8S_VERSIONS[-1], strict=True)
+        except kv.ValidationError as e:
+            errors.append(f"{where}: {'.'.join(map(str, e.path))}: {e.message}")
+    assert not errors, "\n".join(errors)
