@@ -24,7 +24,8 @@ from piqa_core.stages import Predictor, prepare_batch
 
 from .options import ModelOptions
 from .schema import SCORE_SCHEMA, now_utc
-from .storage import S3Options, join, list_images, local_path, read_bytes
+from .listing import list_images
+from .storage import S3Options, join, local_path, read_bytes
 
 PIXEL_COLUMNS = ("whole", "face", "patches")
 

@@ -42,7 +42,8 @@ import pyarrow.parquet as pq
 from .options import ModelOptions
 from .resume import read_rows
 from .schema import SCORE_SCHEMA, now_utc
-from .storage import (ObjectInfo, S3Options, atomic_write_bytes, join, list_images, read_bytes, resolve)
+from .listing import list_images
+from .storage import ObjectInfo, S3Options, atomic_write_bytes, join, read_bytes, resolve
 
 ALERT_EXIT_CODE = 3
 STATE_SCHEMA = SCORE_SCHEMA.append(pa.field("deleted", pa.bool_())).append(

@@ -23,10 +23,14 @@ def _user_errors() -> Iterator[None]:
 
     from piqa_core.checkpoints import CheckpointError
 
+    from .listing import ListingError
+
     try:
         yield
     except FileNotFoundError as e:
         raise click.ClickException(f"not found: {e.filename or e}") from None
+    except (ListingError, IsADirectoryError, NotADirectoryError, PermissionError) as e:
+        raise click.ClickException(f"{e.strerror}: {e.filename}" if e.filename and e.strerror else str(e)) from None
     except (pd.errors.EmptyDataError, pd.errors.ParserError) as e:
         raise click.ClickException(f"cannot read the labels: {e}") from None
     except (CheckpointError, ValueError) as e:  # LabelError, TrainSetupError, AuditRefused are ValueErrors
@@ -88,7 +92,8 @@ def score(inputs: tuple[str, ...], out: str, engine: str, manifest: bool, endpoi
                  if ctx.get_parameter_source(name) == ParameterSource.COMMANDLINE]
         if given:
             raise click.UsageError(f"{', '.join(given)}: Ray engine options; --engine local takes none of them")
-        _score_local(inputs, out, manifest, s3, max_bytes, model)
+        with _user_errors():
+            _score_local(inputs, out, manifest, s3, max_bytes, model)
     else:
         from .score import PlanError, ScoreJob, run_score_job
 
@@ -99,12 +104,11 @@ def score(inputs: tuple[str, ...], out: str, engine: str, manifest: bool, endpoi
                        inject_crash=inject_crash)
         if run_date:
             job.run_date = run_date
-        try:
-            summary = run_score_job(job)
-        except FileNotFoundError as e:
-            raise click.ClickException(f"input not found: {e.filename or e}") from None
-        except PlanError as e:
-            raise click.UsageError(str(e)) from None
+        with _user_errors():
+            try:
+                summary = run_score_job(job)
+            except PlanError as e:
+                raise click.UsageError(str(e)) from None
         click.echo(f"wrote {summary['rows']} rows to {summary['output']}")
 
 
@@ -134,15 +138,13 @@ def _score_local(inputs, out, manifest, s3, max_bytes, model: ModelOptions) -> N
 
     from .actors import _fetcher
     from .inprocess import score_objects
-    from .storage import atomic_write_bytes, is_dir, list_inputs
+    from .listing import list_inputs
+    from .storage import atomic_write_bytes, is_dir
     from .summary import format_summary, summarize
 
     if not out.lower().endswith(".parquet") or is_dir(out, s3):
         raise click.UsageError(f"--engine local writes one Parquet file: --out must be a *.parquet file, got {out}")
-    try:
-        objects = list_inputs(inputs, s3, manifest=manifest)
-    except FileNotFoundError as e:
-        raise click.ClickException(f"input not found: {e.filename or e}") from None
+    objects = list_inputs(inputs, s3, manifest=manifest)
     scorer = Scorer.from_pretrained(model.source, random_weights=model.random_weights, device=model.device,
                                     precision=model.precision, crop_mode=model.crop_mode, compile=model.compile,
                                     batch_size=model.batch_size, fetch=_fetcher(s3))

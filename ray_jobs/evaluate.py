@@ -21,7 +21,8 @@ from piqa_core.scorer import Scorer
 from .actors import _fetcher
 from .inprocess import score_objects
 from .labels import LabelTable
-from .storage import S3Options, atomic_write_bytes, stat_objects
+from .listing import stat_objects
+from .storage import S3Options, atomic_write_bytes
 
 
 @dataclass

@@ -42,7 +42,8 @@ import pandas as pd
 
 from piqa_core.losses import pairs_from_names
 
-from .storage import S3Options, join, local_path, read_bytes, stat_objects
+from .listing import stat_objects
+from .storage import S3Options, join, local_path, read_bytes
 
 SPLITS = ("train", "val", "test")
 PIQ23_REQUIRED = ("IMAGE PATH", "IMAGE", "JOD", "SCENE")

@@ -13,6 +13,7 @@ import numpy as np
 
 from piqa_core.errors import ImageError
 
+from .listing import NAME_NOT_UTF8
 from .storage import ObjectInfo, ObjectTooLarge, S3Options, read_bytes
 
 DEFAULT_MAX_BYTES = 256 * 1024 * 1024
@@ -23,13 +24,17 @@ READ_THREADS = 16
 
 def fetch(info: ObjectInfo, s3: S3Options | None, max_bytes: int) -> bytes | ImageError:
     """The object's bytes, or the error its row will carry."""
+    if info.size < 0 and info.etag_or_mtime == NAME_NOT_UTF8:  # the URI is a printable stand-in, not a path
+        return ImageError("read_failed", f"{info.uri}: the file name is not valid UTF-8; rename it to score it")
     try:
         return read_bytes(info.uri, s3, max_bytes=max_bytes)
     except FileNotFoundError:
-        return ImageError("not_found", f"{info.uri} does not exist (deleted after listing?)")
+        when = "was not found when listed" if info.size < 0 else "does not exist (deleted after listing?)"
+        return ImageError("not_found", f"{info.uri} {when}")
     except ObjectTooLarge as e:
         return ImageError("too_large", str(e))
-    except OSError as e:
+    # ValueError: an unknown scheme or a path the filesystem cannot encode; ImportError: no fsspec backend.
+    except (OSError, ValueError, ImportError) as e:
         return ImageError("read_failed", f"{type(e).__name__}: {e}")
 
 

@@ -16,7 +16,7 @@ from .storage import S3Options, resolve
 
 
 class RunFiles(FilenameProvider):
-    """``part-<run_id>-<write uuid>_<task>.parquet``: grouped by run, never colliding across runs.
+    """``part-<run_id>-<write uuid>_<task>-<i>.parquet`` (Ray adds ``-<i>``): grouped by run, never colliding.
 
     Ray requires its write UUID in the name (a retried write task then replaces its own file).
     """
@@ -48,16 +48,47 @@ def _read(fs: pafs.FileSystem, path: str, columns: list[str] | None = None) -> p
         return None
 
 
-def already_scored(out: str, sha256: str, s3: S3Options | None = None) -> set[str]:
-    """URIs with a row written by the model with this sha256 anywhere under ``out``."""
+RESUME_COLUMNS = ("uri", "model_sha256", "crop_mode")
+
+
+def already_scored(out: str, sha256: str, crop_mode: str, s3: S3Options | None = None) -> set[str]:
+    """URIs with a row under ``out`` written by the model with this sha256 in this crop mode.
+
+    One of our files whose footer cannot be read (a local write cut short by a crash) is moved aside
+    to ``_unreadable-<name>``: its inputs are scored again, and dataset readers, which skip names
+    starting with ``_``, can read the folder again.
+    """
     fs, files = _parquet_files(out, s3)
     done: set[str] = set()
     for path in files:
-        t = _read(fs, path, ["uri", "model_sha256"])
+        t = _resume_columns(fs, path)
         if t is not None:
-            done.update(u for u, s in zip(t.column("uri").to_pylist(), t.column("model_sha256").to_pylist())
-                        if s == sha256)
+            done.update(u for u, s, c in zip(*(t.column(k).to_pylist() for k in RESUME_COLUMNS))
+                        if s == sha256 and c == crop_mode)
     return done
+
+
+def _resume_columns(fs: pafs.FileSystem, path: str) -> pa.Table | None:
+    try:
+        with fs.open_input_file(path) as f:
+            pf = pq.ParquetFile(f)
+            if not set(RESUME_COLUMNS) <= set(pf.schema_arrow.names):
+                print(f"piqa: ignoring {path}: not a score file (no {'/'.join(RESUME_COLUMNS)} columns)",
+                      file=sys.stderr)
+                return None
+            return pf.read(columns=list(RESUME_COLUMNS))
+    except pa.ArrowInvalid as e:
+        name = path.rsplit("/", 1)[-1]
+        if not name.startswith("part-"):
+            print(f"piqa: ignoring unreadable file {path}: {e}", file=sys.stderr)
+            return None
+        aside = f"{path[:-len(name)]}_unreadable-{name}"
+        fs.move(path, aside)
+        print(f"piqa: {path} is unreadable ({e}); moved to {aside}, its inputs are scored again", file=sys.stderr)
+        return None
+    except OSError as e:  # could not be read now (permissions, network): its inputs are scored again
+        print(f"piqa: ignoring output file {path}, which could not be read: {e}", file=sys.stderr)
+        return None
 
 
 def read_rows(uri: str, s3: S3Options | None = None, run_id: str | None = None) -> pa.Table:

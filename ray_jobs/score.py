@@ -7,6 +7,7 @@ Run on a cluster with ``ray job submit --working-dir . -- python -m ray_jobs.sco
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import math
@@ -17,7 +18,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from datetime import date
-from typing import Any
+from typing import Any, Iterator
 
 import ray
 from ray.data import ActorPoolStrategy
@@ -30,7 +31,8 @@ from .options import ModelOptions
 from .reader import READ_THREADS, read_objects
 from .resume import RunFiles, already_scored, run_files
 from .schema import SCORE_SCHEMA, schema_metadata
-from .storage import ObjectInfo, S3Options, join, list_inputs, resolve, write_text
+from .listing import list_inputs
+from .storage import ObjectInfo, S3Options, join, resolve, write_text
 from .summary import format_summary, summarize, to_json
 
 
@@ -185,20 +187,38 @@ def _run_id(job: ScoreJob, objects: list[ObjectInfo]) -> str:
     return f"{time.strftime('%Y%m%dT%H%M%S')}-{digest}-{uuid.uuid4().hex[:4]}"
 
 
+@contextlib.contextmanager
+def ray_session(address: str | None) -> Iterator[None]:
+    """Connect to Ray (or start a local one) unless connected; shut down only what this started."""
+    started = not ray.is_initialized()
+    if started:
+        ray.init(address=address or os.environ.get("RAY_ADDRESS"), log_to_driver=True)
+    try:
+        yield
+    finally:
+        if started:
+            ray.shutdown()
+
+
 def run_score_job(job: ScoreJob) -> dict[str, Any]:
     """Run the pipeline to completion; returns the summary (also written as JSON next to the output)."""
     t0 = time.perf_counter()
-    if not ray.is_initialized():
-        ray.init(address=job.address or os.environ.get("RAY_ADDRESS"), log_to_driver=True)
+    # Before Ray starts: a wrong input, manifest or model directory costs no cluster start.
     objects = (list(job.objects) if job.objects is not None
                else list_inputs(job.inputs, job.s3, manifest=job.manifest))
     identity = model_identity(job.model, job.s3)
     skipped = 0
     if job.resume:
-        done = already_scored(job.out, identity["sha256"], job.s3)
+        done = already_scored(job.out, identity["sha256"], identity["crop_mode"], job.s3)
         before = len(objects)
         objects = [o for o in objects if o.uri not in done]
         skipped = before - len(objects)
+    with ray_session(job.address):
+        return _run_pipeline(job, objects, identity, skipped, t0)
+
+
+def _run_pipeline(job: ScoreJob, objects: list[ObjectInfo], identity: dict[str, Any], skipped: int,
+                  t0: float) -> dict[str, Any]:
     plan = job_plan(job, ray.cluster_resources(), identity["config"], len(objects))
     run_id = job.run_id or _run_id(job, objects)
     dest = join(job.out, f"run_date={job.run_date}")

@@ -31,6 +31,7 @@ from piqa_core.metrics import MIN_GROUP
 from piqa_core.training import format_val_srcc
 
 from .labels import LabelError, LabelTable, load_labels, load_pairs
+from .score import ray_session
 from .storage import S3Options, atomic_write_bytes, exists, join, local_path, read_bytes, resolve
 from .train_worker import HISTORY_FILE, train_loop_per_worker
 
@@ -166,15 +167,18 @@ def prepare_data(job: TrainJob) -> tuple[LabelTable, dict[str, Any]]:
 def run_train_job(job: TrainJob) -> dict[str, Any]:
     """Train (or resume) the run, export the best checkpoint, evaluate the test split; returns a summary."""
     _require_v2()
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
     job = checked_job(job)
     job.s3 = job.s3.filled()
     table, data = prepare_data(job)  # before Ray starts: a typo in the labels costs no cluster start
     claim_run(job)
-    if not ray.is_initialized():
-        ray.init(address=job.address or os.environ.get("RAY_ADDRESS"), log_to_driver=True)
+    with ray_session(job.address):
+        return _train(job, table, data)
+
+
+def _train(job: TrainJob, table: LabelTable, data: dict[str, Any]) -> dict[str, Any]:
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
     print(f"piqa train {job.run_name}: {table.describe()}", file=sys.stderr)
     fs, path = resolve(job.storage, job.s3)  # S3: an explicit pyarrow filesystem (custom endpoints)
     resources = {"CPU": job.cpus, **({"GPU": 1} if job.gpu else {})}

@@ -5,6 +5,7 @@
   AWS credentials (never real ones); endpoint and region are NOT exported, so code under test
   must pass ``.options`` (or a test sets ``.env`` itself). Everything is restored at the end.
 * ``s3_bucket`` (function): name of a fresh, empty bucket on that server.
+* ``root`` (function, local and s3): ``(base URI, S3Options or None)`` of an empty prefix.
 * ``ray_local`` (module): ``ray.init(num_cpus=2)`` with ``s3_server.env`` in the workers'
   environment; yields the RayContext; ``ray.shutdown()`` after the module. Module scope: one
   start (~5-10 s) per test module, and no Ray left running for the modules that do not use it.
@@ -120,3 +121,13 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         skip = pytest.mark.skip(reason="needs a CUDA device")
         for item in gpu_items:
             item.add_marker(skip)
+
+
+@pytest.fixture(params=["local", "s3"])
+def root(request, tmp_path):
+    """(base URI, S3Options or None) of an empty prefix on either backend."""
+    if request.param == "local":
+        return str(tmp_path / "data"), None
+    server = request.getfixturevalue("s3_server")
+    bucket = request.getfixturevalue("s3_bucket")
+    return f"s3://{bucket}/data", server.options

@@ -14,7 +14,8 @@ from piqa_core.errors import ERROR_CODES
 from ray_jobs import audit
 from ray_jobs.audit import PLAN_SCHEMA, STATE_SCHEMA, AuditJob
 from ray_jobs.schema import SCORE_SCHEMA
-from ray_jobs.storage import ObjectInfo, join, list_images, write_bytes
+from ray_jobs.listing import list_images
+from ray_jobs.storage import ObjectInfo, join, write_bytes
 from tests.test_audit import TINY, read_json
 
 T0 = datetime(2024, 5, 1, 2, 0, tzinfo=timezone.utc)

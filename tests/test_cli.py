@@ -58,7 +58,7 @@ def test_local_engine_refuses_before_any_work(photos, tmp_path):
                                "--prep-actors", "2", *tiny])
     assert res.exit_code == 2 and "--resume, --prep-actors: Ray engine options" in res.output, res.output
     res = runner.invoke(main, ["score", str(tmp_path / "nope"), "--out", str(tmp_path / "o.parquet"), *tiny])
-    assert res.exit_code == 1 and f"input not found: {tmp_path / 'nope'}" in res.output
+    assert res.exit_code == 1 and f"not found: {tmp_path / 'nope'}" in res.output
     assert "Traceback" not in res.output and not (tmp_path / "o.parquet").exists()
     res = runner.invoke(main, ["score", str(photos), "--out", str(tmp_path / "o"), "--prep", "device",
                                "--prep-actors", "2", "--random-weights"])
@@ -87,6 +87,33 @@ def test_local_engine_replaces_its_output_whole(photos, tmp_path, monkeypatch):
                                     "--random-weights", "--preset", "tiny"])
     assert res.exit_code == 1 and out.read_bytes() == b"the previous run's file"
     assert [p.name for p in out.parent.iterdir()] == ["o.parquet"]  # no temp file left behind
+
+
+def test_score_mistakes_are_one_line_errors_before_any_work(photos, tmp_path, monkeypatch):
+    import os
+
+    import ray
+
+    from ray_jobs import listing
+
+    runner, out = CliRunner(), str(tmp_path / "o.parquet")
+    (tmp_path / "notmodel").mkdir()
+    res = runner.invoke(main, ["score", str(photos), "--out", out, "--engine", "local", "--weights",
+                               str(tmp_path / "notmodel")])
+    assert res.exit_code == 1 and "is not a model directory" in res.output and "Traceback" not in res.output
+    res = runner.invoke(main, ["score", str(photos), "--manifest", "--out", out, "--engine", "local",
+                               "--random-weights", "--preset", "tiny"])  # a folder given as the manifest
+    assert res.exit_code == 1 and "Traceback" not in res.output and str(photos) in res.output, res.output
+
+    real_scandir = os.scandir
+    monkeypatch.setattr(listing.os, "scandir", lambda p=".": (_ for _ in ()).throw(
+        PermissionError(13, "Permission denied", os.fspath(p))) if os.fspath(p).endswith("sub") else real_scandir(p))
+    for engine, dest in (("local", out), ("ray", str(tmp_path / "scores"))):  # Ray is not even started
+        res = runner.invoke(main, ["score", str(photos), "--out", dest, "--engine", engine,
+                                   "--random-weights", "--preset", "tiny"])
+        assert res.exit_code == 1 and f"cannot list folder {photos / 'sub'}: Permission denied" in res.output
+        assert "Traceback" not in res.output and not ray.is_initialized()
+    assert not os.path.exists(out) and not (tmp_path / "scores").exists()
 
 
 def test_weights_random_info_and_scoring_from_dir(photos, tmp_path):

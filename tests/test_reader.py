@@ -1,3 +1,4 @@
+import os
 import subprocess
 import sys
 import threading
@@ -5,9 +6,11 @@ import time
 
 import numpy as np
 
+from piqa_core.errors import ImageError
 from ray_jobs import reader
 from ray_jobs.reader import read_objects
-from ray_jobs.storage import list_inputs
+from ray_jobs.listing import NAME_NOT_UTF8, list_inputs
+from ray_jobs.storage import ObjectInfo
 
 
 def _batch(objects):
@@ -62,3 +65,32 @@ def test_reads_run_side_by_side_and_keep_their_order(tmp_path, monkeypatch):
     assert list(out["read_error_code"]) == [""] * 12 + ["too_large"] and out["data"][12] == b""
     state["most"] = 0
     assert reader.fetch_all(objects[:3], None, 50, threads=1)[2] == bytes([2]) * 3 and state["most"] == 1
+
+
+def test_a_non_utf8_file_name_becomes_an_error_row_not_another_file(tmp_path):
+    (tmp_path / "ok.jpg").write_bytes(b"ok")
+    fd = os.open(os.path.join(os.fsencode(str(tmp_path)), b"bad\xff.jpg"), os.O_WRONLY | os.O_CREAT, 0o644)
+    os.write(fd, b"bad")
+    os.close(fd)
+    out = read_objects(_batch(list_inputs([str(tmp_path)])), s3=None, max_bytes=50)
+    assert [u.rsplit("/", 1)[-1] for u in out["uri"]] == ["bad\\xff.jpg", "ok.jpg"]
+    assert list(out["read_error_code"]) == ["read_failed", ""] and list(out["data"]) == [b"", b"ok"]
+    assert "not valid UTF-8" in out["read_error_message"][0]
+    (tmp_path / "bad\\xff.jpg").write_bytes(b"wrong file")  # the printable name is not its path
+    got = reader.fetch(ObjectInfo(str(tmp_path / "bad\\xff.jpg"), -1, NAME_NOT_UTF8), None, 50)
+    assert isinstance(got, ImageError) and got.code == "read_failed"
+
+
+def test_fetch_turns_filesystem_value_errors_into_read_errors(tmp_path):
+    for uri in ("htps://example.com/x.jpg", str(tmp_path / "x\udcff.jpg")):
+        got = reader.fetch(ObjectInfo(uri, 10, "1"), None, 50)
+        assert isinstance(got, ImageError) and got.code == "read_failed", uri
+    assert "htps" in reader.fetch(ObjectInfo("htps://example.com/x.jpg", -1, ""), None, 50).message
+
+
+def test_not_found_messages_tell_listing_from_reading(tmp_path):
+    gone = str(tmp_path / "gone.jpg")
+    at_listing, after = (reader.fetch(ObjectInfo(gone, size, ""), None, 50) for size in (-1, 5))
+    assert (at_listing.code, after.code) == ("not_found", "not_found")
+    assert at_listing.message == f"{gone} was not found when listed"
+    assert "deleted after listing" in after.message

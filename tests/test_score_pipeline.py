@@ -1,5 +1,7 @@
 """The Ray Data scoring pipeline end to end: local folders, S3, bad files, resume, crashing actors."""
 
+import dataclasses
+import re
 import tempfile
 from pathlib import Path
 
@@ -15,7 +17,8 @@ from ray_jobs.options import ModelOptions
 from ray_jobs.resume import read_rows
 from ray_jobs.reader import READ_THREADS
 from ray_jobs.score import ScoreJob, model_share, plan_pools, read_batch, run_score_job
-from ray_jobs.storage import IMAGE_EXTENSIONS, S3Options
+from ray_jobs.listing import IMAGE_EXTENSIONS
+from ray_jobs.storage import S3Options
 from tests.corpus import astronaut_jpeg_bytes, build_corpus
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
@@ -86,7 +89,8 @@ def test_output_layout_schema_metadata_and_model_identity(ray_local, tmp_path):
     _photos(tmp_path / "in", 3)
     summary = run_score_job(_job([tmp_path / "in"], tmp_path / "out"))
     files = sorted((tmp_path / "out" / "run_date=2026-01-02").glob("part-*.parquet"))
-    assert files and all(f.name.startswith(f"part-{summary['run_id']}-") for f in files)
+    assert files and all(re.fullmatch(rf"part-{summary['run_id']}-[0-9a-f]+_\d{{6}}-\d+\.parquet", f.name)
+                         for f in files), files  # the documented name
     meta = pq.read_schema(files[0]).metadata
     sha = build_bundle("tiny").sha256
     assert meta[b"model_sha256"].decode() == sha and meta[b"random_weights"] == b"true"
@@ -109,6 +113,10 @@ def test_resume_scores_only_the_rest(ray_local, tmp_path):
 
     third = run_score_job(_job([tmp_path / "in"], tmp_path / "out", resume=True))
     assert third["rows"] == 0 and third["skipped_already_scored"] == 7
+
+    center = dataclasses.replace(TINY, crop_mode="center")  # the other protocol: nothing is done yet
+    fourth = run_score_job(_job([tmp_path / "in"], tmp_path / "out", resume=True, model=center))
+    assert fourth["rows"] == 7 and fourth["skipped_already_scored"] == 0
 
 
 @pytest.mark.parametrize("stage", ["prep", "score"])
@@ -159,8 +167,6 @@ def test_model_share_matches_the_measured_split():
 
 
 def test_read_blocks_are_no_larger_than_what_the_next_stage_takes_per_call():
-    import dataclasses
-
     dn = get_preset("dn-piqa")
     cpu = _job([], "x", model=dataclasses.replace(TINY, batch_size=2), prep_batch_size=None)
     # dn-piqa on 2 cores: the score actor prepares its own 2-image batches in two calls; a 16-row read

@@ -36,7 +36,8 @@ from piqa_core.checkpoints import build_bundle, load_checkpoint, resolve_weights
 from piqa_core.training import format_val_srcc, init_bundle
 from ray_jobs.actors import _fetcher
 from ray_jobs.cli import main
-from ray_jobs.storage import list_images, read_bytes
+from ray_jobs.listing import list_images
+from ray_jobs.storage import read_bytes
 from ray_jobs.labels import LabelError
 from ray_jobs.train import TrainJob, TrainSetupError, checked_job, claim_run, prepare_data, run_train_job
 from tests.test_checkpoints import official_layout, openai_layout, to_timm067_swin

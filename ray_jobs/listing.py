@@ -1,0 +1,242 @@
+"""Inputs: image files under folders and prefixes, and manifests of URIs, each stat'ed into an ObjectInfo.
+
+Local folders are walked with ``os.walk`` (symlinked folders followed, each real folder once);
+remote prefixes are listed with fsspec (s3fs), whose listings carry ETags. A missing object still
+becomes an entry (``size=-1``) so that it gets its error row; an unreadable folder fails the listing.
+"""
+
+from __future__ import annotations
+
+import csv
+import errno
+import io
+import os
+import posixpath
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime, timezone
+from typing import Any, Iterable, Iterator
+
+import fsspec
+
+from .storage import (S3_SCHEMES, ObjectInfo, S3Options, fsspec_filesystem, is_dir, local_path, read_bytes,
+                      resolve, uri_scheme)
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
+# etag_or_mtime of a local file whose path is not UTF-8: the only listing column that reaches the read
+# stage unchanged, so that the read stage records the error instead of reading the printable URI.
+NAME_NOT_UTF8 = "name-not-utf8"
+# CSV header names of the URI column, in order of preference; other header rows are read as data.
+URI_COLUMNS = ("uri", "url", "path", "image path", "image_path", "key", "file", "filename", "file_name",
+               "filepath", "image")
+
+
+class ListingError(OSError):
+    """A folder under a listed prefix could not be read: the listing fails rather than drop its files
+    (the audit would record them as deleted)."""
+
+
+def _remote_version(info: dict[str, Any]) -> str:
+    """ETag (quotes stripped) when the listing has one, else the modification time in UTC."""
+    for key in ("ETag", "etag", "md5Hash"):
+        if info.get(key):
+            return str(info[key]).strip('"')
+    for key in ("LastModified", "last_modified", "mtime", "updated", "created"):
+        v = info.get(key)
+        if isinstance(v, datetime):
+            return v.astimezone(timezone.utc).isoformat()
+        if isinstance(v, (int, float)):
+            return datetime.fromtimestamp(v, timezone.utc).isoformat()
+        if v:
+            return str(v)
+    return ""
+
+
+def _printable(path: str) -> str:
+    """``path`` with the bytes of a non-UTF-8 name as ``\\xNN`` (Arrow strings must be UTF-8)."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
+def _local_info(path: str) -> ObjectInfo:
+    """Size and mtime; ``size=-1`` when the file vanished after the walk saw it (or is a dangling
+    link), so it still gets its row (the read stage records ``not_found``)."""
+    if _printable(path) != path:
+        return ObjectInfo(_printable(path), -1, NAME_NOT_UTF8)
+    try:
+        st = os.stat(path)
+    except (FileNotFoundError, PermissionError):
+        return ObjectInfo(path, -1, "")
+    return ObjectInfo(path, st.st_size, str(st.st_mtime_ns))
+
+
+def _remote_info(fs: fsspec.AbstractFileSystem, scheme: str, path: str, info: dict) -> ObjectInfo:
+    uri = f"{scheme}://{path}" if scheme in S3_SCHEMES else fs.unstrip_protocol(path)
+    return ObjectInfo(uri, int(info.get("size") or 0), _remote_version(info))
+
+
+def _walk_files(top: str, recursive: bool) -> Iterator[str]:
+    """Files under a local folder. Symlinked folders are followed like symlinked files, each real
+    folder once (a link loop ends there); an unreadable folder raises :class:`ListingError`."""
+    def fail(e: OSError) -> None:
+        if isinstance(e, FileNotFoundError) and e.filename != top:
+            return  # deleted since its parent was listed: its files are gone too
+        raise ListingError(f"cannot list folder {_printable(e.filename or top)}: {e.strerror or e}") from e
+
+    seen: set[tuple[int, int]] = set()
+    for folder, dirs, files in os.walk(top, onerror=fail, followlinks=True):
+        try:
+            st = os.stat(folder)
+        except FileNotFoundError:
+            continue
+        if (st.st_dev, st.st_ino) in seen:
+            dirs.clear()
+            continue
+        seen.add((st.st_dev, st.st_ino))
+        dirs.sort()  # which of two links to one folder is listed must not depend on the disk's order
+        if not recursive:
+            dirs.clear()
+        yield from (os.path.join(folder, f) for f in files)
+
+
+def list_images(
+    prefix_uri: str,
+    s3: S3Options | None = None,
+    extensions: Iterable[str] | None = IMAGE_EXTENSIONS,
+    recursive: bool = True,
+) -> list[ObjectInfo]:
+    """Files under a prefix (or one named object), sorted by URI; zero-byte files are kept.
+
+    ``extensions`` is a case-insensitive suffix filter (``None`` = every file); an object named
+    directly is returned whatever its extension. A missing prefix raises FileNotFoundError, an
+    unreadable local folder :class:`ListingError`.
+    """
+    exts = tuple("." + e.lower().lstrip(".") for e in extensions) if extensions is not None else ()
+
+    def keep(name: str) -> bool:
+        return extensions is None or name.lower().endswith(exts)
+
+    local = local_path(prefix_uri)
+    if local is not None:
+        if os.path.isfile(local):
+            return [_local_info(local)]
+        if not os.path.isdir(local):
+            raise FileNotFoundError(errno.ENOENT, "No such file or directory", prefix_uri)
+        out = [_local_info(p) for p in _walk_files(local, recursive) if keep(os.path.basename(p))]
+    else:
+        scheme, fs = uri_scheme(prefix_uri), fsspec_filesystem(prefix_uri, s3)
+        path = fs._strip_protocol(prefix_uri).rstrip("/")
+        try:
+            found = fs.find(path, detail=True, maxdepth=None if recursive else 1)
+            if not found and not fs.exists(path):
+                raise FileNotFoundError(path)
+        except FileNotFoundError as e:  # also raised by s3fs for a missing bucket
+            raise FileNotFoundError(errno.ENOENT, "No such object or prefix", prefix_uri) from e
+        if list(found) == [path]:  # the URI names one object (fsspec's find may omit details)
+            return [_remote_info(fs, scheme, path, fs.info(path))]
+        out = [
+            _remote_info(fs, scheme, name, info)
+            for name, info in found.items()
+            if info.get("type") == "file" and not name.endswith("/") and keep(name)
+        ]
+    return sorted(out, key=lambda o: o.uri)
+
+
+def stat_objects(uris: Iterable[str], s3: S3Options | None = None) -> list[ObjectInfo]:
+    """Stat each URI in order; missing (or forbidden) objects get ``size=-1, etag_or_mtime=""``.
+
+    S3 answers 403 instead of 404 without ListBucket permission, hence PermissionError counts as
+    missing too, and so does any other failure (an unknown scheme, a missing fsspec backend): the read
+    step later records the real error in that entry's row. Remote HEADs run 16 at a time.
+    """
+    fss: dict[str, fsspec.AbstractFileSystem | Exception] = {}
+
+    def one(uri: str) -> ObjectInfo:
+        local = local_path(uri)
+        try:
+            if local is not None:
+                return _local_info(local) if os.path.isfile(local) else ObjectInfo(local, -1, "")
+            fs = fss[uri_scheme(uri)]
+            if isinstance(fs, Exception):
+                return ObjectInfo(uri, -1, "")
+            path = fs._strip_protocol(uri)
+            info = fs.info(path)
+            if info.get("type") != "file":
+                return ObjectInfo(uri, -1, "")
+            return _remote_info(fs, uri_scheme(uri), path, info)
+        except Exception:  # noqa: BLE001 - one bad entry must not fail the listing
+            return ObjectInfo(local or uri, -1, "")
+
+    uris = list(uris)
+    for u in uris:
+        if local_path(u) is None and uri_scheme(u) not in fss:
+            try:
+                fss[uri_scheme(u)] = fsspec_filesystem(u, s3)
+            except Exception as e:  # noqa: BLE001 - e.g. htps://, gs:// without gcsfs
+                fss[uri_scheme(u)] = e
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        return list(pool.map(one, uris))
+
+
+def list_inputs(
+    inputs: str | Iterable[str], s3: S3Options | None = None, manifest: bool = False
+) -> list[ObjectInfo]:
+    """Objects of several prefixes (:func:`list_images`) or manifests (:func:`read_manifest` +
+    :func:`stat_objects`), in input order, each URI once (first occurrence wins)."""
+    out: dict[str, ObjectInfo] = {}
+    for item in [inputs] if isinstance(inputs, str) else inputs:
+        infos = stat_objects(read_manifest(item, s3), s3) if manifest else list_images(item, s3)
+        for info in infos:
+            out.setdefault(info.uri, info)
+    return list(out.values())
+
+
+def _manifest_entries(uri: str, s3: S3Options | None) -> list[str]:
+    name = uri.lower().rstrip("/")
+    if name.endswith(".parquet"):
+        import pyarrow.parquet as pq
+
+        fs, path = resolve(uri, s3)
+        with fs.open_input_file(path) as f:
+            pf = pq.ParquetFile(f)
+            if "uri" not in pf.schema_arrow.names:
+                raise ValueError(f"{uri}: parquet manifest has no 'uri' column")
+            return [str(v) for v in pf.read(columns=["uri"]).column("uri").to_pylist() if v]
+    text = read_bytes(uri, s3).decode("utf-8-sig")
+    if name.endswith(".csv"):
+        rows = [r for r in csv.reader(io.StringIO(text)) if any(c.strip() for c in r)]
+        if not rows:
+            return []
+        # Row 1 is a header only when it names the URI column: a guess would drop an entry like IMG_0001.
+        header = [c.strip().lower() for c in rows[0]]
+        names = [n for n in URI_COLUMNS if n in header]
+        col = header.index(names[0]) if names else 0
+        return [r[col].strip() for r in rows[1 if names else 0 :] if len(r) > col and r[col].strip()]
+    lines = (ln.strip() for ln in text.splitlines())
+    return [ln for ln in lines if ln and not ln.startswith("#")]
+
+
+def read_manifest(uri: str, s3: S3Options | None = None) -> list[str]:
+    """URIs from a .txt (one per line, ``#`` comments), .csv or .parquet manifest.
+
+    Parquet uses column ``uri``; CSV the column a header row names (``uri``, else one of
+    :data:`URI_COLUMNS`), without such a header the first column of every row. Relative entries are
+    resolved against the manifest's directory, ``file:`` entries become plain paths, duplicates are
+    dropped keeping the first occurrence. Use :func:`stat_objects` on the result.
+    """
+    if is_dir(uri, s3):
+        raise IsADirectoryError(errno.EISDIR, "a manifest is a .txt, .csv or .parquet file, not a folder", uri)
+    out: list[str] = []
+    seen: set[str] = set()
+    local_manifest = local_path(uri)
+    for entry in _manifest_entries(uri, s3):
+        if "://" in entry or entry.startswith("file:") or os.path.isabs(entry):
+            resolved = local_path(entry) or entry
+        elif local_manifest is not None:
+            resolved = os.path.normpath(os.path.join(os.path.dirname(local_manifest), entry))
+        else:
+            scheme, key = uri.split("://", 1)
+            key = posixpath.normpath(posixpath.join(posixpath.dirname(key), entry))
+            resolved = f"{scheme}://{key}"
+        if resolved not in seen:
+            seen.add(resolved)
+            out.append(resolved)
+    return out

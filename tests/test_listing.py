@@ -1,0 +1,196 @@
+"""Listing inputs: folders, prefixes and manifests on a local disk and on S3 (moto), and bad names."""
+
+from __future__ import annotations
+
+import os
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from ray_jobs import listing, storage
+from ray_jobs.storage import S3Options
+
+TREE = {
+    "a.JPG": b"aaa",
+    "b.png": b"bb",
+    "notes.txt": b"not an image",
+    "empty.jpeg": b"",
+    "sub/c.webp": b"cccc",
+    "sub/deeper/d.TIFF": b"d",
+}
+IMAGES = ["a.JPG", "b.png", "empty.jpeg", "sub/c.webp", "sub/deeper/d.TIFF"]
+
+
+def populate(base: str, s3: S3Options | None) -> None:
+    for rel, data in TREE.items():
+        storage.write_bytes(storage.join(base, rel), data, s3)
+    storage.write_bytes(storage.join(base + "2", "x.jpg"), b"x", s3)  # a sibling, not a child
+
+
+def test_list_images(root):
+    base, s3 = root
+    populate(base, s3)
+    infos = listing.list_images(base, s3)
+    assert [i.uri for i in infos] == sorted(storage.join(base, p) for p in IMAGES)
+    assert infos == listing.list_images(base + "/", s3)  # trailing slash, deterministic
+    sizes = {i.uri: i.size for i in infos}
+    assert sizes[storage.join(base, "empty.jpeg")] == 0
+    assert sizes[storage.join(base, "sub/c.webp")] == 4
+    assert all(i.etag_or_mtime for i in infos)
+    if s3 is None:
+        assert infos[0].etag_or_mtime.isdigit()  # mtime_ns
+    else:
+        assert infos[0].uri.startswith("s3://") and '"' not in infos[0].etag_or_mtime
+
+    everything = listing.list_images(base, s3, extensions=None)
+    assert len(everything) == len(TREE)
+    assert [i.uri for i in listing.list_images(base, s3, extensions=(".tiff", "PNG"))] == [
+        storage.join(base, "b.png"),
+        storage.join(base, "sub/deeper/d.TIFF"),
+    ]
+    top = listing.list_images(base, s3, recursive=False)
+    assert [os.path.basename(i.uri) for i in top] == ["a.JPG", "b.png", "empty.jpeg"]
+    single = listing.list_images(storage.join(base, "notes.txt"), s3)
+    assert [(i.uri, i.size) for i in single] == [(storage.join(base, "notes.txt"), 12)]
+
+    with pytest.raises(FileNotFoundError, match="nope"):
+        listing.list_images(storage.join(base, "nope"), s3)
+    if s3 is not None:
+        with pytest.raises(FileNotFoundError, match="s3://nope-bucket-404/x"):
+            listing.list_images("s3://nope-bucket-404/x", s3)
+
+
+def test_a_file_gone_during_the_listing_keeps_its_place(tmp_path, monkeypatch):
+    (tmp_path / "a.jpg").write_bytes(b"aa")
+    (tmp_path / "b.jpg").write_bytes(b"b")
+    (tmp_path / "dangling.jpg").symlink_to(tmp_path / "nowhere.jpg")
+    real_walk = os.walk
+
+    def walk_then_delete(top, *args, **kwargs):  # an ingest deletes b.jpg right after the walk saw it
+        for entry in real_walk(top, *args, **kwargs):
+            (tmp_path / "b.jpg").unlink(missing_ok=True)
+            yield entry
+
+    monkeypatch.setattr(listing.os, "walk", walk_then_delete)
+    infos = listing.list_images(str(tmp_path))
+    assert [(os.path.basename(i.uri), i.size) for i in infos] == [("a.jpg", 2), ("b.jpg", -1), ("dangling.jpg", -1)]
+    assert infos[1].etag_or_mtime == "" and infos[0].etag_or_mtime.isdigit()
+
+
+@pytest.mark.parametrize("kind", ["txt", "csv", "csv-noheader", "parquet"])
+def test_manifests(root, kind):
+    base, s3 = root
+    populate(base, s3)
+    a, c = storage.join(base, "a.JPG"), storage.join(base, "sub/c.webp")
+    entries = [a, "sub/c.webp", "./missing.jpg", a, "sub/../b.png"]
+    name = {"csv-noheader": "m.csv"}.get(kind, f"m.{kind}")
+    uri = storage.join(base, name)
+    if kind == "txt":
+        storage.write_text(uri, "# comment\n\n" + "\n".join(entries) + "\n", s3)
+    elif kind == "csv":
+        storage.write_text(uri, "id,uri\n" + "".join(f"{i},{e}\n" for i, e in enumerate(entries)), s3)
+    elif kind == "csv-noheader":
+        storage.write_text(uri, "".join(f"{e},label\n" for e in entries), s3)
+    else:
+        buf = pa.BufferOutputStream()
+        pq.write_table(pa.table({"uri": entries}), buf)
+        storage.write_bytes(uri, buf.getvalue().to_pybytes(), s3)
+
+    uris = listing.read_manifest(uri, s3)
+    missing, b = storage.join(base, "missing.jpg"), storage.join(base, "b.png")
+    assert uris == [a, c, missing, b]
+    infos = listing.stat_objects(uris, s3)
+    assert [(i.uri, i.size) for i in infos] == [(a, 3), (c, 4), (missing, -1), (b, 2)]
+    assert infos[2].etag_or_mtime == "" and infos[0].etag_or_mtime
+    listed = {i.uri: i.etag_or_mtime for i in listing.list_images(base, s3)}
+    assert infos[0].etag_or_mtime == listed[a]  # listing and stat agree (resume keys on it)
+
+
+def test_list_inputs(root):
+    base, s3 = root
+    populate(base, s3)
+    sub, top = storage.join(base, "sub"), storage.join(base, "b.png")
+    infos = listing.list_inputs([sub, top, base], s3)
+    uris = [i.uri for i in infos]
+    assert uris[:3] == [storage.join(sub, "c.webp"), storage.join(sub, "deeper/d.TIFF"), top]
+    assert sorted(uris) == sorted(storage.join(base, p) for p in IMAGES)  # each URI once
+    manifest = storage.join(base, "m.txt")
+    storage.write_text(manifest, "b.png\nnothing.jpg\n", s3)
+    got = [(i.uri, i.size) for i in listing.list_inputs(manifest, s3, manifest=True)]
+    assert got == [(top, 2), (storage.join(base, "nothing.jpg"), -1)]
+
+def _make_bad_name(folder, name: bytes = b"bad\xff.jpg", data: bytes = b"xyz") -> None:
+    fd = os.open(os.path.join(os.fsencode(str(folder)), name), os.O_WRONLY | os.O_CREAT, 0o644)
+    os.write(fd, data)
+    os.close(fd)
+
+
+def test_a_non_utf8_file_name_is_listed_printably_and_marked(tmp_path):
+    (tmp_path / "ok.jpg").write_bytes(b"ok")
+    _make_bad_name(tmp_path)
+    os.mkdir(os.path.join(os.fsencode(str(tmp_path)), b"dir\xfe"))
+    _make_bad_name(os.path.join(str(tmp_path), os.fsdecode(b"dir\xfe")), b"in.jpg")
+    infos = listing.list_images(str(tmp_path))
+    got = [(i.uri[len(str(tmp_path)) + 1:], i.size, i.etag_or_mtime) for i in infos]
+    assert got[:2] == [("bad\\xff.jpg", -1, listing.NAME_NOT_UTF8), ("dir\\xfe/in.jpg", -1, listing.NAME_NOT_UTF8)]
+    assert got[2][:2] == ("ok.jpg", 2) and got[2][2].isdigit()
+    assert pa.array([i.uri for i in infos]).type == pa.string()  # the job's uri column takes them
+
+
+def test_a_bad_manifest_entry_does_not_fail_the_listing(tmp_path):
+    (tmp_path / "a.jpg").write_bytes(b"aaa")
+    manifest = tmp_path / "m.txt"
+    manifest.write_text("a.jpg\nhtps://example.com/x.jpg\nnosuchproto://bucket/y.jpg\nb.jpg\n")
+    infos = listing.list_inputs(str(manifest), manifest=True)
+    assert [(i.uri, i.size) for i in infos] == [
+        (str(tmp_path / "a.jpg"), 3), ("htps://example.com/x.jpg", -1), ("nosuchproto://bucket/y.jpg", -1),
+        (str(tmp_path / "b.jpg"), -1)]
+
+
+def test_an_unreadable_folder_fails_the_listing(tmp_path, monkeypatch):
+    locked = tmp_path / "lib" / "locked"
+    locked.mkdir(parents=True)
+    (locked / "a.jpg").write_bytes(b"a")
+    (tmp_path / "lib" / "b.jpg").write_bytes(b"b")
+    real_scandir = os.scandir
+
+    def scandir(path="."):  # as chmod 000 would (the tests may run as root, who reads anything)
+        if os.fspath(path) == str(locked):
+            raise PermissionError(13, "Permission denied", os.fspath(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(listing.os, "scandir", scandir)
+    with pytest.raises(listing.ListingError) as err:
+        listing.list_images(str(tmp_path / "lib"))
+    assert isinstance(err.value, OSError) and not isinstance(err.value, FileNotFoundError)
+    assert str(err.value) == f"cannot list folder {locked}: Permission denied"
+    with pytest.raises(listing.ListingError, match="Permission denied"):
+        listing.list_images(str(locked), recursive=False)
+    assert [os.path.basename(i.uri) for i in listing.list_images(str(tmp_path / "lib"), recursive=False)] == ["b.jpg"]
+
+
+def test_symlinked_folders_are_followed_like_symlinked_files_each_once(tmp_path):
+    lib, outside = tmp_path / "lib", tmp_path / "outside"
+    (lib / "sub").mkdir(parents=True)
+    outside.mkdir()
+    (lib / "a.jpg").write_bytes(b"a")
+    (outside / "c.jpg").write_bytes(b"cc")
+    (lib / "f.jpg").symlink_to(outside / "c.jpg")
+    (lib / "l1").symlink_to(outside)
+    (lib / "l2").symlink_to(outside)  # the same real folder again: listed once, under l1
+    (lib / "sub" / "loop").symlink_to(lib)  # a loop ends where it started
+    infos = listing.list_images(str(lib))
+    assert [(os.path.relpath(i.uri, lib), i.size) for i in infos] == [("a.jpg", 1), ("f.jpg", 2), ("l1/c.jpg", 2)]
+
+
+def test_a_csv_manifest_row_is_a_header_only_when_it_names_the_uri_column(tmp_path):
+    def entries(text: str) -> list[str]:
+        (tmp_path / "m.csv").write_text(text)
+        return [os.path.relpath(u, tmp_path) for u in listing.read_manifest(str(tmp_path / "m.csv"))]
+
+    assert entries("IMG_0001\nt2/ok.jpg\n") == ["IMG_0001", "t2/ok.jpg"]
+    assert entries("IMG_0001,good\nIMG_0002,bad\n") == ["IMG_0001", "IMG_0002"]
+    assert entries("Path,label\nIMG_0001,good\n") == ["IMG_0001"]
+    assert entries("id,image_path\n7,x.jpg\n8,y.jpg\n") == ["x.jpg", "y.jpg"]
+    assert entries("path,uri\nx.jpg,y.jpg\n") == ["y.jpg"]

@@ -1,0 +1,81 @@
+"""What `--resume` counts as done, and what it does with output files it cannot read (no Ray needed)."""
+
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+import pytest
+
+import ray
+from ray_jobs.resume import already_scored, read_rows
+from ray_jobs.schema import SCORE_SCHEMA
+from ray_jobs.score import ray_session
+
+
+def _rows(uris: list[str], sha: str, crop: str) -> pa.Table:
+    n = len(uris)
+    cols = {f.name: pa.nulls(n, f.type) for f in SCORE_SCHEMA}
+    cols.update(uri=pa.array(uris), model_sha256=pa.array([sha] * n), crop_mode=pa.array([crop] * n),
+                status=pa.array(["ok"] * n))
+    return pa.table(cols, schema=SCORE_SCHEMA)
+
+
+def _write(path: Path, table: pa.Table) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(table, path)
+
+
+def test_a_row_counts_only_for_the_same_model_and_crop_mode(tmp_path: Path) -> None:
+    part = tmp_path / "out" / "run_date=2026-01-02"
+    _write(part / "part-r1-u_000000.parquet", _rows(["a", "b"], "sha1", "five"))
+    _write(part / "part-r2-u_000000.parquet", _rows(["c"], "sha1", "center"))
+    _write(part / "part-r3-u_000000.parquet", _rows(["d"], "sha2", "five"))
+    out = str(tmp_path / "out")
+    assert already_scored(out, "sha1", "five") == {"a", "b"}
+    assert already_scored(out, "sha1", "center") == {"c"}  # the other protocol's scores are not these
+    assert already_scored(out, "sha2", "five") == {"d"}
+    assert already_scored(str(tmp_path / "nothing-yet"), "sha1", "five") == set()
+
+
+def test_a_file_cut_short_is_moved_aside_and_the_folder_reads_again(tmp_path: Path, capsys) -> None:
+    part = tmp_path / "out" / "run_date=2026-01-02"
+    _write(part / "part-r1-u_000000.parquet", _rows(["a", "b"], "sha1", "five"))
+    sink = pa.BufferOutputStream()
+    pq.write_table(_rows(["c", "d"], "sha1", "five"), sink)
+    whole = sink.getvalue().to_pybytes()
+    (part / "part-r2-u_000000.parquet").write_bytes(whole[: len(whole) // 2])  # a crash mid-write
+    (part / "foreign.parquet").write_bytes(b"not parquet at all")  # not ours: left where it is
+    _write(part / "notes.parquet", pa.table({"x": [1]}))  # readable, but not a score file
+
+    with pytest.raises(pa.ArrowInvalid):
+        ds.dataset(str(tmp_path / "out"), partitioning="hive").to_table()
+    assert already_scored(str(tmp_path / "out"), "sha1", "five") == {"a", "b"}
+    err = capsys.readouterr().err
+    assert "moved to" in err and "_unreadable-part-r2-u_000000.parquet" in err and "not a score file" in err
+
+    assert (part / "_unreadable-part-r2-u_000000.parquet").read_bytes() == whole[: len(whole) // 2]
+    assert not (part / "part-r2-u_000000.parquet").exists() and (part / "foreign.parquet").exists()
+    (part / "foreign.parquet").unlink()
+    (part / "notes.parquet").unlink()
+    table = ds.dataset(str(tmp_path / "out"), partitioning="hive").to_table()  # "_" files are skipped
+    assert sorted(table.column("uri").to_pylist()) == ["a", "b"]
+    assert sorted(read_rows(str(tmp_path / "out")).column("uri").to_pylist()) == ["a", "b"]
+
+
+def test_ray_session_shuts_down_only_the_ray_it_started(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[str] = []
+    state = {"up": False}
+    monkeypatch.setattr(ray, "is_initialized", lambda: state["up"])
+    monkeypatch.setattr(ray, "init", lambda **kw: calls.append(f"init {kw['address']}") or state.update(up=True))
+    monkeypatch.setattr(ray, "shutdown", lambda: calls.append("shutdown") or state.update(up=False))
+    with pytest.raises(RuntimeError):
+        with ray_session("ray://head:10001"):
+            raise RuntimeError("the job failed")
+    assert calls == ["init ray://head:10001", "shutdown"]  # also when the job fails
+
+    calls.clear()
+    state["up"] = True  # connected by the caller (tests, the audit): left as it was
+    with ray_session(None):
+        pass
+    assert calls == [] and state["up"]
