@@ -6,6 +6,7 @@ cost seconds of CPU per worker.
 
 from __future__ import annotations
 
+import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Sequence
 
@@ -20,6 +21,10 @@ DEFAULT_MAX_BYTES = 256 * 1024 * 1024
 # Object-store GETs are latency-bound (tens of ms before the first byte on S3): read one at a time,
 # a read task would feed a few dozen images/s, well under one GPU's rate.
 READ_THREADS = 16
+# A failed read that may pass on a second try (a reset connection, S3's 503 SlowDown after pyarrow's
+# own retries) is tried again after these pauses before its row records read_failed: --resume counts
+# error rows as done, so a blip would otherwise cost the photo its score until someone rescored it.
+RETRY_PAUSES_S = (0.5, 2.0)
 
 
 def fetch(info: ObjectInfo, s3: S3Options | None, max_bytes: int) -> bytes | ImageError:
@@ -27,15 +32,34 @@ def fetch(info: ObjectInfo, s3: S3Options | None, max_bytes: int) -> bytes | Ima
     if info.size < 0 and info.etag_or_mtime == NAME_NOT_UTF8:  # the URI is a printable stand-in, not a path
         return ImageError("read_failed", f"{info.uri}: the file name is not valid UTF-8; rename it to score it")
     try:
-        return read_bytes(info.uri, s3, max_bytes=max_bytes)
+        return _read(info, s3, max_bytes)
     except FileNotFoundError:
         when = "was not found when listed" if info.size < 0 else "does not exist (deleted after listing?)"
         return ImageError("not_found", f"{info.uri} {when}")
     except ObjectTooLarge as e:
         return ImageError("too_large", str(e))
-    # ValueError: an unknown scheme or a path the filesystem cannot encode; ImportError: no fsspec backend.
-    except (OSError, ValueError, ImportError) as e:
+    except _FINAL as e:
         return ImageError("read_failed", f"{type(e).__name__}: {e}")
+    except OSError as e:
+        return ImageError("read_failed", f"{type(e).__name__}: {e} ({len(RETRY_PAUSES_S) + 1} attempts)")
+
+
+# Failures a second try would not change. ValueError: an unknown scheme or a path the filesystem
+# cannot encode (ObjectTooLarge is one too); ImportError: no fsspec backend for the scheme.
+_FINAL = (FileNotFoundError, PermissionError, IsADirectoryError, ValueError, ImportError)
+
+
+def _read(info: ObjectInfo, s3: S3Options | None, max_bytes: int) -> bytes:
+    """``read_bytes``, tried again after each of :data:`RETRY_PAUSES_S` while it fails with an OSError
+    that may pass."""
+    for pause in RETRY_PAUSES_S:
+        try:
+            return read_bytes(info.uri, s3, max_bytes=max_bytes)
+        except _FINAL:
+            raise
+        except OSError:
+            time.sleep(pause)
+    return read_bytes(info.uri, s3, max_bytes=max_bytes)
 
 
 def fetch_all(infos: Sequence[ObjectInfo], s3: S3Options | None, max_bytes: int,

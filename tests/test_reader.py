@@ -94,3 +94,36 @@ def test_not_found_messages_tell_listing_from_reading(tmp_path):
     assert (at_listing.code, after.code) == ("not_found", "not_found")
     assert at_listing.message == f"{gone} was not found when listed"
     assert "deleted after listing" in after.message
+
+
+def test_a_read_that_may_pass_is_tried_again_before_its_row_says_read_failed(tmp_path, monkeypatch):
+    (tmp_path / "a.jpg").write_bytes(b"abc")
+    info = list_inputs([str(tmp_path / "a.jpg")])[0]
+    pauses: list[float] = []
+    monkeypatch.setattr(reader.time, "sleep", pauses.append)
+    calls = {"n": 0}
+    real = reader.read_bytes
+
+    def flaky(fails: int, error: OSError):
+        def read(*args, **kwargs):
+            calls["n"] += 1
+            if calls["n"] <= fails:
+                raise error
+            return real(*args, **kwargs)
+        return read
+
+    reset = ConnectionResetError(104, "Connection reset by peer")
+    monkeypatch.setattr(reader, "read_bytes", flaky(2, reset))  # fails twice, then reads
+    assert reader.fetch(info, None, 100) == b"abc" and calls["n"] == 3 and pauses == list(reader.RETRY_PAUSES_S)
+
+    calls["n"], pauses[:] = 0, []
+    monkeypatch.setattr(reader, "read_bytes", flaky(99, OSError("AWS Error SLOW_DOWN during GetObject")))
+    got = reader.fetch(info, None, 100)
+    assert isinstance(got, ImageError) and got.code == "read_failed" and "SLOW_DOWN" in got.message
+    assert "(3 attempts)" in got.message and calls["n"] == 3
+
+    for final in (PermissionError(13, "AccessDenied"), FileNotFoundError(2, "gone")):  # a retry changes nothing
+        calls["n"], pauses[:] = 0, []
+        monkeypatch.setattr(reader, "read_bytes", flaky(99, final))
+        got = reader.fetch(info, None, 100)
+        assert got.code in ("read_failed", "not_found") and calls["n"] == 1 and pauses == []
