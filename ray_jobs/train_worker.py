@@ -195,6 +195,10 @@ def _share_cache(cache: FeatureCache, before: set[str], rank: int, world: int, g
         if r != rank:
             cache.add_columns(p)
     if uri and rank == 0:
+        if exists(uri, s3):  # another run sharing this cache may have added images since we read it: keep them
+            theirs = FeatureCache.read_npz(read_bytes(uri, s3))
+            new = np.array([u not in cache for u in theirs["uri"]], bool)
+            cache.add_columns({k: v[new] for k, v in theirs.items()})
         atomic_write_bytes(uri, cache.to_npz(), s3)  # a crash mid-write must not leave a cache later runs load
 
 

@@ -300,3 +300,21 @@ def test_a_run_resumes_only_with_its_own_recipe(tmp_path: Path) -> None:
     claim_run(replace(job, epochs=20, workers=4, keep=5))  # more epochs, other resources: the same run
     with pytest.raises(TrainSetupError, match=r"--seed 1 -> 2; --lr 0.0003 -> 0.001\): resume it with its own"):
         claim_run(replace(job, lr=1e-3, seed=2))  # the optimiser state would override it; the split would move
+
+
+def test_runs_sharing_a_feature_cache_keep_each_others_images(tmp_path: Path) -> None:
+    from piqa_core.faces import FaceResult
+    from piqa_core.training import FeatureCache
+    from ray_jobs.storage import S3Options
+    from ray_jobs.train_worker import _share_cache
+
+    uri = str(tmp_path / "features-fp.npz")
+    first, second = FeatureCache("fp"), FeatureCache("fp")  # two runs that started from the same (empty) file
+    first.put("a.jpg", FaceResult((1.0, 2.0, 30.5, 40.25), 0.9, 1), np.full(3, 0.5, np.float32))
+    second.put("b.jpg", FaceResult(None, 0.0, 0), np.zeros(3, np.float32))
+    _share_cache(first, set(), 0, 1, None, uri, S3Options())
+    _share_cache(second, set(), 0, 1, None, uri, S3Options())  # the last writer used to drop a.jpg
+    back = FeatureCache("fp")
+    back.add_columns(FeatureCache.read_npz(Path(uri).read_bytes()))
+    assert sorted(back.faces) == ["a.jpg", "b.jpg"] and back.faces["a.jpg"].box == (1.0, 2.0, 30.5, 40.25)
+    assert back.aux["a.jpg"].tolist() == [0.5] * 3 and back.faces["b.jpg"].box is None
