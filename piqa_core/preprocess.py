@@ -7,6 +7,7 @@ official DN-PIQA path: ``PIL -> convert('RGB') -> Resize(448) -> FiveCrop/Random
 
 from __future__ import annotations
 
+import functools
 import io
 import os
 import struct
@@ -198,6 +199,12 @@ def normalize(crops: torch.Tensor, mean: Sequence[float], std: Sequence[float]) 
     # Channels-first while still uint8 (4x less to move), then in place: each out-of-place op
     # would allocate (and page-fault) a fresh float buffer; the arithmetic is the same.
     x = crops.movedim(-1, -3).contiguous().to(torch.float32)
-    m = torch.as_tensor(mean, dtype=torch.float32, device=crops.device).view(3, 1, 1)
-    s = torch.as_tensor(std, dtype=torch.float32, device=crops.device).view(3, 1, 1)
+    m, s = _channel_constant(tuple(mean), crops.device), _channel_constant(tuple(std), crops.device)
     return x.div_(255).sub_(m).div_(s)
+
+
+@functools.lru_cache(maxsize=32)
+def _channel_constant(values: tuple[float, ...], device: torch.device) -> torch.Tensor:
+    """(3, 1, 1) float32 on ``device``, made once: a fresh one per call was a blocking host-to-device
+    copy, i.e. a stream sync, in every forward on a GPU."""
+    return torch.tensor(values, dtype=torch.float32, device=device).view(3, 1, 1)

@@ -144,9 +144,11 @@ class Predictor:
             use_tf32(precision)
         if self.dtype != torch.float32:  # cast copies: the caller's networks (and their sha256) stay fp32
             model, liqe = copy.deepcopy(model), copy.deepcopy(liqe)
-        # The head stays fp32 (a few thousand FLOPs): bf16 would round LIQE features of 16-32 to 0.125.
-        self.model = model.to(self.device, self.dtype).eval()
-        self.model.head.float()
+        # Only the backbones are cast. The head stays fp32 (a few thousand FLOPs; bf16 would round LIQE
+        # features of 16-32 to 0.125), never rounded through bf16 on the way.
+        self.model = model.to(self.device).eval()
+        for branch in (self.model.backbone, self.model.backbone_face):
+            branch.to(self.dtype)
         self.liqe = liqe.to_compute(self.device, self.dtype).eval() if liqe is not None else None
         if fused_attn if fused_attn is not None else self.device.type == "cuda":
             for m in self.model.modules():
@@ -161,44 +163,61 @@ class Predictor:
             self._model_fn = torch.compile(self.model.score_crops, dynamic=False)
             self._liqe_fn = torch.compile(self.liqe, dynamic=False) if self.liqe is not None else None
 
-    @torch.inference_mode()
     def __call__(self, cols: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Adds ``score`` (nan on error rows) and ``liqe_scene_top`` to the columns."""
+        return self.finish(cols, self.stage(cols))
+
+    @torch.inference_mode()
+    def stage(self, cols: dict[str, np.ndarray]) -> list[tuple[np.ndarray, dict[str, torch.Tensor]]]:
+        """The ok rows' pixel columns on the device, per forward pass: ``(rows, tensors)``.
+
+        Copies are pinned and non-blocking on the current stream: a GPU actor stages one call's batch
+        outside its model lock while another call's forward runs.
+        """
+        ok = np.flatnonzero(cols["status"] == "ok")
+        step = self.batch_size or max(len(ok), 1)
+        chunks = (ok[start:start + step] for start in range(0, len(ok), step))
+        return [(rows, self.upload(cols, rows)) for rows in chunks]
+
+    @torch.inference_mode()
+    def finish(self, cols: dict[str, np.ndarray],
+               staged: list[tuple[np.ndarray, dict[str, torch.Tensor]]]) -> dict[str, np.ndarray]:
+        """Runs the forward passes over staged rows; the columns plus ``score`` and ``liqe_scene_top``."""
         n = len(cols["status"])
         scores = np.full(n, np.nan, np.float32)
         scenes = np.full(n, "", dtype=object)
-        ok = np.flatnonzero(cols["status"] == "ok")
-        step = self.batch_size or max(len(ok), 1)
-        for start in range(0, len(ok), step):
-            rows = ok[start:start + step]
-            s, sc = self.forward(cols, rows)
-            scores[rows], scenes[rows] = s, sc
+        for rows, tensors in staged:
+            s, sc = self.forward(tensors)
+            scores[rows], scenes[rows] = s[:len(rows)], sc[:len(rows)]
         return {**cols, "score": scores, "liqe_scene_top": scenes}
 
-    def forward(self, cols: dict[str, np.ndarray], rows: np.ndarray) -> tuple[np.ndarray, list[str]]:
-        n = len(rows)
-        if self.batch_size and n < self.batch_size:  # static shapes for the compiled graphs
-            rows = np.concatenate([rows, np.full(self.batch_size - n, rows[0])])
-        pp, dev = self.cfg.preprocess, self.device
-        pin = dev.type == "cuda"
+    def upload(self, cols: dict[str, np.ndarray], rows: np.ndarray) -> dict[str, torch.Tensor]:
+        """``rows`` of the pixel columns on the device (padded to ``batch_size`` when compiled)."""
+        if self.batch_size and len(rows) < self.batch_size:  # static shapes for the compiled graphs
+            rows = np.concatenate([rows, np.full(self.batch_size - len(rows), rows[0])])
+        dev, pin = self.device, self.device.type == "cuda"
 
         def take(name: str) -> torch.Tensor:
             col = cols[name]
             if isinstance(col, torch.Tensor):  # prepared on the device (gpu_prep): no host round trip
-                return col[torch.as_tensor(rows, device=col.device)].to(dev, non_blocking=True)
+                return col[torch.from_numpy(rows).to(col.device, non_blocking=True)].to(dev, non_blocking=True)
             t = torch.from_numpy(np.ascontiguousarray(col[rows]))
             return (t.pin_memory() if pin else t).to(dev, non_blocking=True)
 
-        if dev.type == "cuda":
+        names = ("whole", "face", "patches") if self._liqe_fn is not None else ("whole", "face")
+        return {name: take(name) for name in names}
+
+    def forward(self, x: dict[str, torch.Tensor]) -> tuple[np.ndarray, list[str]]:
+        """Scores (and LIQE's top scene) of one staged pass; the only host sync is the scores' return."""
+        if self.device.type == "cuda":
             use_tf32(self.precision)  # a no-op unless another precision's Predictor ran in between
-        aux, scenes = None, [""] * len(rows)
-        if self._liqe_fn is not None:
-            aux = self._liqe_fn(take("patches")).float()
-            scenes = top_scene(aux)
-        whole = normalize(take("whole"), pp.mean, pp.std).to(self.dtype)
-        face = normalize(take("face"), pp.mean, pp.std).to(self.dtype)
+        pp = self.cfg.preprocess
+        aux = self._liqe_fn(x["patches"]).float() if self._liqe_fn is not None else None
+        whole = normalize(x["whole"], pp.mean, pp.std).to(self.dtype)
+        face = normalize(x["face"], pp.mean, pp.std).to(self.dtype)
         scores = self._model_fn(whole, face, aux, chunk=self.crops_per_pass)
-        return scores.float().cpu().numpy()[:n], scenes[:n]
+        scenes = top_scene(aux) if aux is not None else [""] * len(whole)  # after the model: .tolist() syncs
+        return scores.float().cpu().numpy(), scenes
 
 
 def use_tf32(precision: str) -> None:

@@ -20,7 +20,7 @@ from piqa_core.concurrency import use_torch_threads
 from piqa_core.faces import for_inference
 from piqa_core.gpu_prep import prepare_batch_on_device
 from piqa_core.preprocess import ImageError
-from piqa_core.stages import Predictor, prepare_batch
+from piqa_core.stages import Predictor, prepare_batch, use_tf32
 
 from .options import ModelOptions
 from .schema import SCORE_SCHEMA, now_utc
@@ -115,6 +115,8 @@ class PrepActor:
         bundle = load_bundle(model, s3, parts=("face",), sha256=sha256)
         self.cfg, self.crop_mode = bundle.config, model.crop_mode
         device = torch.device("cuda" if face_device == "gpu" and torch.cuda.is_available() else "cpu")
+        if device.type == "cuda":  # as the score actors' Predictor does: fp32 means IEEE convolutions here too
+            use_tf32(model.precision)
         self.detector = for_inference(bundle.detector, device)
         self.crash_marker = crash_marker
 
@@ -199,8 +201,9 @@ class ScoreActor:
                     prepared = prepare_batch_on_device(_items(batch), self.cfg, self.detector, self.device,
                                                        self.crop_mode)
                 batch = {**_identity_columns(batch), **prepared}
+            staged = self.predictor.stage(batch)  # pinned copies + uploads overlap the other call's forward
             with self._model_lock:
-                cols = self.predictor(batch)  # scores come back to the host: this stream is synced
+                cols = self.predictor.finish(batch, staged)  # scores come back to the host: this stream is synced
         n = len(cols["uri"])
         ok = cols["status"] == "ok"
         box = cols["face_box"]

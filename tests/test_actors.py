@@ -159,6 +159,38 @@ def test_one_call_actor_loads_and_scores_on_one_thread_whoever_calls(monkeypatch
     assert seen["load"] == seen["forward"] != threading.get_ident()
 
 
+def test_a_gpu_actor_stages_a_batch_outside_its_model_lock(monkeypatch):
+    """Pinning and uploads run before the model lock is taken, so they overlap the other call's forward."""
+    import threading
+
+    actor = ScoreActor(TINY, S3Options(), model_identity(TINY, S3Options()), prepare_on_device=True, calls=2)
+    lock = actor._model_lock = threading.Lock()  # as on a GPU (a CPU actor's calls need none)
+    seen = []
+    stage, finish = actor.predictor.stage, actor.predictor.finish
+    monkeypatch.setattr(actor.predictor, "stage", lambda *a: (seen.append(("stage", lock.locked())), stage(*a))[1])
+    monkeypatch.setattr(actor.predictor, "finish", lambda *a: (seen.append(("finish", lock.locked())), finish(*a))[1])
+    table = actor(_read_batch([astronaut_jpeg_bytes(width=320, height=256), b"junk"]))
+    assert seen == [("stage", False), ("finish", True)]
+    assert table.column("status").to_pylist() == ["ok", "error"] and table.column("score")[0].as_py() is not None
+
+
+def test_a_prep_actor_detecting_on_a_gpu_sets_the_jobs_tf32_flags(monkeypatch):
+    """With --precision fp32 the detector's convolutions are IEEE whichever pool runs it."""
+    import ray_jobs.actors as actors
+
+    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    threads = torch.get_num_threads()  # a prep actor sets its process's count
+    monkeypatch.setattr(actors.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(actors, "for_inference", lambda detector, device: (detector, device))
+    try:
+        torch.backends.cudnn.allow_tf32 = True  # torch's default in a fresh process
+        actor = PrepActor(TINY, S3Options(), face_device="gpu")
+        assert actor.detector[1].type == "cuda" and torch.backends.cudnn.allow_tf32 is False
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
+        torch.set_num_threads(threads)
+
+
 def test_score_calls_per_actor():
     from ray_jobs.score import PoolPlan, score_calls
 

@@ -332,3 +332,18 @@ def test_normalize_matches_totensor_normalize() -> None:
     assert meta.device.type == "meta" and meta.shape == (2, 3, 8, 8)
     with pytest.raises(ValueError):
         normalize(torch.zeros((8, 8, 3)), IMAGENET_MEAN, IMAGENET_STD)
+
+
+def test_normalize_makes_its_constants_once_and_they_serve_training_too():
+    from piqa_core.preprocess import _channel_constant
+
+    mean, std = (0.25, 0.5, 0.75), (0.2, 0.3, 0.4)  # first use, inside inference mode (scoring)
+    x = torch.randint(0, 256, (2, 6, 6, 3), dtype=torch.uint8)
+    with torch.inference_mode():
+        scored = normalize(x, mean, std)
+    assert _channel_constant(mean, x.device) is _channel_constant(mean, x.device)  # no new tensor (no GPU sync)
+    want = (x.permute(0, 3, 1, 2).float() / 255 - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)
+    torch.testing.assert_close(scored, want, rtol=0, atol=1e-6)
+    w = torch.ones(1, requires_grad=True)  # training, outside inference mode, with the same constants
+    (normalize(x, mean, std) * w).sum().backward()
+    assert w.grad is not None
