@@ -73,7 +73,7 @@ class AuditJob:
     prefix_depth: int = 1
     keep_deleted_days: float = 30.0
     max_bytes: int = 256 * 1024 * 1024
-    face_device: str = "cpu"
+    face_device: str = "auto"
     address: str | None = None
     gpu: bool | None = None  # None: score on GPUs when the cluster has them
 

@@ -53,10 +53,12 @@ def main() -> None:
 @click.option("--region", default=None)
 @click.option("--max-bytes", type=click.IntRange(1), default=256 * 1024 * 1024, show_default=True,
               help="Objects larger than this become error rows.")
-@click.option("--resume", is_flag=True, help="Skip inputs this model (same sha256) already scored under --out.")
+@click.option("--resume", is_flag=True,
+              help="Skip inputs this model (same sha256) already scored in this crop mode under --out.")
 @click.option("--run-date", default=None, help="Partition value run_date=… (default: today).")
-@click.option("--face-device", type=click.Choice(["cpu", "gpu"]), default="cpu", show_default=True,
-              help="Where prep actors run RetinaFace (gpu on GPU nodes: CPU detection cannot keep up).")
+@click.option("--face-device", type=click.Choice(["auto", "cpu", "gpu"]), default="auto", show_default=True,
+              help="Where prep actors run RetinaFace; auto = gpu when scoring on GPUs (CPU detection cannot "
+                   "keep up with a GPU), else cpu.")
 @click.option("--prep", type=click.Choice(["auto", "actors", "device"]), default="auto", show_default=True,
               help="actors = a CPU actor pool decodes, detects and crops; device = the score actors do it on "
                    "their device (GPU: nvJPEG decode, GPU resizes, for GPU nodes short of CPU cores; CPU: the "

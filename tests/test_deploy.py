@@ -73,7 +73,7 @@ REQUIRED_FLAGS = {
     "ray_jobs.audit": {"--state", "--weights"},
 }
 POSITIONALS = {"ray_jobs.score": (1, None), "ray_jobs.train": (0, 0), "ray_jobs.audit": (1, 1)}
-CHOICES = {"--face-device": {"cpu", "gpu"}, "--precision": {"fp32", "bf16"},
+CHOICES = {"--face-device": {"auto", "cpu", "gpu"}, "--precision": {"fp32", "bf16"},
            "--crop-mode": {"five", "center"}, "--engine": {"ray"}}
 
 # ---- KubeRay ray.io/v1 fields (API reference); anything else is a typo or a newer KubeRay ------

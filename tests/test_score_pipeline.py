@@ -203,14 +203,21 @@ def test_pool_plans():
     assert plan_pools(_job([], "x", prep="device", score_actors=2), {"CPU": 2.0}).score_threads == 1
     with pytest.raises(ValueError, match="no effect"):
         plan_pools(_job([], "x", prep="device", prep_actors=2), {"CPU": 2.0})
-    # auto with GPUs keeps the CPU prep pool
+    # auto with GPUs keeps the CPU prep pool, which detects faces on the GPU unless told otherwise
     assert plan_pools(_job([], "x"), {"CPU": 16.0, "GPU": 1.0}, get_preset("dn-piqa")).prep_actors == 14
     gpu = plan_pools(_job([], "x"), {"CPU": 16.0, "GPU": 1.0})
-    assert (gpu.score_actors, gpu.score_gpus, gpu.prep_actors) == (1, 1.0, 14)
+    assert (gpu.score_actors, gpu.score_gpus, gpu.prep_actors, gpu.prep_gpus) == (1, 0.5, 14, 0.0357)
+    cpu_faces = plan_pools(_job([], "x", face_device="cpu"), {"CPU": 16.0, "GPU": 1.0})
+    assert (cpu_faces.score_gpus, cpu_faces.prep_gpus) == (1.0, 0.0)
+    for plan, where in ((gpu, "gpu"), (cpu_faces, "cpu"), (tiny, "cpu")):  # what the prep actors are told
+        prep, _ = score_mod._stage_args(_job([], "x"), plan, "r", {"sha256": "s"})
+        assert prep["fn_constructor_kwargs"]["face_device"] == where
     for cpus, gpus in ((16.0, 2.0), (5.0, 1.0), (15.0, 1.0), (60.0, 4.0)):  # never more GPU than the cluster has
         face = plan_pools(_job([], "x", face_device="gpu"), {"CPU": cpus, "GPU": gpus})
         assert face.prep_gpus > 0 and face.score_gpus * face.score_actors + face.prep_gpus * face.prep_actors <= gpus
-    wait = plan_pools(_job([], "x", gpu=True, score_actors=4), {"CPU": 8.0})
+    wait = plan_pools(_job([], "x", gpu=True, score_actors=4, face_device="cpu"), {"CPU": 8.0})
     assert wait.score_gpus == 1.0 and wait.score_actors == 4
+    wait = plan_pools(_job([], "x", gpu=True, score_actors=4), {"CPU": 8.0})  # the autoscaler is asked for 4 GPUs
+    assert wait.score_gpus == 0.5 and wait.score_gpus * 4 + wait.prep_gpus * wait.prep_actors == pytest.approx(4, abs=1e-3)
     with pytest.raises(ValueError, match="needs GPUs"):
         plan_pools(_job([], "x", face_device="gpu"), {"CPU": 8.0})
