@@ -13,6 +13,7 @@ actor, and score actors that prepare on the GPU (nvJPEG), serially and with two 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import dataclasses
 import os
@@ -31,7 +32,7 @@ from piqa_core.checkpoints import build_bundle, load_checkpoint, resolve_weights
 from piqa_core.faces import detector_input, for_inference  # noqa: E402
 from piqa_core.liqe import extract_patches  # noqa: E402
 from piqa_core.preprocess import load_image, make_crops  # noqa: E402
-from piqa_core.stages import Predictor, prepare_batch  # noqa: E402
+from piqa_core.stages import Predictor, prepare_batch, use_tf32  # noqa: E402
 
 
 def timed(fn, repeat: int = 1, sync: bool = False) -> float:
@@ -63,6 +64,33 @@ def attempt(stage: str, fn) -> None:
         print(f"  {stage:<44} FAILED: {type(e).__name__}: {str(e).splitlines()[0][:200]}", flush=True)
 
 
+@contextlib.contextmanager
+def ieee_fp32():
+    """fp32 rows as ``--precision fp32`` runs them (IEEE matmuls and convolutions: torch's default and
+    an earlier bf16 Predictor leave cuDNN's TF32 on), the flags restored afterwards."""
+    flags = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    use_tf32("fp32")
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
+
+
+def keeping_torch_threads(make):
+    """``make()``, then this thread's torch thread count as it was: ``PrepActor(threads=1)`` sets one
+    (right for a Ray actor's own process, wrong for the later CPU timings of this script)."""
+    threads = torch.get_num_threads()
+    try:
+        return make()
+    finally:
+        torch.set_num_threads(threads)
+
+
+def one_torch_thread() -> None:
+    """Pool initializer: each prep thread runs with one torch thread, as one Ray prep actor does."""
+    torch.set_num_threads(1)
+
+
 def replicate(cols: dict, n: int) -> dict:
     idx = np.arange(n) % len(cols["status"])
     return {k: v[idx] for k, v in cols.items()}
@@ -77,7 +105,7 @@ def read_stage_batch(photos: list[bytes], start: int = 0) -> dict[str, np.ndarra
     return read_columns(ids, photos)
 
 
-def end_to_end(args, base, photos: list[bytes], dev: torch.device, batch: int, detector, cols: dict) -> float:
+def end_to_end(args, base, photos: list[bytes], dev: torch.device, batch: int, detector) -> float:
     """The Ray stage classes driven directly (no Ray on the GPU machines): prep actors' work in a
     thread pool feeding one score actor, then score actors preparing on their device, serial and with
     two concurrent calls (what Ray Data runs on a GPU). Returns the best end-to-end images/s."""
@@ -97,15 +125,32 @@ def end_to_end(args, base, photos: list[bytes], dev: torch.device, batch: int, d
         model = ModelOptions(weights=tmp, random_weights=False, preset=cfg.preset, crop_mode="five",
                              precision="bf16", device=None, batch_size=batch, compile=args.compile)
         identity = model_identity(model, s3)
-        t0 = time.perf_counter()
-        prep = PrepActor(model, s3, face_device="gpu" if gpu else "cpu", threads=1)
-        device = ScoreActor(model, s3, identity, device=dev.type, prepare_on_device=True, calls=2 if gpu else 1)
-        print(f"End to end through the Ray stage classes (bf16; actors loaded in {time.perf_counter() - t0:.1f} s):",
-              flush=True)
-        device(reads[0])  # warm-up (and compile)
+        threads, t0 = torch.get_num_threads(), time.perf_counter()
+        actors: dict = {}  # what loaded: a failed actor costs the rows that need it, not the rest
+
+        def load_prep() -> None:
+            actors["prep"] = keeping_torch_threads(
+                lambda: PrepActor(model, s3, face_device="gpu" if gpu else "cpu", threads=1))
+
+        def load_score() -> None:
+            actors["score"] = ScoreActor(model, s3, identity, device=dev.type, prepare_on_device=True,
+                                         calls=2 if gpu else 1)
+
+        print("End to end through the Ray stage classes (bf16):", flush=True)
+        attempt("prep actor load", load_prep)
+        attempt("score actor load", load_score)
+        print(f"  actors loaded in {time.perf_counter() - t0:.1f} s", flush=True)
+
+        def actor(name: str):
+            if name not in actors:
+                raise RuntimeError(f"no {name} actor (its load failed above)")
+            return actors[name]
+
+        attempt("score actor warm-up", lambda: actor("score")(reads[0]))  # and compile
 
         def score(cols: dict):
             """The same actor as a plain score stage (one model load, one compile)."""
+            device = actor("score")
             device.prepare_on_device = False
             try:
                 return device(cols)
@@ -118,8 +163,9 @@ def end_to_end(args, base, photos: list[bytes], dev: torch.device, batch: int, d
 
         def two_stage() -> None:
             nonlocal best
+            prep, _ = actor("prep"), actor("score")
             t0, done = time.perf_counter(), 0
-            with ThreadPoolExecutor(args.workers) as pool:
+            with ThreadPoolExecutor(args.workers, initializer=one_torch_thread) as pool:
                 chunks = [pool.submit(prep, read_stage_batch(photos[i:i + 8], i)) for i in range(0, n, 8)]
                 pending: list[dict] = []
                 for f in chunks:
@@ -133,14 +179,21 @@ def end_to_end(args, base, photos: list[bytes], dev: torch.device, batch: int, d
             best = max(best, rate)
             row(f"end-to-end five: {args.workers} prep threads + actor", rate, f"({done}/{n} scored)")
 
-        attempt("prep actors + score actor", two_stage)
+        def two_stage_then_restore() -> None:
+            try:
+                two_stage()
+            finally:  # the pool's threads set one torch thread each; MKL's count is process-wide
+                torch.set_num_threads(threads)
 
-        def on_device(calls: int, actor=device, mode: str = "five") -> float:
+        attempt("prep actors + score actor", two_stage_then_restore)
+
+        def on_device(calls: int, scorer=None, mode: str = "five") -> float:
+            scorer = scorer or actor("score")
             rounds = 1 if args.dry_run else 3  # a 64-photo pass lasts well under a second on a GPU
             sync()
             t0 = time.perf_counter()
             with ThreadPoolExecutor(calls) as pool:
-                tables = pool.map(actor, reads * rounds)
+                tables = pool.map(scorer, reads * rounds)
                 done = sum(sum(s == "ok" for s in t.column("status").to_pylist()) for t in tables)
             sync()
             rate = rounds * n / (time.perf_counter() - t0)
@@ -158,11 +211,11 @@ def end_to_end(args, base, photos: list[bytes], dev: torch.device, batch: int, d
         def center() -> None:
             """Center-crop mode through its own actor (bf16, not compiled: preparation bounds it)."""
             opts = dataclasses.replace(model, crop_mode="center", compile=False)
-            actor = ScoreActor(opts, s3, model_identity(opts, s3), device=dev.type, prepare_on_device=True,
-                               calls=2 if gpu else 1)
-            actor(reads[0])
+            scorer = ScoreActor(opts, s3, model_identity(opts, s3), device=dev.type, prepare_on_device=True,
+                                calls=2 if gpu else 1)
+            scorer(reads[0])
             # One call is what the pipeline runs (score_calls); two show whether overlap pays here.
-            rate = max(on_device(calls, actor, "center") for calls in ((1, 2) if gpu else (1,)))
+            rate = max(on_device(calls, scorer, "center") for calls in ((1, 2) if gpu else (1,)))
             print(f"  center-crop / best five-crop end to end: {rate / max(best, 1e-9):.1f}x", flush=True)
 
         attempt("center-crop end to end", center)
@@ -174,12 +227,16 @@ def end_to_end(args, base, photos: list[bytes], dev: torch.device, batch: int, d
                 prepare_batch_on_device(photos[i:i + batch], cfg, detector, dev, "five")
             sync()
             row(f"  of which preparation on {dev.type} alone", n / (time.perf_counter() - t0))
-            from piqa_core.gpu_prep import _decode
+            from piqa_core.gpu_prep import _decode, decoder_broken
 
             decode = lambda: [_decode(photos[i:i + batch], dev) for i in range(0, n, batch)]  # noqa: E731
-            row(f"  of which JPEG decode on {dev.type} alone", n / timed(decode, 1, gpu))
-            a = device.predictor(prepare_batch(photos[:batch], cfg, detector, "five"))["score"]
-            b = device.predictor(prepare_batch_on_device(photos[:batch], cfg, detector, dev, "five"))["score"]
+            per = timed(decode, 1, gpu)
+            broken = decoder_broken(dev)
+            row(f"  of which JPEG decode on {dev.type} alone", n / per,
+                f"(decoder OFF, {broken}: every JPEG went to PIL)" if broken else "")
+            predictor = actor("score").predictor
+            a = predictor(prepare_batch(photos[:batch], cfg, detector, "five"))["score"]
+            b = predictor(prepare_batch_on_device(photos[:batch], cfg, detector, dev, "five"))["score"]
             from scipy.stats import spearmanr
 
             print(f"  device prep vs PIL prep (bf16 model)          SRCC {spearmanr(a, b).statistic:.5f}  "
@@ -255,12 +312,11 @@ def main() -> None:
     batch = args.batch or (4 if dry else 32)
     gpu = dev.type == "cuda"
     print(f"torch {torch.__version__}  device {torch.cuda.get_device_name() if gpu else 'cpu'}  "
-          f"preset {preset}  photos {n} x {w}x{h}  batch {batch}  cpu workers {args.workers}", flush=True)
+          f"preset {preset}  photos {n} x {w}x{h}  batch {batch}  cpu workers {args.workers}  "
+          f"torch threads {torch.get_num_threads()}", flush=True)
 
     t0 = time.perf_counter()
-    with ThreadPoolExecutor(args.workers) as pool:
-        photos = [p for chunk in pool.map(lambda i: synthetic_jpegs(1, w, h, quality=90 - i % 20), range(n))
-                  for p in chunk]
+    photos = synthetic_jpegs(n, w, h, workers=args.workers)
     m = args.agree_images or (6 if dry else 66)
     agree = graded_jpegs(m, *((320, 240) if dry else (1024, 768)))
     if args.weights:
@@ -285,15 +341,27 @@ def main() -> None:
     print(f"Face detection on {dev.type}, batch {len(inputs)}:")
     for name, dtype in (("fp32", None), ("bf16 autocast", torch.bfloat16)):
         def detect(dtype=dtype) -> None:
-            with torch.autocast(dev.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            fp32 = ieee_fp32() if dtype is None else contextlib.nullcontext()
+            with fp32, torch.autocast(dev.type, dtype=dtype or torch.float32, enabled=dtype is not None):
                 detector.detect_each(inputs, sizes=sizes)
         attempt(f"RetinaFace {name}", lambda: row(f"RetinaFace {name}", len(inputs) / timed(detect, 3, gpu)))
     detector_split(detector, inputs, dev)
 
     print("Preparing columns for the model stages …", flush=True)
-    cols = prepare_batch(photos, cfg, detector, "five")
-    center_cols = prepare_batch(photos[:batch], cfg, detector, "center")
-    agree_cols = prepare_batch(agree, cfg, detector, "five")
+    prepared: dict[str, dict] = {}  # a failed set costs the rows that need it, not the rest
+
+    def prep(name: str, items: list[bytes], mode: str) -> None:
+        prepared[name] = prepare_batch(items, cfg, detector, mode)
+
+    attempt("prepare five-crop columns", lambda: prep("five", photos, "five"))
+    attempt("prepare center-crop columns", lambda: prep("center", photos[:batch], "center"))
+    attempt("prepare agreement columns", lambda: prep("agree", agree, "five"))
+
+    def columns(name: str) -> dict:
+        if name not in prepared:
+            raise RuntimeError(f"no {name} columns (their preparation failed above)")
+        return prepared[name]
+
     print(f"Model stages on {dev.type}, {batch} images per batch (five crops = {5 * batch} crops):")
     variants = [("fp32", {})] + ([("tf32", {})] if gpu else []) + [("bf16", {})]
     variants += [("bf16", {"compile": True})] if args.compile else []
@@ -305,13 +373,23 @@ def main() -> None:
             b = copy.deepcopy(base)
             t0 = time.perf_counter()
             pred = Predictor(cfg, b.model, b.liqe, dev, precision, batch_size=batch, **extra)
-            five = replicate(cols, batch)
-            per = timed(lambda: pred(five), 1 if dry else 3, gpu)
-            warm = time.perf_counter() - t0
-            row(f"model five-crop {label}", batch / per, f"(first call incl. warm-up {warm:.0f} s)")
-            center = replicate(center_cols, batch)
-            row(f"model center-crop {label}", batch / timed(lambda: pred(center), 1 if dry else 3, gpu))
-            results[label] = pred(agree_cols)["score"]
+
+            def five() -> None:
+                cols = replicate(columns("five"), batch)
+                per = timed(lambda: pred(cols), 1 if dry else 3, gpu)
+                warm = time.perf_counter() - t0
+                row(f"model five-crop {label}", batch / per, f"(first call incl. warm-up {warm:.0f} s)")
+
+            def center() -> None:
+                cols = replicate(columns("center"), batch)
+                row(f"model center-crop {label}", batch / timed(lambda: pred(cols), 1 if dry else 3, gpu))
+
+            def agree_scores() -> None:
+                results[label] = pred(columns("agree"))["score"]
+
+            attempt(f"model five-crop {label}", five)
+            attempt(f"model center-crop {label}", center)
+            attempt(f"agreement scores {label}", agree_scores)
 
         attempt(label, measure)
         if gpu:
@@ -322,7 +400,7 @@ def main() -> None:
     for line in agreement(results, judged=args.weights is not None) if has_ref else ["fp32 failed: no reference"]:
         print("  " + line, flush=True)
 
-    e2e = end_to_end(args, base, photos, dev, batch, detector, cols)
+    e2e = end_to_end(args, base, photos, dev, batch, detector)
 
     from benchmarks.official_style import official_style_score
 
@@ -331,13 +409,14 @@ def main() -> None:
         ob.model.to(dev)
         ob.liqe.to(dev)
         k = 2
-        per = timed(lambda: [official_style_score(ob, p, dev) for p in photos[:k]], 1, gpu) / k
+        with ieee_fp32():
+            per = timed(lambda: [official_style_score(ob, p, dev) for p in photos[:k]], 1, gpu) / k
         row("official-style loop (batch 1, fp32)", 1 / per, f"-> end-to-end is {e2e * per:.1f}x faster")
 
     attempt("official-style loop", official)
     if gpu:
         print(f"GPU memory: max allocated {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
-    print("gpu_check: done")
+    print(f"gpu_check: done (torch threads {torch.get_num_threads()})")
 
 
 if __name__ == "__main__":

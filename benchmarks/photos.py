@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 from PIL import Image
@@ -14,21 +15,28 @@ def _cover(img: Image.Image, width: int, height: int) -> Image.Image:
     return img.resize((int(img.width * scale) + 1, int(img.height * scale) + 1), Image.BILINEAR)
 
 
-def synthetic_jpegs(n: int, width: int, height: int, quality: int = 90) -> list[bytes]:
-    """``n`` distinct JPEGs of ``width``x``height`` with a real face in them."""
+def synthetic_jpegs(n: int, width: int, height: int, quality: int = 90, workers: int = 1) -> list[bytes]:
+    """``n`` distinct JPEGs of ``width``x``height`` with a real face in them, ``workers`` at a time.
+
+    Photo ``i`` takes its crop offset and colour shift from seed ``i`` and JPEG quality
+    ``quality - i % 20``: the same photos however many are made or in what order.
+    """
     import skimage.data
 
     base = _cover(Image.fromarray(skimage.data.astronaut()), width, height)
-    rng = np.random.default_rng(0)
-    out = []
-    for i in range(n):
+
+    def one(i: int) -> bytes:
+        rng = np.random.default_rng(i)
         left = int(rng.integers(0, base.width - width + 1))
-        img = base.crop((left, 0, left + width, height))
-        arr = np.asarray(img).astype(np.int16) + rng.integers(-8, 9, size=(1, 1, 3))
+        top = int(rng.integers(0, base.height - height + 1))
+        arr = np.asarray(base.crop((left, top, left + width, top + height))).astype(np.int16)
+        arr = arr + rng.integers(-8, 9, size=(1, 1, 3))
         buf = io.BytesIO()
         Image.fromarray(arr.clip(0, 255).astype(np.uint8)).save(buf, format="JPEG", quality=quality - i % 20)
-        out.append(buf.getvalue())
-    return out
+        return buf.getvalue()
+
+    with ThreadPoolExecutor(max(1, workers)) as pool:
+        return list(pool.map(one, range(n)))
 
 
 SCENES = ("astronaut", "camera", "coffee", "chelsea", "rocket", "stereo_motorcycle")

@@ -1,6 +1,7 @@
 """The benchmark scripts run (dry-run on CPU) and print their tables; figures are not asserted."""
 
 import os
+import re
 import subprocess
 import sys
 import time
@@ -29,6 +30,25 @@ def test_gpu_check_dry_run_prints_every_stage(tmp_path):
                   "gpu_check: done"):
         assert stage in out.stdout, stage
     assert "FAILED" not in out.stdout, out.stdout
+    # PrepActor(threads=1) must not leave the script's later CPU timings on one torch thread.
+    threads = re.findall(r"torch threads (\d+)", out.stdout)
+    assert len(threads) == 2 and threads[0] == threads[1], threads
+
+
+def test_synthetic_photos_are_distinct_and_reproducible():
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from benchmarks.photos import synthetic_jpegs
+
+    photos = synthetic_jpegs(21, 320, 240, workers=2)
+    assert len(set(photos)) == 21 and all(Image.open(io.BytesIO(p)).size == (320, 240) for p in photos)
+    # 0 and 20 share JPEG quality 90: they differ by their seeds (offset, colour), not by quality only.
+    a, b = (np.asarray(Image.open(io.BytesIO(photos[i])), dtype=np.int16) for i in (0, 20))
+    assert np.abs(a - b).mean() > 1.0
+    assert synthetic_jpegs(3, 320, 240) == photos[:3]  # reproducible, whatever the count
 
 
 def test_agreement_judges_the_target_only_with_real_weights():

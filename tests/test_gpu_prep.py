@@ -8,6 +8,7 @@ same comparison with nvJPEG on CUDA. Networks are random-init tiny models: parit
 from __future__ import annotations
 
 import io
+import warnings
 
 import numpy as np
 import pytest
@@ -136,6 +137,35 @@ def test_resize_matches_pil(size):
         assert d.max() <= 2 and (d > 1).mean() < 1e-3 and d.mean() < 0.06, (size, side, d.max(), d.mean())
 
 
+@pytest.mark.parametrize("factor", [2, 3, 4, 5, 6, 7])
+def test_reduce_is_pillow_reduce_exactly(factor):
+    """Pillow's integer ``reduce``: fixed-point block means, partial edge blocks, 1xN / Nx1 included."""
+    rng = np.random.default_rng(factor)
+    for fx, fy in ((factor, factor), (factor, 1), (1, factor), (factor, 2), (3, factor)):
+        for w, h in ((97, 61), (64, 48), (factor * 11 + 1, factor * 7 + factor - 1), (factor - 1, factor + 1)):
+            for arr in (rng.integers(0, 256, (h, w, 3), dtype=np.uint8), np.full((h, w, 3), 255, np.uint8)):
+                want = np.asarray(Image.fromarray(arr).reduce((fx, fy)))
+                x = torch.from_numpy(arr).permute(2, 0, 1)[None].float()
+                got = gp.reduce_tensor(x, fx, fy)[0].permute(1, 2, 0).to(torch.uint8).numpy()
+                np.testing.assert_array_equal(got, want, err_msg=str((fx, fy, w, h)))
+
+
+@pytest.mark.parametrize("size, side", [((1700, 1101), 160), ((2650, 1751), 160)])  # reduce 3x3, 5x5
+def test_detector_input_with_reduce_matches_pil(size, side):
+    w, h = size
+    out_w, out_h = side, round(h * side / w)
+    assert int(w / out_w / 3) == int(h / out_h / 3) == {1700: 3, 2650: 5}[w]
+    for arr in (np.asarray(Image.fromarray(skdata.coffee()).resize(size, Image.BICUBIC)),
+                np.random.default_rng(0).integers(0, 256, (h, w, 3), dtype=np.uint8)):
+        small, scale = gp.detector_input_tensor(torch.from_numpy(arr.copy()).permute(2, 0, 1), side)
+        want, want_scale = detector_input(Image.fromarray(arr), side)
+        assert scale == want_scale and small.shape[1:] == want.shape[:2]
+        d = diff(small.permute(1, 2, 0).numpy(), want)
+        # Measured: max 1 on 0.008-0.018 % (3x) and 0.04-0.06 % (5x) of values, from the bilinear
+        # passes only; a float block mean instead of Pillow's fixed point: 10-11 % (3x), 4 % (5x).
+        assert d.max() <= 1 and (d > 0).mean() < 2e-3, (size, d.max(), (d > 0).mean())
+
+
 def test_crop_is_pil_crop_with_black_outside():
     img = astronaut(120, 90)
     t = torch.from_numpy(np.array(img)).permute(2, 0, 1)
@@ -156,12 +186,68 @@ def test_nvjpeg_failure_retries_one_by_one_then_falls_back_to_pil(bundle, monkey
         return real(data, **kw)
 
     monkeypatch.setattr(gp, "decode_jpeg", flaky)
+    monkeypatch.setattr(gp, "_decoder_broken", {})
     got = gp.prepare_batch_on_device(items, cfg, None, "cpu")
     assert calls == [3, 1, 1, 1]  # one batched try, then each item alone
     ref = prepare_batch(items, cfg, None)
     assert list(got["status"]) == ["ok"] * 3
     for k in ("whole", "face", "patches"):
         assert diff(got[k].numpy(), ref[k]).max() <= 1
+    # One bad file is not a broken decoder: the next batch is decoded by it again.
+    assert gp.decoder_broken("cpu") is None
+    gp.prepare_batch_on_device(items[:1], cfg, None, "cpu")
+    assert calls == [3, 1, 1, 1, 1]
+
+
+def test_broken_decoder_is_switched_off_once_per_process(bundle, monkeypatch):
+    """The batch and every single-file retry fail alike: warn once, then PIL for every later batch."""
+    cfg = bundle.config
+    items = [astronaut_jpeg_bytes(90), astronaut_jpeg_bytes(80, 600, 400), astronaut_jpeg_bytes(70, 400, 560)]
+    calls = []
+
+    def broken(data, **kw):
+        calls.append(len(data))
+        raise RuntimeError("nvjpegCreateSimple failed: 7")
+
+    monkeypatch.setattr(gp, "decode_jpeg", broken)
+    monkeypatch.setattr(gp, "_decoder_broken", {})
+    with pytest.warns(RuntimeWarning, match="decoded by PIL from now on") as record:
+        got = gp.prepare_batch_on_device(items, cfg, None, "cpu")
+    assert len([w for w in record if issubclass(w.category, RuntimeWarning)]) == 1
+    assert calls == [3, 1, 1, 1]
+    assert gp.decoder_broken("cpu") == "RuntimeError: nvjpegCreateSimple failed: 7"
+    assert gp.decoder_broken("cuda") is None  # per device type
+    ref = prepare_batch(items, cfg, None)
+    assert list(got["status"]) == ["ok"] * 3
+    for k in ("whole", "face", "patches"):
+        assert diff(got[k].numpy(), ref[k]).max() <= 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # no second warning
+        again = gp.prepare_batch_on_device(items, cfg, None, "cpu")
+    assert calls == [3, 1, 1, 1]  # no more decoder calls
+    assert list(again["status"]) == ["ok"] * 3
+
+
+@pytest.mark.parametrize("case", ["one_file", "different_errors", "one_decodes"])
+def test_failures_that_do_not_switch_the_decoder_off(case, monkeypatch):
+    """A batch of one, errors that differ per file, or one file that decodes alone: bad files, not a broken decoder."""
+    blobs = [astronaut_jpeg_bytes(90), astronaut_jpeg_bytes(80, 600, 400)]
+    real = gp.decode_jpeg
+
+    def flaky(data, **kw):
+        if len(data) > 1:
+            raise RuntimeError("batch failed")
+        if case == "one_decodes" and bytes(data[0].numpy()) == blobs[0]:
+            return real(data, **kw)
+        raise RuntimeError(f"bad file {len(bytes(data[0].numpy())) if case == 'different_errors' else ''}")
+
+    monkeypatch.setattr(gp, "decode_jpeg", flaky)
+    monkeypatch.setattr(gp, "_decoder_broken", {})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        got = gp._decode(blobs[:1] if case == "one_file" else blobs, torch.device("cpu"))
+    assert (got[0] is not None) == (case == "one_decodes") and got[-1] is None
+    assert gp.decoder_broken("cpu") is None
 
 
 @pytest.mark.parametrize("mode", ["center", "random"])
