@@ -82,9 +82,18 @@ def detector_input(img: Image.Image, long_side: int) -> tuple[np.ndarray, float]
 
 
 @functools.lru_cache(maxsize=64)
-def _priors(height: int, width: int) -> torch.Tensor:
-    # priorbox is a pure-Python loop (~17k anchors at 640x640): cache per padded size.
+def _priors(height: int, width: int, device: torch.device = torch.device("cpu")) -> torch.Tensor:
+    # priorbox is a pure-Python loop (~17k anchors at 640x640): cache per padded size (and device:
+    # a fresh upload per batch was a blocking copy, i.e. a stream sync, right after the network).
+    if device.type != "cpu":
+        return _priors(height, width).to(device)
     return priorbox(min_sizes=MIN_SIZES, steps=STEPS, clip=False, image_size=(height, width))
+
+
+def _to_device(values: Sequence[int], device: torch.device) -> torch.Tensor:
+    """A small int64 vector on ``device`` without a stream sync (pinned, non-blocking on CUDA)."""
+    t = torch.tensor(values, dtype=torch.int64)
+    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t.to(device)
 
 
 def _round_up(x: int, m: int) -> int:
@@ -175,17 +184,18 @@ class FaceDetector(nn.Module):
         x = (x - self.mean) / self.std
         # Padding is 0 after normalisation, the value the convolutions pad with anyway, so at
         # least the first convolution sees the same border whatever the batch padding is.
-        h_valid = torch.tensor(hs, device=device)[:, None, None]
-        w_valid = torch.tensor(ws, device=device)[:, None, None]
+        h_valid = _to_device(hs, device)[:, None, None]
+        w_valid = _to_device(ws, device)[:, None, None]
         rows = torch.arange(hp, device=device)[None, :, None] < h_valid
         cols = torch.arange(wp, device=device)[None, None, :] < w_valid
         x = (x * (rows & cols).unsqueeze(1)).contiguous(memory_format=torch.channels_last)
         loc, conf, _ = self.net(x)
         scores = F.softmax(conf.float(), dim=-1)[..., 1]  # (B, priors)
-        priors = _priors(hp, wp).to(device)
+        priors = _priors(hp, wp, device)
         b, n = scores.shape
         boxes = decode(loc.float().reshape(-1, 4), priors.repeat(b, 1), VARIANCE).view(b, n, 4)
-        boxes = boxes * torch.tensor([wp, hp, wp, hp], dtype=torch.float32, device=device)
+        boxes[..., 0::2] *= wp  # scalars: a tensor of them would be another upload
+        boxes[..., 1::2] *= hp
         centre = (boxes[..., :2] + boxes[..., 2:]) / 2
         # A box centred in the padding (or past any edge: more than half the face cut off) is dropped,
         # on all four sides alike, so a mirrored photo finds the mirrored face.
