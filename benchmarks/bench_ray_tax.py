@@ -38,9 +38,17 @@ def main() -> None:
     ap.add_argument("--batch-seconds", type=float, default=3.0, help="sleep per batch")
     ap.add_argument("--prep-share", type=float, default=None,
                     help="preparation time as a fraction of the model's (bench_cpu_stages prints it)")
+    ap.add_argument("--executor-wait", type=float, default=None,
+                    help="seconds the driver's streaming executor waits for tasks per step (Ray: 0.1); "
+                         "an experiment on a private Ray Data constant, never set by the jobs")
     args = ap.parse_args()
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     import ray
+
+    if args.executor_wait is not None:
+        from ray.data._internal.execution import streaming_executor_state
+
+        streaming_executor_state.WAIT_FOR_TASK_COMPLETION_TIMEOUT_S = args.executor_wait
 
     ray.init(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False,
              _temp_dir=tempfile.mkdtemp(prefix="ray", dir="/tmp"))
