@@ -97,6 +97,23 @@ def _walk_files(top: str, recursive: bool) -> Iterator[str]:
         yield from (os.path.join(folder, f) for f in files)
 
 
+def _remote_files(fs: fsspec.AbstractFileSystem, path: str, recursive: bool) -> dict[str, dict]:
+    """Files under ``path`` (or the object itself), one ``ls`` per folder; a folder that cannot be
+    listed raises."""
+    found: dict[str, dict] = {}
+    folders, seen = [path], set()
+    while folders:
+        folder = folders.pop()
+        seen.add(folder)
+        for info in fs.ls(folder, detail=True):
+            name = info["name"].rstrip("/")
+            if info["type"] != "directory":
+                found[name] = info
+            elif recursive and name not in seen:
+                folders.append(name)
+    return found
+
+
 def list_images(
     prefix_uri: str,
     s3: S3Options | None = None,
@@ -125,7 +142,10 @@ def list_images(
         scheme, fs = uri_scheme(prefix_uri), fsspec_filesystem(prefix_uri, s3)
         path = fs._strip_protocol(prefix_uri).rstrip("/")
         try:
-            found = fs.find(path, detail=True, maxdepth=None if recursive else 1)
+            # s3fs lists a whole prefix in one flat, paginated listing that raises on errors; other
+            # finds walk folders with fsspec's walk, which drops errors below the top folder.
+            found = (fs.find(path, detail=True) if recursive and scheme in S3_SCHEMES
+                     else _remote_files(fs, path, recursive))
             if not found and not fs.exists(path):
                 raise FileNotFoundError(path)
         except FileNotFoundError as e:  # also raised by s3fs for a missing bucket

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 
+import fsspec.implementations.memory
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -53,6 +54,7 @@ def test_list_images(root):
     assert [os.path.basename(i.uri) for i in top] == ["a.JPG", "b.png", "empty.jpeg"]
     single = listing.list_images(storage.join(base, "notes.txt"), s3)
     assert [(i.uri, i.size) for i in single] == [(storage.join(base, "notes.txt"), 12)]
+    assert listing.list_images(storage.join(base, "notes.txt"), s3, recursive=False) == single
 
     with pytest.raises(FileNotFoundError, match="nope"):
         listing.list_images(storage.join(base, "nope"), s3)
@@ -194,3 +196,38 @@ def test_a_csv_manifest_row_is_a_header_only_when_it_names_the_uri_column(tmp_pa
     assert entries("Path,label\nIMG_0001,good\n") == ["IMG_0001"]
     assert entries("id,image_path\n7,x.jpg\n8,y.jpg\n") == ["x.jpg", "y.jpg"]
     assert entries("path,uri\nx.jpg,y.jpg\n") == ["y.jpg"]
+
+
+class _DeniedFS(fsspec.implementations.memory.MemoryFileSystem):
+    """A remote store whose folder ``locked`` cannot be listed."""
+
+    protocol = "denied"
+    store: dict = {}  # not the memory:// store
+    pseudo_dirs = [""]
+
+    @classmethod
+    def _strip_protocol(cls, path):
+        return super()._strip_protocol(path.removeprefix("denied://"))
+
+    def ls(self, path, detail=True, **kwargs):
+        if self._strip_protocol(path).rstrip("/").endswith("locked"):
+            raise PermissionError(13, "Access Denied", path)
+        return super().ls(path, detail=detail, **kwargs)
+
+
+@pytest.mark.parametrize("recursive", [True, False])
+def test_a_remote_folder_that_cannot_be_listed_fails_the_listing(recursive):
+    fsspec.register_implementation("denied", _DeniedFS, clobber=True)
+    fs = _DeniedFS()
+    for name in ("lib/a.jpg", "lib/locked/b.jpg", "lib/sub/c.jpg"):
+        fs.pipe(f"/{name}", b"x")
+    try:
+        with pytest.raises(PermissionError, match="Access Denied"):
+            listing.list_images("denied://lib/locked", recursive=recursive)
+        if recursive:
+            with pytest.raises(PermissionError, match="Access Denied"):
+                listing.list_images("denied://lib")
+        else:  # only the top level is listed: the locked subfolder is not opened
+            assert [os.path.basename(i.uri) for i in listing.list_images("denied://lib", recursive=False)] == ["a.jpg"]
+    finally:
+        _DeniedFS.store.clear()
