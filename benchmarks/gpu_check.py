@@ -30,7 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.gpu_check_tools import (attempt, ieee_fp32, keeping_torch_threads, one_torch_thread,  # noqa: E402
                                         read_stage_batch, replicate, row, timed)
 from benchmarks.photos import graded_jpegs, synthetic_jpegs  # noqa: E402
-from piqa_core.checkpoints import build_bundle, load_checkpoint, resolve_weights  # noqa: E402
+from piqa_core.checkpoints import build_bundle, load_checkpoint  # noqa: E402
+from piqa_core.weight_cache import resolve_weights  # noqa: E402
 from piqa_core.faces import detector_input, for_inference  # noqa: E402
 from piqa_core.liqe import extract_patches  # noqa: E402
 from piqa_core.preprocess import load_image, make_crops  # noqa: E402

@@ -1,4 +1,5 @@
-"""Weights: our checkpoint format, safe loading, weight sources (official imports: ``official.py``).
+"""Weights: our checkpoint format and safe loading (official imports: ``official.py``, remote
+sources and their cache: ``weight_cache.py``).
 
 A model directory holds ``config.json`` (``PIQAConfig`` + metadata) and ``model.safetensors`` with
 three prefixes: ``model.`` (DualBranchPIQA), ``liqe.`` (CLIP + its 495 text features), ``face.``
@@ -13,14 +14,11 @@ import io
 import json
 import os
 import pickle
-import re
-import shutil
-import tempfile
 import threading
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Iterator, Mapping
 
 import torch
 from safetensors import safe_open
@@ -323,82 +321,3 @@ def _file_sha256(path: Path) -> str:
         while chunk := f.read(8 << 20):
             h.update(chunk)
     return h.hexdigest()
-
-
-# ----------------------------------------------------------------------------- weight sources
-
-Fetcher = Callable[[str, Path], None]
-
-
-def _fsspec_fetch(uri: str, dest: Path) -> None:
-    import fsspec  # local import: only remote sources need it
-
-    fs, path = fsspec.core.url_to_fs(uri)
-    fs.get(path.rstrip("/") + "/", str(dest), recursive=True)
-
-
-def resolve_weights(uri: str | os.PathLike, cache_dir: str | os.PathLike | None = None,
-                    fetch: Fetcher | None = None, sha256: str | None = None) -> Path:
-    """A local model directory for a path or remote URI (copied once into a cache keyed by the URI).
-
-    ``sha256``: the weights expected there. A cached copy of other weights (the URI was written
-    again, as a training run's ``model/`` is) is fetched anew instead of served.
-    """
-    text = os.fspath(uri)
-    if not re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*://", text) or text.startswith("file://"):
-        return Path(text.removeprefix("file://")).expanduser()
-    cache = Path(cache_dir or Path(torch.hub.get_dir()).parent / "piqa").expanduser()
-    dest = cache / hashlib.sha256(text.encode()).hexdigest()[:16]
-    if _cached(dest, sha256):
-        return dest
-    cache.mkdir(parents=True, exist_ok=True)
-    # The actors starting on one node at once share one download: the others wait for it.
-    with _exclusive(cache / f"{dest.name}.lock"):
-        if _cached(dest, sha256):
-            return dest
-        tmp = Path(tempfile.mkdtemp(prefix=f"{dest.name}.partial-", dir=cache))
-        try:
-            (fetch or _fsspec_fetch)(text, tmp)
-            if not (tmp / WEIGHTS_FILE).is_file():
-                raise CheckpointError(f"{text} holds no {WEIGHTS_FILE}: is it a model directory?")
-            if not _cached(tmp, sha256):
-                raise CheckpointError(f"{text} holds other weights than the sha256 {sha256} expected: "
-                                      "was it written again during the job? Re-run it")
-            if dest.exists():  # other weights: moved aside first, os.replace cannot overwrite a folder
-                stale = tmp.with_name(f"{dest.name}.stale-{os.getpid()}")
-                os.replace(dest, stale)
-                shutil.rmtree(stale, ignore_errors=True)
-            try:
-                os.replace(tmp, dest)
-            except OSError:  # a process without the lock (another cache user) won the race
-                pass
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)  # a failed or surplus copy is not left behind
-    return dest
-
-
-def _cached(dest: Path, sha256: str | None) -> bool:
-    if not (dest / WEIGHTS_FILE).is_file():
-        return False
-    if sha256 is None:
-        return True
-    try:
-        return json.loads((dest / CONFIG_FILE).read_text()).get("sha256") == sha256
-    except (OSError, ValueError):
-        return False
-
-
-@contextlib.contextmanager
-def _exclusive(lock_file: Path) -> Iterator[None]:
-    """An advisory lock between processes (and threads) of this node; none where flock is missing."""
-    try:
-        import fcntl
-    except ImportError:  # not POSIX: concurrent downloads stay correct, only duplicated
-        yield
-        return
-    with open(lock_file, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)

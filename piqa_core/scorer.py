@@ -9,7 +9,8 @@ from typing import Any, Callable, Iterable, Iterator, Sequence, TypeVar
 import numpy as np
 import torch
 
-from .checkpoints import Bundle, Fetcher, build_bundle, load_checkpoint, resolve_weights
+from .checkpoints import Bundle, build_bundle, load_checkpoint
+from .weight_cache import Fetcher, resolve_weights
 from .concurrency import ordered_map
 from .faces import for_inference
 from .stages import ImageInput, Predictor, prepare_batch, rows_from_columns

@@ -14,8 +14,8 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from piqa_core.checkpoints import (CONFIG_FILE, PARTS, Bundle, CheckpointError, build_bundle, load_checkpoint,
-                                   resolve_weights)
+from piqa_core.checkpoints import CONFIG_FILE, PARTS, Bundle, CheckpointError, build_bundle, load_checkpoint
+from piqa_core.weight_cache import resolve_weights
 from piqa_core.concurrency import use_torch_threads
 from piqa_core.faces import for_inference
 from piqa_core.gpu_prep import prepare_batch_on_device

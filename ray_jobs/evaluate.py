@@ -91,7 +91,8 @@ def write_eval(result: EvalResult, out: str, s3: S3Options | None = None) -> str
 def evaluate_remote(model_dir: str, frame: pd.DataFrame, s3: S3Options, out: str, batch_size: int = 8,
                     sha256: str | None = None) -> dict:
     """Evaluate a (remote) model directory, ``sha256`` its expected weights, on a label frame; writes ``out``."""
-    from piqa_core.checkpoints import load_checkpoint, resolve_weights
+    from piqa_core.checkpoints import load_checkpoint
+    from piqa_core.weight_cache import resolve_weights
 
     scorer = Scorer(load_checkpoint(resolve_weights(model_dir, fetch=_fetcher(s3), sha256=sha256)))
     result = evaluate_table(scorer, LabelTable(frame), "test", s3, batch_size)

@@ -18,7 +18,8 @@ import numpy as np
 import ray
 import torch
 
-from piqa_core.checkpoints import load_checkpoint, resolve_weights, save_checkpoint
+from piqa_core.checkpoints import load_checkpoint, save_checkpoint
+from piqa_core.weight_cache import resolve_weights
 from piqa_core.faces import for_inference
 from piqa_core.training import (FeatureCache, all_gather, crop_rngs, epoch_pairs, fingerprint, format_val_srcc,
                                 init_bundle, make_optimizer, object_group, pair_loss, predict, prefetch,

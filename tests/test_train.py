@@ -32,7 +32,8 @@ from click.testing import CliRunner
 from PIL import Image, ImageFilter
 from skimage import data as skdata
 
-from piqa_core.checkpoints import build_bundle, load_checkpoint, resolve_weights, save_checkpoint
+from piqa_core.checkpoints import build_bundle, load_checkpoint, save_checkpoint
+from piqa_core.weight_cache import resolve_weights
 from piqa_core.training import format_val_srcc, init_bundle
 from ray_jobs.actors import _fetcher
 from ray_jobs.cli import main
