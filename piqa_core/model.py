@@ -51,9 +51,13 @@ class DualBranchPIQA(nn.Module):
         return torch.cat([p.to(dtype) for p in parts], dim=1)
 
     def forward_head(self, features: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        if pre_logits:
-            return self.head[:-1](features)
-        return self.head(features).squeeze(-1)
+        """The MLP in its own dtype, also under autocast (bf16 would round LIQE features of 16-32 to
+        steps of 0.125 and scores near 3 to 1/64; the head costs a few thousand FLOPs)."""
+        with torch.autocast(features.device.type, enabled=False):
+            features = features.to(self.head[0].weight.dtype)
+            if pre_logits:
+                return self.head[:-1](features)
+            return self.head(features).squeeze(-1)
 
     def forward(self, whole: torch.Tensor, face: torch.Tensor, aux: torch.Tensor | None = None) -> torch.Tensor:
         return self.forward_head(self.forward_features(whole, face, aux))

@@ -25,6 +25,22 @@ def test_tiny_forward_shapes(tiny):
     assert tiny.forward_head(feats, pre_logits=True).shape == (3, 128)
 
 
+def test_the_head_runs_in_fp32_under_bf16_autocast(tiny):
+    whole, face, aux = _inputs(2, 64)
+    aux = aux * 8 + 24  # LIQE-like magnitudes, where bf16's step is 0.125
+    seen = []
+    hook = tiny.head[0].register_forward_hook(lambda m, args, out: seen.append((args[0].dtype, out.dtype)))
+    try:
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            feats = tiny.forward_features(whole, face, aux)
+            scores = tiny.forward_head(feats)
+    finally:
+        hook.remove()
+    assert seen == [(torch.float32, torch.float32)] and scores.dtype == torch.float32
+    with torch.no_grad():  # the same features through the head outside autocast: bit-identical
+        assert torch.equal(scores, tiny.forward_head(feats.float()))
+
+
 def test_tiny_is_small(tiny):
     n = sum(p.numel() for p in tiny.parameters())
     assert 1_000_000 <= n <= 5_000_000, n
