@@ -189,6 +189,13 @@ class Predictor:
         for rows, tensors in staged:
             s, sc = self.forward(tensors)
             scores[rows], scenes[rows] = s[:len(rows)], sc[:len(rows)]
+        bad = np.flatnonzero((cols["status"] == "ok") & ~np.isfinite(scores))
+        if len(bad):  # diverged or damaged weights: an error row, never an "ok" NaN in a catalogue
+            cols = {**cols, **{k: cols[k].copy() for k in ("status", "error_code", "error_message")}}
+            for i in bad:
+                cols["status"][i], cols["error_code"][i] = "error", "non_finite_score"
+                cols["error_message"][i] = f"the model returned {scores[i]} (diverged or damaged weights?)"
+            scores[bad] = np.nan
         return {**cols, "score": scores, "liqe_scene_top": scenes}
 
     def upload(self, cols: dict[str, np.ndarray], rows: np.ndarray) -> dict[str, torch.Tensor]:

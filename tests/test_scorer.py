@@ -107,6 +107,20 @@ def test_bf16_precision_is_close_on_cpu_and_leaves_the_bundle_fp32(scorer):
     assert Scorer(bundle, device="cpu").score([img])[0]["score"] == scorer.score([img])[0]["score"]
 
 
+def test_a_non_finite_score_is_an_error_row_not_an_ok_nan():
+    bundle = build_bundle("tiny", seed=1)
+    scorer = Scorer(bundle, device="cpu")
+    good = astronaut_jpeg_bytes()
+    healthy = scorer.score([good])[0]
+    with torch.no_grad():
+        bundle.model.head[-1].bias.fill_(float("inf"))  # what diverged training or a damaged file gives
+    rows = scorer.score([good, b"", good])
+    assert healthy["status"] == "ok" and np.isfinite(healthy["score"])
+    assert [(r["status"], r["error_code"], r["score"]) for r in rows] == [
+        ("error", "non_finite_score", None), ("error", "empty_file", None), ("error", "non_finite_score", None)]
+    assert rows[0]["error_message"] == "the model returned inf (diverged or damaged weights?)"
+
+
 def test_random_weights_are_marked():
     bundle = build_bundle("tiny")
     assert Scorer(bundle, device="cpu").bundle.random_init
