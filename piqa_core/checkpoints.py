@@ -272,6 +272,21 @@ def save_checkpoint(bundle: Bundle, directory: str | os.PathLike, extra: Mapping
     return digest
 
 
+def parse_meta(text: bytes | str, where: str) -> dict[str, Any]:
+    """A model directory's config.json, checked: our format, with a config and the weights' sha256."""
+    try:
+        meta = json.loads(text)
+    except ValueError as e:
+        raise CheckpointError(f"{where} is not JSON ({e}): is this a piqa model directory?") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        got = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+        raise CheckpointError(f"{where}: unknown format {got!r}, expected {FORMAT!r} (a piqa model "
+                              "directory, made by `piqa weights import-official` or `piqa train`)")
+    if not isinstance(meta.get("config"), dict) or not isinstance(meta.get("sha256"), str):
+        raise CheckpointError(f"{where}: incomplete, needs 'config' and 'sha256'; write the directory again")
+    return meta
+
+
 def load_checkpoint(directory: str | os.PathLike, verify: bool = True, parts: tuple[str, ...] = PARTS) -> Bundle:
     """Load a model directory written by ``save_checkpoint`` (strict, sha256-verified).
 
@@ -285,9 +300,7 @@ def load_checkpoint(directory: str | os.PathLike, verify: bool = True, parts: tu
             f"{root} is not a model directory (needs {CONFIG_FILE} and {WEIGHTS_FILE}). "
             "Create one with `piqa weights import-official` or `piqa train`."
         )
-    meta = json.loads(cfg_path.read_text())
-    if meta.get("format") != FORMAT:
-        raise CheckpointError(f"{cfg_path}: unknown format {meta.get('format')!r}, expected {FORMAT!r}")
+    meta = parse_meta(cfg_path.read_bytes(), str(cfg_path))
     before = w_path.stat()
     digest = _file_sha256(w_path)
     if verify and meta.get("sha256") not in (None, digest):

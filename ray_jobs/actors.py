@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import os
+import posixpath
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -14,13 +14,14 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from piqa_core.checkpoints import CONFIG_FILE, PARTS, Bundle, CheckpointError, build_bundle, load_checkpoint
-from piqa_core.weight_cache import resolve_weights
+from piqa_core.checkpoints import (CONFIG_FILE, PARTS, Bundle, CheckpointError, build_bundle, load_checkpoint,
+                                   parse_meta)
 from piqa_core.concurrency import use_torch_threads
 from piqa_core.faces import for_inference
 from piqa_core.gpu_prep import prepare_batch_on_device
 from piqa_core.preprocess import ImageError
 from piqa_core.stages import Predictor, prepare_batch, use_tf32
+from piqa_core.weight_cache import resolve_weights
 
 from .options import ModelOptions
 from .schema import SCORE_SCHEMA, now_utc
@@ -66,12 +67,12 @@ def model_identity(model: ModelOptions, s3: S3Options) -> dict[str, Any]:
     else:
         source = local_path(str(model.weights)) or str(model.weights)
         try:
-            meta = json.loads(read_bytes(join(source, CONFIG_FILE), s3))
+            meta = parse_meta(read_bytes(join(source, CONFIG_FILE), s3), join(str(model.weights), CONFIG_FILE))
         except FileNotFoundError:
             raise CheckpointError(f"{model.weights} is not a model directory (no {CONFIG_FILE})") from None
         from piqa_core.config import PIQAConfig
 
-        cfg, model_id = PIQAConfig.from_dict(meta["config"]), meta["model_id"]
+        cfg, model_id = PIQAConfig.from_dict(meta["config"]), meta.get("model_id", posixpath.basename(source.rstrip("/")))
         sha, random_init, random_parts = meta["sha256"], bool(meta.get("random_init")), meta.get("random_parts", [])
     return {"model_id": model_id, "sha256": sha, "preset": cfg.preset, "random_init": random_init,
             "random_parts": list(random_parts),

@@ -141,11 +141,12 @@ def _score_local(inputs, out, manifest, s3, max_bytes, model: ModelOptions) -> N
     from .actors import _fetcher
     from .inprocess import score_objects
     from .listing import list_inputs
-    from .storage import atomic_write_bytes, is_dir
+    from .storage import atomic_write_bytes, check_writable, is_dir, parent_uri
     from .summary import format_summary, summarize
 
     if not out.lower().endswith(".parquet") or is_dir(out, s3):
         raise click.UsageError(f"--engine local writes one Parquet file: --out must be a *.parquet file, got {out}")
+    check_writable(parent_uri(out), s3)
     objects = list_inputs(inputs, s3, manifest=manifest)
     scorer = Scorer.from_pretrained(model.source, random_weights=model.random_weights, device=model.device,
                                     precision=model.precision, crop_mode=model.crop_mode, compile=model.compile,
@@ -366,12 +367,13 @@ def eval_cmd(labels, images, fmt, train_list, test_list, val_fraction, seed, end
     from .actors import load_bundle
     from .evaluate import evaluate_table, select_split, write_eval
     from .labels import load_labels
-    from .storage import is_dir
+    from .storage import check_writable, is_dir, parent_uri
 
     s3 = _s3(endpoint_url, region)
     if out.endswith("/") or is_dir(out, s3):  # refused now, not after scoring everything
         raise click.UsageError(f"--out names the JSON report file (the predictions go next to it), got a folder: {out}")
     with _user_errors():
+        check_writable(parent_uri(out), s3)
         table = load_labels(labels, images, fmt, train_list, test_list, val_fraction, seed, s3, check_images=False)
         table, split = select_split(table, split)
         scorer = Scorer(load_bundle(model, s3), device=model.device, precision=model.precision,
@@ -379,7 +381,8 @@ def eval_cmd(labels, images, fmt, train_list, test_list, val_fraction, seed, end
     with tqdm(total=len(table), unit="img", file=sys.stderr) as bar:
         result = evaluate_table(scorer, table, split, s3, model.batch_size, progress=bar.update)
     click.echo(result.format())
-    parquet = write_eval(result, out, s3)
+    with _user_errors():
+        parquet = write_eval(result, out, s3)
     click.echo(f"wrote {out} and {parquet}")
     if result.info["failed"] == result.info["items"]:
         codes = result.predictions["error_code"].value_counts().head(3)

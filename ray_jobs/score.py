@@ -32,7 +32,7 @@ from .reader import READ_THREADS, read_objects
 from .resume import RunFiles, already_scored, run_files
 from .schema import SCORE_SCHEMA, schema_metadata
 from .listing import list_inputs
-from .storage import ObjectInfo, S3Options, join, resolve, write_text
+from .storage import ObjectInfo, S3Options, check_writable, join, resolve, write_text
 from .summary import format_summary, summarize, to_json
 
 
@@ -206,7 +206,8 @@ def ray_session(address: str | None) -> Iterator[None]:
 def run_score_job(job: ScoreJob) -> dict[str, Any]:
     """Run the pipeline to completion; returns the summary (also written as JSON next to the output)."""
     t0 = time.perf_counter()
-    # Before Ray starts: a wrong input, manifest or model directory costs no cluster start.
+    # Before Ray starts: a wrong input, manifest, model directory or output folder costs no cluster start.
+    check_writable(job.out, job.s3)
     objects = (list(job.objects) if job.objects is not None
                else list_inputs(job.inputs, job.s3, manifest=job.manifest))
     identity = model_identity(job.model, job.s3)

@@ -177,6 +177,31 @@ def is_dir(uri: str, s3: S3Options | None = None) -> bool:
     return fs.get_file_info(path).type == pafs.FileType.Directory
 
 
+def check_writable(folder_uri: str, s3: S3Options | None = None) -> None:
+    """Fail now, not after hours of scoring, where a local output folder cannot be made or written.
+
+    Object stores are not probed (a probe object would need a delete permission the jobs otherwise
+    do not); a denied write there fails at the write.
+    """
+    path = local_path(folder_uri)
+    if path is None:
+        return
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise NotADirectoryError(errno.ENOTDIR, "Not a directory", folder_uri)
+    os.makedirs(path, exist_ok=True)  # NotADirectoryError / PermissionError name the culprit
+    try:
+        fd, probe = tempfile.mkstemp(dir=path, prefix=".piqa-write-check-")
+    except PermissionError as e:
+        raise PermissionError(e.errno, e.strerror, folder_uri) from None
+    os.close(fd)
+    os.unlink(probe)
+
+
+def parent_uri(uri: str) -> str:
+    """The folder/prefix holding ``uri`` (``.`` for a bare local file name)."""
+    return posixpath.dirname(uri.rstrip("/")) or "."
+
+
 def write_bytes(uri: str, data: bytes, s3: S3Options | None = None) -> None:
     """Write (overwrite) an object; local parent directories are created."""
     fs, path = resolve(uri, s3)

@@ -180,6 +180,39 @@ def _labels(tmp_path, photos) -> str:
     return str(tmp_path / "labels.csv")
 
 
+def test_a_foreign_model_folder_or_a_blocked_output_is_a_one_line_error_before_any_work(photos, tmp_path,
+                                                                                          monkeypatch):
+    import piqa_core.scorer
+
+    runner, hf = CliRunner(), tmp_path / "hf-model"
+    hf.mkdir()
+    (hf / "config.json").write_text('{"model_type": "swin"}')  # a Hugging Face folder, not ours
+    (hf / "model.safetensors").write_bytes(b"x")
+    for engine, dest in (("local", str(tmp_path / "o.parquet")), ("ray", str(tmp_path / "scores"))):
+        res = runner.invoke(main, ["score", str(photos), "--out", dest, "--engine", engine, "--weights", str(hf)])
+        assert res.exit_code == 1 and "Traceback" not in res.output, res.output
+        assert f"{hf / 'config.json'}: unknown format None, expected 'piqa-checkpoint/1'" in res.output
+
+    monkeypatch.setattr(piqa_core.scorer.Scorer, "score_columns", lambda *a: pytest.fail("scored before --out check"))
+    blocker = tmp_path / "afile"
+    blocker.write_text("")
+    random = ["--random-weights", "--preset", "tiny"]
+    for cmd in (["eval", "--labels", _labels(tmp_path, photos), *random, "--out", str(blocker / "r.json")],
+                ["score", str(photos), *random, "--engine", "local", "--out", str(blocker / "o.parquet")],
+                ["score", str(photos), *random, "--engine", "ray", "--out", str(blocker / "scores")]):
+        res = runner.invoke(main, cmd)
+        assert res.exit_code == 1 and "Traceback" not in res.output, res.output
+        assert f"Not a directory: {blocker}" in res.output
+    from ray_jobs import storage
+
+    locked, real_mkstemp = tmp_path / "locked", storage.tempfile.mkstemp
+    locked.mkdir()  # read-only as far as the probe can tell (chmod would not stop root)
+    monkeypatch.setattr(storage.tempfile, "mkstemp", lambda dir=None, **kw: (_ for _ in ()).throw(
+        PermissionError(13, "Permission denied", f"{dir}/x")) if dir == str(locked) else real_mkstemp(dir=dir, **kw))
+    res = runner.invoke(main, ["score", str(photos), *random, "--engine", "local", "--out", str(locked / "o.parquet")])
+    assert res.exit_code == 1 and f"Permission denied: {locked}" in res.output, res.output
+
+
 def test_eval_refuses_a_folder_out_before_scoring_and_fails_when_nothing_scored(photos, tmp_path, monkeypatch):
     import piqa_core.scorer
 
