@@ -24,12 +24,13 @@ def _user_errors() -> Iterator[None]:
     from piqa_core.checkpoints import CheckpointError
 
     from .listing import ListingError
+    from .storage import OutputUnreadable
 
     try:
         yield
     except FileNotFoundError as e:
         raise click.ClickException(f"not found: {e.filename or e}") from None
-    except (ListingError, IsADirectoryError, NotADirectoryError, PermissionError) as e:
+    except (ListingError, OutputUnreadable, IsADirectoryError, NotADirectoryError, PermissionError) as e:
         raise click.ClickException(f"{e.strerror}: {e.filename}" if e.filename and e.strerror else str(e)) from None
     except (pd.errors.EmptyDataError, pd.errors.ParserError) as e:
         raise click.ClickException(f"cannot read the labels: {e}") from None

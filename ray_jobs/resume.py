@@ -12,7 +12,7 @@ from pyarrow import fs as pafs
 from ray.data.datasource import FilenameProvider
 
 from .schema import SCORE_SCHEMA
-from .storage import S3Options, resolve
+from .storage import OutputUnreadable, S3Options, resolve
 
 
 class RunFiles(FilenameProvider):
@@ -39,10 +39,25 @@ def _parquet_files(uri: str, s3: S3Options | None) -> tuple[pafs.FileSystem, lis
     return fs, files
 
 
-def _read(fs: pafs.FileSystem, path: str, columns: list[str] | None = None) -> pa.Table | None:
-    """One output file, or None (with a warning) when it is unreadable, e.g. cut short by a crash."""
+def _open(fs: pafs.FileSystem, path: str) -> pa.NativeFile | None:
+    """The file opened for reading; None when it vanished since the listing."""
     try:
-        return pq.read_table(path, filesystem=fs, columns=columns)
+        return fs.open_input_file(path)
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        raise OutputUnreadable(f"cannot read {path} ({e}); reading outputs back needs read access to "
+                               "--out (s3:GetObject on the output prefix)") from None
+
+
+def _read(fs: pafs.FileSystem, path: str, columns: list[str] | None = None) -> pa.Table | None:
+    """One output file, or None (with a warning) when its content is unreadable, e.g. cut short by a crash."""
+    f = _open(fs, path)
+    if f is None:
+        return None
+    try:
+        with f:
+            return pq.read_table(f, columns=columns)
     except (OSError, pa.ArrowInvalid) as e:
         print(f"piqa: ignoring unreadable output file {path}: {e}", file=sys.stderr)
         return None
@@ -69,8 +84,11 @@ def already_scored(out: str, sha256: str, crop_mode: str, s3: S3Options | None =
 
 
 def _resume_columns(fs: pafs.FileSystem, path: str) -> pa.Table | None:
+    f = _open(fs, path)
+    if f is None:
+        return None
     try:
-        with fs.open_input_file(path) as f:
+        with f:
             pf = pq.ParquetFile(f)
             if not set(RESUME_COLUMNS) <= set(pf.schema_arrow.names):
                 print(f"piqa: ignoring {path}: not a score file (no {'/'.join(RESUME_COLUMNS)} columns)",
@@ -86,7 +104,7 @@ def _resume_columns(fs: pafs.FileSystem, path: str) -> pa.Table | None:
         fs.move(path, aside)
         print(f"piqa: {path} is unreadable ({e}); moved to {aside}, its inputs are scored again", file=sys.stderr)
         return None
-    except OSError as e:  # could not be read now (permissions, network): its inputs are scored again
+    except OSError as e:  # opened, then damaged content (e.g. corrupt compression): scored again
         print(f"piqa: ignoring output file {path}, which could not be read: {e}", file=sys.stderr)
         return None
 

@@ -81,6 +81,11 @@ class ObjectTooLarge(ValueError):
         self.uri, self.size, self.max_bytes = uri, size, max_bytes
 
 
+class OutputUnreadable(OSError):
+    """An output file that exists could not be opened (no read permission, the store unreachable):
+    reading on without it would score its inputs twice or undercount a run."""
+
+
 def uri_scheme(uri: str) -> str:
     return uri.split("://", 1)[0].lower() if "://" in uri else ""
 

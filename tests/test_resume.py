@@ -63,6 +63,41 @@ def test_a_file_cut_short_is_moved_aside_and_the_folder_reads_again(tmp_path: Pa
     assert sorted(read_rows(str(tmp_path / "out")).column("uri").to_pylist()) == ["a", "b"]
 
 
+class _Store:
+    """A filesystem whose listing works but whose objects may not be read, as with s3:ListBucket
+    granted and s3:GetObject not; ``gone`` objects vanished after the listing."""
+
+    def __init__(self, fs, gone: str = "") -> None:
+        self.fs, self.gone = fs, gone
+
+    def __getattr__(self, name: str):
+        return getattr(self.fs, name)
+
+    def open_input_file(self, path: str):
+        if self.gone and path.endswith(self.gone):
+            raise FileNotFoundError(2, "No such file", path)
+        raise OSError("When reading information for key 'part-r1.parquet': AWS Error ACCESS_DENIED during "
+                      "HeadObject operation: No response body.")
+
+
+def test_an_output_file_that_may_not_be_read_stops_resume_instead_of_scoring_twice(tmp_path: Path,
+                                                                                  monkeypatch) -> None:
+    from ray_jobs import resume
+
+    part = tmp_path / "out" / "run_date=2026-01-02"
+    _write(part / "part-r1-u_000000.parquet", _rows(["a", "b"], "sha1", "five"))
+    out, real = str(tmp_path / "out"), resume.resolve
+    monkeypatch.setattr(resume, "resolve", lambda uri, s3=None: (_Store(real(uri, s3)[0]), real(uri, s3)[1]))
+    for read in (lambda: already_scored(out, "sha1", "five"), lambda: read_rows(out, run_id="r1")):
+        with pytest.raises(resume.OutputUnreadable, match=r"cannot read .*part-r1-u_000000.parquet .*ACCESS_DENIED"
+                                                          r".*s3:GetObject on the output prefix"):
+            read()
+    assert (part / "part-r1-u_000000.parquet").exists()  # nothing moved aside
+    monkeypatch.setattr(resume, "resolve", lambda uri, s3=None: (_Store(real(uri, s3)[0], "part-r1-u_000000.parquet"),
+                                                                 real(uri, s3)[1]))
+    assert already_scored(out, "sha1", "five") == set() and read_rows(out).num_rows == 0  # vanished: not ours to stop
+
+
 def test_ray_session_shuts_down_only_the_ray_it_started(monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[str] = []
     state = {"up": False}
