@@ -7,6 +7,7 @@ State layout under ``STATE_URI`` (local folder or ``s3://`` prefix)::
                                      crop mode, …); replaced atomically, only after the state and report exist
     IN_PROGRESS                      JSON marker of an unfinished run (run_id, model, crop mode, previous
                                      run_id); a re-run finds it and continues that run instead of starting anew
+                                     (a marker it cannot parse, or whose plan is gone or corrupt, is abandoned)
     runs/<run_id>/plan.parquet       the run's listing: uri, etag_or_mtime, bytes, action, to_score
     runs/<run_id>/scores/…           the scoring pipeline's output for the run (resumable)
     states/<run_id>.parquet          the full table after the run (never rewritten once committed)
@@ -43,7 +44,7 @@ from .options import ModelOptions
 from .resume import read_rows
 from .schema import SCORE_SCHEMA, now_utc
 from .listing import list_images
-from .storage import ObjectInfo, S3Options, atomic_write_bytes, join, read_bytes, resolve
+from .storage import ObjectInfo, S3Options, atomic_write_bytes, join, local_path, read_bytes, resolve
 
 ALERT_EXIT_CODE = 3
 STATE_SCHEMA = SCORE_SCHEMA.append(pa.field("deleted", pa.bool_())).append(
@@ -59,6 +60,8 @@ TRANSIENT_ERROR_CODES = frozenset({"read_failed", "not_found", "internal"})
 # A pointer written before the crop mode was recorded lacks it. Its rows say theirs; with none to ask,
 # assume "five", the default then (of --crop-mode and of every preset's config).
 LEGACY_CROP_MODE = "five"
+# What every IN_PROGRESS marker holds besides crop_mode (absent from older ones) and the two nullable keys.
+_MARKER_STRINGS = ("run_id", "library", "model_sha256", "started_at", "plan")
 
 
 @dataclass
@@ -180,6 +183,56 @@ def recorded_crop_mode(pointer: dict[str, Any], previous: pa.Table) -> str:
     return "+".join(sorted(modes)) if modes else LEGACY_CROP_MODE
 
 
+def _read_marker(uri: str, s3: S3Options) -> dict[str, Any] | None:
+    """The IN_PROGRESS marker, None without one. A marker that cannot be parsed names no run to continue:
+    it is abandoned with a warning, or every later audit would fail on it. Read errors still raise."""
+    try:
+        data = read_bytes(uri, s3)
+    except FileNotFoundError:
+        return None
+    try:
+        marker = json.loads(data)
+        if not (isinstance(marker, dict) and all(isinstance(marker.get(k), str) for k in _MARKER_STRINGS)
+                and {"previous_run_id", "rescored_all_reason"} <= marker.keys()):
+            raise ValueError(f"not an audit run marker: {data[:80]!r}")
+        datetime.fromisoformat(marker["started_at"])
+    except ValueError as e:  # also invalid JSON or UTF-8
+        print(f"piqa audit: abandoning the unreadable unfinished-run marker {uri} ({e}); planning a new run",
+              file=sys.stderr)
+        return None
+    return marker
+
+
+def _marked_plan(job: AuditJob, marker: dict[str, Any]) -> pa.Table | None:
+    """The listing of the unfinished run ``marker`` names; None (with a warning) when its plan is gone, e.g.
+    its runs/<id>/ folder was pruned after it failed, or corrupt. Other read errors (permissions,
+    network) raise: they are not about that run, and a new run would meet them too."""
+    try:
+        data = read_bytes(join(job.state, marker["plan"]), job.s3)
+    except FileNotFoundError:
+        why = "is missing"
+    else:
+        try:  # parsed from memory: pyarrow reports corrupt Parquet as OSError, which here is no I/O error
+            return pq.read_table(pa.BufferReader(data)).select(PLAN_SCHEMA.names).cast(PLAN_SCHEMA)
+        except (OSError, ValueError, KeyError, TypeError, NotImplementedError) as e:
+            why = f"cannot be read: {e}"
+    print(f"piqa audit: abandoning unfinished run {marker['run_id']} (its plan {marker['plan']} {why}); "
+          "planning a new run", file=sys.stderr)
+    return None
+
+
+def _outside_state(objects: list[ObjectInfo], state: str) -> list[ObjectInfo]:
+    """``objects`` minus those under the audit's state: a state kept inside the library must not audit its
+    own thumbnails. Local folders compare real paths: the state may be named, or listed, through a symlink."""
+    local = local_path(state)
+    if local is None:
+        return [o for o in objects if not o.uri.startswith(state.rstrip("/") + "/")]
+    real_state = os.path.join(os.path.realpath(local), "")
+    folders = {os.path.dirname(o.uri) for o in objects if "://" not in o.uri}  # one realpath per folder
+    inside = {f for f in folders if os.path.join(os.path.realpath(f), "").startswith(real_state)}
+    return [o for o in objects if os.path.dirname(o.uri) not in inside]
+
+
 def _new_run_id() -> str:
     return f"{now_utc().strftime('%Y%m%dT%H%M%SZ')}-{uuid.uuid4().hex[:6]}"
 
@@ -190,7 +243,7 @@ def plan_run(job: AuditJob, identity: dict[str, Any], pointer: dict[str, Any] | 
     root, sha, crop = library_root(job.library), identity["sha256"], identity["crop_mode"]
     prev_id = pointer["run_id"] if pointer else None
     marker_uri = join(job.state, "IN_PROGRESS")
-    marker = _read_json(marker_uri, job.s3)
+    marker = _read_marker(marker_uri, job.s3)
     if marker is not None:
         if marker["run_id"] == prev_id:  # committed, but the marker outlived the pointer switch
             _delete(marker_uri, job.s3)
@@ -198,10 +251,11 @@ def plan_run(job: AuditJob, identity: dict[str, Any], pointer: dict[str, Any] | 
         # either protocol, and resuming skips what it holds whatever the protocol.
         elif (marker["library"], marker["model_sha256"], marker.get("crop_mode"),
               marker["previous_run_id"]) == (root, sha, crop, prev_id):
-            print(f"piqa audit: continuing unfinished run {marker['run_id']}", file=sys.stderr)
-            listing = _read_parquet(join(job.state, marker["plan"]), job.s3, PLAN_SCHEMA)
-            return Plan(marker["run_id"], datetime.fromisoformat(marker["started_at"]), root, sha,
-                        identity["model_id"], crop, prev_id, marker["rescored_all_reason"], listing, resumed=True)
+            if (listing := _marked_plan(job, marker)) is not None:
+                print(f"piqa audit: continuing unfinished run {marker['run_id']}", file=sys.stderr)
+                return Plan(marker["run_id"], datetime.fromisoformat(marker["started_at"]), root, sha,
+                            identity["model_id"], crop, prev_id, marker["rescored_all_reason"], listing,
+                            resumed=True)
         else:
             print(f"piqa audit: abandoning unfinished run {marker['run_id']} (library, model, crop mode or "
                   f"previous state differ); its files stay under runs/", file=sys.stderr)
@@ -214,9 +268,7 @@ def plan_run(job: AuditJob, identity: dict[str, Any], pointer: dict[str, Any] | 
     if pointer and (old_crop := recorded_crop_mode(pointer, previous)) != crop:
         changes.append(f"crop mode changed: {old_crop} -> {crop}")
     reason = "; ".join(changes) + "; every object is re-scored" if changes else None
-    state_root = library_root(job.state) + "/"
-    # A state kept inside the library must not audit its own thumbnails.
-    objects = [o for o in list_images(job.library, job.s3) if not o.uri.startswith(state_root)]
+    objects = _outside_state(list_images(job.library, job.s3), job.state)
     live = _live(previous).num_rows
     if not objects and live:  # an unmounted volume or a wrong prefix, far likelier than a library emptied
         raise AuditRefused(f"{job.library} lists no images, but the previous state holds {live} live objects: "

@@ -74,27 +74,42 @@ def _remote_info(fs: fsspec.AbstractFileSystem, scheme: str, path: str, info: di
 
 
 def _walk_files(top: str, recursive: bool) -> Iterator[str]:
-    """Files under a local folder. Symlinked folders are followed like symlinked files, each real
-    folder once (a link loop ends there); an unreadable folder raises :class:`ListingError`."""
+    """Files under a local folder. Symlinked folders are followed like symlinked files, each real folder
+    once (a link loop ends there): under its path without a symlink when it lies under ``top``, else
+    under the first link to it in sorted order. An unreadable folder raises :class:`ListingError`."""
     def fail(e: OSError) -> None:
         if isinstance(e, FileNotFoundError) and e.filename != top:
             return  # deleted since its parent was listed: its files are gone too
         raise ListingError(f"cannot list folder {_printable(e.filename or top)}: {e.strerror or e}") from e
 
+    real_top = os.path.join(os.path.realpath(top), "")
     seen: set[tuple[int, int]] = set()
-    for folder, dirs, files in os.walk(top, onerror=fail, followlinks=True):
-        try:
-            st = os.stat(folder)
-        except FileNotFoundError:
-            continue
-        if (st.st_dev, st.st_ino) in seen:
-            dirs.clear()
-            continue
-        seen.add((st.st_dev, st.st_ino))
-        dirs.sort()  # which of two links to one folder is listed must not depend on the disk's order
-        if not recursive:
-            dirs.clear()
-        yield from (os.path.join(folder, f) for f in files)
+    links: list[str] = []
+
+    def walk(start: str, via_link: bool) -> Iterator[str]:
+        for folder, dirs, files in os.walk(start, onerror=fail, followlinks=via_link):
+            try:
+                st = os.stat(folder)
+            except FileNotFoundError:
+                continue
+            # A folder under top reached through a link is listed under its own path by the first walk.
+            if (st.st_dev, st.st_ino) in seen or (
+                    via_link and os.path.join(os.path.realpath(folder), "").startswith(real_top)):
+                dirs.clear()
+                continue
+            seen.add((st.st_dev, st.st_ino))
+            dirs.sort()  # which of two links to one folder is listed must not depend on the disk's order
+            if not recursive:
+                dirs.clear()
+            elif not via_link:
+                links.extend(p for p in (os.path.join(folder, d) for d in dirs) if os.path.islink(p))
+            yield from (os.path.join(folder, f) for f in files)
+
+    # Links last: a new link to an album (say 0_favorites, sorted first) must not move its files to new
+    # URIs. Sorted by path components, the links' folders are claimed in the order one walk met them.
+    yield from walk(top, False)
+    for link in sorted(links, key=lambda p: p.split(os.sep)):
+        yield from walk(link, True)
 
 
 def _remote_files(fs: fsspec.AbstractFileSystem, path: str, recursive: bool) -> dict[str, dict]:

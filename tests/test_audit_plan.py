@@ -3,6 +3,8 @@ merges, and when an unfinished run is continued."""
 
 from __future__ import annotations
 
+import json
+import shutil
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
@@ -15,7 +17,7 @@ from ray_jobs import audit
 from ray_jobs.audit import PLAN_SCHEMA, STATE_SCHEMA, AuditJob
 from ray_jobs.schema import SCORE_SCHEMA
 from ray_jobs.listing import list_images
-from ray_jobs.storage import ObjectInfo, join, write_bytes
+from ray_jobs.storage import ObjectInfo, join, resolve, write_bytes
 from tests.test_audit import TINY, read_json
 
 T0 = datetime(2024, 5, 1, 2, 0, tzinfo=timezone.utc)
@@ -127,3 +129,97 @@ def test_score_delta_keeps_only_rows_of_the_runs_crop_mode(tmp_path: Path, monke
     scored, stats = audit.score_delta(job, plan)
     assert (scored["score"].to_pylist(), scored["crop_mode"].to_pylist()) == ([1.0], ["center"])
     assert stats == {"to_score": 1, "scored_now": 0, "reused_from_unfinished_run": 1}
+
+
+FIVE = {"sha256": SHA, "model_id": "tiny", "crop_mode": "five"}
+
+
+@pytest.mark.parametrize("damage", ["pruned", "empty", "not parquet", "bad footer", "other columns"])
+def test_an_unfinished_run_whose_plan_is_gone_or_corrupt_is_abandoned(tmp_path: Path, damage: str,
+                                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    job, previous = planning(tmp_path, ("five", "five"))
+    first = audit.plan_run(job, FIVE, pointer(job, "five"), previous)
+    plan_uri = join(job.state, "runs", first.run_id, "plan.parquet")
+    data = Path(plan_uri).read_bytes()
+    footer = int.from_bytes(data[-8:-4], "little")
+    if damage == "pruned":  # a failed run's folder cleaned up
+        shutil.rmtree(join(job.state, "runs"))
+    elif damage == "other columns":
+        audit._write_parquet(plan_uri, pa.table({"x": [1]}), job.s3)
+    else:  # "bad footer": pyarrow reports it as an OSError, like an I/O failure
+        write_bytes(plan_uri, {"empty": b"", "not parquet": b"PAR1 not really",
+                               "bad footer": data[:-8 - footer] + b"\xff" * footer + data[-8:]}[damage])
+    again = audit.plan_run(job, FIVE, pointer(job, "five"), previous)
+    assert not again.resumed and again.run_id != first.run_id and again.listing == first.listing
+    err = capsys.readouterr().err
+    assert f"abandoning unfinished run {first.run_id} (its plan runs/{first.run_id}/plan.parquet" in err
+    assert read_json(join(job.state, "IN_PROGRESS"))["run_id"] == again.run_id
+    third = audit.plan_run(job, FIVE, pointer(job, "five"), previous)  # the new run continues as usual
+    assert third.resumed and third.run_id == again.run_id
+
+
+@pytest.mark.parametrize("marker", [b"{\"run_id\": \"r2\", \"libr", b"", b"\xff\xfe", b"null", b"[]",
+                                    b"{\"run_id\": \"r2\"}", "no plan", "bad date"])
+def test_an_unreadable_marker_is_abandoned(tmp_path: Path, marker: bytes | str,
+                                           capsys: pytest.CaptureFixture[str]) -> None:
+    job, previous = planning(tmp_path, ("five", "five"))
+    first = audit.plan_run(job, FIVE, pointer(job, "five"), previous)
+    marker_uri = join(job.state, "IN_PROGRESS")
+    if isinstance(marker, str):
+        data = read_json(marker_uri)
+        data.pop("plan") if marker == "no plan" else data.update(started_at="last night")
+        marker = json.dumps(data).encode()
+    write_bytes(marker_uri, marker)
+    again = audit.plan_run(job, FIVE, pointer(job, "five"), previous)
+    assert not again.resumed and again.run_id != first.run_id
+    assert f"abandoning the unreadable unfinished-run marker {marker_uri}" in capsys.readouterr().err
+    assert read_json(marker_uri)["run_id"] == again.run_id
+
+
+def test_an_unreadable_state_folder_still_fails_the_audit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    job, previous = planning(tmp_path, ("five", "five"))
+    first = audit.plan_run(job, FIVE, pointer(job, "five"), previous)
+    real_read = audit.read_bytes
+    for name in ("plan.parquet", "IN_PROGRESS"):
+        def denied(uri: str, *args: Any, name: str = name) -> bytes:  # as a missing s3:GetObject grant would
+            if uri.endswith(name):
+                raise PermissionError(13, "Access Denied", uri)
+            return real_read(uri, *args)
+
+        monkeypatch.setattr(audit, "read_bytes", denied)
+        with pytest.raises(PermissionError, match="Access Denied"):
+            audit.plan_run(job, FIVE, pointer(job, "five"), previous)
+    monkeypatch.setattr(audit, "read_bytes", real_read)
+    assert read_json(join(job.state, "IN_PROGRESS"))["run_id"] == first.run_id  # not abandoned
+    assert audit.plan_run(job, FIVE, pointer(job, "five"), previous).resumed
+
+
+@pytest.mark.parametrize("layout", ["library named through a link", "state linked into the library"])
+def test_the_state_is_kept_out_of_the_listing_whatever_path_names_it(tmp_path: Path, layout: str) -> None:
+    real_lib = tmp_path / "real_lib"
+    write_bytes(str(real_lib / "p.jpg"), b"x")
+    if layout == "library named through a link":
+        (tmp_path / "lib").symlink_to(real_lib)
+        lib, state = tmp_path / "lib", real_lib / ".audit"
+    else:
+        lib, state = real_lib, tmp_path / "elsewhere"
+        state.mkdir()
+        (real_lib / ".audit").symlink_to(state)
+    write_bytes(str(state / "reports" / "r0" / "thumbs" / "t.jpg"), b"thumb")
+    job = AuditJob(library=str(lib), state=str(state), model=TINY)
+    plan = audit.plan_run(job, FIVE, None, STATE_SCHEMA.empty_table())
+    assert plan.listing["uri"].to_pylist() == [str(lib / "p.jpg")]
+
+
+def test_a_pruned_run_on_s3_is_abandoned(tmp_path: Path, s3_server: Any, s3_bucket: str,
+                                         capsys: pytest.CaptureFixture[str]) -> None:
+    job, previous = planning(tmp_path, ("five",))
+    job.state, job.s3 = f"s3://{s3_bucket}/audit", s3_server.options
+    first = audit.plan_run(job, FIVE, pointer(job, "five"), previous)
+    assert audit.plan_run(job, FIVE, pointer(job, "five"), previous).resumed  # the plan reads back from S3
+    fs, path = resolve(join(job.state, "runs"), job.s3)
+    fs.delete_dir(path)  # e.g. a lifecycle rule expiring runs/
+    again = audit.plan_run(job, FIVE, pointer(job, "five"), previous)
+    assert not again.resumed and again.run_id != first.run_id
+    assert f"abandoning unfinished run {first.run_id} (its plan runs/{first.run_id}/plan.parquet is missing)" \
+        in capsys.readouterr().err

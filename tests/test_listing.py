@@ -231,3 +231,41 @@ def test_a_remote_folder_that_cannot_be_listed_fails_the_listing(recursive):
             assert [os.path.basename(i.uri) for i in listing.list_images("denied://lib", recursive=False)] == ["a.jpg"]
     finally:
         _DeniedFS.store.clear()
+
+
+def test_a_new_link_to_an_album_does_not_move_its_files(tmp_path):
+    lib = tmp_path / "lib"
+    for rel in ("albumA/a.jpg", "albumB/b.jpg", "albumB/sub/c.jpg"):
+        storage.write_bytes(str(lib / rel), b"x")
+    (tmp_path / "alias").symlink_to(lib)  # the library named through a link: its own paths are still canonical
+    before = {top: [os.path.relpath(i.uri, top) for i in listing.list_images(str(top))]
+              for top in (lib, tmp_path / "alias")}
+    (lib / "0_favorites").symlink_to(lib / "albumB")  # sorts before albumB
+    (lib / "albumA" / "0_best").symlink_to("../albumB/sub")  # relative, and deeper
+    for top, uris in before.items():
+        assert uris == ["albumA/a.jpg", "albumB/b.jpg", "albumB/sub/c.jpg"]
+        assert [os.path.relpath(i.uri, top) for i in listing.list_images(str(top))] == uris
+
+
+def test_a_folder_reached_only_through_links_is_listed_once_under_the_first(tmp_path, monkeypatch):
+    lib, outside = tmp_path / "lib", tmp_path / "lib2"  # outside, though its path extends lib's
+    for path in (lib / "a.jpg", lib / "zalbum" / "z.jpg", outside / "o.jpg", outside / "deep" / "d.jpg"):
+        storage.write_bytes(str(path), b"x")
+    (lib / "b_sub").mkdir()
+    (lib / "b_sub" / "x").symlink_to(outside)  # first in sorted order (b_sub/x before c), though deeper
+    (lib / "c").symlink_to(outside)
+    (outside / "deep" / "loop").symlink_to(outside)
+    (outside / "back").symlink_to(lib / "zalbum")  # into the library: listed under its own path only
+    (outside / "up").symlink_to(lib)
+    got = [os.path.relpath(i.uri, lib) for i in listing.list_images(str(lib))]
+    assert got == ["a.jpg", "b_sub/x/deep/d.jpg", "b_sub/x/o.jpg", "zalbum/z.jpg"]
+    real_scandir = os.scandir
+
+    def scandir(path="."):  # the linked folder cannot be read: the listing fails, it does not drop it
+        if os.fspath(path) == str(lib / "b_sub" / "x" / "deep"):
+            raise PermissionError(13, "Permission denied", os.fspath(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(listing.os, "scandir", scandir)
+    with pytest.raises(listing.ListingError, match="b_sub/x/deep: Permission denied"):
+        listing.list_images(str(lib))
