@@ -229,15 +229,26 @@ def _manifest_entries(uri: str, s3: S3Options | None) -> list[str]:
     if name.endswith(".parquet"):
         import pyarrow.parquet as pq
 
+        import pyarrow as pa
+
         fs, path = resolve(uri, s3)
         with fs.open_input_file(path) as f:
-            pf = pq.ParquetFile(f)
+            try:
+                pf = pq.ParquetFile(f)
+            except pa.ArrowInvalid as e:
+                raise ValueError(f"{uri}: not a readable Parquet manifest ({e})") from None
             if "uri" not in pf.schema_arrow.names:
                 raise ValueError(f"{uri}: parquet manifest has no 'uri' column")
             return [str(v) for v in pf.read(columns=["uri"]).column("uri").to_pylist() if v]
-    text = read_bytes(uri, s3).decode("utf-8-sig")
+    try:
+        text = read_bytes(uri, s3).decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{uri}: a manifest is UTF-8 text ({e})") from None
     if name.endswith(".csv"):
-        rows = [r for r in csv.reader(io.StringIO(text)) if any(c.strip() for c in r)]
+        try:
+            rows = [r for r in csv.reader(io.StringIO(text)) if any(c.strip() for c in r)]
+        except csv.Error as e:  # e.g. a field over the csv module's 128 KiB limit
+            raise ValueError(f"{uri}: not a readable CSV manifest ({e})") from None
         if not rows:
             return []
         # Row 1 is a header only when it names the URI column: a guess would drop an entry like IMG_0001.

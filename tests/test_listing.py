@@ -269,3 +269,15 @@ def test_a_folder_reached_only_through_links_is_listed_once_under_the_first(tmp_
     monkeypatch.setattr(listing.os, "scandir", scandir)
     with pytest.raises(listing.ListingError, match="b_sub/x/deep: Permission denied"):
         listing.list_images(str(lib))
+
+
+def test_an_unreadable_manifest_is_a_value_error_naming_it(tmp_path):
+    cases = {"huge.csv": b'"' + b"x" * 200_000 + b'"\n', "latin1.txt": "caf\xe9.jpg\n".encode("latin-1"),
+             "fake.parquet": b"not parquet"}
+    reasons = {"huge.csv": "not a readable CSV manifest (field larger than field limit",
+               "latin1.txt": "a manifest is UTF-8 text", "fake.parquet": "not a readable Parquet manifest"}
+    for name, data in cases.items():
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(ValueError) as err:
+            listing.read_manifest(str(tmp_path / name))
+        assert str(err.value).startswith(f"{tmp_path / name}: {reasons[name]}"), err.value
