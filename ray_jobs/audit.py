@@ -62,6 +62,7 @@ TRANSIENT_ERROR_CODES = frozenset({"read_failed", "not_found", "internal"})
 LEGACY_CROP_MODE = "five"
 # What every IN_PROGRESS marker holds besides crop_mode (absent from older ones) and the two nullable keys.
 _MARKER_STRINGS = ("run_id", "library", "model_sha256", "started_at", "plan")
+_POINTER_STRINGS = ("run_id", "state", "library", "model_sha256", "model_id")
 
 
 @dataclass
@@ -148,7 +149,14 @@ def _delete(uri: str, s3: S3Options) -> None:
 
 def load_state(job: AuditJob) -> tuple[dict[str, Any] | None, pa.Table]:
     """The CURRENT pointer (None before the first run) and the state table it points to."""
-    pointer = _read_json(join(job.state, "CURRENT"), job.s3)
+    uri = join(job.state, "CURRENT")
+    try:
+        pointer = _read_json(uri, job.s3)
+        if pointer is not None and not (isinstance(pointer, dict)
+                                        and all(isinstance(pointer.get(k), str) for k in _POINTER_STRINGS)):
+            raise ValueError(f"it lacks one of {', '.join(_POINTER_STRINGS)}")
+    except ValueError as e:  # never written so by an audit (an atomic write): edited or damaged by hand
+        raise AuditRefused(f"{uri} is not an audit pointer ({e}); restore it or use a new --state") from None
     if pointer is None:
         return None, STATE_SCHEMA.empty_table()
     return pointer, _read_parquet(join(job.state, pointer["state"]), job.s3, STATE_SCHEMA)

@@ -223,3 +223,11 @@ def test_a_pruned_run_on_s3_is_abandoned(tmp_path: Path, s3_server: Any, s3_buck
     assert not again.resumed and again.run_id != first.run_id
     assert f"abandoning unfinished run {first.run_id} (its plan runs/{first.run_id}/plan.parquet is missing)" \
         in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("current", [b"{not json", b"[]", b'{"run_id": "r1", "state": "states/r1.parquet"}'])
+def test_a_damaged_pointer_is_refused_naming_it(tmp_path: Path, current: bytes) -> None:
+    job = AuditJob(library=str(tmp_path / "lib"), state=str(tmp_path / "state"), model=TINY)
+    write_bytes(join(job.state, "CURRENT"), current)
+    with pytest.raises(audit.AuditRefused, match=r"state/CURRENT is not an audit pointer \(.*\); restore it"):
+        audit.load_state(job)
