@@ -1,11 +1,12 @@
 """Training-side helpers shared by ``ray_jobs.train`` and the benchmark (no Ray, no storage here).
 
 * ``FeatureCache``: per image, the best face and the 495-d LIQE vector. Both come from frozen networks
-  on the full image, never from the random crop, so they are computed once per image and reused.
+  on the full image, never from the random crop, so they are computed once per image and reused;
+  entries are keyed by ``image_key`` (uri, size, ETag/mtime), so a new upload under a uri misses.
 * ``prepare_items``: ``prepare_batch`` (the one implementation of decode, face crop and crops) per
   item with its own RNG, faces taken from the cache; LIQE vectors attached as ``aux``.
-* ``pair_loss`` / ``predict`` / ``val_metrics``: the fidelity-loss step on prepared pairs, five-crop
-  scoring, the validation summary reported each epoch.
+* ``pair_loss`` / ``predict`` / ``val_metrics`` / ``train_metrics``: the fidelity-loss step on
+  prepared pairs, five-crop scoring, the validation and training summaries reported each epoch.
 * ``init_bundle``, ``make_optimizer``, ``epoch_pairs`` / ``shard`` / ``crop_rngs`` / ``seed_torch``:
   start weights, the official optimiser, the epoch's pairs per rank, deterministic randomness.
 * ``prefetch``, ``object_group`` / ``all_gather``: threaded data preparation, object collectives.
@@ -51,8 +52,16 @@ class KnownFaces:
         return self.faces
 
 
+def image_key(uri: str, size: int, version: str) -> str:
+    """The cache key of one upload of an image: its uri, size in bytes and ETag (or local mtime)."""
+    return json.dumps([uri, int(size), version])
+
+
 class FeatureCache:
-    """uri -> (FaceResult, LIQE vector or None); ``fingerprint`` names the frozen weights it came from."""
+    """key -> (FaceResult, LIQE vector or None); ``fingerprint`` names the frozen weights it came from.
+
+    Keys are :func:`image_key` strings (files written before them hold bare uris: those never match).
+    """
 
     def __init__(self, fingerprint: str = "") -> None:
         self.fingerprint = fingerprint
@@ -191,16 +200,54 @@ def predict(model: torch.nn.Module, cols: dict[str, np.ndarray], cfg: PIQAConfig
     return np.where(cols["status"] == "ok", scores, np.nan)
 
 
-def val_metrics(pred: np.ndarray, labels: np.ndarray, groups: Sequence[Any]) -> dict[str, Any]:
-    """Validation summary for ``ray.train.report``; failed images (nan) are left out and counted."""
-    ok = np.isfinite(pred)
+def val_metrics(pred: np.ndarray, labels: np.ndarray, groups: Sequence[Any], loaded: np.ndarray) -> dict[str, Any]:
+    """Validation summary for ``ray.train.report``; only finite scores of loaded images are evaluated.
+
+    ``loaded``: which images were read and decoded. The others count as ``val_failed``; loaded images
+    the model scored nan or inf count as ``val_nonfinite`` (a diverging model, not a bad file).
+    """
+    pred, loaded = np.asarray(pred, np.float64), np.asarray(loaded, bool)
+    ok = loaded & np.isfinite(pred)
     rep = evaluate(pred[ok], np.asarray(labels)[ok], [g for g, k in zip(groups, ok) if k])
     # Checkpoints are ranked by val_srcc_mean: nan (no valid group) would break the ordering.
     num = lambda v: float(v) if v is not None and math.isfinite(v) else -1.0  # noqa: E731
     return {"val_srcc_mean": num(rep.mean["srcc"]), "val_srcc_median": num(rep.median["srcc"]),
             "val_plcc_mean": num(rep.mean["plcc"]), "val_krcc_mean": num(rep.mean["krcc"]),
             "val_valid_groups": int(rep.mean["valid_groups"]), "val_items": int(ok.sum()),
-            "val_failed": int((~ok).sum())}
+            "val_failed": int((~loaded).sum()), "val_nonfinite": int((loaded & ~ok).sum())}
+
+
+def check_loss(loss: float, epoch: int, step: int) -> float:
+    """``loss``, or ``FloatingPointError`` when it is nan/inf: stepping on it would ruin every weight."""
+    if not math.isfinite(loss):
+        raise FloatingPointError(f"epoch {epoch + 1}, step {step + 1}: the training loss is {loss}, the model "
+                                 "diverged (a rerun repeats it): start a new run with a lower --lr, from an "
+                                 "earlier epoch_NNNN checkpoint of this one (--init) if you like")
+    return loss
+
+
+def batch_failures(cols: dict[str, np.ndarray], idx: np.ndarray, uris: Sequence[str]) -> tuple[dict[int, str], int]:
+    """Of one batch of pairs (rows [0, n) first images, [n, 2n) partners, ``idx`` their indices): the
+    images that failed to load (index -> "uri: code: message") and how many pairs they dropped."""
+    ok = cols["status"] == "ok"
+    n = len(idx) // 2
+    failed = {int(idx[i]): f"{uris[idx[i]]}: {cols['error_code'][i]}: {cols['error_message'][i]}"
+              for i in np.flatnonzero(~ok)}
+    return failed, int((~(ok[:n] & ok[n:])).sum())
+
+
+def train_metrics(parts: Sequence[dict[str, Any]], seconds: float) -> tuple[dict[str, Any], list[str]]:
+    """One epoch's training summary from every rank's ``loss_sum, pairs, dropped_pairs, failed``, and
+    the messages of the failed images (in index order) for the log.
+
+    ``failed`` (index -> message) is merged, so an image that failed on two ranks counts once.
+    """
+    pairs = sum(int(p["pairs"]) for p in parts)
+    failed = {k: v for p in parts for k, v in p["failed"].items()}
+    return ({"train_loss": float(sum(p["loss_sum"] for p in parts) / max(pairs, 1)), "pairs": pairs,
+             "pairs_per_s": float(pairs / seconds), "train_failed_images": len(failed),
+             "train_dropped_pairs": sum(int(p["dropped_pairs"]) for p in parts)},
+            [failed[k] for k in sorted(failed)])
 
 
 def format_val_srcc(metrics: dict[str, Any]) -> str:

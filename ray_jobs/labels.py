@@ -117,7 +117,8 @@ def _row(f: pd.DataFrame, k: int) -> str:
 
 @dataclass
 class LabelTable:
-    """Columns ``uri, score, group, split, name`` (name = image file name, used by pair lists).
+    """Columns ``uri, score, group, split, name`` (name = image file name, used by pair lists), plus
+    ``size, version`` once :meth:`check_images` has run.
 
     ``unused``: names of labelled images that the official split lists left out of the table.
     """
@@ -179,10 +180,14 @@ class LabelTable:
         return LabelTable(df, self.source, self.unused)
 
     def check_images(self, s3: S3Options | None = None) -> None:
-        """Raise ``LabelError`` listing every image that does not exist."""
-        missing = [o.uri for o in stat_objects(self.uris, s3) if o.size < 0]
+        """Raise ``LabelError`` listing every image that does not exist; else record each one's ``size``
+        and ``version`` (ETag or mtime) columns, which with the uri tell one upload from the next."""
+        infos = stat_objects(self.uris, s3)
+        missing = [o.uri for o in infos if o.size < 0]
         if missing:
             raise LabelError(f"{self.source}: " + _listing(missing, f"of {len(self)} labelled images not found"))
+        self.frame["size"] = np.array([o.size for o in infos], np.int64)
+        self.frame["version"] = [o.etag_or_mtime for o in infos]
 
     def describe(self) -> str:
         parts = []

@@ -11,7 +11,8 @@ Under ``<storage>/<run_name>/``: Ray's checkpoint folders ``epoch_NNNN`` (each a
 ``config.json`` + ``model.safetensors``, plus ``train_state.pt`` and ``history.json``); ``model/``, the
 best checkpoint by validation SRCC (give it to ``piqa score --weights``); ``test_report.json`` and
 ``test_report.parquet`` when the labels have a test split; ``summary.json``; ``recipe.json``, the
-settings that define the run (labels, split, start weights, optimiser): resuming with others is refused.
+settings that define the run (labels, split, start weights, optimiser) and the sha256 of its label,
+split and pair files: resuming with other settings, or with those files edited, is refused.
 """
 
 from __future__ import annotations
@@ -28,11 +29,11 @@ from typing import Any
 import ray
 
 from piqa_core.metrics import MIN_GROUP
-from piqa_core.training import format_val_srcc
+from piqa_core.training import format_val_srcc, image_key
 
 from .labels import LabelError, LabelTable, load_labels, load_pairs
 from .score import ray_session
-from .storage import S3Options, atomic_write_bytes, exists, join, local_path, read_bytes, resolve
+from .storage import S3Options, atomic_write_bytes, exists, is_dir, join, local_path, read_bytes, resolve
 from .train_worker import HISTORY_FILE, train_loop_per_worker
 
 
@@ -105,18 +106,31 @@ def checked_job(job: TrainJob) -> TrainJob:
     Ray Train runs each worker in a directory of its own, where a relative path names nothing; and a
     file that is missing in a worker fails the worker group, which Ray retries ``max_failures`` times.
     """
-    paths = {}
+    paths, init_is_dir = {}, False
     for name in (*WEIGHT_SOURCES, "cache", "storage", "labels", "images", "train_list", "test_list", "pairs"):
         uri = getattr(job, name)
-        if uri is None or (path := local_path(uri)) is None:
+        if uri is None:
             continue
-        paths[name] = path
-        if name in WEIGHT_SOURCES and not os.path.exists(paths[name]):
-            raise TrainSetupError(f"--{name.replace('_', '-')} {uri}: no such file or directory")
-    if paths.get("init") and os.path.isdir(paths["init"]) and (job.liqe or job.retinaface):
+        path = local_path(uri)
+        if path is not None:
+            paths[name] = path
+        if name in WEIGHT_SOURCES:
+            found = os.path.exists(path) if path is not None else _remote_exists(name, uri, job.s3)
+            if not found:
+                raise TrainSetupError(f"--{name.replace('_', '-')} {uri}: no such file or directory")
+            if name == "init":
+                init_is_dir = os.path.isdir(path) if path is not None else is_dir(uri, job.s3)
+    if init_is_dir and (job.liqe or job.retinaface):
         raise TrainSetupError("--init is a model directory, which already holds LIQE and RetinaFace: "
                               "drop --liqe/--retinaface")
     return replace(job, **paths)
+
+
+def _remote_exists(name: str, uri: str, s3: S3Options) -> bool:
+    try:
+        return exists(uri, s3)
+    except Exception as e:  # noqa: BLE001 - access denied, unknown scheme: the workers would fail the same way
+        raise TrainSetupError(f"--{name.replace('_', '-')} {uri}: cannot check it ({type(e).__name__}: {e})") from e
 
 
 # What defines a run: resuming it with other values would mix two experiments in one set of checkpoints
@@ -124,20 +138,37 @@ def checked_job(job: TrainJob) -> TrainJob:
 RECIPE = ("labels", "images", "format", "train_list", "test_list", "pairs", "val_fraction", "seed", "preset",
           *WEIGHT_SOURCES, "batch_pairs", "lr", "weight_decay", "lr_step", "lr_gamma")
 RECIPE_FILE = "recipe.json"
+# The recipe's data files: the same path with other content is another experiment too.
+RECIPE_FILES = ("labels", "train_list", "test_list", "pairs")
+
+
+def recipe_digests(job: TrainJob) -> dict[str, str]:
+    """sha256 of each data file the recipe names (labels, split lists, pair list)."""
+    return {k: hashlib.sha256(read_bytes(getattr(job, k), job.s3)).hexdigest() for k in RECIPE_FILES if getattr(job, k)}
 
 
 def claim_run(job: TrainJob) -> None:
-    """Record the run's recipe when it starts; refuse to resume it with another one."""
+    """Record the run's recipe when it starts; refuse to resume it with another one.
+
+    ``sha256`` holds the data files' digests; a recipe.json written before them resumes on its paths alone.
+    """
     uri = join(job.run_dir, RECIPE_FILE)
     recipe = {k: getattr(job, k) for k in RECIPE}
+    digests = recipe_digests(job)
     if not exists(uri, job.s3):
-        atomic_write_bytes(uri, json.dumps(recipe, indent=2).encode(), job.s3)
+        atomic_write_bytes(uri, json.dumps({**recipe, "sha256": digests}, indent=2).encode(), job.s3)
         return
     saved = json.loads(read_bytes(uri, job.s3))
     changed = [f"--{k.replace('_', '-')} {saved.get(k)!r} -> {v!r}" for k, v in recipe.items() if saved.get(k) != v]
     if changed:
         raise TrainSetupError(f"run {job.run_name} was started with other settings ({'; '.join(changed)}): "
                               "resume it with its own options, or start a new run with another --run-name")
+    edited = [f"--{k.replace('_', '-')} {getattr(job, k)} (sha256 {old[:12]}… -> {digests[k][:12]}…)"
+              for k, old in saved.get("sha256", {}).items() if k in digests and digests[k] != old]
+    if edited:
+        raise TrainSetupError(f"run {job.run_name}: {'; '.join(edited)} changed since the run started, so its "
+                              "checkpoints were trained on other data: restore the file, or start a new run "
+                              "with another --run-name (or --storage)")
 
 
 def prepare_data(job: TrainJob) -> tuple[LabelTable, dict[str, Any]]:
@@ -154,6 +185,9 @@ def prepare_data(job: TrainJob) -> tuple[LabelTable, dict[str, Any]]:
               "undefined and checkpoints cannot be ranked; raise --val-fraction or use larger groups",
               file=sys.stderr)
     data: dict[str, Any] = {s: (t.uris, t.scores, t.groups) for s, t in (("train", train), ("val", val))}
+    # The feature cache's keys: the stat check_images made, so an image uploaded again is prepared again.
+    data["keys"] = {s: [image_key(*r) for r in t.frame[["uri", "size", "version"]].itertuples(index=False)]
+                    for s, t in (("train", train), ("val", val))}
     data["pairs"] = None
     if job.pairs:
         # All names, repeats included: a name two images share is refused even outside the train split.

@@ -12,18 +12,18 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 import ray
 import torch
 
 from piqa_core.checkpoints import load_checkpoint, save_checkpoint
-from piqa_core.weight_cache import resolve_weights
 from piqa_core.faces import for_inference
-from piqa_core.training import (FeatureCache, all_gather, crop_rngs, epoch_pairs, fingerprint, format_val_srcc,
-                                init_bundle, make_optimizer, object_group, pair_loss, predict, prefetch,
-                                prepare_items, seed_torch, shard, val_metrics)
+from piqa_core.training import (FeatureCache, all_gather, batch_failures, check_loss, crop_rngs, epoch_pairs,
+                                fingerprint, format_val_srcc, init_bundle, make_optimizer, object_group, pair_loss,
+                                predict, prefetch, prepare_items, seed_torch, shard, train_metrics, val_metrics)
+from piqa_core.weight_cache import resolve_weights
 
 from .actors import _fetcher
 from .reader import DEFAULT_MAX_BYTES, fetch_all
@@ -86,30 +86,35 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     env = dict(job=job, cfg=cfg, detector=detector, liqe=liqe, cache=cache, device=device, marker=config["marker"])
     if checkpoint is None and job.eval_before and start < job.epochs:
         before = set(cache.faces)
-        pred = _predict_val(bundle.model, data["val"], rank, world, bf16, group, **env)
+        val = _predict_val(bundle.model, data["val"], data["keys"]["val"], rank, world, bf16, group, **env)
         _share_cache(cache, before, rank, world, group, cache_uri, job.s3)
         if rank == 0:
-            record["before"] = val_metrics(pred, *data["val"][1:])
+            record["before"] = val_metrics(val[0], *data["val"][1:], val[1])
             log(f"before training: val SRCC {format_val_srcc(record['before'])}")
+            _warn_nonfinite(record["before"], log)
 
     for epoch in range(start, job.epochs):
         seed_torch(job.seed, epoch, rank)
         t0, lr, before = time.perf_counter(), opt.param_groups[0]["lr"], set(cache.faces)
-        loss_sum, n_pairs = _train_epoch(model, opt, data, epoch, rank, world, bf16, **env)
+        mine = _train_epoch(model, opt, data, epoch, rank, world, bf16, **env)
         sched.step()
         train_s = time.perf_counter() - t0
-        pred = _predict_val(bundle.model, data["val"], rank, world, bf16, group, **env)
+        val = _predict_val(bundle.model, data["val"], data["keys"]["val"], rank, world, bf16, group, **env)
         _share_cache(cache, before, rank, world, group, cache_uri, job.s3)
-        totals = np.sum(all_gather([loss_sum, n_pairs], world, group), axis=0)
-        metrics = {"epoch": epoch, "train_loss": float(totals[0] / max(totals[1], 1)), "pairs": int(totals[1]),
-                   "pairs_per_s": float(totals[1] / train_s), "lr": lr, "session_start_epoch": start,
+        train, failed = train_metrics(all_gather(mine, world, group), train_s)
+        metrics = {"epoch": epoch, **train, "lr": lr, "session_start_epoch": start,
                    "features_loaded": loaded, "epoch_time_s": time.perf_counter() - t0}
+        if failed:
+            log(f"warning: epoch {epoch + 1}: {len(failed)} train image(s) failed to load, so "
+                f"{metrics['train_dropped_pairs']} pair(s) were left out: " + "; ".join(failed[:3])
+                + (f"; … and {len(failed) - 3} more" if len(failed) > 3 else ""))
         if rank == 0:
-            metrics.update(val_metrics(pred, *data["val"][1:]))
+            metrics.update(val_metrics(val[0], *data["val"][1:], val[1]))
             log(f"epoch {epoch + 1}/{job.epochs}  loss {metrics['train_loss']:.4f}  "
                 f"{metrics['pairs_per_s']:.1f} pairs/s  val SRCC {format_val_srcc(metrics)}  "
                 f"PLCC mean {metrics['val_plcc_mean']:.4f}  "
                 f"lr {lr:.2e}  ({metrics['epoch_time_s']:.0f}s)")
+            _warn_nonfinite(metrics, log)
         _report(metrics, record, bundle, opt, sched, job, init, rank)
 
 
@@ -136,54 +141,71 @@ def _maybe_fail(job: TrainJob, epoch: int, rank: int, marker: str) -> None:
         os._exit(1)
 
 
-def _prepare(env: dict[str, Any], uris: list[str], idx: np.ndarray, crop_mode: str, rngs: list) -> dict:
-    keys = [uris[i] for i in idx]
-    items = fetch_all([ObjectInfo(k, 0, "") for k in keys], env["job"].s3, DEFAULT_MAX_BYTES)
-    return prepare_items(items, keys, env["cfg"], env["detector"], env["liqe"], env["cache"], crop_mode, rngs,
-                         env["device"])
+def _warn_nonfinite(metrics: dict[str, Any], log: Callable[[str], None]) -> None:
+    if metrics["val_nonfinite"]:
+        log(f"warning: the model scored {metrics['val_nonfinite']} loaded validation image(s) nan or inf "
+            "(left out of the validation metrics): it may be diverging")
+
+
+def _prepare(env: dict[str, Any], uris: list[str], keys: list[str], idx: np.ndarray, crop_mode: str,
+             rngs: list) -> dict:
+    """Prepared columns of the images ``idx``; ``keys`` (:func:`image_key`, from the driver's stat) key the cache."""
+    items = fetch_all([ObjectInfo(uris[i], 0, "") for i in idx], env["job"].s3, DEFAULT_MAX_BYTES)
+    return prepare_items(items, [keys[i] for i in idx], env["cfg"], env["detector"], env["liqe"], env["cache"],
+                         crop_mode, rngs, env["device"])
 
 
 def _train_epoch(model: torch.nn.Module, opt: torch.optim.Optimizer, data: dict[str, Any], epoch: int, rank: int,
-                 world: int, bf16: bool, **env: Any) -> tuple[float, int]:
+                 world: int, bf16: bool, **env: Any) -> dict[str, Any]:
+    """One epoch on this rank's pairs: ``loss_sum, pairs, dropped_pairs, failed`` (see ``train_metrics``)."""
     job = env["job"]
     uris, labels, groups = data["train"]
+    keys = data["keys"]["train"]
     ids, mine = shard(epoch_pairs(groups, epoch, job.seed, data["pairs"]), rank, world)
     b = job.batch_pairs
 
     def prep(step: int) -> tuple[dict, np.ndarray]:
         sl = slice(step * b, (step + 1) * b)
         idx = np.concatenate([mine[sl, 0], mine[sl, 1]])
-        return _prepare(env, uris, idx, "random", crop_rngs(job.seed, epoch, ids[sl])), labels[idx]
+        return _prepare(env, uris, keys, idx, "random", crop_rngs(job.seed, epoch, ids[sl])), idx
 
     model.train()
-    loss_sum, count = 0.0, 0
-    for cols, y in prefetch(prep, math.ceil(len(mine) / b), max(1, int(job.cpus))):
-        loss, n = pair_loss(model, cols, y, env["cfg"], env["device"], bf16)
+    out: dict[str, Any] = {"loss_sum": 0.0, "pairs": 0, "dropped_pairs": 0, "failed": {}}
+    for step, (cols, idx) in enumerate(prefetch(prep, math.ceil(len(mine) / b), max(1, int(job.cpus)))):
+        failed, dropped = batch_failures(cols, idx, uris)
+        out["failed"].update(failed)
+        out["dropped_pairs"] += dropped
+        loss, n = pair_loss(model, cols, labels[idx], env["cfg"], env["device"], bf16)
+        value = check_loss(float(loss.item()), epoch, step)  # before the step: nan would reach every weight
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        loss_sum, count = loss_sum + float(loss.item()) * n, count + n
+        out["loss_sum"], out["pairs"] = out["loss_sum"] + value * n, out["pairs"] + n
         _maybe_fail(job, epoch, rank, env["marker"])
-    return loss_sum, count
+    return out
 
 
-def _predict_val(module: torch.nn.Module, val: tuple, rank: int, world: int, bf16: bool, group: Any,
-                 **env: Any) -> np.ndarray | None:
-    """Five-crop scores of the validation split, sharded by rank; the whole array on rank 0."""
+def _predict_val(module: torch.nn.Module, val: tuple, keys: list[str], rank: int, world: int, bf16: bool,
+                 group: Any, **env: Any) -> tuple[np.ndarray, np.ndarray] | None:
+    """Five-crop scores of the validation split and which images loaded, sharded by rank; the whole
+    arrays on rank 0 (a loaded image the model scored nan is not a failed one)."""
     uris, b = val[0], env["job"].eval_batch
     mine = np.arange(rank, len(uris), world)
     module.eval()
     chunks = [mine[i:i + b] for i in range(0, len(mine), b)]
-    prep = lambda k: _prepare(env, uris, chunks[k], "five", [None] * len(chunks[k]))  # noqa: E731
-    preds = [predict(module, cols, env["cfg"], env["device"], bf16)
-             for cols in prefetch(prep, len(chunks), max(1, int(env["job"].cpus)))]
-    parts = all_gather((mine, np.concatenate(preds) if preds else np.zeros(0)), world, group)
+    prep = lambda k: _prepare(env, uris, keys, chunks[k], "five", [None] * len(chunks[k]))  # noqa: E731
+    preds, oks = [], []
+    for cols in prefetch(prep, len(chunks), max(1, int(env["job"].cpus))):
+        preds.append(predict(module, cols, env["cfg"], env["device"], bf16))
+        oks.append(cols["status"] == "ok")
+    cat = lambda xs, dtype: np.concatenate(xs) if xs else np.zeros(0, dtype)  # noqa: E731
+    parts = all_gather((mine, cat(preds, np.float64), cat(oks, bool)), world, group)
     if rank != 0:
         return None
-    out = np.full(len(uris), np.nan)
-    for idx, p in parts:
-        out[idx] = p
-    return out
+    out, loaded = np.full(len(uris), np.nan), np.zeros(len(uris), bool)
+    for idx, p, ok in parts:
+        out[idx], loaded[idx] = p, ok
+    return out, loaded
 
 
 def _share_cache(cache: FeatureCache, before: set[str], rank: int, world: int, group: Any, uri: str | None,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import numpy as np
@@ -226,6 +227,19 @@ def test_labels_and_images_on_s3(s3_server, s3_bucket: str) -> None:
     table = load_labels(f"s3://{s3_bucket}/piq/labels.csv", s3=opts, check_images=False)
     assert table.uris[0] == f"s3://{s3_bucket}/piq/Overall/0_S.jpg"
     assert np.allclose(table.scores, [0, 1, 2, 3, 4])
+
+
+def test_checked_images_carry_what_tells_one_upload_from_the_next(root) -> None:
+    base, opts = root
+    for name, body in (("a.jpg", b"one"), ("b.jpg", b"two"), ("t.csv", b"uri,score,group\na.jpg,1,g\nb.jpg,2,g\n")):
+        write_bytes(f"{base}/{name}", body, opts)
+    first = load_labels(f"{base}/t.csv", val_fraction=0, s3=opts).frame
+    assert first["size"].tolist() == [3, 3] and first["version"].str.len().gt(0).all()
+    time.sleep(0.05)  # local versions are mtimes, which advance in clock ticks
+    write_bytes(f"{base}/a.jpg", b"ONE", opts)  # the same uri and size, other content
+    again = load_labels(f"{base}/t.csv", val_fraction=0, s3=opts).frame
+    assert again["version"][0] != first["version"][0] and again["version"][1] == first["version"][1]
+    assert "size" not in load_labels(f"{base}/t.csv", s3=opts, check_images=False).frame
 
 
 def test_pair_list_drops_cross_group_pairs_and_unlisted_images(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

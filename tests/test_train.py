@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import tempfile
 from dataclasses import replace
 from pathlib import Path
@@ -33,14 +34,16 @@ from PIL import Image, ImageFilter
 from skimage import data as skdata
 
 from piqa_core.checkpoints import build_bundle, load_checkpoint, save_checkpoint
+from piqa_core.config import get_preset
 from piqa_core.weight_cache import resolve_weights
-from piqa_core.training import format_val_srcc, init_bundle
+from piqa_core.training import FeatureCache, epoch_pairs, format_val_srcc, init_bundle, train_metrics
 from ray_jobs.actors import _fetcher
 from ray_jobs.cli import main
 from ray_jobs.listing import list_images
-from ray_jobs.storage import read_bytes
+from ray_jobs.storage import S3Options, read_bytes, write_bytes
 from ray_jobs.labels import LabelError
 from ray_jobs.train import TrainJob, TrainSetupError, checked_job, claim_run, prepare_data, run_train_job
+from ray_jobs.train_worker import _share_cache, _train_epoch
 from tests.test_checkpoints import official_layout, openai_layout, to_timm067_swin
 
 
@@ -264,16 +267,30 @@ def test_setup_mistakes_are_one_line_errors_and_start_no_ray(small: Path, tmp_pa
     assert not started
 
 
-def test_local_paths_become_absolute_for_the_workers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_local_paths_become_absolute_for_the_workers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, s3_server,
+                                                     s3_bucket: str) -> None:
     # Ray Train runs each worker in a directory of its own: a relative path there names nothing.
     monkeypatch.chdir(tmp_path)
     (tmp_path / "w").mkdir()
     (tmp_path / "w" / "lsvq.pth").write_bytes(b"x")
+    write_bytes(f"s3://{s3_bucket}/LIQE.pt", b"x", s3_server.options)
     job = checked_job(TrainJob(labels="l.csv", run_name="r", storage="runs", init_whole="w/lsvq.pth",
-                               cache="cache", liqe="s3://bucket/LIQE.pt"))
+                               cache="cache", liqe=f"s3://{s3_bucket}/LIQE.pt", s3=s3_server.options))
     assert job.init_whole == str(tmp_path / "w" / "lsvq.pth")
     assert (job.storage, job.cache) == (str(tmp_path / "runs"), str(tmp_path / "cache"))
-    assert job.liqe == "s3://bucket/LIQE.pt"  # remote sources are fetched by the workers
+    assert job.liqe == f"s3://{s3_bucket}/LIQE.pt"  # remote sources are fetched by the workers
+
+
+def test_start_weights_on_s3_are_checked_on_the_driver(s3_server, s3_bucket: str) -> None:
+    opts, base = s3_server.options, f"s3://{s3_bucket}"
+    write_bytes(f"{base}/w/LIQE.pt", b"x", opts)
+    write_bytes(f"{base}/model/config.json", b"{}", opts)
+    job = TrainJob(labels="l.csv", run_name="r", storage="runs", s3=opts)
+    with pytest.raises(TrainSetupError, match=rf"^--liqe {base}/w/LIQE.pth: no such file or directory$"):
+        checked_job(replace(job, liqe=f"{base}/w/LIQE.pth"))  # a typo: .pth for .pt
+    with pytest.raises(TrainSetupError, match="--init is a model directory, which already holds LIQE"):
+        checked_job(replace(job, init=f"{base}/model", liqe=f"{base}/w/LIQE.pt"))
+    assert checked_job(replace(job, init=f"{base}/model")).init == f"{base}/model"
 
 
 def test_validation_without_a_rankable_group_is_said_not_shown_as_minus_one(tmp_path: Path, capsys) -> None:
@@ -295,6 +312,7 @@ def test_validation_without_a_rankable_group_is_said_not_shown_as_minus_one(tmp_
 
 
 def test_a_run_resumes_only_with_its_own_recipe(tmp_path: Path) -> None:
+    (tmp_path / "l.csv").write_text("uri,score,group\na.png,1,g\n")
     job = TrainJob(labels=str(tmp_path / "l.csv"), run_name="r", storage=str(tmp_path), lr=3e-4, seed=1)
     claim_run(job)  # first start: recorded
     assert json.loads((tmp_path / "r" / "recipe.json").read_text())["lr"] == 3e-4
@@ -305,9 +323,6 @@ def test_a_run_resumes_only_with_its_own_recipe(tmp_path: Path) -> None:
 
 def test_runs_sharing_a_feature_cache_keep_each_others_images(tmp_path: Path) -> None:
     from piqa_core.faces import FaceResult
-    from piqa_core.training import FeatureCache
-    from ray_jobs.storage import S3Options
-    from ray_jobs.train_worker import _share_cache
 
     uri = str(tmp_path / "features-fp.npz")
     first, second = FeatureCache("fp"), FeatureCache("fp")  # two runs that started from the same (empty) file
@@ -319,3 +334,66 @@ def test_runs_sharing_a_feature_cache_keep_each_others_images(tmp_path: Path) ->
     back.add_columns(FeatureCache.read_npz(Path(uri).read_bytes()))
     assert sorted(back.faces) == ["a.jpg", "b.jpg"] and back.faces["a.jpg"].box == (1.0, 2.0, 30.5, 40.25)
     assert back.aux["a.jpg"].tolist() == [0.5] * 3 and back.faces["b.jpg"].box is None
+
+
+def test_a_run_refuses_data_files_edited_in_place(tmp_path: Path) -> None:
+    labels, pairs = tmp_path / "labels.csv", tmp_path / "pairs.csv"
+    labels.write_text("uri,score,group\na.png,1,g\nb.png,2,g\n")
+    pairs.write_text("IMAGE,IMAGE second\na.png,b.png\n")
+    job = TrainJob(labels=str(labels), run_name="r", storage=str(tmp_path / "runs"), pairs=str(pairs))
+    claim_run(job)
+    claim_run(job)  # the same files: it resumes
+    labels.write_text("uri,score,group\na.png,2,g\nb.png,1,g\n")  # the same path, other scores
+    edited = rf"run r: --labels {re.escape(str(labels))} \(sha256 \w{{12}}… -> \w{{12}}…\) changed since the run"
+    with pytest.raises(TrainSetupError, match=edited + " started.*restore the file, or start a new run"):
+        claim_run(job)
+    recipe_file = tmp_path / "runs" / "r" / "recipe.json"
+    recipe = json.loads(recipe_file.read_text())
+    assert sorted(recipe.pop("sha256")) == ["labels", "pairs"]
+    recipe_file.write_text(json.dumps(recipe))  # as written before the digests: it resumes on its paths alone
+    claim_run(job)
+
+
+def _photos(root: Path, broken: int | None = None) -> Path:
+    """Six JPEGs of one group (the last one validation) and their labels; ``broken`` is cut short."""
+    for i in range(6):
+        buf = io.BytesIO()
+        Image.new("RGB", (240, 240), (30 * i, 90, 160)).save(buf, "JPEG")
+        data = buf.getvalue()
+        (root / f"{i}.jpg").write_bytes(data[:len(data) // 2] if i == broken else data)
+    pd.DataFrame({"uri": [f"{i}.jpg" for i in range(6)], "score": np.arange(6.0), "group": "g",
+                  "split": ["train"] * 5 + ["val"]}).to_csv(root / "labels.csv", index=False)
+    return root / "labels.csv"
+
+
+class _MeanScore(torch.nn.Linear):  # an image's score: a linear function of its mean pixel
+    def forward(self, whole, face, aux):
+        return super().forward(whole.mean(dim=(1, 2, 3))[:, None])[:, 0]
+
+
+def _epoch(tmp_path: Path, model: torch.nn.Module, broken: int | None = None) -> tuple[dict, np.ndarray]:
+    job = TrainJob(labels=str(_photos(tmp_path, broken=broken)), run_name="r", storage=str(tmp_path),
+                   preset="tiny", batch_pairs=2)
+    _, data = prepare_data(job)
+    env = dict(job=job, cfg=get_preset("tiny"), detector=None, liqe=None, cache=FeatureCache("fp"),
+               device=torch.device("cpu"), marker=str(tmp_path / "marker"))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    return _train_epoch(model, opt, data, 0, 0, 1, False, **env), epoch_pairs(data["train"][2], 0, job.seed)
+
+
+def test_training_images_that_fail_to_load_are_counted(tmp_path: Path) -> None:
+    mine, pairs = _epoch(tmp_path, _MeanScore(1, 1), broken=2)
+    metrics, failed = train_metrics([mine], seconds=1.0)
+    hit = int((pairs == 2).any(axis=1).sum())  # every pair with the truncated image
+    assert hit >= 1 and metrics["train_failed_images"] == 1 and metrics["train_dropped_pairs"] == hit
+    assert metrics["pairs"] == len(pairs) - hit == 5 - hit
+    assert len(failed) == 1 and failed[0].startswith(f"{tmp_path / '2.jpg'}: truncated: ")
+
+
+def test_a_nonfinite_training_loss_fails_the_epoch(tmp_path: Path) -> None:
+    model = _MeanScore(1, 1)
+    torch.nn.init.constant_(model.bias, float("nan"))
+    weight = model.weight.item()
+    with pytest.raises(FloatingPointError, match="epoch 1, step 1: the training loss is nan, the model diverged"):
+        _epoch(tmp_path, model)
+    assert model.weight.item() == weight  # no optimiser step on it

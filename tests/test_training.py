@@ -1,17 +1,19 @@
-"""Training's feature cache: what scoring detected is what training crops, to the pixel."""
+"""Training helpers: the feature cache (exact boxes, keyed by upload), validation and epoch summaries."""
 
 from __future__ import annotations
 
 import io
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 from skimage import data as skdata
 
 from piqa_core.config import get_preset
 from piqa_core.faces import FaceResult, face_crop_box
-from piqa_core.training import FeatureCache, fill_cache
+from piqa_core.training import (FeatureCache, batch_failures, check_loss, fill_cache, image_key, prepare_items,
+                                train_metrics, val_metrics)
 
 # float32 moves this coordinate from just above .5 to exactly .5, where round() goes to even instead:
 # round(x - 20) is 1069 in float64 and 1068 after a float32 round trip.
@@ -48,3 +50,73 @@ def test_cache_file_round_trip_keeps_boxes_exactly() -> None:
     assert back.faces["a.jpg"].box == BOX and back.faces["a.jpg"].n_faces == 2
     assert back.faces["b.jpg"].box is None
     np.testing.assert_array_equal(back.aux["a.jpg"], np.arange(4))
+
+
+class _SizeDetector:
+    """One face whose box is the image's top-left quarter; counts the images it was asked about."""
+
+    def __init__(self) -> None:
+        self.seen = 0
+
+    def detect_each(self, inputs, sizes):
+        self.seen += len(inputs)
+        return [FaceResult((0.0, 0.0, w / 2, h / 2), 0.9, 1) for w, h in sizes]
+
+
+def _png(size: tuple[int, int]) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", size, (90, 40, 200)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def test_an_upload_under_a_known_uri_misses_the_cache() -> None:
+    cfg, cpu, det, cache = get_preset("tiny"), torch.device("cpu"), _SizeDetector(), FeatureCache("fp")
+    first, second = _png((240, 240)), _png((320, 240))
+    old_key = image_key("s3://b/a.png", len(first), '"etag1"')
+    new_key = image_key("s3://b/a.png", len(second), '"etag2"')
+    prepare_items([first], [old_key], cfg, det, None, cache, "center", [None], cpu)
+    prepare_items([first], [old_key], cfg, det, None, cache, "center", [None], cpu)
+    assert det.seen == 1  # the second call took the face from the cache
+    prepare_items([second], [new_key], cfg, det, None, cache, "center", [None], cpu)
+    assert det.seen == 2 and cache.faces[new_key].box == (0.0, 0.0, 160.0, 120.0)
+    assert cache.faces[old_key].box == (0.0, 0.0, 120.0, 120.0)
+    # a cache file written before the keys (bare uris) loads, and its entries match nothing
+    legacy = FeatureCache("fp")
+    legacy.put("s3://b/a.png", FaceResult((1.0, 1.0, 9.0, 9.0), 0.9, 1), None)
+    back = FeatureCache("fp")
+    back.add_columns(FeatureCache.read_npz(legacy.to_npz()))
+    prepare_items([second], [new_key], cfg, det, None, back, "center", [None], cpu)
+    assert det.seen == 3 and back.faces[new_key].box == (0.0, 0.0, 160.0, 120.0)
+
+
+def test_validation_counts_nonfinite_scores_apart_from_failed_images() -> None:
+    pred = np.array([0.1, 0.2, 0.3, 0.4, np.nan, np.nan, np.inf])
+    loaded = np.array([True, True, True, True, False, True, True])
+    m = val_metrics(pred, np.arange(7.0), ["g"] * 7, loaded)
+    assert (m["val_items"], m["val_failed"], m["val_nonfinite"]) == (4, 1, 2)
+    assert m["val_srcc_mean"] == pytest.approx(1.0) and m["val_valid_groups"] == 1
+
+
+def test_a_nonfinite_training_loss_stops_the_epoch() -> None:
+    assert check_loss(0.25, 0, 0) == 0.25
+    for bad in (float("nan"), float("inf")):
+        with pytest.raises(FloatingPointError, match=rf"epoch 3, step 8: the training loss is {bad}, the model "
+                                                     r"diverged \(a rerun repeats it\): start a new run with a lower"):
+            check_loss(bad, 2, 7)
+
+
+def test_failed_training_images_are_counted_once_across_ranks() -> None:
+    # a batch of 3 pairs: images (4, 7), (5, 4), (6, 8); image 4 failed to decode
+    idx = np.array([4, 5, 6, 7, 4, 8])
+    status = np.array(["ok", "ok", "ok", "ok", "error", "ok"], dtype=object)
+    code = np.array(["", "", "", "", "truncated", ""], dtype=object)
+    cols = {"status": status, "error_code": code, "error_message": np.where(status == "ok", "", "cut short")}
+    uris = [f"img{i}.jpg" for i in range(10)]
+    failed, dropped = batch_failures(cols, idx, uris)
+    assert failed == {4: "img4.jpg: truncated: cut short"} and dropped == 1
+    ranks = [{"loss_sum": 1.0, "pairs": 2, "dropped_pairs": 1, "failed": failed},
+             {"loss_sum": 2.0, "pairs": 2, "dropped_pairs": 2, "failed": {4: failed[4], 9: "img9.jpg: not_found: x"}}]
+    metrics, messages = train_metrics(ranks, seconds=2.0)
+    assert metrics == {"train_loss": 0.75, "pairs": 4, "pairs_per_s": 2.0, "train_failed_images": 2,
+                       "train_dropped_pairs": 3}
+    assert messages == ["img4.jpg: truncated: cut short", "img9.jpg: not_found: x"]
