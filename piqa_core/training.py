@@ -304,6 +304,16 @@ def shard(pairs: np.ndarray, rank: int, world: int) -> tuple[np.ndarray, np.ndar
     return ids, pairs[ids]
 
 
+def rank_batch(batch_pairs: int, world: int) -> int:
+    """Pairs per rank and step. ``batch_pairs`` is the step's total over all ranks, as in the official
+    recipe (one batch split over GPUs): with ``shard``'s interleaving, step s covers the epoch's pairs
+    [s·batch_pairs, (s+1)·batch_pairs) whatever the worker count."""
+    if batch_pairs % world:
+        raise ValueError(f"--batch-pairs {batch_pairs} does not split evenly over {world} workers: "
+                         f"use a multiple of {world}")
+    return batch_pairs // world
+
+
 def seed_torch(seed: int, epoch: int, rank: int) -> None:
     """Seed torch's global RNG (dropout) per (seed, epoch, rank): a resumed epoch draws the same masks."""
     torch.manual_seed(int(np.random.SeedSequence([seed, epoch, rank]).generate_state(1)[0]))

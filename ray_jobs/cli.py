@@ -313,7 +313,8 @@ def _s3(endpoint_url: str | None, region: str | None):
 @click.option("--cpus-per-worker", type=click.FloatRange(0.1), default=None, help="Default 1 (CPU) / 4 (GPU).")
 @click.option("--epochs", type=click.IntRange(1), default=10, show_default=True,
               help="Epochs in all: a resumed run trains the ones still missing.")
-@click.option("--batch-pairs", type=click.IntRange(1), default=6, show_default=True)
+@click.option("--batch-pairs", type=click.IntRange(1), default=6, show_default=True,
+              help="Pairs per optimiser step over all workers (a multiple of --workers).")
 @click.option("--lr", type=click.FloatRange(0, min_open=True), default=1e-5, show_default=True)
 @click.option("--weight-decay", type=click.FloatRange(0), default=1e-7, show_default=True)
 @click.option("--lr-step", type=click.IntRange(1), default=2, show_default=True, help="StepLR step (epochs).")

@@ -29,7 +29,7 @@ from typing import Any
 import ray
 
 from piqa_core.metrics import MIN_GROUP
-from piqa_core.training import format_val_srcc, image_key
+from piqa_core.training import format_val_srcc, image_key, rank_batch
 
 from .labels import LabelError, LabelTable, load_labels, load_pairs
 from .score import ray_session
@@ -106,6 +106,10 @@ def checked_job(job: TrainJob) -> TrainJob:
     Ray Train runs each worker in a directory of its own, where a relative path names nothing; and a
     file that is missing in a worker fails the worker group, which Ray retries ``max_failures`` times.
     """
+    try:
+        rank_batch(job.batch_pairs, job.workers)
+    except ValueError as e:
+        raise TrainSetupError(str(e)) from None
     paths, init_is_dir = {}, False
     for name in (*WEIGHT_SOURCES, "cache", "storage", "labels", "images", "train_list", "test_list", "pairs"):
         uri = getattr(job, name)

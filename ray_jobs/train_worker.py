@@ -22,7 +22,8 @@ from piqa_core.checkpoints import load_checkpoint, save_checkpoint
 from piqa_core.faces import for_inference
 from piqa_core.training import (FeatureCache, all_gather, batch_failures, check_loss, crop_rngs, epoch_pairs,
                                 fingerprint, format_val_srcc, init_bundle, make_optimizer, object_group, pair_loss,
-                                predict, prefetch, prepare_items, seed_torch, shard, train_metrics, val_metrics)
+                                predict, prefetch, prepare_items, rank_batch, seed_torch, shard, train_metrics,
+                                val_metrics)
 from piqa_core.weight_cache import resolve_weights
 
 from .actors import _fetcher
@@ -162,7 +163,7 @@ def _train_epoch(model: torch.nn.Module, opt: torch.optim.Optimizer, data: dict[
     uris, labels, groups = data["train"]
     keys = data["keys"]["train"]
     ids, mine = shard(epoch_pairs(groups, epoch, job.seed, data["pairs"]), rank, world)
-    b = job.batch_pairs
+    b = rank_batch(job.batch_pairs, world)
 
     def prep(step: int) -> tuple[dict, np.ndarray]:
         sl = slice(step * b, (step + 1) * b)

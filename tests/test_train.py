@@ -35,8 +35,8 @@ from skimage import data as skdata
 
 from piqa_core.checkpoints import build_bundle, load_checkpoint, save_checkpoint
 from piqa_core.config import get_preset
-from piqa_core.weight_cache import resolve_weights
 from piqa_core.training import FeatureCache, epoch_pairs, format_val_srcc, init_bundle, train_metrics
+from piqa_core.weight_cache import resolve_weights
 from ray_jobs.actors import _fetcher
 from ray_jobs.cli import main
 from ray_jobs.listing import list_images
@@ -291,6 +291,7 @@ def test_start_weights_on_s3_are_checked_on_the_driver(s3_server, s3_bucket: str
     with pytest.raises(TrainSetupError, match="--init is a model directory, which already holds LIQE"):
         checked_job(replace(job, init=f"{base}/model", liqe=f"{base}/w/LIQE.pt"))
     assert checked_job(replace(job, init=f"{base}/model")).init == f"{base}/model"
+    assert pytest.raises(TrainSetupError, checked_job, replace(job, workers=4)).match("^--batch-pairs 6 does not split")
 
 
 def test_validation_without_a_rankable_group_is_said_not_shown_as_minus_one(tmp_path: Path, capsys) -> None:

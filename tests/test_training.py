@@ -13,7 +13,7 @@ from skimage import data as skdata
 from piqa_core.config import get_preset
 from piqa_core.faces import FaceResult, face_crop_box
 from piqa_core.training import (FeatureCache, batch_failures, check_loss, fill_cache, image_key, prepare_items,
-                                train_metrics, val_metrics)
+                                rank_batch, shard, train_metrics, val_metrics)
 
 # float32 moves this coordinate from just above .5 to exactly .5, where round() goes to even instead:
 # round(x - 20) is 1069 in float64 and 1068 after a float32 round trip.
@@ -120,3 +120,15 @@ def test_failed_training_images_are_counted_once_across_ranks() -> None:
     assert metrics == {"train_loss": 0.75, "pairs": 4, "pairs_per_s": 2.0, "train_failed_images": 2,
                        "train_dropped_pairs": 3}
     assert messages == ["img4.jpg: truncated: cut short", "img9.jpg: not_found: x"]
+
+
+def test_a_step_covers_the_same_pairs_whatever_the_worker_count() -> None:
+    pairs = np.arange(2 * 37).reshape(37, 2)  # pair p = (2p, 2p + 1)
+    single = [pairs[s * 6:(s + 1) * 6] for s in range(36 // 6)]
+    for world in (1, 2, 3, 6):
+        b = rank_batch(6, world)
+        shards = [shard(pairs, r, world)[1] for r in range(world)]
+        steps = [np.concatenate([m[s * b:(s + 1) * b] for m in shards]) for s in range(len(shards[0]) // b)]
+        assert [sorted(map(tuple, x)) for x in steps] == [sorted(map(tuple, x)) for x in single], world
+    with pytest.raises(ValueError, match="--batch-pairs 6 does not split evenly over 4 workers: use a multiple of 4"):
+        rank_batch(6, 4)
