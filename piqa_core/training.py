@@ -292,7 +292,7 @@ def all_gather(obj: Any, world: int, group: Any) -> list[Any]:
 
 def epoch_pairs(groups: Sequence[Any], epoch: int, seed: int = 0, fixed: np.ndarray | None = None) -> np.ndarray:
     """The epoch's pairs in training order: re-sampled within groups (or a fixed list), then shuffled."""
-    rng = np.random.default_rng(seed + epoch)
+    rng = np.random.default_rng([seed, epoch])  # not seed + epoch: seed 1 would replay seed 0 one epoch on
     pairs = sample_pairs(groups, rng) if fixed is None else fixed
     return pairs[rng.permutation(len(pairs))]
 

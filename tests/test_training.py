@@ -12,8 +12,8 @@ from skimage import data as skdata
 
 from piqa_core.config import get_preset
 from piqa_core.faces import FaceResult, face_crop_box
-from piqa_core.training import (FeatureCache, batch_failures, check_loss, fill_cache, image_key, prepare_items,
-                                rank_batch, shard, train_metrics, val_metrics)
+from piqa_core.training import (FeatureCache, batch_failures, check_loss, epoch_pairs, fill_cache, image_key,
+                                prepare_items, rank_batch, shard, train_metrics, val_metrics)
 
 # float32 moves this coordinate from just above .5 to exactly .5, where round() goes to even instead:
 # round(x - 20) is 1069 in float64 and 1068 after a float32 round trip.
@@ -132,3 +132,9 @@ def test_a_step_covers_the_same_pairs_whatever_the_worker_count() -> None:
         assert [sorted(map(tuple, x)) for x in steps] == [sorted(map(tuple, x)) for x in single], world
     with pytest.raises(ValueError, match="--batch-pairs 6 does not split evenly over 4 workers: use a multiple of 4"):
         rank_batch(6, 4)
+
+
+def test_seeds_do_not_replay_each_other_one_epoch_apart() -> None:
+    groups = [g for g in range(20) for _ in range(5)]
+    assert not np.array_equal(epoch_pairs(groups, 1, seed=0), epoch_pairs(groups, 0, seed=1))
+    assert np.array_equal(epoch_pairs(groups, 3, seed=7), epoch_pairs(groups, 3, seed=7))  # a resumed epoch replays
