@@ -20,9 +20,7 @@ from __future__ import annotations
 
 import io
 import json
-import re
 import tempfile
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -40,9 +38,9 @@ from piqa_core.weight_cache import resolve_weights
 from ray_jobs.actors import _fetcher
 from ray_jobs.cli import main
 from ray_jobs.listing import list_images
-from ray_jobs.storage import S3Options, read_bytes, write_bytes
+from ray_jobs.storage import S3Options, read_bytes
 from ray_jobs.labels import LabelError
-from ray_jobs.train import TrainJob, TrainSetupError, checked_job, claim_run, prepare_data, run_train_job
+from ray_jobs.train import TrainJob, prepare_data, run_train_job
 from ray_jobs.train_worker import _share_cache, _train_epoch
 from tests.test_checkpoints import official_layout, openai_layout, to_timm067_swin
 
@@ -267,33 +265,6 @@ def test_setup_mistakes_are_one_line_errors_and_start_no_ray(small: Path, tmp_pa
     assert not started
 
 
-def test_local_paths_become_absolute_for_the_workers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, s3_server,
-                                                     s3_bucket: str) -> None:
-    # Ray Train runs each worker in a directory of its own: a relative path there names nothing.
-    monkeypatch.chdir(tmp_path)
-    (tmp_path / "w").mkdir()
-    (tmp_path / "w" / "lsvq.pth").write_bytes(b"x")
-    write_bytes(f"s3://{s3_bucket}/LIQE.pt", b"x", s3_server.options)
-    job = checked_job(TrainJob(labels="l.csv", run_name="r", storage="runs", init_whole="w/lsvq.pth",
-                               cache="cache", liqe=f"s3://{s3_bucket}/LIQE.pt", s3=s3_server.options))
-    assert job.init_whole == str(tmp_path / "w" / "lsvq.pth")
-    assert (job.storage, job.cache) == (str(tmp_path / "runs"), str(tmp_path / "cache"))
-    assert job.liqe == f"s3://{s3_bucket}/LIQE.pt"  # remote sources are fetched by the workers
-
-
-def test_start_weights_on_s3_are_checked_on_the_driver(s3_server, s3_bucket: str) -> None:
-    opts, base = s3_server.options, f"s3://{s3_bucket}"
-    write_bytes(f"{base}/w/LIQE.pt", b"x", opts)
-    write_bytes(f"{base}/model/config.json", b"{}", opts)
-    job = TrainJob(labels="l.csv", run_name="r", storage="runs", s3=opts)
-    with pytest.raises(TrainSetupError, match=rf"^--liqe {base}/w/LIQE.pth: no such file or directory$"):
-        checked_job(replace(job, liqe=f"{base}/w/LIQE.pth"))  # a typo: .pth for .pt
-    with pytest.raises(TrainSetupError, match="--init is a model directory, which already holds LIQE"):
-        checked_job(replace(job, init=f"{base}/model", liqe=f"{base}/w/LIQE.pt"))
-    assert checked_job(replace(job, init=f"{base}/model")).init == f"{base}/model"
-    assert pytest.raises(TrainSetupError, checked_job, replace(job, workers=4)).match("^--batch-pairs 6 does not split")
-
-
 def test_validation_without_a_rankable_group_is_said_not_shown_as_minus_one(tmp_path: Path, capsys) -> None:
     rows = [{"uri": f"images/g{g}/{i}.png", "score": float(i), "group": f"g{g}"} for g in range(3) for i in range(6)]
     for r in rows:
@@ -312,16 +283,6 @@ def test_validation_without_a_rankable_group_is_said_not_shown_as_minus_one(tmp_
         "mean 0.5000 median 0.2500"
 
 
-def test_a_run_resumes_only_with_its_own_recipe(tmp_path: Path) -> None:
-    (tmp_path / "l.csv").write_text("uri,score,group\na.png,1,g\n")
-    job = TrainJob(labels=str(tmp_path / "l.csv"), run_name="r", storage=str(tmp_path), lr=3e-4, seed=1)
-    claim_run(job)  # first start: recorded
-    assert json.loads((tmp_path / "r" / "recipe.json").read_text())["lr"] == 3e-4
-    claim_run(replace(job, epochs=20, workers=4, keep=5))  # more epochs, other resources: the same run
-    with pytest.raises(TrainSetupError, match=r"--seed 1 -> 2; --lr 0.0003 -> 0.001\): resume it with its own"):
-        claim_run(replace(job, lr=1e-3, seed=2))  # the optimiser state would override it; the split would move
-
-
 def test_runs_sharing_a_feature_cache_keep_each_others_images(tmp_path: Path) -> None:
     from piqa_core.faces import FaceResult
 
@@ -335,24 +296,6 @@ def test_runs_sharing_a_feature_cache_keep_each_others_images(tmp_path: Path) ->
     back.add_columns(FeatureCache.read_npz(Path(uri).read_bytes()))
     assert sorted(back.faces) == ["a.jpg", "b.jpg"] and back.faces["a.jpg"].box == (1.0, 2.0, 30.5, 40.25)
     assert back.aux["a.jpg"].tolist() == [0.5] * 3 and back.faces["b.jpg"].box is None
-
-
-def test_a_run_refuses_data_files_edited_in_place(tmp_path: Path) -> None:
-    labels, pairs = tmp_path / "labels.csv", tmp_path / "pairs.csv"
-    labels.write_text("uri,score,group\na.png,1,g\nb.png,2,g\n")
-    pairs.write_text("IMAGE,IMAGE second\na.png,b.png\n")
-    job = TrainJob(labels=str(labels), run_name="r", storage=str(tmp_path / "runs"), pairs=str(pairs))
-    claim_run(job)
-    claim_run(job)  # the same files: it resumes
-    labels.write_text("uri,score,group\na.png,2,g\nb.png,1,g\n")  # the same path, other scores
-    edited = rf"run r: --labels {re.escape(str(labels))} \(sha256 \w{{12}}… -> \w{{12}}…\) changed since the run"
-    with pytest.raises(TrainSetupError, match=edited + " started.*restore the file, or start a new run"):
-        claim_run(job)
-    recipe_file = tmp_path / "runs" / "r" / "recipe.json"
-    recipe = json.loads(recipe_file.read_text())
-    assert sorted(recipe.pop("sha256")) == ["labels", "pairs"]
-    recipe_file.write_text(json.dumps(recipe))  # as written before the digests: it resumes on its paths alone
-    claim_run(job)
 
 
 def _photos(root: Path, broken: int | None = None) -> Path:
