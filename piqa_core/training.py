@@ -290,10 +290,12 @@ def all_gather(obj: Any, world: int, group: Any) -> list[Any]:
     return out
 
 
-def epoch_pairs(groups: Sequence[Any], epoch: int, seed: int = 0, fixed: np.ndarray | None = None) -> np.ndarray:
-    """The epoch's pairs in training order: re-sampled within groups (or a fixed list), then shuffled."""
+def epoch_pairs(groups: Sequence[Any], epoch: int, seed: int = 0, fixed: np.ndarray | None = None,
+                per_image: int = 1) -> np.ndarray:
+    """The epoch's pairs in training order: re-sampled within groups, ``per_image`` partners for each
+    image (or a fixed list), then shuffled."""
     rng = np.random.default_rng([seed, epoch])  # not seed + epoch: seed 1 would replay seed 0 one epoch on
-    pairs = sample_pairs(groups, rng) if fixed is None else fixed
+    pairs = sample_pairs(groups, rng, per_image) if fixed is None else fixed
     return pairs[rng.permutation(len(pairs))]
 
 

@@ -306,6 +306,9 @@ def _s3(endpoint_url: str | None, region: str | None):
 @main.command()
 @_label_options
 @click.option("--pairs", default=None, help="Fixed pair list (IMAGE, IMAGE second), e.g. the official exp.csv.")
+@click.option("--pairs-per-image", type=click.IntRange(1), default=2, show_default=True,
+              help="Without --pairs: partners drawn within its group for each train image, every epoch "
+                   "(the official exp.csv pairs each image twice).")
 @click.option("--run-name", required=True, help="Names the run; the same name again resumes it.")
 @click.option("--storage", required=True, help="Folder or s3:// prefix for checkpoints and the exported model.")
 @click.option("--workers", type=click.IntRange(1), default=1, show_default=True)

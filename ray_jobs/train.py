@@ -55,6 +55,7 @@ class TrainJob:
     cpus_per_worker: float | None = None
     epochs: int = 10
     batch_pairs: int = 6
+    pairs_per_image: int = 2  # partners drawn per train image and epoch; the official exp.csv has two
     lr: float = 1e-5
     weight_decay: float = 1e-7
     lr_step: int = 2
@@ -140,7 +141,9 @@ def _remote_exists(name: str, uri: str, s3: S3Options) -> bool:
 # What defines a run: resuming it with other values would mix two experiments in one set of checkpoints
 # (a new split moves trained images into validation; the optimiser state would override a new --lr).
 RECIPE = ("labels", "images", "format", "train_list", "test_list", "pairs", "val_fraction", "seed", "preset",
-          *WEIGHT_SOURCES, "batch_pairs", "lr", "weight_decay", "lr_step", "lr_gamma")
+          *WEIGHT_SOURCES, "batch_pairs", "pairs_per_image", "lr", "weight_decay", "lr_step", "lr_gamma")
+# Recipe values of runs recorded before the option existed: what those runs used.
+RECIPE_BEFORE = {"pairs_per_image": 1}
 RECIPE_FILE = "recipe.json"
 # The recipe's data files: the same path with other content is another experiment too.
 RECIPE_FILES = ("labels", "train_list", "test_list", "pairs")
@@ -163,6 +166,7 @@ def claim_run(job: TrainJob) -> None:
         atomic_write_bytes(uri, json.dumps({**recipe, "sha256": digests}, indent=2).encode(), job.s3)
         return
     saved = json.loads(read_bytes(uri, job.s3))
+    saved = {**RECIPE_BEFORE, **saved}
     changed = [f"--{k.replace('_', '-')} {saved.get(k)!r} -> {v!r}" for k, v in recipe.items() if saved.get(k) != v]
     if changed:
         raise TrainSetupError(f"run {job.run_name} was started with other settings ({'; '.join(changed)}): "

@@ -162,7 +162,7 @@ def _train_epoch(model: torch.nn.Module, opt: torch.optim.Optimizer, data: dict[
     job = env["job"]
     uris, labels, groups = data["train"]
     keys = data["keys"]["train"]
-    ids, mine = shard(epoch_pairs(groups, epoch, job.seed, data["pairs"]), rank, world)
+    ids, mine = shard(epoch_pairs(groups, epoch, job.seed, data["pairs"], job.pairs_per_image), rank, world)
     b = rank_batch(job.batch_pairs, world)
 
     def prep(step: int) -> tuple[dict, np.ndarray]:

@@ -66,3 +66,16 @@ def test_a_run_refuses_data_files_edited_in_place(tmp_path: Path) -> None:
     assert sorted(recipe.pop("sha256")) == ["labels", "pairs"]
     recipe_file.write_text(json.dumps(recipe))  # as written before the digests: it resumes on its paths alone
     claim_run(job)
+
+
+def test_a_run_recorded_before_pairs_per_image_resumes_with_the_one_partner_it_used(tmp_path: Path) -> None:
+    (tmp_path / "l.csv").write_text("uri,score,group\na.png,1,g\n")
+    job = TrainJob(labels=str(tmp_path / "l.csv"), run_name="r", storage=str(tmp_path))
+    claim_run(job)
+    recipe_file = tmp_path / "r" / "recipe.json"
+    recipe = json.loads(recipe_file.read_text())
+    assert recipe.pop("pairs_per_image") == 2  # the default: as the official exp.csv
+    recipe_file.write_text(json.dumps(recipe))
+    with pytest.raises(TrainSetupError, match=r"--pairs-per-image 1 -> 2\)"):
+        claim_run(job)
+    claim_run(replace(job, pairs_per_image=1))

@@ -138,3 +138,11 @@ def test_seeds_do_not_replay_each_other_one_epoch_apart() -> None:
     groups = [g for g in range(20) for _ in range(5)]
     assert not np.array_equal(epoch_pairs(groups, 1, seed=0), epoch_pairs(groups, 0, seed=1))
     assert np.array_equal(epoch_pairs(groups, 3, seed=7), epoch_pairs(groups, 3, seed=7))  # a resumed epoch replays
+
+
+def test_each_image_gets_its_partners_within_its_group_every_epoch() -> None:
+    groups = ["a"] * 4 + ["b"] * 3 + ["c"]  # c alone: no partner
+    for per_image in (1, 2):
+        pairs = epoch_pairs(groups, 0, seed=3, per_image=per_image)
+        assert sorted(np.bincount(pairs[:, 0], minlength=8).tolist()) == [0] + [per_image] * 7
+        assert all(groups[i] == groups[j] and i != j for i, j in pairs)
