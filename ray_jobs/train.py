@@ -270,12 +270,22 @@ def export_model(checkpoint: Any, job: TrainJob) -> str:
 
     dest = join(job.run_dir, "model")
     fs, path = resolve(dest, job.s3)
-    if isinstance(fs, pafs.LocalFileSystem):
+    local = isinstance(fs, pafs.LocalFileSystem)
+    if local:
         fs.create_dir(path)
     for name in ("model.safetensors", "config.json"):  # config last: it names the weights' sha256
+        # A local copy lands under a temporary name first: a crash mid-copy leaves the previous export
+        # whole. An S3 object appears only when its upload completes.
+        target = f"{path}/.{name}.partial" if local else f"{path}/{name}"
         # copy_files: parallel ranged transfers (a plain stream read of 100+ MB from S3 crawls)
-        pafs.copy_files(f"{checkpoint.path}/{name}", f"{path}/{name}", source_filesystem=checkpoint.filesystem,
-                        destination_filesystem=fs)
+        try:
+            pafs.copy_files(f"{checkpoint.path}/{name}", target, source_filesystem=checkpoint.filesystem,
+                            destination_filesystem=fs)
+            if local:
+                os.replace(target, f"{path}/{name}")
+        finally:
+            if local and os.path.exists(target):
+                os.unlink(target)
     return dest
 
 

@@ -79,3 +79,34 @@ def test_a_run_recorded_before_pairs_per_image_resumes_with_the_one_partner_it_u
     with pytest.raises(TrainSetupError, match=r"--pairs-per-image 1 -> 2\)"):
         claim_run(job)
     claim_run(replace(job, pairs_per_image=1))
+
+
+def test_a_failed_local_export_leaves_the_previous_model_whole(tmp_path: Path, monkeypatch) -> None:
+    from types import SimpleNamespace
+
+    import pyarrow.fs as pafs
+
+    from piqa_core.checkpoints import build_bundle, load_checkpoint, save_checkpoint
+    from ray_jobs.train import export_model
+
+    job = TrainJob(labels="l.csv", run_name="r", storage=str(tmp_path / "runs"))
+    first, second = tmp_path / "epoch_0000", tmp_path / "epoch_0001"
+    old_sha = save_checkpoint(build_bundle("tiny", seed=1), first)
+    new_sha = save_checkpoint(build_bundle("tiny", seed=2), second)
+    model_dir = Path(export_model(SimpleNamespace(path=str(first), filesystem=pafs.LocalFileSystem()), job))
+    assert load_checkpoint(model_dir).sha256 == old_sha
+
+    real_copy = pafs.copy_files
+
+    def dies_mid_copy(src: str, dst: str, **kw) -> None:
+        Path(dst).write_bytes(b"half a file")  # what a killed copy leaves
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(pafs, "copy_files", dies_mid_copy)
+    with pytest.raises(OSError, match="No space left"):
+        export_model(SimpleNamespace(path=str(second), filesystem=pafs.LocalFileSystem()), job)
+    assert load_checkpoint(model_dir).sha256 == old_sha and sorted(p.name for p in model_dir.iterdir()) == [
+        "config.json", "model.safetensors"]
+    monkeypatch.setattr(pafs, "copy_files", real_copy)
+    export_model(SimpleNamespace(path=str(second), filesystem=pafs.LocalFileSystem()), job)
+    assert load_checkpoint(model_dir).sha256 == new_sha
