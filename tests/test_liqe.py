@@ -5,7 +5,6 @@ import tracemalloc
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
 from piqa_core.config import CLIP_MEAN, CLIP_STD, LiqeConfig, get_preset
 from piqa_core.liqe import (
