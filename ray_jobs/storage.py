@@ -183,7 +183,7 @@ def is_dir(uri: str, s3: S3Options | None = None) -> bool:
 
 
 def check_writable(folder_uri: str, s3: S3Options | None = None) -> None:
-    """Fail now, not after hours of scoring, where a local output folder cannot be made or written.
+    """Fail now, not after hours of scoring, where a local output folder could not be made or written.
 
     Object stores are not probed (a probe object would need a delete permission the jobs otherwise
     do not); a denied write there fails at the write.
@@ -191,13 +191,16 @@ def check_writable(folder_uri: str, s3: S3Options | None = None) -> None:
     path = local_path(folder_uri)
     if path is None:
         return
-    if os.path.exists(path) and not os.path.isdir(path):
-        raise NotADirectoryError(errno.ENOTDIR, "Not a directory", folder_uri)
-    os.makedirs(path, exist_ok=True)  # NotADirectoryError / PermissionError name the culprit
+    # Nothing is created here: the deepest folder that exists stands for the ones the job will make.
+    existing = os.path.abspath(path)
+    while not os.path.lexists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise NotADirectoryError(errno.ENOTDIR, "Not a directory", existing)
     try:
-        fd, probe = tempfile.mkstemp(dir=path, prefix=".piqa-write-check-")
+        fd, probe = tempfile.mkstemp(dir=existing, prefix=".piqa-write-check-")
     except PermissionError as e:
-        raise PermissionError(e.errno, e.strerror, folder_uri) from None
+        raise PermissionError(e.errno, e.strerror, existing) from None
     os.close(fd)
     os.unlink(probe)
 

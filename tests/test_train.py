@@ -116,7 +116,7 @@ def test_training_beats_the_untrained_model(learned: dict) -> None:
     after = learned["history"][-1]["val_srcc_mean"]
     assert learned["val_before"]["val_valid_groups"] == 12 and learned["history"][-1]["val_items"] == 60
     assert after - before >= MIN_GAP / 2, (before, after)
-    assert learned["history"][-1]["pairs"] == 120  # each train image once as the first of a pair
+    assert learned["history"][-1]["pairs"] == 240  # each train image twice as the first of a pair
 
     bundle = load_checkpoint(learned["model_dir"])  # the exported best checkpoint is a model directory
     assert bundle.model_id == "ladder" and not bundle.random_init and bundle.config.preset == "tiny"
@@ -322,7 +322,8 @@ def _epoch(tmp_path: Path, model: torch.nn.Module, broken: int | None = None) ->
     env = dict(job=job, cfg=get_preset("tiny"), detector=None, liqe=None, cache=FeatureCache("fp"),
                device=torch.device("cpu"), marker=str(tmp_path / "marker"))
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
-    return _train_epoch(model, opt, data, 0, 0, 1, False, **env), epoch_pairs(data["train"][2], 0, job.seed)
+    pairs = epoch_pairs(data["train"][2], 0, job.seed, per_image=job.pairs_per_image)
+    return _train_epoch(model, opt, data, 0, 0, 1, False, **env), pairs
 
 
 def test_training_images_that_fail_to_load_are_counted(tmp_path: Path) -> None:
@@ -330,7 +331,7 @@ def test_training_images_that_fail_to_load_are_counted(tmp_path: Path) -> None:
     metrics, failed = train_metrics([mine], seconds=1.0)
     hit = int((pairs == 2).any(axis=1).sum())  # every pair with the truncated image
     assert hit >= 1 and metrics["train_failed_images"] == 1 and metrics["train_dropped_pairs"] == hit
-    assert metrics["pairs"] == len(pairs) - hit == 5 - hit
+    assert metrics["pairs"] == len(pairs) - hit == 2 * 5 - hit
     assert len(failed) == 1 and failed[0].startswith(f"{tmp_path / '2.jpg'}: truncated: ")
 
 
