@@ -46,6 +46,7 @@ WORKDIR /home/ray/app
 #    [project].dependencies, read from pyproject.toml itself so they cannot drift.
 #    Optionally take torch/torchvision from a PyTorch index first (e.g. a CUDA build that matches
 #    an older node driver):  --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cu126
+#    (that branch repeats the torch pins; tests/test_dockerfile.py keeps them equal to pyproject's).
 ARG TORCH_INDEX_URL=""
 COPY --chown=1000:100 pyproject.toml ./
 RUN if [ -n "${TORCH_INDEX_URL}" ]; then \
