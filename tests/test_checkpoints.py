@@ -2,6 +2,7 @@ import io
 import os
 import re
 import zipfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,8 +16,8 @@ from piqa_core.checkpoints import (
     save_checkpoint,
     torch_load,
 )
-from piqa_core.config import get_preset
-from piqa_core.model import DualBranchPIQA
+from piqa_core.config import ModelConfig, get_preset
+from piqa_core.model import DualBranchPIQA, build_backbone
 from piqa_core.official import backbone_from_official, import_official, official_to_ours
 
 
@@ -86,6 +87,24 @@ def test_official_layout_round_trip_is_exact(preset, tmp_path):
     x = _inputs(cfg.preprocess.crop)
     with torch.inference_mode():
         assert torch.equal(source(*x), target(*x))
+
+
+TIMM067 = Path(__file__).parent / "fixtures" / "timm067_piq_model.pt"
+
+
+def test_official_file_saved_by_timm067_scores_identically():
+    """A miniature PIQ_model saved by timm 0.6.7 itself (tests/fixtures/make_timm067_piq_model.py):
+    the remap meets the real old layout, not our inverse of it, and reproduces its scores."""
+    fx = torch.load(TIMM067, weights_only=True)
+    assert any(k.endswith("layers.0.downsample.reduction.weight") for k in fx["state_dict"])
+    cfg = ModelConfig(backbone_kwargs=fx["swin_kwargs"])
+    model = DualBranchPIQA(cfg).eval()
+    load_strict(model, official_to_ours(fx["state_dict"], model), "PIQ_model (timm 0.6.7)")
+    whole = build_backbone(cfg).eval()
+    load_strict(whole, backbone_from_official(fx["state_dict"], whole), "Swin (timm 0.6.7)")
+    with torch.inference_mode():
+        torch.testing.assert_close(model(fx["x"], fx["x_face"], fx["aux"]), fx["out"], rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(whole(fx["x"]), fx["whole_features"], rtol=1e-6, atol=1e-6)
 
 
 def test_official_import_rejects_foreign_keys():
