@@ -174,11 +174,14 @@ def _inputs(cols: dict[str, np.ndarray], cfg: PIQAConfig, device: torch.device) 
 
 
 def pair_loss(model: torch.nn.Module, cols: dict[str, np.ndarray], labels: np.ndarray, cfg: PIQAConfig,
-              device: torch.device, bf16: bool = False) -> tuple[torch.Tensor, int]:
+              device: torch.device, bf16: bool = False, world: int = 1) -> tuple[torch.Tensor, float, int]:
     """Fidelity loss of prepared pairs: rows [0, n) are the first images, [n, 2n) their partners.
 
+    Returns the loss to back-propagate, the sum of this rank's valid pair losses and their count.
     ``model`` is called (not ``score_crops``) so a DDP wrapper sees the forward. Pairs with an image
     that failed to load keep their (zero) rows, so every rank runs the same forward, but weigh 0.
+    With ``world`` > 1 ranks, the loss is scaled by the valid pairs of all ranks: DDP averages the
+    ranks' gradients, and the step is then the mean over the step's valid pairs however they fall.
     """
     n = len(labels) // 2
     whole, face, aux = _inputs(cols, cfg, device)
@@ -187,7 +190,14 @@ def pair_loss(model: torch.nn.Module, cols: dict[str, np.ndarray], labels: np.nd
     per_pair = fidelity_loss(scores[:n], scores[n:], labels[:n], labels[n:], reduction="none")
     ok = cols["status"] == "ok"
     valid = torch.from_numpy((ok[:n] & ok[n:]).astype(np.float32)).to(device)
-    return (per_pair * valid).sum() / valid.sum().clamp(min=1.0), int(valid.sum().item())
+    total, count = (per_pair * valid).sum(), valid.sum()
+    everywhere = count.clone()
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.all_reduce(everywhere)
+    loss = total * world / everywhere.clamp(min=1.0)
+    return loss, float(total.detach()), int(count.item())
 
 
 @torch.inference_mode()

@@ -176,12 +176,12 @@ def _train_epoch(model: torch.nn.Module, opt: torch.optim.Optimizer, data: dict[
         failed, dropped = batch_failures(cols, idx, uris)
         out["failed"].update(failed)
         out["dropped_pairs"] += dropped
-        loss, n = pair_loss(model, cols, labels[idx], env["cfg"], env["device"], bf16)
-        value = check_loss(float(loss.item()), epoch, step)  # before the step: nan would reach every weight
+        loss, total, n = pair_loss(model, cols, labels[idx], env["cfg"], env["device"], bf16, world)
+        check_loss(total, epoch, step)  # before the step: nan would reach every weight
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        out["loss_sum"], out["pairs"] = out["loss_sum"] + value * n, out["pairs"] + n
+        out["loss_sum"], out["pairs"] = out["loss_sum"] + total, out["pairs"] + n
         _maybe_fail(job, epoch, rank, env["marker"])
     return out
 

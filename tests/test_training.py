@@ -146,3 +146,65 @@ def test_each_image_gets_its_partners_within_its_group_every_epoch() -> None:
         pairs = epoch_pairs(groups, 0, seed=3, per_image=per_image)
         assert sorted(np.bincount(pairs[:, 0], minlength=8).tolist()) == [0] + [per_image] * 7
         assert all(groups[i] == groups[j] and i != j for i, j in pairs)
+
+
+class _MeanScore(torch.nn.Module):
+    """score = a·mean(whole) + b·mean(face): cheap, and each pair moves the gradient differently."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.tensor([0.7, -0.3]))
+
+    def forward(self, whole: torch.Tensor, face: torch.Tensor, aux: torch.Tensor) -> torch.Tensor:
+        return self.w[0] * whole.mean((1, 2, 3)) + self.w[1] * face.mean((1, 2, 3))
+
+
+def _pair_batch(seed: int, failed: tuple[int, ...] = ()) -> tuple[dict, np.ndarray]:
+    """Two pairs (rows 0-1 first images, 2-3 partners); ``failed`` rows did not load."""
+    rng = np.random.default_rng(seed)
+    status = np.array(["ok"] * 4, dtype=object)
+    status[list(failed)] = "error"
+    cols = {"whole": rng.integers(0, 256, (4, 1, 4, 4, 3), dtype=np.uint8),
+            "face": rng.integers(0, 256, (4, 1, 4, 4, 3), dtype=np.uint8),
+            "aux": rng.normal(size=(4, 495)).astype(np.float32), "status": status}
+    return cols, rng.normal(size=4).astype(np.float32)
+
+
+_RANK_BATCHES = [(0, ()), (1, (3,))]  # rank 1's second pair lost its partner image
+
+
+def _ddp_step(rank: int, world: int, init: str, out: str) -> None:
+    import torch.distributed as dist
+
+    from piqa_core.training import pair_loss
+
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    try:
+        model = torch.nn.parallel.DistributedDataParallel(_MeanScore())
+        cols, labels = _pair_batch(*_RANK_BATCHES[rank])
+        loss, total, n = pair_loss(model, cols, labels, get_preset("tiny"), torch.device("cpu"), world=world)
+        loss.backward()
+        if rank == 0:
+            torch.save(model.module.w.grad, out)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_pair_loss_over_ranks_is_the_mean_over_all_valid_pairs(tmp_path) -> None:
+    """Ranks that lost different numbers of pairs: the DDP step equals one step on all valid pairs."""
+    from piqa_core.training import pair_loss
+
+    batches = [_pair_batch(*b) for b in _RANK_BATCHES]
+    first = lambda k: np.concatenate([b[0][k][:2] for b in batches])  # noqa: E731
+    second = lambda k: np.concatenate([b[0][k][2:] for b in batches])  # noqa: E731
+    joined = {k: np.concatenate([first(k), second(k)]) for k in batches[0][0]}
+    labels = np.concatenate([np.concatenate([b[1][:2] for b in batches]),
+                             np.concatenate([b[1][2:] for b in batches])])
+    model = _MeanScore()
+    loss, total, n = pair_loss(model, joined, labels, get_preset("tiny"), torch.device("cpu"))
+    assert n == 3 and loss.item() == pytest.approx(total / 3)
+    loss.backward()
+
+    torch.multiprocessing.spawn(_ddp_step, args=(2, f"file://{tmp_path / 'pg'}", str(tmp_path / "grad.pt")),
+                                nprocs=2)
+    torch.testing.assert_close(torch.load(tmp_path / "grad.pt"), model.w.grad)
