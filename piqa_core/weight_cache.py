@@ -15,9 +15,10 @@ from typing import Callable, Iterator
 
 import torch
 
-from .checkpoints import CONFIG_FILE, WEIGHTS_FILE, CheckpointError
+from .checkpoints import CONFIG_FILE, WEIGHTS_FILE, CheckpointError, parse_meta
 
 Fetcher = Callable[[str, Path], None]
+Reader = Callable[[str], bytes]
 
 
 def _fsspec_fetch(uri: str, dest: Path) -> None:
@@ -27,16 +28,26 @@ def _fsspec_fetch(uri: str, dest: Path) -> None:
     fs.get(path.rstrip("/") + "/", str(dest), recursive=True)
 
 
+def _fsspec_read(uri: str) -> bytes:
+    import fsspec
+
+    with fsspec.open(uri, "rb") as f:
+        return f.read()
+
+
 def resolve_weights(uri: str | os.PathLike, cache_dir: str | os.PathLike | None = None,
-                    fetch: Fetcher | None = None, sha256: str | None = None) -> Path:
+                    fetch: Fetcher | None = None, sha256: str | None = None, read: Reader | None = None) -> Path:
     """A local model directory for a path or remote URI (copied once into a cache keyed by the URI).
 
-    ``sha256``: the weights expected there. A cached copy of other weights (the URI was written
-    again, as a training run's ``model/`` is) is fetched anew instead of served.
+    ``sha256``: the weights expected there; without it the source's config.json is read (``read``,
+    fsspec by default) for them. A cached copy of other weights (the URI was written again, as a
+    training run's ``model/`` is) is fetched anew instead of served.
     """
     text = os.fspath(uri)
     if not re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*://", text) or text.startswith("file://"):
         return Path(text.removeprefix("file://")).expanduser()
+    if sha256 is None:
+        sha256 = source_sha256(text, read or _fsspec_read)
     cache = Path(cache_dir or Path(torch.hub.get_dir()).parent / "piqa").expanduser()
     dest = cache / hashlib.sha256(text.encode()).hexdigest()[:16]
     if _cached(dest, sha256):
@@ -65,6 +76,16 @@ def resolve_weights(uri: str | os.PathLike, cache_dir: str | os.PathLike | None 
         finally:
             shutil.rmtree(tmp, ignore_errors=True)  # a failed or surplus copy is not left behind
     return dest
+
+
+def source_sha256(uri: str, read: Reader) -> str:
+    """The weights' sha256 a remote model directory's config.json names now."""
+    where = f"{uri.rstrip('/')}/{CONFIG_FILE}"
+    try:
+        text = read(where)
+    except FileNotFoundError:
+        raise CheckpointError(f"{uri} holds no {CONFIG_FILE}: is it a model directory?") from None
+    return parse_meta(text, where)["sha256"]
 
 
 def _cached(dest: Path, sha256: str | None) -> bool:

@@ -45,13 +45,18 @@ def _fetcher(s3: S3Options):
     return copy
 
 
+def weights_dir(uri: str, s3: S3Options, sha256: str | None = None) -> Path:
+    """A local copy of a model directory, a remote one read with our storage layer (custom endpoints)."""
+    return resolve_weights(uri, fetch=_fetcher(s3), sha256=sha256, read=lambda where: read_bytes(where, s3))
+
+
 def load_bundle(model: ModelOptions, s3: S3Options, parts: tuple[str, ...] = PARTS,
                 sha256: str | None = None) -> Bundle:
     """The model's networks (``parts``); ``sha256``: the weights the job's identity names (a node's
     cached copy of other weights is fetched again)."""
     if model.random_weights:
         return build_bundle(model.preset, parts=parts)
-    return load_checkpoint(resolve_weights(model.weights, fetch=_fetcher(s3), sha256=sha256), parts=parts)
+    return load_checkpoint(weights_dir(model.weights, s3, sha256), parts=parts)
 
 
 def model_identity(model: ModelOptions, s3: S3Options) -> dict[str, Any]:
@@ -72,7 +77,8 @@ def model_identity(model: ModelOptions, s3: S3Options) -> dict[str, Any]:
             raise CheckpointError(f"{model.weights} is not a model directory (no {CONFIG_FILE})") from None
         from piqa_core.config import PIQAConfig
 
-        cfg, model_id = PIQAConfig.from_dict(meta["config"]), meta.get("model_id", posixpath.basename(source.rstrip("/")))
+        cfg = PIQAConfig.from_dict(meta["config"])
+        model_id = meta.get("model_id", posixpath.basename(source.rstrip("/")))
         sha, random_init, random_parts = meta["sha256"], bool(meta.get("random_init")), meta.get("random_parts", [])
     return {"model_id": model_id, "sha256": sha, "preset": cfg.preset, "random_init": random_init,
             "random_parts": list(random_parts),

@@ -139,7 +139,7 @@ def _score_local(inputs, out, manifest, s3, max_bytes, model: ModelOptions) -> N
 
     from piqa_core.scorer import Scorer
 
-    from .actors import _fetcher
+    from .actors import weights_dir
     from .inprocess import score_objects
     from .listing import list_inputs
     from .storage import atomic_write_bytes, check_writable, is_dir, parent_uri
@@ -149,9 +149,9 @@ def _score_local(inputs, out, manifest, s3, max_bytes, model: ModelOptions) -> N
         raise click.UsageError(f"--engine local writes one Parquet file: --out must be a *.parquet file, got {out}")
     check_writable(parent_uri(out), s3)
     objects = list_inputs(inputs, s3, manifest=manifest)
-    scorer = Scorer.from_pretrained(model.source, random_weights=model.random_weights, device=model.device,
-                                    precision=model.precision, crop_mode=model.crop_mode, compile=model.compile,
-                                    batch_size=model.batch_size, fetch=_fetcher(s3))
+    scorer = Scorer.from_pretrained(model.source if model.random_weights else weights_dir(model.source, s3),
+                                    random_weights=model.random_weights, device=model.device, precision=model.precision,
+                                    crop_mode=model.crop_mode, compile=model.compile, batch_size=model.batch_size)
     t0 = time.perf_counter()
     with tqdm(total=len(objects), unit="img", file=sys.stderr) as bar:
         table = score_objects(objects, scorer, model.batch_size, s3, max_bytes, progress=bar.update)

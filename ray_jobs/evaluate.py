@@ -18,7 +18,7 @@ import ray
 from piqa_core.metrics import EvalReport, evaluate
 from piqa_core.scorer import Scorer
 
-from .actors import _fetcher
+from .actors import weights_dir
 from .inprocess import score_objects
 from .labels import LabelTable
 from .listing import stat_objects
@@ -92,9 +92,8 @@ def evaluate_remote(model_dir: str, frame: pd.DataFrame, s3: S3Options, out: str
                     sha256: str | None = None) -> dict:
     """Evaluate a (remote) model directory, ``sha256`` its expected weights, on a label frame; writes ``out``."""
     from piqa_core.checkpoints import load_checkpoint
-    from piqa_core.weight_cache import resolve_weights
 
-    scorer = Scorer(load_checkpoint(resolve_weights(model_dir, fetch=_fetcher(s3), sha256=sha256)))
+    scorer = Scorer(load_checkpoint(weights_dir(model_dir, s3, sha256)))
     result = evaluate_table(scorer, LabelTable(frame), "test", s3, batch_size)
     write_eval(result, out, s3)
     return result.to_dict()

@@ -24,9 +24,8 @@ from piqa_core.training import (FeatureCache, all_gather, batch_failures, check_
                                 fingerprint, format_val_srcc, init_bundle, make_optimizer, object_group, pair_loss,
                                 predict, prefetch, prepare_items, rank_batch, seed_torch, shard, train_metrics,
                                 val_metrics)
-from piqa_core.weight_cache import resolve_weights
 
-from .actors import _fetcher
+from .actors import weights_dir
 from .reader import DEFAULT_MAX_BYTES, fetch_all
 from .storage import ObjectInfo, S3Options, atomic_write_bytes, exists, join, read_bytes
 
@@ -125,7 +124,7 @@ def _source(uri: str | None, s3: S3Options) -> str | bytes | None:
         return uri.removeprefix("file://") if uri else None
     if uri.rstrip("/").lower().endswith((".pth", ".pt", ".zip", ".bin", ".pkl")):
         return read_bytes(uri, s3)
-    return str(resolve_weights(uri, fetch=_fetcher(s3)))
+    return str(weights_dir(uri, s3))
 
 
 def _maybe_fail(job: TrainJob, epoch: int, rank: int, marker: str) -> None:

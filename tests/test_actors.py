@@ -66,9 +66,10 @@ def test_a_node_holding_an_older_copy_of_the_weights_loads_the_ones_the_job_name
     new = publish(2)  # the same URI written again, days later
     identity = model_identity(model, s3_server.options)
     assert identity["sha256"] == new  # read from the source, not from the node's cache
-    assert load_bundle(model, s3_server.options).sha256 == old  # what every actor here loaded before
     actor = ScoreActor(model, s3_server.options, identity)  # used to stop: "changed while the job ran"
     assert actor.predictor is not None and load_bundle(model, s3_server.options, sha256=new).sha256 == new
+    publish(4)  # without a sha256 (local engine, eval, start weights) the source's config.json decides
+    assert load_bundle(model, s3_server.options).sha256 == load_checkpoint(tmp_path / "m4").sha256
     publish(3)  # written again while the job runs: refused, not mixed into the run
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "node2" / "hub"))  # a node yet to fetch
     with pytest.raises(CheckpointError, match="other weights than the sha256"):

@@ -34,8 +34,7 @@ from skimage import data as skdata
 from piqa_core.checkpoints import build_bundle, load_checkpoint, save_checkpoint
 from piqa_core.config import get_preset
 from piqa_core.training import FeatureCache, epoch_pairs, format_val_srcc, init_bundle, train_metrics
-from piqa_core.weight_cache import resolve_weights
-from ray_jobs.actors import _fetcher
+from ray_jobs.actors import weights_dir
 from ray_jobs.cli import main
 from ray_jobs.listing import list_images
 from ray_jobs.storage import S3Options, read_bytes
@@ -193,7 +192,7 @@ def test_s3_checkpoints_and_rerunning_the_same_command_resumes(ray_local, s3_ser
     assert [h["epoch"] for h in history] == [0, 1] and history[1]["session_start_epoch"] == 1
     assert history[0]["features_loaded"] == 0 and history[1]["features_loaded"] == 20  # cache read back
     assert summary["val_before"] is not None  # from the first attempt, carried in the checkpoint
-    model = load_checkpoint(resolve_weights(f"{storage}/s3run/model", fetch=_fetcher(opts)))
+    model = load_checkpoint(weights_dir(f"{storage}/s3run/model", opts))
     assert model.model_id == "s3run" and model.meta["train"]["epochs_completed"] in (1, 2)
 
 

@@ -4,29 +4,52 @@ from piqa_core.checkpoints import CheckpointError, build_bundle, load_checkpoint
 from piqa_core.weight_cache import resolve_weights
 
 
-def test_resolve_weights_local_and_remote(tmp_path):
-    assert resolve_weights(str(tmp_path)) == tmp_path
-    assert resolve_weights(f"file://{tmp_path}") == tmp_path
-    save_checkpoint(build_bundle("tiny"), tmp_path / "src")
-    calls = []
+def _source(tmp_path):
+    """A fake remote model directory at ``tmp_path/src``: its fetcher, reader and the fetch log."""
+    calls, reads = [], []
 
     def fetch(uri, dest):
         calls.append(uri)
         for f in (tmp_path / "src").iterdir():
             (dest / f.name).write_bytes(f.read_bytes())
 
-    local = resolve_weights("s3://bucket/model", cache_dir=tmp_path / "cache", fetch=fetch)
-    again = resolve_weights("s3://bucket/model", cache_dir=tmp_path / "cache", fetch=fetch)
-    assert local == again and calls == ["s3://bucket/model"]
+    def read(uri):
+        reads.append(uri)
+        return (tmp_path / "src" / uri.rsplit("/", 1)[1]).read_bytes()
+
+    return fetch, read, calls, reads
+
+
+def test_resolve_weights_local_and_remote(tmp_path):
+    assert resolve_weights(str(tmp_path)) == tmp_path
+    assert resolve_weights(f"file://{tmp_path}") == tmp_path
+    save_checkpoint(build_bundle("tiny"), tmp_path / "src")
+    fetch, read, calls, reads = _source(tmp_path)
+    def get(**kw):
+        return resolve_weights("s3://bucket/model/", cache_dir=tmp_path / "cache", fetch=fetch, **kw)
+
+    local, again = get(read=read), get(read=read)
+    assert local == again and calls == ["s3://bucket/model/"] and reads == ["s3://bucket/model/config.json"] * 2
     assert load_checkpoint(local).sha256 == load_checkpoint(tmp_path / "src").sha256
 
-    # the URI written again (a training run re-exports its model/): the expected sha256 refetches
+    # the URI written again (a training run re-exports its model/): the source's config.json refetches
     new_sha = save_checkpoint(build_bundle("tiny", seed=9), tmp_path / "src")
-    assert resolve_weights("s3://bucket/model", cache_dir=tmp_path / "cache", fetch=fetch) == local
-    assert load_checkpoint(local).sha256 != new_sha and len(calls) == 1  # without it: the cached copy
-    fresh = resolve_weights("s3://bucket/model", cache_dir=tmp_path / "cache", fetch=fetch, sha256=new_sha)
+    fresh = get(read=read)
     assert fresh == local and load_checkpoint(fresh).sha256 == new_sha and len(calls) == 2
+    # a caller that knows the sha256 reads nothing more
+    assert get(sha256=new_sha) == local and len(reads) == 3 and len(calls) == 2
     assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == sorted([local.name, f"{local.name}.lock"])
+
+
+def test_remote_source_without_a_model_config_is_refused(tmp_path):
+    (tmp_path / "src").mkdir()
+    fetch, read, calls, _ = _source(tmp_path)
+    with pytest.raises(CheckpointError, match="holds no config.json: is it a model directory"):
+        resolve_weights("s3://b/m", cache_dir=tmp_path / "cache", fetch=fetch, read=read)
+    (tmp_path / "src" / "config.json").write_text('{"architectures": ["BertModel"]}')  # someone else's
+    with pytest.raises(CheckpointError, match="unknown format"):
+        resolve_weights("s3://b/m", cache_dir=tmp_path / "cache", fetch=fetch, read=read)
+    assert calls == []
 
 
 def test_concurrent_resolves_download_once_and_leave_no_partial_copies(tmp_path):
@@ -34,7 +57,7 @@ def test_concurrent_resolves_download_once_and_leave_no_partial_copies(tmp_path)
     import time
     from concurrent.futures import ThreadPoolExecutor
 
-    save_checkpoint(build_bundle("tiny"), tmp_path / "src")
+    sha = save_checkpoint(build_bundle("tiny"), tmp_path / "src")
     calls, lock = [], threading.Lock()
 
     def fetch(uri, dest):
@@ -46,7 +69,8 @@ def test_concurrent_resolves_download_once_and_leave_no_partial_copies(tmp_path)
 
     cache = tmp_path / "cache"
     with ThreadPoolExecutor(4) as pool:
-        got = list(pool.map(lambda _: resolve_weights("s3://b/m", cache_dir=cache, fetch=fetch), range(4)))
+        got = list(pool.map(lambda _: resolve_weights("s3://b/m", cache_dir=cache, fetch=fetch, sha256=sha),
+                            range(4)))
     assert len(set(got)) == 1 and calls == ["s3://b/m"]
     assert sorted(p.name for p in cache.iterdir()) == sorted([got[0].name, f"{got[0].name}.lock"])
 
@@ -55,8 +79,8 @@ def test_concurrent_resolves_download_once_and_leave_no_partial_copies(tmp_path)
         raise OSError("connection reset")
 
     with pytest.raises(OSError, match="connection reset"):
-        resolve_weights("s3://b/other", cache_dir=cache, fetch=broken)
+        resolve_weights("s3://b/other", cache_dir=cache, fetch=broken, sha256=sha)
     assert not [p for p in cache.iterdir() if ".partial-" in p.name]
     with pytest.raises(CheckpointError, match="holds no model.safetensors"):
-        resolve_weights("s3://b/empty", cache_dir=cache, fetch=lambda uri, dest: None)
+        resolve_weights("s3://b/empty", cache_dir=cache, fetch=lambda uri, dest: None, sha256=sha)
     assert not [p for p in cache.iterdir() if ".partial-" in p.name]
