@@ -22,7 +22,6 @@ values (astronaut/coffee photo) to 0.40 % (uniform noise), 11.5 % with a float b
 
 from __future__ import annotations
 
-import io
 import threading
 import warnings
 from typing import Sequence
@@ -30,12 +29,12 @@ from typing import Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from torchvision.io import ImageReadMode, decode_jpeg
 
 from .config import PIQAConfig
 from .faces import FaceDetector, FaceResult, face_crop_box, per_canvas
 from .liqe import patch_positions
+from .image_formats import open_image
 from .preprocess import ImageError, _check_header, crop_positions, load_image
 from .stages import ImageInput, _describe, empty_columns
 
@@ -69,9 +68,7 @@ def _sof_marker(data: bytes) -> int | None:
 def nvjpeg_candidate(data: bytes, cfg: PIQAConfig) -> bool:
     """Header-only: may ``data`` go to nvJPEG? False sends it to the PIL path, which owns every error code."""
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
+        img = open_image(data)
         _check_header(img.size, img.mode, cfg.preprocess, img.format)  # bombs never reach a decoder
         if img.format != "JPEG" or img.mode not in ("RGB", "L"):
             return False

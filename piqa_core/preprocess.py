@@ -8,7 +8,6 @@ official DN-PIQA path: ``PIL -> convert('RGB') -> Resize(448) -> FiveCrop/Random
 from __future__ import annotations
 
 import functools
-import io
 import os
 import struct
 import warnings
@@ -24,6 +23,7 @@ from torchvision.transforms import InterpolationMode
 
 from piqa_core.config import PreprocessConfig
 from piqa_core.errors import ERROR_CODES, ImageError  # noqa: F401  (re-exported)
+from piqa_core.image_formats import DECODABLE_FORMATS, open_image
 
 
 # Modes whose official `img.convert('RGB')` is faithful (alpha is dropped, as officially).
@@ -93,16 +93,13 @@ def decode_image(data: bytes, cfg: PreprocessConfig) -> Image.Image:
         if len(data) == 0:
             raise ImageError("empty_file", "the file is empty (0 bytes)")
         try:
-            # Our own max_pixels check (below) is authoritative; PIL's warning threshold
-            # (~89 MP) is lower than the default max_pixels, so silence it here.
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-                img = Image.open(io.BytesIO(data))
+            img = open_image(data)
         except Image.DecompressionBombError as e:
             # PIL refuses above 2 * Image.MAX_IMAGE_PIXELS (~179 MP) before we see the header.
             raise ImageError("decompression_bomb", str(e)) from e
         except UnidentifiedImageError as e:
-            raise ImageError("not_an_image", "not a recognised image format") from e
+            supported = ", ".join(DECODABLE_FORMATS)
+            raise ImageError("not_an_image", f"not an image in a supported format ({supported})") from e
         except (OSError, SyntaxError, ValueError, EOFError, struct.error) as e:
             raise ImageError("not_an_image", f"unreadable image header: {e}") from e
         # No `with img:` — closing would free the pixels we return; the source is a BytesIO.

@@ -22,7 +22,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pyarrow as pa  # noqa: E402
 import pyarrow.compute as pc  # noqa: E402
-from PIL import Image  # noqa: E402
+
+from piqa_core.image_formats import open_image  # noqa: E402
 
 from .schema import now_utc  # noqa: E402
 from .storage import S3Options, join, read_bytes, write_bytes  # noqa: E402
@@ -188,7 +189,7 @@ def plot_counts(counts: dict[str, int], error_codes: dict[str, int]) -> bytes:
 def thumbnail(uri: str, s3: S3Options, size: int = 160) -> bytes | None:
     """A small JPEG of the photo, or None when it cannot be read (the table still lists it)."""
     try:
-        with Image.open(io.BytesIO(read_bytes(uri, s3))) as img:
+        with open_image(read_bytes(uri, s3)) as img:  # the input formats only: EPS would start Ghostscript
             img = img.convert("RGB")
             img.thumbnail((size, size))
             buf = io.BytesIO()

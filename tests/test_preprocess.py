@@ -10,11 +10,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image, ImageFile
+from PIL import EpsImagePlugin, Image, ImageFile
 from torchvision import transforms as T
 
 from piqa_core.config import IMAGENET_MEAN, IMAGENET_STD, PreprocessConfig
 from piqa_core.preprocess import (
+    DECODABLE_FORMATS,
     ERROR_CODES,
     ImageError,
     crop_positions,
@@ -182,6 +183,52 @@ def test_truncated_images_are_not_loaded_globally(corpus) -> None:
     with pytest.raises(ImageError):
         _decode(corpus, "truncated.jpg")
     assert not ImageFile.LOAD_TRUNCATED_IMAGES
+
+
+EPS = (b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 300 300\n"
+       b"newpath 0 0 moveto 300 300 lineto stroke\nshowpage\n%%EOF\n")
+
+
+def test_eps_named_jpg_is_not_an_image_and_never_starts_ghostscript(tmp_path: Path, monkeypatch) -> None:
+    assert Image.open(io.BytesIO(EPS)).format == "EPS"  # what an unrestricted open identifies
+
+    def no_ghostscript(*args, **kwargs):
+        raise AssertionError("Ghostscript was started")
+
+    monkeypatch.setattr(EpsImagePlugin, "Ghostscript", no_ghostscript)
+    path = tmp_path / "photo.jpg"
+    path.write_bytes(EPS)
+    with pytest.raises(ImageError) as ei:
+        load_image(path, CFG)
+    assert ei.value.code == "not_an_image" and "supported format (JPEG, MPO" in ei.value.message
+
+
+@pytest.mark.parametrize("fmt", ["PCX", "TGA", "ICO"])
+def test_unlisted_pillow_formats_are_not_images(fmt: str) -> None:
+    buf = io.BytesIO()
+    astronaut(256, 256).save(buf, fmt)
+    assert Image.open(io.BytesIO(buf.getvalue())).format == fmt
+    with pytest.raises(ImageError) as ei:
+        decode_image(buf.getvalue(), CFG)
+    assert ei.value.code == "not_an_image"
+
+
+def test_mpo_decodes_its_first_frame() -> None:
+    buf, first = io.BytesIO(), astronaut(320, 256)
+    first.save(buf, "MPO", save_all=True, append_images=[Image.new("RGB", first.size, (0, 255, 0))])
+    assert Image.open(io.BytesIO(buf.getvalue())).format == "MPO"
+    want = np.asarray(decode_image(astronaut_jpeg_bytes(75, 320, 256), CFG)).astype(np.int16)
+    got = np.asarray(decode_image(buf.getvalue(), CFG)).astype(np.int16)
+    assert got.shape == want.shape and np.abs(got - want).mean() < 1.0
+
+
+def test_every_decodable_format_has_a_pillow_opener() -> None:
+    Image.init()
+    assert {"JPEG", "MPO", "PNG", "WEBP", "BMP", "TIFF", "GIF"} <= set(DECODABLE_FORMATS)
+    assert set(DECODABLE_FORMATS) - {"MPO"} <= set(Image.OPEN)
+    buf = io.BytesIO()
+    astronaut(256, 256).save(buf, "BMP")
+    assert decode_image(buf.getvalue(), CFG).size == (256, 256)
 
 
 def test_unexpected_failure_is_internal(monkeypatch) -> None:

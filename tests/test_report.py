@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import subprocess
 import tempfile
@@ -206,3 +207,19 @@ def test_report_renders_in_headless_chromium(synthetic: dict, chromium: str) -> 
     rgb = pixels.astype(int)
     blue = ((rgb[..., 2] - rgb[..., 0] > 60) & (rgb[..., 2] > 150)).sum()
     assert blue > 5000, blue
+
+
+def test_thumbnails_open_input_formats_only(tmp_path: Path, monkeypatch) -> None:
+    """A file replaced by PostScript after scoring never reaches Ghostscript through the report."""
+    from PIL import EpsImagePlugin
+
+    from ray_jobs.report import thumbnail
+    from tests.test_preprocess import EPS
+
+    started = []
+    monkeypatch.setattr(EpsImagePlugin, "Ghostscript", lambda *a, **k: started.append(a))
+    (tmp_path / "a.jpg").write_bytes(EPS)
+    (tmp_path / "b.jpg").write_bytes(astronaut_jpeg_bytes())
+    assert thumbnail(str(tmp_path / "a.jpg"), S3Options()) is None and started == []
+    with Image.open(io.BytesIO(thumbnail(str(tmp_path / "b.jpg"), S3Options()))) as thumb:
+        assert max(thumb.size) == 160

@@ -1,0 +1,28 @@
+"""Which encoded formats are inputs, and the one way their bytes are opened.
+
+Torch-free on purpose: the audit report opens photos for thumbnails without paying for torch.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+
+from PIL import Image
+
+# Pillow format names (``Image.format``) of the inputs we decode (PPM: also PGM/PBM, 16-bit PGM
+# included). Nothing else is even identified: EPS would start Ghostscript on load, and every other
+# plugin is a parser of untrusted bytes for a format we never list.
+DECODABLE_FORMATS: tuple[str, ...] = ("JPEG", "MPO", "PNG", "GIF", "WEBP", "TIFF", "BMP", "PPM")
+# MPO has no opener of its own: Pillow's JPEG opener returns it.
+_OPEN_FORMATS = tuple(f for f in DECODABLE_FORMATS if f != "MPO")
+
+
+def open_image(data: bytes) -> Image.Image:
+    """Lazy PIL image (header parsed, no pixels) of encoded bytes in one of :data:`DECODABLE_FORMATS`;
+    PIL's exceptions pass through (UnidentifiedImageError for any other content)."""
+    # Our own max_pixels check is authoritative; PIL's warning threshold (~89 MP) is lower than
+    # the default max_pixels, so silence it here.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        return Image.open(io.BytesIO(data), formats=_OPEN_FORMATS)
