@@ -6,6 +6,7 @@ cost seconds of CPU per worker.
 
 from __future__ import annotations
 
+import errno
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Sequence
@@ -15,7 +16,7 @@ import numpy as np
 from piqa_core.errors import ImageError
 
 from .listing import NAME_NOT_UTF8
-from .storage import ObjectInfo, ObjectTooLarge, S3Options, read_bytes
+from .storage import ObjectInfo, ObjectTooLarge, S3Options, is_dir, read_bytes
 
 DEFAULT_MAX_BYTES = 256 * 1024 * 1024
 # Object-store GETs are latency-bound (tens of ms before the first byte on S3): read one at a time,
@@ -38,6 +39,8 @@ def fetch(info: ObjectInfo, s3: S3Options | None, max_bytes: int) -> bytes | Ima
         return ImageError("not_found", f"{info.uri} {when}")
     except ObjectTooLarge as e:
         return ImageError("too_large", str(e))
+    except IsADirectoryError:
+        return ImageError("read_failed", f"{info.uri} is a directory, not a file")
     except _FINAL as e:
         return ImageError("read_failed", f"{type(e).__name__}: {e}")
     except OSError as e:
@@ -51,15 +54,24 @@ _FINAL = (FileNotFoundError, PermissionError, IsADirectoryError, ValueError, Imp
 
 def _read(info: ObjectInfo, s3: S3Options | None, max_bytes: int) -> bytes:
     """``read_bytes``, tried again after each of :data:`RETRY_PAUSES_S` while it fails with an OSError
-    that may pass."""
-    for pause in RETRY_PAUSES_S:
+    that may pass. A directory fails at once: pyarrow reports it as a plain OSError."""
+    for i, pause in enumerate(RETRY_PAUSES_S):
         try:
             return read_bytes(info.uri, s3, max_bytes=max_bytes)
         except _FINAL:
             raise
         except OSError:
+            if i == 0 and _is_directory(info.uri, s3):
+                raise IsADirectoryError(errno.EISDIR, "is a directory", info.uri) from None
             time.sleep(pause)
     return read_bytes(info.uri, s3, max_bytes=max_bytes)
+
+
+def _is_directory(uri: str, s3: S3Options | None) -> bool:
+    try:
+        return is_dir(uri, s3)
+    except Exception:  # noqa: BLE001 - unknown: the read is retried as before
+        return False
 
 
 def fetch_all(infos: Sequence[ObjectInfo], s3: S3Options | None, max_bytes: int,

@@ -127,3 +127,33 @@ def test_a_read_that_may_pass_is_tried_again_before_its_row_says_read_failed(tmp
         monkeypatch.setattr(reader, "read_bytes", flaky(99, final))
         got = reader.fetch(info, None, 100)
         assert got.code in ("read_failed", "not_found") and calls["n"] == 1 and pauses == []
+
+
+def test_a_manifest_entry_that_is_a_directory_fails_at_once(tmp_path, monkeypatch):
+    (tmp_path / "album.jpg").mkdir()
+    (tmp_path / "ok.jpg").write_bytes(b"ok")
+    (tmp_path / "list.txt").write_text("album.jpg\nok.jpg\n")
+    objects = list_inputs([str(tmp_path / "list.txt")], manifest=True)
+    pauses: list[float] = []
+    monkeypatch.setattr(reader.time, "sleep", pauses.append)
+    t0 = time.perf_counter()
+    out = read_objects(_batch(objects), s3=None, max_bytes=50)
+    assert time.perf_counter() - t0 < 0.5 and pauses == []
+    assert list(out["read_error_code"]) == ["read_failed", ""] and list(out["data"]) == [b"", b"ok"]
+    assert out["read_error_message"][0] == f"{tmp_path / 'album.jpg'} is a directory, not a file"
+
+
+def test_a_failed_directory_check_keeps_the_retries(tmp_path, monkeypatch):
+    info = ObjectInfo(str(tmp_path / "a.jpg"), 3, "1")
+    pauses: list[float] = []
+    monkeypatch.setattr(reader.time, "sleep", pauses.append)
+
+    def fails(message: str):
+        def call(*args, **kwargs):
+            raise OSError(message)
+        return call
+
+    monkeypatch.setattr(reader, "read_bytes", fails("Connection reset"))
+    monkeypatch.setattr(reader, "is_dir", fails("AWS Error SLOW_DOWN"))
+    got = reader.fetch(info, None, 100)
+    assert got.code == "read_failed" and "(3 attempts)" in got.message and pauses == list(reader.RETRY_PAUSES_S)
