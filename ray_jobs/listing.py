@@ -3,6 +3,7 @@
 Local folders are walked with ``os.walk`` (symlinked folders followed, each real folder once);
 remote prefixes are listed with fsspec (s3fs), whose listings carry ETags. A missing object still
 becomes an entry (``size=-1``) so that it gets its error row; an unreadable folder fails the listing.
+Files a prefix holds beyond :data:`IMAGE_EXTENSIONS` are left out, and counted in one warning.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import csv
 import errno
 import io
+import logging
 import os
 import posixpath
 from concurrent.futures import ThreadPoolExecutor
@@ -21,7 +23,20 @@ import fsspec
 from .storage import (S3_SCHEMES, ObjectInfo, S3Options, fsspec_filesystem, is_dir, local_path, read_bytes,
                       resolve, uri_scheme)
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
+log = logging.getLogger(__name__)
+
+# The names Pillow gives the formats the decoder reads (JPEG, MPO, PNG, WEBP, BMP, TIFF, GIF). Not .dib:
+# Pillow opens that as its own DIB format, which the decoder does not accept; not .heic: no decoder.
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".jpe", ".jfif", ".mpo", ".png", ".apng", ".webp", ".bmp", ".tif", ".tiff",
+                    ".gif")
+# An audit state kept inside a library (its CURRENT pointer or IN_PROGRESS marker beside runs/, states/,
+# reports/): the audit leaves it out on purpose, so its files are not photos the listing dropped. The
+# names are audit.py's; importing them from there would be circular.
+STATE_MARKERS = frozenset({"CURRENT", "IN_PROGRESS"})
+STATE_FOLDERS = ("runs/", "states/", "reports/")
+# Windows writes these into photo folders; warning about them on every listing would bury the real news.
+SYSTEM_FILES = frozenset({"thumbs.db", "desktop.ini"})
+LEFT_OUT_EXAMPLES = 3
 # etag_or_mtime of a local file whose path is not UTF-8: the only listing column that reaches the read
 # stage unchanged, so that the read stage records the error instead of reading the printable URI.
 NAME_NOT_UTF8 = "name-not-utf8"
@@ -129,6 +144,34 @@ def _remote_files(fs: fsspec.AbstractFileSystem, path: str, recursive: bool) -> 
     return found
 
 
+def _photos_among(rels: list[str]) -> list[str]:
+    """Of the paths (relative to the listed prefix, ``/``-separated) that the extension filter left out,
+    those a user may miss: not hidden or ``_``-prefixed (``.DS_Store``, temp files, ``_SUCCESS``,
+    ``__MACOSX/``), no Windows system file, not in an audit state."""
+    states = {posixpath.dirname(r) for r in rels if posixpath.basename(r) in STATE_MARKERS}
+
+    def in_state(rel: str) -> bool:
+        for state in states:
+            inner = rel[len(state) + 1:] if state else rel
+            if (not state or rel.startswith(state + "/")) and (
+                    inner in STATE_MARKERS or inner.startswith(STATE_FOLDERS)):
+                return True
+        return False
+
+    return [r for r in rels
+            if not any(part.startswith((".", "_")) for part in r.split("/"))
+            and posixpath.basename(r).lower() not in SYSTEM_FILES and not in_state(r)]
+
+
+def _warn_left_out(prefix_uri: str, rels: list[str], exts: tuple[str, ...]) -> None:
+    """Log once how many files of ``prefix_uri`` were left out for their extension, naming a few."""
+    photos = sorted(_printable(r) for r in _photos_among(rels))
+    if photos:
+        more = ", …" if len(photos) > LEFT_OUT_EXAMPLES else ""
+        log.warning("%s: left out %d file(s) that are not images by extension (%s%s); the extensions scored: %s",
+                    prefix_uri, len(photos), ", ".join(photos[:LEFT_OUT_EXAMPLES]), more, " ".join(exts))
+
+
 def list_images(
     prefix_uri: str,
     s3: S3Options | None = None,
@@ -138,13 +181,18 @@ def list_images(
     """Files under a prefix (or one named object), sorted by URI; zero-byte files are kept.
 
     ``extensions`` is a case-insensitive suffix filter (``None`` = every file); an object named
-    directly is returned whatever its extension. A missing prefix raises FileNotFoundError, an
-    unreadable local folder :class:`ListingError`.
+    directly is returned whatever its extension. The files it leaves out are counted in one warning
+    (hidden ones, ``_``-prefixed ones and an audit state's files excepted). A missing prefix raises
+    FileNotFoundError, an unreadable local folder :class:`ListingError`.
     """
     exts = tuple("." + e.lower().lstrip(".") for e in extensions) if extensions is not None else ()
+    left_out: list[str] = []  # relative paths, "/"-separated
 
-    def keep(name: str) -> bool:
-        return extensions is None or name.lower().endswith(exts)
+    def keep(name: str, rel: str) -> bool:
+        if extensions is None or name.lower().endswith(exts):
+            return True
+        left_out.append(rel)
+        return False
 
     local = local_path(prefix_uri)
     if local is not None:
@@ -152,7 +200,8 @@ def list_images(
             return [_local_info(local)]
         if not os.path.isdir(local):
             raise FileNotFoundError(errno.ENOENT, "No such file or directory", prefix_uri)
-        out = [_local_info(p) for p in _walk_files(local, recursive) if keep(os.path.basename(p))]
+        out = [_local_info(p) for p in _walk_files(local, recursive)
+               if keep(os.path.basename(p), os.path.relpath(p, local).replace(os.sep, "/"))]
     else:
         scheme, fs = uri_scheme(prefix_uri), fsspec_filesystem(prefix_uri, s3)
         path = fs._strip_protocol(prefix_uri).rstrip("/")
@@ -170,8 +219,10 @@ def list_images(
         out = [
             _remote_info(fs, scheme, name, info)
             for name, info in found.items()
-            if info.get("type") == "file" and not name.endswith("/") and keep(name)
+            if info.get("type") == "file" and not name.endswith("/")
+            and keep(name, name[len(path):].lstrip("/"))
         ]
+    _warn_left_out(prefix_uri, left_out, exts)
     return sorted(out, key=lambda o: o.uri)
 
 

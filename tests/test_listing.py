@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import io
+import logging
 import os
 
 import fsspec.implementations.memory
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from PIL import Image
 
+from piqa_core.config import PreprocessConfig
+from piqa_core.preprocess import decode_image
 from ray_jobs import listing, storage
 from ray_jobs.storage import S3Options
 
@@ -281,3 +286,64 @@ def test_an_unreadable_manifest_is_a_value_error_naming_it(tmp_path):
         with pytest.raises(ValueError) as err:
             listing.read_manifest(str(tmp_path / name))
         assert str(err.value).startswith(f"{tmp_path / name}: {reasons[name]}"), err.value
+
+
+def _encoded(fmt: str) -> bytes:
+    buf, img = io.BytesIO(), Image.new("RGB", (256, 240), (200, 30, 30))
+    extra = {"save_all": True, "append_images": [img.copy()]} if fmt == "MPO" else {}
+    img.save(buf, fmt, **extra)
+    return buf.getvalue()
+
+
+def _left_out_warnings(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == listing.__name__ and r.levelno == logging.WARNING]
+
+
+def test_other_names_of_jpeg_mpo_and_png_are_listed_and_decode(root, caplog):
+    base, s3 = root
+    files = {"a.jfif": _encoded("JPEG"), "b.JPE": _encoded("JPEG"), "sub/c.mpo": _encoded("MPO"),
+             "d.apng": _encoded("PNG"), "e.jpg": _encoded("JPEG")}
+    for rel, data in files.items():
+        storage.write_bytes(storage.join(base, rel), data, s3)
+    caplog.set_level(logging.WARNING, logger=listing.__name__)
+    infos = listing.list_images(base, s3)
+    assert [i.uri for i in infos] == sorted(storage.join(base, rel) for rel in files)
+    for info in infos:
+        assert decode_image(storage.read_bytes(info.uri, s3), PreprocessConfig()).size == (256, 240), info.uri
+    assert _left_out_warnings(caplog) == []  # only images: nothing to report
+
+
+def test_files_left_out_for_their_extension_are_counted_in_one_warning(root, caplog):
+    base, s3 = root
+    photos = ["a.heic", "notes.txt", "sub/b.HEIC", "x.docx"]
+    quiet = [".DS_Store", "._hidden.txt", ".cache/x.bin", "_SUCCESS", "__MACOSX/y.dat", "Thumbs.db",
+             "sub/desktop.ini", "state/CURRENT", "state/IN_PROGRESS", "state/states/r1.parquet",
+             "state/runs/r1/plan.parquet", "state/reports/r1/summary.json", "state/reports/r1/report.html"]
+    for rel in ["ok.jpg", "sub/ok.jfif", *photos, *quiet]:
+        storage.write_bytes(storage.join(base, rel), b"x", s3)
+    caplog.set_level(logging.WARNING, logger=listing.__name__)
+    infos = listing.list_images(base, s3)
+    assert sorted(os.path.relpath(i.uri, base) for i in infos) == ["ok.jpg", "sub/ok.jfif"]
+    assert _left_out_warnings(caplog) == [
+        f"{base}: left out 4 file(s) that are not images by extension (a.heic, notes.txt, sub/b.HEIC, …); "
+        f"the extensions scored: {' '.join(listing.IMAGE_EXTENSIONS)}"]
+
+    caplog.clear()
+    listing.list_images(base, s3, recursive=False)
+    assert _left_out_warnings(caplog) == [
+        f"{base}: left out 3 file(s) that are not images by extension (a.heic, notes.txt, x.docx); "
+        f"the extensions scored: {' '.join(listing.IMAGE_EXTENSIONS)}"]
+    caplog.clear()
+    assert len(listing.list_images(base, s3, extensions=None)) == 2 + len(photos) + len(quiet)
+    assert listing.list_images(storage.join(base, "notes.txt"), s3)[0].size == 1  # named directly: listed
+    assert _left_out_warnings(caplog) == []
+
+
+def test_every_listed_extension_names_a_format_the_decoder_reads() -> None:
+    from PIL import Image
+
+    from piqa_core.image_formats import DECODABLE_FORMATS
+
+    pillow = Image.registered_extensions()
+    exts = listing.IMAGE_EXTENSIONS
+    assert {e: pillow.get(e) in DECODABLE_FORMATS for e in exts} == dict.fromkeys(exts, True)
