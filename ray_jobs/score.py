@@ -60,6 +60,10 @@ class ScoreJob:
     # one model batch and Ray Data never copies pixel columns to re-batch them.
     prep_batch_size: int | None = None
     gpus_per_score_actor: float = 1.0
+    # Rows gathered into one Parquet file (each score batch was a file of its own: a million photos
+    # made 125,000 files for --resume and readers to open). Rows waiting for their file are lost with
+    # the job and scored again by --resume, so this is also the work a crash can cost.
+    rows_per_file: int = 2000
     # None: use GPUs if the cluster has some now; True: request them even if the autoscaler has
     # not started GPU nodes yet; False: CPU only.
     gpu: bool | None = None
@@ -246,6 +250,7 @@ def _run_pipeline(job: ScoreJob, objects: list[ObjectInfo], identity: dict[str, 
                                identity["random_init"], identity["preset"])
         ds.write_parquet(path, filesystem=fs, filename_provider=RunFiles(run_id),
                          schema=SCORE_SCHEMA.with_metadata(meta),
+                         min_rows_per_file=job.rows_per_file,
                          ray_remote_args={"num_cpus": IO_TASK_CPUS}, concurrency=1)
 
     table = run_files(dest, run_id, job.s3)

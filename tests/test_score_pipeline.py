@@ -78,6 +78,8 @@ def test_bad_file_corpus_gives_exactly_one_row_each(ray_local, tmp_path, monkeyp
         assert (row["score"] is not None) == (code is None)
     assert summary["rows"] == len(expected) and summary["ok"] == sum(c is None for c in expected.values())
     assert (tmp_path / "out" / f"_summary-{summary['run_id']}.json").is_file()
+    # Rows are gathered into files of rows_per_file (2000), not one file per score batch of 4.
+    assert len(expected) > 2 * TINY.batch_size and len(list((tmp_path / "out").glob("run_date=*/*.parquet"))) == 1
     # The scores of the in-process Scorer, whichever stage prepared them (with "device" on 2 CPUs the
     # score actor takes two concurrent single-threaded calls).
     ok = sorted(uri for uri, code in expected.items() if code is None)
