@@ -142,6 +142,9 @@ def plan_pools(job: ScoreJob, resources: dict[str, float], cfg: PIQAConfig | Non
         per = job.gpus_per_score_actor
         score = job.score_actors or max(1, int(max(gpus, per) / per))
         if place == "device":
+            if job.face_device == "cpu":
+                raise PlanError("--face-device cpu does not apply with --prep device on GPUs (the score actors "
+                                "prepare on their GPU, faces included): use --prep actors for CPU detection")
             return PoolPlan(0, score, per, 1.0)
         prep = job.prep_actors or max(1, int(cpus - score - 1))
         if face != "gpu":

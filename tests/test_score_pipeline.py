@@ -205,6 +205,9 @@ def test_pool_plans():
     assert plan_pools(_job([], "x", prep="device", score_actors=2), {"CPU": 2.0}).score_threads == 1
     with pytest.raises(ValueError, match="no effect"):
         plan_pools(_job([], "x", prep="device", prep_actors=2), {"CPU": 2.0})
+    with pytest.raises(ValueError, match="--face-device cpu does not apply with --prep device on GPUs"):
+        plan_pools(_job([], "x", prep="device", face_device="cpu"), {"CPU": 16.0, "GPU": 1.0})
+    assert plan_pools(_job([], "x", prep="device", face_device="cpu"), {"CPU": 2.0}).prep_actors == 0  # CPUs: so it is
     # auto with GPUs keeps the CPU prep pool, which detects faces on the GPU unless told otherwise
     assert plan_pools(_job([], "x"), {"CPU": 16.0, "GPU": 1.0}, get_preset("dn-piqa")).prep_actors == 14
     gpu = plan_pools(_job([], "x"), {"CPU": 16.0, "GPU": 1.0})
