@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from .checkpoints import Bundle, build_bundle, load_checkpoint
-from .weight_cache import Fetcher, resolve_weights
+from .weight_cache import Fetcher, Reader, resolve_weights
 from .concurrency import ordered_map
 from .faces import for_inference
 from .stages import ImageInput, Predictor, prepare_batch, rows_from_columns
@@ -59,14 +59,17 @@ class Scorer:
     @classmethod
     def from_pretrained(cls, source: str | os.PathLike, *, random_weights: bool = False,
                         device: str | torch.device | None = None, precision: str = "fp32",
-                        crop_mode: str | None = None, fetch: Fetcher | None = None,
+                        crop_mode: str | None = None, fetch: Fetcher | None = None, read: Reader | None = None,
                         seed: int = 0, compile: bool = False, batch_size: int = 8,
                         calls: int | None = None) -> "Scorer":
-        """A model directory (local or remote URI), or with ``random_weights=True`` a preset name."""
+        """A model directory (local or remote URI), or with ``random_weights=True`` a preset name.
+
+        ``fetch``/``read``: how a remote directory is copied / one of its files read (fsspec by default).
+        """
         if random_weights:
             bundle = build_bundle(str(source), seed=seed)
         else:
-            bundle = load_checkpoint(resolve_weights(source, fetch=fetch))
+            bundle = load_checkpoint(resolve_weights(source, fetch=fetch, read=read))
         return cls(bundle, device=device, precision=precision, crop_mode=crop_mode, compile=compile,
                    batch_size=batch_size, calls=calls)
 

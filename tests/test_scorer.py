@@ -86,6 +86,28 @@ def test_from_pretrained_directory_matches_in_memory(tmp_path, scorer):
     assert loaded.score([img])[0]["score"] == pytest.approx(scorer.score([img])[0]["score"], abs=1e-6)
 
 
+def test_from_pretrained_remote_follows_a_rewritten_source(tmp_path, monkeypatch):
+    """A remote model directory written again (a retrained model/) is fetched again, not served stale."""
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))  # the cache: tmp_path/piqa
+    fetched = []
+
+    def fetch(uri, dest):
+        fetched.append(uri)
+        for f in (tmp_path / "src").iterdir():
+            (dest / f.name).write_bytes(f.read_bytes())
+
+    def read(uri):
+        return (tmp_path / "src" / uri.rsplit("/", 1)[1]).read_bytes()
+
+    def load() -> str:
+        return Scorer.from_pretrained("s3://b/model", device="cpu", fetch=fetch, read=read).sha256
+
+    first = save_checkpoint(build_bundle("tiny", seed=1), tmp_path / "src")
+    assert load() == first and load() == first and len(fetched) == 1  # the second from the cache
+    second = save_checkpoint(build_bundle("tiny", seed=2), tmp_path / "src")
+    assert load() == second and len(fetched) == 2
+
+
 def test_bf16_precision_is_close_on_cpu_and_leaves_the_bundle_fp32(scorer):
     bundle = build_bundle("tiny")
     fast = Scorer(bundle, device="cpu", precision="bf16")
