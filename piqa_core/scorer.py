@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from .checkpoints import Bundle, build_bundle, load_checkpoint
+from .config import CROP_MODES
 from .weight_cache import Fetcher, Reader, resolve_weights
 from .concurrency import ordered_map
 from .faces import for_inference
@@ -39,6 +40,9 @@ class Scorer:
         self.config = bundle.config
         self.device = torch.device(device) if device is not None else default_device()
         self.crop_mode = crop_mode or self.config.preprocess.crop_mode
+        if self.crop_mode not in CROP_MODES:  # "random" is training's: scores would change every call
+            raise ValueError(f"crop_mode must be one of {CROP_MODES}, got {self.crop_mode!r}")
+        self.batch_size = batch_size
         self.calls = calls or (torch.get_num_threads() if self.device.type == "cpu" else 1)
         self.detector = for_inference(bundle.detector, self.device)
         self.predictor = Predictor(self.config, bundle.model, bundle.liqe, self.device, precision,
@@ -78,11 +82,14 @@ class Scorer:
         cols = prepare_batch(items, self.config, self.detector, self.crop_mode)
         return self.predictor(cols)
 
-    def score(self, images: Iterable[ImageInput], batch_size: int = 8,
+    def score(self, images: Iterable[ImageInput], batch_size: int | None = None,
               progress: Callable[[int], Any] | None = None) -> list[dict[str, Any]]:
-        """One result dict per input, in order; bad inputs give ``status='error'`` rows."""
+        """One result dict per input, in order; bad inputs give ``status='error'`` rows.
+
+        ``batch_size``: images per forward pass, by default the one the Scorer was made with.
+        """
         results: list[dict[str, Any]] = []
-        for chunk, cols in self.score_chunks(list(images), batch_size):
+        for chunk, cols in self.score_chunks(list(images), batch_size or self.batch_size):
             results.extend(rows_from_columns(cols))
             if progress is not None:
                 progress(len(chunk))

@@ -108,6 +108,18 @@ def test_from_pretrained_remote_follows_a_rewritten_source(tmp_path, monkeypatch
     assert load() == second and len(fetched) == 2
 
 
+def test_batch_size_of_the_scorer_is_the_default_and_crop_modes_are_checked(scorer, monkeypatch):
+    fixed = Scorer(scorer.bundle, device="cpu", batch_size=3, calls=1)
+    sizes, real = [], fixed.score_columns
+    monkeypatch.setattr(fixed, "score_columns", lambda items: sizes.append(len(items)) or real(items))
+    img = np.asarray(astronaut())
+    assert len(fixed.score([img] * 7)) == 7 and sizes == [3, 3, 1]
+    assert len(fixed.score([img] * 2, batch_size=1)) == 2 and sizes[3:] == [1, 1]
+    for mode in ("centre", "random"):  # a typo, and training's crop (scores would differ every call)
+        with pytest.raises(ValueError, match="crop_mode must be one of"):
+            Scorer(scorer.bundle, device="cpu", crop_mode=mode)
+
+
 def test_bf16_precision_is_close_on_cpu_and_leaves_the_bundle_fp32(scorer):
     bundle = build_bundle("tiny")
     fast = Scorer(bundle, device="cpu", precision="bf16")
