@@ -11,7 +11,8 @@ Differences from the official code, all for robustness:
   a linear fit is used instead, a ``LogisticFitWarning`` is emitted and the group's ``fit``
   field says ``"linear"``.
 - groups with n < 3, or constant predictions or labels, get nan metrics and ``fit="none"``
-  (the official code would crash or warn).
+  (the official code would crash or warn); so do groups named in ``evaluate(all_groups=…)``
+  without any item (n = 0: every image of theirs failed to score).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass
-from typing import Any, Hashable, Sequence
+from typing import Any, Hashable, Iterable, Sequence
 
 import numpy as np
 from scipy import stats
@@ -180,17 +181,25 @@ def _sorted_groups(keys: list[Hashable]) -> list[Hashable]:
         return sorted(keys, key=lambda k: (type(k).__name__, str(k)))
 
 
-def evaluate(pred: Sequence[float], mos: Sequence[float], groups: Sequence[Hashable]) -> EvalReport:
-    """Per-group metrics, their nan-aware mean and median, and pooled metrics over all items."""
+def evaluate(pred: Sequence[float], mos: Sequence[float], groups: Sequence[Hashable],
+             all_groups: Iterable[Hashable] = ()) -> EvalReport:
+    """Per-group metrics, their nan-aware mean and median, and pooled metrics over all items.
+
+    ``all_groups``: groups to list even when no item of theirs is given (every image failed to
+    score); they get ``n=0``, nan metrics and ``fit="none"``, and count in ``groups`` (not in
+    ``valid_groups``).
+    """
     x, y = np.asarray(pred, dtype=float).ravel(), np.asarray(mos, dtype=float).ravel()
     if not (x.size == y.size == len(groups)):
         raise ValueError(f"lengths differ: pred={x.size}, mos={y.size}, groups={len(groups)}")
     members: dict[Hashable, list[int]] = {}
     for i, g in enumerate(groups):
         members.setdefault(g, []).append(i)
+    for g in all_groups:
+        members.setdefault(g, [])
     rows = []
     for g in _sorted_groups(list(members)):
-        idx = np.asarray(members[g])
+        idx = np.asarray(members[g], dtype=np.intp)
         rows.append({"group": g, **group_metrics(x[idx], y[idx])})
     return EvalReport(per_group=rows, mean=_summary(rows, np.mean),
                       median=_summary(rows, np.median), pooled=group_metrics(x, y))

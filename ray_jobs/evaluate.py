@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import io
 import json
+import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -22,7 +24,7 @@ from .actors import weights_dir
 from .inprocess import score_objects
 from .labels import LabelTable
 from .listing import stat_objects
-from .storage import S3Options, atomic_write_bytes
+from .storage import S3_SCHEMES, S3Options, atomic_write_bytes, local_path
 
 
 @dataclass
@@ -52,8 +54,9 @@ def evaluate_table(scorer: Scorer, table: LabelTable, split: str = "all", s3: S3
     pred = table.frame[["uri", "group", "score", "split"]].rename(columns={"score": "label"}).reset_index(drop=True)
     pred = pd.concat([pred, scored[keep].reset_index(drop=True)], axis=1)
     ok = pred["status"] == "ok"
+    # all_groups: a group whose every image failed still gets a row (n = 0), not silently left out.
     report = evaluate(pred.loc[ok, "score"].to_numpy(float), pred.loc[ok, "label"].to_numpy(float),
-                      pred.loc[ok, "group"].tolist())
+                      pred.loc[ok, "group"].tolist(), all_groups=pred["group"].tolist())
     info = {"model_id": scorer.model_id, "model_sha256": scorer.sha256, "random_weights": scorer.bundle.random_init,
             "random_parts": list(scorer.bundle.random_parts),
             "crop_mode": scorer.crop_mode, "split": split, "items": len(pred), "failed": int((~ok).sum())}
@@ -72,6 +75,46 @@ def select_split(table: LabelTable, split: str | None) -> tuple[LabelTable, str]
 
 def predictions_uri(out: str) -> str:
     return (out[:-5] if out.endswith(".json") else out) + ".parquet"
+
+
+def _same_target(a: str, b: str) -> bool:
+    la, lb = local_path(a), local_path(b)
+    if la is not None and lb is not None:
+        if os.path.realpath(la) == os.path.realpath(lb):
+            return True
+        try:  # hard links, case-insensitive file systems
+            return os.path.samefile(la, lb)
+        except OSError:  # either does not exist (yet): then they are not one file
+            return False
+    if la is not None or lb is not None:
+        return False
+    return _remote_key(a) == _remote_key(b)
+
+
+def _remote_key(uri: str) -> str:
+    # Scheme only: an S3 key may hold "//", "./" or a trailing "/" of its own, so the path stays as given.
+    scheme, rest = uri.split("://", 1)
+    scheme = scheme.lower()
+    return f"{'s3' if scheme in S3_SCHEMES else scheme}://{rest}"
+
+
+def check_eval_outputs(out: str, inputs: Sequence[str | None], s3: S3Options | None = None) -> None:
+    """``ValueError`` (one line) when the report ``out`` or its predictions Parquet is one of ``inputs``
+    (labels, split lists; ``None`` skipped): writing it would destroy the labels, and a rerun would
+    then read its own predictions as labels.
+
+    Local paths compare resolved (symlinks, ``..``, ``~``, ``file:``) and by file identity when both
+    exist (hard links); remote URIs compare as written but for the scheme (``S3A://`` = ``s3://``).
+    ``s3`` is unused: on one store two different keys are never one object, so nothing needs a request.
+    """
+    targets = (("report", out), ("predictions", predictions_uri(out)))
+    for src in inputs:
+        if not src:
+            continue
+        for what, dest in targets:
+            if _same_target(dest, src):
+                raise ValueError(f"--out {out} would write its {what} to {dest}, which is the input {src}; "
+                                 "choose another --out")
 
 
 def write_eval(result: EvalResult, out: str, s3: S3Options | None = None) -> str:

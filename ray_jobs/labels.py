@@ -87,10 +87,23 @@ def _blank(col: pd.Series) -> np.ndarray:
     return (col.isna() | col.astype(str).str.strip().eq("")).to_numpy(bool)
 
 
+def normalise_local(uri: str) -> str:
+    """A local path in one spelling (``/x/img//p.jpg`` -> ``/x/img/p.jpg``), so that duplicates show;
+    a URI stays as written (an S3 key may hold ``//`` or ``..``: collapsing them names another object)."""
+    if "://" in uri:
+        return uri
+    path = os.path.normpath(uri)
+    # POSIX normpath keeps a leading "//" (implementation-defined), but on Linux and macOS it is "/".
+    return "/" + path.lstrip("/") if os.name == "posix" and path.startswith("//") else path
+
+
 def resolve_relative(entry: str, base_uri: str) -> str:
-    """An absolute path / URI stays; a relative one is taken relative to ``base_uri``'s directory."""
-    if "://" in entry or os.path.isabs(entry):
+    """An absolute URI stays, an absolute local path is normalised; a relative one is taken relative to
+    ``base_uri``'s directory."""
+    if "://" in entry:
         return entry
+    if os.path.isabs(entry):
+        return normalise_local(entry)
     if "://" in base_uri:
         scheme, key = base_uri.split("://", 1)
         return f"{scheme}://{posixpath.normpath(posixpath.join(posixpath.dirname(key), entry))}"
@@ -130,18 +143,21 @@ class LabelTable:
     def __post_init__(self) -> None:
         # Checked before the index reset: after split lists drop rows, the index is still the file's row.
         f = self.frame
-        bad = sorted(set(f["split"]) - set(SPLITS), key=str)
+        no_split = _blank(f["split"])
+        bad = sorted(set(f["split"][~no_split]) - set(SPLITS), key=str)
         if bad:
             raise LabelError(f"{self.source}: unknown split value(s) {bad}; use {list(SPLITS)}")
         no_uri = _blank(f["uri"])
         score = pd.to_numeric(f["score"], errors="coerce").to_numpy(np.float64)
-        checks = ((no_uri, "without an image uri"),
-                  (~np.isfinite(score), "without a finite score (missing, inf or -inf)"),
-                  (_blank(f["group"]), "without a group (scene)"))
-        problems = [_listing([_row(f, k) for k in np.flatnonzero(mask)], f"row(s) {what}")
-                    for mask, what in checks if mask.any()]
+        checks = ((no_uri, "row(s) without an image uri"),
+                  (~np.isfinite(score), "row(s) without a finite score (missing, inf or -inf)"),
+                  (_blank(f["group"]), "row(s) without a group (scene)"))
+        problems = [_listing([_row(f, k) for k in np.flatnonzero(mask)], what) for mask, what in checks if mask.any()]
+        if no_split.any():  # not defaulted: a blank cell may be a test image that must not train
+            problems.append("blank split value in " + _listing([_row(f, k) for k in np.flatnonzero(no_split)],
+                                                              f"row(s) (use {list(SPLITS)})"))
         uris = f["uri"][~no_uri]
-        dup = uris[uris.duplicated()].tolist()
+        dup = uris[uris.astype(str).map(normalise_local).duplicated()].tolist()
         if dup:
             problems.append(_listing(dup, "duplicated image uri(s)"))
         if problems:
@@ -204,8 +220,8 @@ def from_piq23(csv_uri: str, images: str | None = None, train_list: str | None =
     _require(df, PIQ23_REQUIRED, csv_uri, "PIQ23")
     root = (local_path(images) or images) if images else resolve_relative(".", csv_uri)
     rel = [p and p.replace("\\", "/").lstrip("/") for p in _text(df["IMAGE PATH"])]
-    out = pd.DataFrame({"uri": [p and join(root, p) for p in rel], "score": pd.to_numeric(df["JOD"], errors="coerce"),
-                        "group": _text(df["SCENE"]),
+    out = pd.DataFrame({"uri": [p and normalise_local(join(root, p)) for p in rel],
+                        "score": pd.to_numeric(df["JOD"], errors="coerce"), "group": _text(df["SCENE"]),
                         "name": [n or (p and posixpath.basename(p)) for n, p in zip(_text(df["IMAGE"]), rel)]})
     unused: frozenset[str] = frozenset()
     if train_list or test_list:
@@ -239,7 +255,7 @@ def _split_column(df: pd.DataFrame) -> list[str] | str:
     col = next((c for c in df.columns if c.lower() == "split"), None)
     if col is None:
         return "train"
-    return [_SPLIT_ALIASES.get(str(v).strip().lower(), str(v).strip().lower()) for v in df[col]]
+    return [v and _SPLIT_ALIASES.get(v.strip().lower(), v.strip().lower()) for v in _text(df[col])]
 
 
 def from_table(uri: str, s3: S3Options | None = None) -> LabelTable:

@@ -284,3 +284,40 @@ def test_pair_list_refuses_names_of_several_images(tmp_path: Path) -> None:
     # a repeated name that no pair uses is fine
     pd.DataFrame({"IMAGE": ["a.jpg"], "IMAGE second": ["a.jpg"]}).to_csv(tmp_path / "ok.csv", index=False)
     assert load_pairs(str(tmp_path / "ok.csv"), table)[0].tolist() == [[1, 1]]
+
+
+def test_one_image_under_two_spellings_of_its_path_is_a_duplicate(tmp_path: Path) -> None:
+    """``/x/img//p1.jpg`` and ``/x/img/p1.jpg`` are one file: two labels for it would count it twice."""
+    img = tmp_path / "img"
+    df = pd.DataFrame({"uri": [f"{img}//p1.jpg", f"{img}/p1.jpg", f"{img}/./p2.jpg", f"{img}/../img/p2.jpg",
+                               f"{img}/p3.jpg"], "score": [1.0, 2.0, 3.0, 4.0, 5.0], "group": "g"})
+    df.to_csv(tmp_path / "t.csv", index=False)
+    with pytest.raises(LabelError, match=rf"2 duplicated image uri\(s\):\n  {img}/p1\.jpg\n  {img}/p2\.jpg$"):
+        from_table(str(tmp_path / "t.csv"))
+    df.iloc[[0, 2, 4]].to_csv(tmp_path / "t.csv", index=False)
+    assert from_table(str(tmp_path / "t.csv")).uris == [f"{img}/p{i}.jpg" for i in (1, 2, 3)]
+    # a doubled separator inside an image path of a PIQ23 CSV, too
+    csv = _piq23(tmp_path, {"S0": 3})
+    piq = pd.read_csv(csv, encoding="utf-8-sig")
+    piq.loc[1, "IMAGE PATH"] = "Overall\\\\0_S0.jpg"
+    piq.to_csv(csv, index=False)
+    with pytest.raises(LabelError, match=r"1 duplicated image uri\(s\)"):
+        load_labels(str(csv), check_images=False)
+    # an S3 key may hold "//": another object, kept as written
+    s3 = pd.DataFrame({"uri": ["s3://b/img//p1.jpg", "s3://b/img/p1.jpg"], "score": [1.0, 2.0], "group": "g"})
+    s3.to_csv(tmp_path / "s.csv", index=False)
+    assert from_table(str(tmp_path / "s.csv")).uris == ["s3://b/img//p1.jpg", "s3://b/img/p1.jpg"]
+
+
+def test_a_blank_split_cell_names_its_rows(tmp_path: Path) -> None:
+    df = pd.DataFrame({"uri": [f"/d/{i}.jpg" for i in range(4)], "score": [1.0, 2.0, 3.0, 4.0], "group": "g",
+                       "split": ["train", None, "test", " "]})
+    for path in (tmp_path / "t.csv", tmp_path / "t.parquet"):
+        df.to_csv(path, index=False) if path.suffix == ".csv" else df.to_parquet(path)
+        with pytest.raises(LabelError) as e:
+            from_table(str(path))
+        assert str(e.value) == (f"{path}: blank split value in 2 row(s) (use ['train', 'val', 'test']):\n"
+                                "  row 1: uri /d/1.jpg, score 2.0, group g\n  row 3: uri /d/3.jpg, score 4.0, group g")
+    csv = _piq23(tmp_path, {"S0": 3}, extra={"split": ["train", "", "test"]})
+    with pytest.raises(LabelError, match=r"blank split value in 1 row\(s\) .*\n  row 1: uri .*1_S0\.jpg"):
+        load_labels(str(csv))

@@ -157,3 +157,25 @@ def test_numeric_group_keys_sorted_and_serialised():
     rep = evaluate(pred, mos, groups)
     assert [r["group"] for r in rep.per_group] == [2, 10]
     assert [r["group"] for r in rep.to_dict()["per_group"]] == [2, 10]
+
+
+def test_groups_without_items_are_listed_with_n_0():
+    """Groups whose every image failed to score: listed (n=0, nan), counted in ``groups``, not in valid."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", LogisticFitWarning)
+        pred, mos, groups = _three_groups()
+        rep = evaluate(pred, mos, groups, all_groups=[*groups, "gone", "down"])
+        plain = evaluate(pred, mos, groups)
+    assert [r["group"] for r in rep.per_group] == ["down", "gone", "mid", "tiny", "up"]
+    gone = rep.per_group[1]
+    assert gone["n"] == 0 and gone["fit"] == "none" and all(math.isnan(gone[m]) for m in ("srcc", "plcc", "mae"))
+    assert rep.mean["groups"] == 5 and rep.mean["valid_groups"] == 3 and rep.median["groups"] == 5
+    assert rep.mean["srcc"] == plain.mean["srcc"] and rep.pooled == plain.pooled
+    assert json.loads(json.dumps(rep.to_dict(), allow_nan=False))["per_group"][1]["srcc"] is None
+    lines = rep.format_table().splitlines()
+    assert len({len(line) for line in lines}) == 1 and lines[3].split()[:3] == ["gone", "0", "nan"]
+    assert "3/5g" in rep.format_table()
+    # nothing scored at all: every group still listed
+    empty = evaluate([], [], [], all_groups=["a", "b"])
+    assert [(r["group"], r["n"]) for r in empty.per_group] == [("a", 0), ("b", 0)]
+    assert empty.mean["groups"] == 2 and empty.mean["valid_groups"] == 0 and empty.pooled["n"] == 0
