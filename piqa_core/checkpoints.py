@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as st_save
 from torch import nn
 
@@ -104,25 +104,41 @@ def clean_state_dict(sd: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def torch_load(source: str | os.PathLike | bytes) -> dict[str, torch.Tensor]:
-    """``torch.load(weights_only=True)``; also reads the legacy one-member zip of torch-hub releases."""
+def torch_load(source: str | os.PathLike | bytes, where: str | None = None) -> dict[str, torch.Tensor]:
+    """``torch.load(weights_only=True)``; also reads the legacy one-member zip of torch-hub releases.
+
+    Whatever does not load is a :class:`CheckpointError` naming the file (``where`` names bytes).
+    """
+    where = where or ("<bytes>" if isinstance(source, bytes) else os.fspath(source))
     data = source if isinstance(source, bytes) else Path(source).read_bytes()
-    if zipfile.is_zipfile(io.BytesIO(data)):
-        with zipfile.ZipFile(io.BytesIO(data)) as zf:
-            members = zf.infolist()
-            if len(members) == 1 and not members[0].is_dir():
-                data = zf.read(members[0])
     try:
+        if zipfile.is_zipfile(io.BytesIO(data)):
+            with zipfile.ZipFile(io.BytesIO(data)) as zf:
+                members = zf.infolist()
+                if len(members) == 1 and not members[0].is_dir():
+                    data = zf.read(members[0])
         obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
+        # weights_only names the blocked GLOBAL for pickled code; any other unpickling error is just bad bytes
+        blocked = [line.strip() for line in str(e).splitlines() if "GLOBAL" in line]
+        if not blocked:
+            raise _unreadable(where) from None
         raise CheckpointError(
-            "refused to load: the file holds pickled Python objects beyond tensors "
-            f"({str(e).splitlines()[0]}). Only plain state dicts are accepted; re-save it with "
+            f"{where}: refused to load: the file holds pickled Python objects beyond tensors "
+            f"({blocked[0]}). Only plain state dicts are accepted; re-save it with "
             "torch.save(model.state_dict(), path) or convert it to safetensors."
         ) from None
+    except MemoryError:
+        raise
+    except Exception:  # torch raises RuntimeError, KeyError, EOFError, … depending on how the bytes are wrong
+        raise _unreadable(where) from None
     if not isinstance(obj, Mapping):
-        raise CheckpointError(f"expected a state dict, got {type(obj).__name__}")
+        raise CheckpointError(f"{where}: expected a state dict, got {type(obj).__name__}")
     return clean_state_dict(obj)
+
+
+def _unreadable(where: str) -> CheckpointError:
+    return CheckpointError(f"{where}: not a readable torch checkpoint (truncated, or another kind of file?)")
 
 
 def load_strict(module: nn.Module, sd: Mapping[str, torch.Tensor], what: str) -> None:
@@ -280,6 +296,9 @@ def parse_meta(text: bytes | str, where: str) -> dict[str, Any]:
         raise CheckpointError(f"{where} is not JSON ({e}): is this a piqa model directory?") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         got = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+        if isinstance(got, str) and got.startswith(FORMAT.split("/")[0] + "/"):
+            raise CheckpointError(f"{where}: written by another piqa version (format {got!r}; this piqa reads "
+                                  f"{FORMAT!r}): load it with the piqa version that wrote it, or upgrade piqa")
         raise CheckpointError(f"{where}: unknown format {got!r}, expected {FORMAT!r} (a piqa model "
                               "directory, made by `piqa weights import-official` or `piqa train`)")
     if not isinstance(meta.get("config"), dict) or not isinstance(meta.get("sha256"), str):
@@ -305,19 +324,27 @@ def load_checkpoint(directory: str | os.PathLike, verify: bool = True, parts: tu
     digest = _file_sha256(w_path)
     if verify and meta.get("sha256") not in (None, digest):
         raise CheckpointError(f"{w_path} is corrupt or was replaced: sha256 {digest} != {meta['sha256']}")
-    cfg = PIQAConfig.from_dict(meta["config"])
+    try:
+        cfg = PIQAConfig.from_dict(meta["config"])
+    except (ValueError, TypeError, AttributeError) as e:
+        raise CheckpointError(f"{cfg_path}: its config does not fit this piqa version ({e}); a newer piqa "
+                              "may have written it: upgrade piqa to load it") from None
     parts = _check_parts(parts)
     nets: dict[str, nn.Module | None] = {}
-    with safe_open(w_path, framework="pt") as f:
-        stray = sorted(k for k in f.keys() if not k.startswith(tuple(p + "." for p in PARTS)))
-        if stray:
-            raise CheckpointError(f"{w_path}: unexpected tensors {stray[:5]}")
-        for part in parts:
-            with _empty_parameters():
-                nets[part] = _build_part(cfg, part)
-            if nets[part] is not None:
-                sd = {k[len(part) + 1:]: f.get_tensor(k) for k in f.keys() if k.startswith(part + ".")}
-                load_strict(nets[part], sd, part)
+    try:
+        with safe_open(w_path, framework="pt") as f:
+            stray = sorted(k for k in f.keys() if not k.startswith(tuple(p + "." for p in PARTS)))
+            if stray:
+                raise CheckpointError(f"{w_path}: unexpected tensors {stray[:5]}")
+            for part in parts:
+                with _empty_parameters():
+                    nets[part] = _build_part(cfg, part)
+                if nets[part] is not None:
+                    sd = {k[len(part) + 1:]: f.get_tensor(k) for k in f.keys() if k.startswith(part + ".")}
+                    load_strict(nets[part], sd, part)
+    except SafetensorError as e:
+        raise CheckpointError(f"{w_path}: not a readable safetensors file ({e}); truncated? "
+                              "Write the model directory again") from None
     after = w_path.stat()
     if (before.st_ino, before.st_size, before.st_mtime_ns) != (after.st_ino, after.st_size, after.st_mtime_ns):
         raise CheckpointError(f"{w_path} was replaced while it was being loaded; load it again")

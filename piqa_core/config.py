@@ -149,11 +149,18 @@ def list_presets() -> list[str]:
     return sorted(_PRESETS)
 
 
+class UnknownPresetError(KeyError, ValueError):
+    """An unknown preset name: a KeyError for lookups, a ValueError for handlers of user input (the CLI)."""
+
+    def __str__(self) -> str:
+        return str(self.args[0])  # KeyError's str() would wrap the message in quotes
+
+
 def get_preset(name: str) -> PIQAConfig:
     """A fresh config for a named preset (aliases accepted)."""
     key = _ALIASES.get(name, name)
     if key not in _PRESETS:
-        raise KeyError(f"unknown preset {name!r}; known: {', '.join(list_presets())}")
+        raise UnknownPresetError(f"unknown preset {name!r}; known presets: {', '.join(list_presets())}")
     return _PRESETS[key]()
 
 

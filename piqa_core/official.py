@@ -3,9 +3,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 import torch
 from timm.models.swin_transformer import checkpoint_filter_fn as swin_filter
@@ -76,6 +77,13 @@ def clip_cfg_from_openai(sd: Mapping[str, torch.Tensor]) -> dict[str, Any]:
     """The open_clip config matching an OpenAI-layout CLIP ViT state dict (as ``LIQE.pt``)."""
     if "visual.proj" not in sd:
         raise CheckpointError("not an OpenAI-layout CLIP ViT state dict (no 'visual.proj')")
+    try:
+        return _clip_cfg(sd)
+    except KeyError as e:
+        raise CheckpointError(f"an incomplete OpenAI-layout CLIP ViT state dict (no {e.args[0]!r})") from None
+
+
+def _clip_cfg(sd: Mapping[str, torch.Tensor]) -> dict[str, Any]:
     width = sd["visual.conv1.weight"].shape[0]
     patch = sd["visual.conv1.weight"].shape[-1]
     grid = round((sd["visual.positional_embedding"].shape[0] - 1) ** 0.5)
@@ -123,6 +131,25 @@ def find_retinaface(path: str | os.PathLike | None = None) -> Path:
     )
 
 
+def _kind(sd: Mapping[str, Any]) -> str | None:
+    """Which official file a state dict looks like: ``LIQE`` (OpenAI CLIP), ``PIQ_MODEL`` (DN-PIQA) or neither."""
+    if "visual.proj" in sd:
+        return "LIQE"
+    if any(k.startswith((_WHOLE, _FACE)) for k in sd):
+        return "PIQ_MODEL"
+    return None
+
+
+@contextlib.contextmanager
+def _blame(arg: str, src: Any, swapped: bool) -> Iterator[None]:
+    """Errors about one input name its argument and file, and suggest the likely swap."""
+    try:
+        yield
+    except CheckpointError as e:
+        where = "(a state dict)" if isinstance(src, Mapping) else os.fspath(src)
+        hint = "; did you swap PIQ_MODEL and LIQE?" if swapped else ""
+        raise CheckpointError(f"{arg} {where}: {e}{hint}") from None
+
 
 def import_official(
     piq_model: str | os.PathLike | Mapping[str, torch.Tensor],
@@ -132,13 +159,18 @@ def import_official(
     model_id: str = "dn-piqa-official",
 ) -> Bundle:
     """Bundle the official ``PIQ_model.pth`` + ``LIQE.pt`` + RetinaFace release, all loaded strictly."""
+    cfg = get_preset(config) if isinstance(config, str) else config  # an unknown preset fails before any read
     load = lambda src: src if isinstance(src, Mapping) else torch_load(src)  # noqa: E731
-    liqe_sd = load(liqe_weights)
-    cfg = get_preset(config) if isinstance(config, str) else config
-    cfg.liqe.clip_cfg = clip_cfg_from_openai(liqe_sd)
+    liqe_sd, piq_sd = load(liqe_weights), load(piq_model)
+    swapped = _kind(piq_sd) == "LIQE" or _kind(liqe_sd) == "PIQ_MODEL"
+    with _blame("LIQE", liqe_weights, swapped):
+        cfg.liqe.clip_cfg = clip_cfg_from_openai(liqe_sd)
     bundle = build_bundle(cfg, text_features=False)
-    load_strict(bundle.model, official_to_ours(load(piq_model), bundle.model), "DN-PIQA model")
-    load_liqe_openai(bundle.liqe, liqe_sd)
+    with _blame("PIQ_MODEL", piq_model, swapped):
+        load_strict(bundle.model, official_to_ours(piq_sd, bundle.model), "DN-PIQA model")
+    del piq_sd
+    with _blame("LIQE", liqe_weights, swapped):
+        load_liqe_openai(bundle.liqe, liqe_sd)
     if bundle.detector is not None:
         face_sd = retinaface if isinstance(retinaface, Mapping) else torch_load(find_retinaface(retinaface))
         load_strict(bundle.detector.net, clean_state_dict(face_sd), "RetinaFace")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import sys
 import time
-from pathlib import Path
 from typing import Iterator
 
 import click
@@ -13,6 +12,7 @@ from click.core import ParameterSource
 
 from piqa_core.config import list_presets
 
+from .cli_weights import weights
 from .options import ModelOptions, model_options
 
 
@@ -42,6 +42,9 @@ def _user_errors() -> Iterator[None]:
 @click.version_option(package_name="piqa")
 def main() -> None:
     """Portrait image-quality scoring (DN-PIQA) at catalogue scale."""
+
+
+main.add_command(weights)  # `piqa weights …`, in cli_weights.py
 
 
 @main.command()
@@ -209,66 +212,6 @@ def audit(library: str, state_uri: str, alert_if_mean_drops: float | None, alert
         for message in result.alerts:
             click.echo(f"ALERT: {message}", err=True)
         sys.exit(ALERT_EXIT_CODE)
-
-
-@main.group()
-def weights() -> None:
-    """Create, import and inspect model directories."""
-
-
-@weights.command("import-official")
-@click.argument("piq_model", type=click.Path(exists=True, dir_okay=False))
-@click.argument("liqe", type=click.Path(exists=True, dir_okay=False))
-@click.option("--retinaface", type=click.Path(exists=True, dir_okay=False), default=None,
-              help="retinaface_resnet50_2020-07-20 release file (default: the torch-hub cache).")
-@click.option("-o", "--out", required=True, type=click.Path(file_okay=False))
-@click.option("--model-id", default="dn-piqa-official", show_default=True)
-@click.option("--preset", default="dn-piqa", show_default=True, help="Architecture the files are for.")
-def import_official_cmd(piq_model: str, liqe: str, retinaface: str | None, out: str, model_id: str,
-                        preset: str) -> None:
-    """Convert the official PIQ_model.pth + LIQE.pt (+ RetinaFace) into a model directory."""
-    from piqa_core.checkpoints import CheckpointError, save_checkpoint
-    from piqa_core.official import import_official
-
-    try:
-        bundle = import_official(piq_model, liqe, retinaface, config=preset, model_id=model_id)
-    except CheckpointError as e:
-        raise click.ClickException(str(e)) from None
-    digest = save_checkpoint(bundle, out, extra={"source": {"piq_model": piq_model, "liqe": liqe}})
-    click.echo(f"wrote {out} (model_id={model_id}, sha256={digest})")
-
-
-@weights.command("random")
-@click.option("--preset", default="tiny", show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("-o", "--out", required=True, type=click.Path(file_okay=False))
-def random_cmd(preset: str, seed: int, out: str) -> None:
-    """Write a randomly initialised model directory (marked random: for tests and smoke runs)."""
-    from piqa_core.checkpoints import build_bundle, save_checkpoint
-
-    digest = save_checkpoint(build_bundle(preset, seed=seed), out)
-    click.echo(f"wrote {out} (random {preset}, sha256={digest})")
-
-
-@weights.command("info")
-@click.argument("model_dir", type=click.Path(exists=True, file_okay=False))
-def info_cmd(model_dir: str) -> None:
-    """Print a model directory's id, preset, sha256 and parameter counts."""
-    from piqa_core.checkpoints import CheckpointError, load_checkpoint
-
-    try:
-        bundle = load_checkpoint(Path(model_dir))
-    except CheckpointError as e:
-        raise click.ClickException(str(e)) from None
-    count = lambda m: sum(p.numel() for p in m.parameters()) if m is not None else 0  # noqa: E731
-    click.echo(f"model_id      {bundle.model_id}")
-    click.echo(f"preset        {bundle.config.preset}")
-    click.echo(f"sha256        {bundle.sha256}")
-    click.echo(f"random_init   {bundle.random_init}")
-    if bundle.random_parts:
-        click.echo(f"random_parts  {', '.join(bundle.random_parts)} (trained without their weights)")
-    click.echo(f"params        model {count(bundle.model):,}  liqe {count(bundle.liqe):,}  "
-               f"face {count(bundle.detector):,}")
 
 
 # ----------------------------------------------------------------------------- train and eval

@@ -336,3 +336,36 @@ def test_other_swin_variant_is_refused_not_resampled():
     sd = official_layout(DualBranchPIQA(tiny.model))
     with pytest.raises(CheckpointError, match="another Swin variant"):
         official_to_ours(sd, DualBranchPIQA(other.model))
+
+
+def test_unreadable_files_are_named_checkpoint_errors(tmp_path):
+    good = tmp_path / "good.pth"
+    torch.save({"w": torch.zeros(100)}, good)
+    files = {"truncated.pth": good.read_bytes()[:300], "notes.txt": b"hello\n", "empty.pth": b"",
+             "random.bin": bytes(range(256)) * 4}
+    for name, blob in files.items():
+        (tmp_path / name).write_bytes(blob)
+        with pytest.raises(CheckpointError, match=re.escape(f"{tmp_path / name}: not a readable torch checkpoint")):
+            torch_load(tmp_path / name)
+    with pytest.raises(CheckpointError, match="^s3://b/x.pt: not a readable"):
+        torch_load(b"nope", where="s3://b/x.pt")
+
+
+def test_unknown_preset_is_a_key_and_value_error_listing_the_presets():
+    with pytest.raises(KeyError) as err:  # still a KeyError for lookups, and a ValueError for the CLI
+        get_preset("foo")
+    assert isinstance(err.value, ValueError) and str(err.value) == "unknown preset 'foo'; known presets: dn-piqa, tiny"
+
+
+def test_a_newer_checkpoint_format_names_both_versions():
+    from piqa_core.checkpoints import parse_meta
+
+    with pytest.raises(CheckpointError, match=r"c.json: written by another piqa version \(format 'piqa-checkpoint/2'; "
+                                              r"this piqa reads 'piqa-checkpoint/1'\)"):
+        parse_meta('{"format": "piqa-checkpoint/2", "config": {}, "sha256": ""}', "c.json")
+
+
+def test_swapped_official_files_are_named():
+    src = build_bundle("tiny", text_features=False)
+    with pytest.raises(CheckpointError, match=r"^LIQE \(a state dict\): not an OpenAI-layout .*did you swap"):
+        import_official(openai_layout(src.liqe), official_layout(src.model), config="tiny")
