@@ -313,7 +313,7 @@ def eval_cmd(labels, images, fmt, train_list, test_list, val_fraction, seed, end
     from piqa_core.scorer import Scorer
 
     from .actors import load_bundle
-    from .evaluate import evaluate_table, select_split, write_eval
+    from .evaluate import check_eval_outputs, evaluate_table, select_split, write_eval
     from .labels import load_labels
     from .storage import check_writable, is_dir, parent_uri
 
@@ -321,6 +321,7 @@ def eval_cmd(labels, images, fmt, train_list, test_list, val_fraction, seed, end
     if out.endswith("/") or is_dir(out, s3):  # refused now, not after scoring everything
         raise click.UsageError(f"--out names the JSON report file (the predictions go next to it), got a folder: {out}")
     with _user_errors():
+        check_eval_outputs(out, [labels, train_list, test_list], s3)
         check_writable(parent_uri(out), s3)
         table = load_labels(labels, images, fmt, train_list, test_list, val_fraction, seed, s3, check_images=False)
         table, split = select_split(table, split)

@@ -1,6 +1,7 @@
 """The `piqa` command line: model options, local scoring, weights commands."""
 
 import json
+import pathlib
 import subprocess
 import sys
 
@@ -222,6 +223,10 @@ def test_eval_refuses_a_folder_out_before_scoring_and_fails_when_nothing_scored(
     monkeypatch.setattr(piqa_core.scorer.Scorer, "score_columns", lambda *a: pytest.fail("scored before --out check"))
     res = CliRunner().invoke(main, [*args, "--out", str(tmp_path)])
     assert res.exit_code == 2 and "got a folder" in res.output, res.output
+    labels = pathlib.Path(args[2])
+    kept = labels.read_bytes()
+    res = CliRunner().invoke(main, [*args, "--out", str(labels)])  # the report would replace the labels
+    assert res.exit_code == 1 and "choose another --out" in res.output and labels.read_bytes() == kept, res.output
 
     monkeypatch.undo()
     for p in photos.glob("*.jpg"):
