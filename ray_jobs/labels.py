@@ -88,8 +88,9 @@ def _blank(col: pd.Series) -> np.ndarray:
 
 
 def normalise_local(uri: str) -> str:
-    """A local path in one spelling (``/x/img//p.jpg`` -> ``/x/img/p.jpg``), so that duplicates show;
-    a URI stays as written (an S3 key may hold ``//`` or ``..``: collapsing them names another object)."""
+    """A local path in one spelling (``/x/img//p.jpg`` -> ``/x/img/p.jpg``), for the duplicate check only:
+    the table keeps each uri as written, since the validation hold-out and the feature cache key on it.
+    A URI stays as written (an S3 key may hold ``//`` or ``..``: collapsing them names another object)."""
     if "://" in uri:
         return uri
     path = os.path.normpath(uri)
@@ -98,12 +99,9 @@ def normalise_local(uri: str) -> str:
 
 
 def resolve_relative(entry: str, base_uri: str) -> str:
-    """An absolute URI stays, an absolute local path is normalised; a relative one is taken relative to
-    ``base_uri``'s directory."""
-    if "://" in entry:
+    """An absolute path / URI stays; a relative one is taken relative to ``base_uri``'s directory."""
+    if "://" in entry or os.path.isabs(entry):
         return entry
-    if os.path.isabs(entry):
-        return normalise_local(entry)
     if "://" in base_uri:
         scheme, key = base_uri.split("://", 1)
         return f"{scheme}://{posixpath.normpath(posixpath.join(posixpath.dirname(key), entry))}"
@@ -220,7 +218,7 @@ def from_piq23(csv_uri: str, images: str | None = None, train_list: str | None =
     _require(df, PIQ23_REQUIRED, csv_uri, "PIQ23")
     root = (local_path(images) or images) if images else resolve_relative(".", csv_uri)
     rel = [p and p.replace("\\", "/").lstrip("/") for p in _text(df["IMAGE PATH"])]
-    out = pd.DataFrame({"uri": [p and normalise_local(join(root, p)) for p in rel],
+    out = pd.DataFrame({"uri": [p and join(root, p) for p in rel],
                         "score": pd.to_numeric(df["JOD"], errors="coerce"), "group": _text(df["SCENE"]),
                         "name": [n or (p and posixpath.basename(p)) for n, p in zip(_text(df["IMAGE"]), rel)]})
     unused: frozenset[str] = frozenset()
