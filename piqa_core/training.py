@@ -177,7 +177,8 @@ def pair_loss(model: torch.nn.Module, cols: dict[str, np.ndarray], labels: np.nd
               device: torch.device, bf16: bool = False, world: int = 1) -> tuple[torch.Tensor, float, int]:
     """Fidelity loss of prepared pairs: rows [0, n) are the first images, [n, 2n) their partners.
 
-    Returns the loss to back-propagate, the sum of this rank's valid pair losses and their count.
+    Returns the loss to back-propagate, the sum of this rank's valid pair losses (nan when any rank's
+    is) and their count.
     ``model`` is called (not ``score_crops``) so a DDP wrapper sees the forward. Pairs with an image
     that failed to load keep their (zero) rows, so every rank runs the same forward, but weigh 0.
     With ``world`` > 1 ranks, the loss is scaled by the valid pairs of all ranks: DDP averages the
@@ -191,13 +192,15 @@ def pair_loss(model: torch.nn.Module, cols: dict[str, np.ndarray], labels: np.nd
     ok = cols["status"] == "ok"
     valid = torch.from_numpy((ok[:n] & ok[n:]).astype(np.float32)).to(device)
     total, count = (per_pair * valid).sum(), valid.sum()
-    everywhere = count.clone()
+    step = torch.stack([total.detach(), count])
     if world > 1:
         import torch.distributed as dist
 
-        dist.all_reduce(everywhere)
-    loss = total * world / everywhere.clamp(min=1.0)
-    return loss, float(total.detach()), int(count.item())
+        dist.all_reduce(step)
+    loss = total * world / step[1].clamp(min=1.0)
+    # nan on any rank is nan on all: every rank stops before its step, none waits in the all-reduce
+    local = float(total.detach()) if math.isfinite(float(step[0])) else math.nan
+    return loss, local, int(count.item())
 
 
 @torch.inference_mode()
@@ -343,8 +346,11 @@ def make_optimizer(model: torch.nn.Module, lr: float = 1e-5, weight_decay: float
     return opt, torch.optim.lr_scheduler.StepLR(opt, step_size=step, gamma=gamma)
 
 
-def _state(src: Source) -> dict[str, torch.Tensor]:
-    return torch_load(src if isinstance(src, bytes) else os.fspath(src))
+def _state(src: Source, option: str) -> dict[str, torch.Tensor]:
+    """A start-weight file; a remote one (bytes) is named in errors by its ``option``."""
+    if isinstance(src, bytes):
+        return torch_load(src, where=f"{option} (remote file)")
+    return torch_load(os.fspath(src))
 
 
 def _frozen_parts(bundle: Bundle, **sources: Source | None) -> tuple[str, ...]:
@@ -371,21 +377,21 @@ def init_bundle(preset: str = "dn-piqa", seed: int = 0, init: Source | None = No
             bundle.random_parts = _frozen_parts(bundle, liqe=None, face=None)
     else:
         cfg = get_preset(preset)
-        liqe_sd = _state(liqe) if liqe is not None else None
+        liqe_sd = _state(liqe, "--liqe") if liqe is not None else None
         if liqe_sd is not None:
             cfg.liqe.clip_cfg = clip_cfg_from_openai(liqe_sd)
         bundle = build_bundle(cfg, seed=seed, text_features=liqe_sd is None)
         if liqe_sd is not None:
             load_liqe_openai(bundle.liqe, liqe_sd)
         if retinaface is not None and bundle.detector is not None:
-            load_strict(bundle.detector.net, clean_state_dict(_state(retinaface)), "RetinaFace")
+            load_strict(bundle.detector.net, clean_state_dict(_state(retinaface, "--retinaface")), "RetinaFace")
         if init is not None:
-            load_strict(bundle.model, official_to_ours(_state(init), bundle.model), "DN-PIQA model")
+            load_strict(bundle.model, official_to_ours(_state(init, "--init"), bundle.model), "DN-PIQA model")
         bundle.random_parts = _frozen_parts(bundle, liqe=liqe, face=retinaface)
     names = {"liqe": "LIQE", "face": "RetinaFace"}
     warnings = [f"{names[p]} weights are random (frozen during training)" for p in bundle.random_parts]
-    for branch, src in (("backbone", init_whole), ("backbone_face", init_face)):
+    for branch, src, option in (("backbone", init_whole, "--init-whole"), ("backbone_face", init_face, "--init-face")):
         if src is not None:
             module = getattr(bundle.model, branch)
-            load_strict(module, backbone_from_official(_state(src), module), f"{branch} pre-training")
+            load_strict(module, backbone_from_official(_state(src, option), module), f"{branch} pre-training")
     return bundle, warnings

@@ -184,8 +184,9 @@ def _ddp_step(rank: int, world: int, init: str, out: str) -> None:
         cols, labels = _pair_batch(*_RANK_BATCHES[rank])
         loss, total, n = pair_loss(model, cols, labels, get_preset("tiny"), torch.device("cpu"), world=world)
         loss.backward()
-        if rank == 0:
-            torch.save(model.module.w.grad, out)
+        labels[0] = np.nan if rank == 1 else labels[0]  # one rank diverges: both must see it
+        diverged = pair_loss(model, cols, labels, get_preset("tiny"), torch.device("cpu"), world=world)[1]
+        torch.save({"grad": model.module.w.grad, "diverged": diverged}, f"{out}.{rank}")
     finally:
         dist.destroy_process_group()
 
@@ -207,4 +208,17 @@ def test_pair_loss_over_ranks_is_the_mean_over_all_valid_pairs(tmp_path) -> None
 
     torch.multiprocessing.spawn(_ddp_step, args=(2, f"file://{tmp_path / 'pg'}", str(tmp_path / "grad.pt")),
                                 nprocs=2)
-    torch.testing.assert_close(torch.load(tmp_path / "grad.pt"), model.w.grad)
+    ranks = [torch.load(tmp_path / f"grad.pt.{rank}") for rank in (0, 1)]
+    torch.testing.assert_close(ranks[0]["grad"], model.w.grad)
+    assert all(np.isnan(r["diverged"]) for r in ranks)
+
+
+def test_an_unreadable_remote_start_file_is_named_by_its_option(tmp_path) -> None:
+    from piqa_core.checkpoints import CheckpointError
+    from piqa_core.training import init_bundle
+
+    with pytest.raises(CheckpointError, match=r"^--init-face \(remote file\): not a readable torch checkpoint"):
+        init_bundle("tiny", init_face=b"PK\x03\x04 truncated download")
+    (tmp_path / "LIQE.pt").write_bytes(b"not torch")
+    with pytest.raises(CheckpointError, match=f"^{tmp_path / 'LIQE.pt'}: not a readable"):
+        init_bundle("tiny", liqe=str(tmp_path / "LIQE.pt"))
