@@ -10,6 +10,7 @@ import os
 import re
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -40,16 +41,24 @@ def resolve_weights(uri: str | os.PathLike, cache_dir: str | os.PathLike | None 
     """A local model directory for a path or remote URI (copied once into a cache keyed by the URI).
 
     ``sha256``: the weights expected there; without it the source's config.json is read (``read``,
-    fsspec by default) for them. A cached copy of other weights (the URI was written again, as a
-    training run's ``model/`` is) is fetched anew instead of served.
+    fsspec by default: pass ``read`` with a ``fetch`` of your own) for them. A cached copy of other
+    weights (the URI was written again, as a training run's ``model/`` is) is fetched anew instead
+    of served; when the source cannot be reached, a cached copy is served with a warning.
     """
     text = os.fspath(uri)
     if not re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*://", text) or text.startswith("file://"):
         return Path(text.removeprefix("file://")).expanduser()
-    if sha256 is None:
-        sha256 = source_sha256(text, read or _fsspec_read)
     cache = Path(cache_dir or Path(torch.hub.get_dir()).parent / "piqa").expanduser()
     dest = cache / hashlib.sha256(text.encode()).hexdigest()[:16]
+    if sha256 is None:
+        try:
+            sha256 = source_sha256(text, read or _fsspec_read)
+        except OSError as e:  # offline, or the store failed: what this node has is better than nothing
+            if not _cached(dest, None):
+                raise
+            warnings.warn(f"{text}: {CONFIG_FILE} could not be read ({type(e).__name__}: {e}); using the copy "
+                          f"cached in {dest}, which may be older", stacklevel=2)
+            return dest
     if _cached(dest, sha256):
         return dest
     cache.mkdir(parents=True, exist_ok=True)

@@ -84,3 +84,18 @@ def test_concurrent_resolves_download_once_and_leave_no_partial_copies(tmp_path)
     with pytest.raises(CheckpointError, match="holds no model.safetensors"):
         resolve_weights("s3://b/empty", cache_dir=cache, fetch=lambda uri, dest: None, sha256=sha)
     assert not [p for p in cache.iterdir() if ".partial-" in p.name]
+
+
+def test_an_unreachable_source_serves_the_cached_copy_with_a_warning(tmp_path):
+    sha = save_checkpoint(build_bundle("tiny"), tmp_path / "src")
+    fetch, read, calls, _ = _source(tmp_path)
+
+    def offline(uri):
+        raise ConnectionError("endpoint unreachable")
+
+    with pytest.raises(ConnectionError):  # nothing cached yet: the error stands
+        resolve_weights("s3://b/m", cache_dir=tmp_path / "cache", fetch=fetch, read=offline)
+    local = resolve_weights("s3://b/m", cache_dir=tmp_path / "cache", fetch=fetch, read=read)
+    with pytest.warns(UserWarning, match="could not be read .*ConnectionError.*which may be older"):
+        assert resolve_weights("s3://b/m", cache_dir=tmp_path / "cache", fetch=fetch, read=offline) == local
+    assert load_checkpoint(local).sha256 == sha and len(calls) == 1
