@@ -48,6 +48,8 @@ def _check_out(out: str, force: bool) -> Path:
         raise click.ClickException(f"-o {out}: model directories are written to a local folder; write it "
                                    f"locally, then upload it (e.g. aws s3 sync DIR {out})")
     path = Path(out)
+    if path.is_symlink():  # the rename into place would replace the link, not the folder it names
+        raise click.ClickException(f"-o {out} is a symbolic link: name the folder it points to")
     if path.is_dir() and any(path.iterdir()):
         if not force:
             raise click.ClickException(f"-o {out} exists and is not empty: name a new folder or remove it "

@@ -16,7 +16,7 @@ import os
 import posixpath
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import fsspec
 
@@ -188,10 +188,10 @@ def list_images(
     exts = tuple("." + e.lower().lstrip(".") for e in extensions) if extensions is not None else ()
     left_out: list[str] = []  # relative paths, "/"-separated
 
-    def keep(name: str, rel: str) -> bool:
+    def keep(name: str, rel: Callable[[], str]) -> bool:
         if extensions is None or name.lower().endswith(exts):
             return True
-        left_out.append(rel)
+        left_out.append(rel())
         return False
 
     local = local_path(prefix_uri)
@@ -201,7 +201,7 @@ def list_images(
         if not os.path.isdir(local):
             raise FileNotFoundError(errno.ENOENT, "No such file or directory", prefix_uri)
         out = [_local_info(p) for p in _walk_files(local, recursive)
-               if keep(os.path.basename(p), os.path.relpath(p, local).replace(os.sep, "/"))]
+               if keep(os.path.basename(p), lambda p=p: os.path.relpath(p, local).replace(os.sep, "/"))]
     else:
         scheme, fs = uri_scheme(prefix_uri), fsspec_filesystem(prefix_uri, s3)
         path = fs._strip_protocol(prefix_uri).rstrip("/")
@@ -220,7 +220,7 @@ def list_images(
             _remote_info(fs, scheme, name, info)
             for name, info in found.items()
             if info.get("type") == "file" and not name.endswith("/")
-            and keep(name, name[len(path):].lstrip("/"))
+            and keep(name, lambda name=name: name[len(path):].lstrip("/"))
         ]
     _warn_left_out(prefix_uri, left_out, exts)
     return sorted(out, key=lambda o: o.uri)

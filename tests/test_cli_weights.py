@@ -89,12 +89,16 @@ def test_a_crash_while_writing_never_leaves_half_a_directory(tmp_path, monkeypat
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before and [p.name for p in out.parent.iterdir()] == ["m"]
 
 
-def test_out_with_a_scheme_is_refused(official, tmp_path, monkeypatch):
+def test_out_with_a_scheme_or_a_symlink_is_refused(official, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     _one_line_error(_weights("random", "--preset", "tiny", "-o", "s3://models/piqa/m"),
                     "write it locally", "aws s3 sync DIR s3://models/piqa/m")
     _one_line_error(_import(official, "s3://models/piqa/m"), "aws s3 sync")
     assert list(tmp_path.iterdir()) == []  # no ./s3:/ folder
+    save_checkpoint(build_bundle("tiny"), tmp_path / "real")
+    (tmp_path / "link").symlink_to(tmp_path / "real")  # --force would rename the link, not the folder
+    _one_line_error(_weights("random", "--preset", "tiny", "--force", "-o", tmp_path / "link"), "symbolic link")
+    assert (tmp_path / "link").is_symlink()
 
 
 def test_unreadable_official_files_and_unknown_presets_are_one_line_errors(official, tmp_path):
