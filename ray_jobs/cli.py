@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import sys
 import time
 from typing import Iterator
@@ -36,6 +37,10 @@ def _user_errors() -> Iterator[None]:
         raise click.ClickException(f"cannot read the labels: {e}") from None
     except (CheckpointError, ValueError) as e:  # LabelError, TrainSetupError, AuditRefused are ValueErrors
         raise click.ClickException(str(e)) from None
+    except OSError as e:  # a full disk or quota, a read-only mount: the user's to fix, not a bug
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
+            raise
+        raise click.ClickException(f"{e.strerror}: {e.filename}" if e.filename else str(e)) from None
 
 
 @click.group()

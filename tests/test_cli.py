@@ -1,6 +1,7 @@
 """The `piqa` command line: model options, local scoring, weights commands."""
 
 import json
+import os
 import pathlib
 import subprocess
 import sys
@@ -263,3 +264,19 @@ def test_device_chooses_the_ray_pools_kind(photos, tmp_path, monkeypatch):
     CliRunner().invoke(main, ["audit", str(photos), "--state", str(tmp_path / "s"), "--random-weights",
                               "--preset", "tiny", "--device", "cpu"])
     assert jobs.pop().gpu is False
+
+
+def test_a_full_disk_or_read_only_mount_is_one_line_and_other_os_errors_stay_tracebacks() -> None:
+    import errno
+
+    import click
+
+    from ray_jobs.cli import _user_errors
+
+    for code in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
+        with pytest.raises(click.ClickException, match=rf"^{os.strerror(code)}: /out/part\.parquet$"):
+            with _user_errors():
+                raise OSError(code, os.strerror(code), "/out/part.parquet")
+    with pytest.raises(OSError, match="Input/output error"):  # an unknown failure keeps its traceback
+        with _user_errors():
+            raise OSError(errno.EIO, "Input/output error", "/out/part.parquet")
