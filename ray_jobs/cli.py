@@ -2,45 +2,17 @@
 
 from __future__ import annotations
 
-import contextlib
-import errno
 import sys
 import time
-from typing import Iterator
 
 import click
 from click.core import ParameterSource
 
 from piqa_core.config import list_presets
 
+from .cli_errors import _user_errors
 from .cli_weights import weights
 from .options import ModelOptions, model_options
-
-
-@contextlib.contextmanager
-def _user_errors() -> Iterator[None]:
-    """Mistakes a user can fix (a missing file, bad labels, options or weights) as a message, not a traceback."""
-    import pandas as pd
-
-    from piqa_core.checkpoints import CheckpointError
-
-    from .listing import ListingError
-    from .storage import OutputUnreadable
-
-    try:
-        yield
-    except FileNotFoundError as e:
-        raise click.ClickException(f"not found: {e.filename or e}") from None
-    except (ListingError, OutputUnreadable, IsADirectoryError, NotADirectoryError, PermissionError) as e:
-        raise click.ClickException(f"{e.strerror}: {e.filename}" if e.filename and e.strerror else str(e)) from None
-    except (pd.errors.EmptyDataError, pd.errors.ParserError) as e:
-        raise click.ClickException(f"cannot read the labels: {e}") from None
-    except (CheckpointError, ValueError) as e:  # LabelError, TrainSetupError, AuditRefused are ValueErrors
-        raise click.ClickException(str(e)) from None
-    except OSError as e:  # a full disk or quota, a read-only mount: the user's to fix, not a bug
-        if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
-            raise
-        raise click.ClickException(f"{e.strerror}: {e.filename}" if e.filename else str(e)) from None
 
 
 @click.group()
@@ -326,7 +298,7 @@ def eval_cmd(labels, images, fmt, train_list, test_list, val_fraction, seed, end
     if out.endswith("/") or is_dir(out, s3):  # refused now, not after scoring everything
         raise click.UsageError(f"--out names the JSON report file (the predictions go next to it), got a folder: {out}")
     with _user_errors():
-        check_eval_outputs(out, [labels, train_list, test_list], s3)
+        check_eval_outputs(out, [labels, train_list, test_list])
         check_writable(parent_uri(out), s3)
         table = load_labels(labels, images, fmt, train_list, test_list, val_fraction, seed, s3, check_images=False)
         table, split = select_split(table, split)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import json
 import os
@@ -10,28 +9,21 @@ import re
 import secrets
 import shutil
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 import click
 
 from piqa_core.config import list_presets
 
+from .cli_errors import _user_errors
+
 # scheme://…: pathlib would take it for a relative local path ("s3:/bucket/…")
 _SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 
 
-@contextlib.contextmanager
-def _errors() -> Iterator[None]:
-    # Imported here: cli.py imports this module, and `python -m ray_jobs.cli` runs cli.py as __main__.
-    from .cli import _user_errors
-
-    with _user_errors():
-        yield
-
-
 def _is_model_dir(path: Path) -> bool:
     """Only our two files, and a config.json of some piqa checkpoint format: what --force may replace."""
-    from piqa_core.checkpoints import CONFIG_FILE, FORMAT, WEIGHTS_FILE
+    from piqa_core.checkpoints import CONFIG_FILE, WEIGHTS_FILE, is_piqa_format
 
     if {p.name for p in path.iterdir()} - {CONFIG_FILE, WEIGHTS_FILE} or not (path / CONFIG_FILE).is_file():
         return False
@@ -39,7 +31,7 @@ def _is_model_dir(path: Path) -> bool:
         fmt = json.loads((path / CONFIG_FILE).read_text()).get("format")
     except (ValueError, AttributeError, OSError):
         return False
-    return isinstance(fmt, str) and fmt.startswith(FORMAT.split("/")[0] + "/")
+    return is_piqa_format(fmt)
 
 
 def _check_out(out: str, force: bool) -> Path:
@@ -119,7 +111,7 @@ def import_official_cmd(piq_model: str, liqe: str, retinaface: str | None, out: 
     from piqa_core.checkpoints import save_checkpoint
     from piqa_core.official import import_official
 
-    with _errors():
+    with _user_errors():
         path = _check_out(out, force)
         bundle = import_official(piq_model, liqe, retinaface, config=preset, model_id=model_id)
         extra = {"source": {"piq_model": piq_model, "liqe": liqe}}
@@ -136,7 +128,7 @@ def random_cmd(preset: str, seed: int, out: str, force: bool) -> None:
     """Write a randomly initialised model directory (marked random: for tests and smoke runs)."""
     from piqa_core.checkpoints import build_bundle, save_checkpoint
 
-    with _errors():
+    with _user_errors():
         path = _check_out(out, force)
         bundle = build_bundle(preset, seed=seed)
         digest = _write_dir(path, force, lambda d: save_checkpoint(bundle, d))
@@ -149,7 +141,7 @@ def info_cmd(model_dir: str) -> None:
     """Print a model directory's id, preset, sha256 and parameter counts."""
     from piqa_core.checkpoints import load_checkpoint
 
-    with _errors():
+    with _user_errors():
         bundle = load_checkpoint(Path(model_dir))
     count = lambda m: sum(p.numel() for p in m.parameters()) if m is not None else 0  # noqa: E731
     click.echo(f"model_id      {bundle.model_id}")

@@ -1,0 +1,35 @@
+"""The CLI's one way of turning mistakes a user can fix into a one-line message."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+from typing import Iterator
+
+import click
+
+
+@contextlib.contextmanager
+def _user_errors() -> Iterator[None]:
+    """Mistakes a user can fix (a missing file, bad labels, options or weights) as a message, not a traceback."""
+    import pandas as pd
+
+    from piqa_core.checkpoints import CheckpointError
+
+    from .listing import ListingError
+    from .storage import OutputUnreadable
+
+    try:
+        yield
+    except FileNotFoundError as e:
+        raise click.ClickException(f"not found: {e.filename or e}") from None
+    except (ListingError, OutputUnreadable, IsADirectoryError, NotADirectoryError, PermissionError) as e:
+        raise click.ClickException(f"{e.strerror}: {e.filename}" if e.filename and e.strerror else str(e)) from None
+    except (pd.errors.EmptyDataError, pd.errors.ParserError) as e:
+        raise click.ClickException(f"cannot read the labels: {e}") from None
+    except (CheckpointError, ValueError) as e:  # LabelError, TrainSetupError, AuditRefused are ValueErrors
+        raise click.ClickException(str(e)) from None
+    except OSError as e:  # a full disk or quota, a read-only mount: the user's to fix, not a bug
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
+            raise
+        raise click.ClickException(f"{e.strerror}: {e.filename}" if e.filename else str(e)) from None
