@@ -288,6 +288,11 @@ def save_checkpoint(bundle: Bundle, directory: str | os.PathLike, extra: Mapping
     return digest
 
 
+def is_piqa_format(fmt: Any) -> bool:
+    """A ``format`` written by some piqa version (this one reads :data:`FORMAT` only)."""
+    return isinstance(fmt, str) and fmt.startswith(FORMAT.split("/")[0] + "/")
+
+
 def parse_meta(text: bytes | str, where: str) -> dict[str, Any]:
     """A model directory's config.json, checked: our format, with a config and the weights' sha256."""
     try:
@@ -296,7 +301,7 @@ def parse_meta(text: bytes | str, where: str) -> dict[str, Any]:
         raise CheckpointError(f"{where} is not JSON ({e}): is this a piqa model directory?") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         got = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
-        if isinstance(got, str) and got.startswith(FORMAT.split("/")[0] + "/"):
+        if is_piqa_format(got):
             raise CheckpointError(f"{where}: written by another piqa version (format {got!r}; this piqa reads "
                                   f"{FORMAT!r}): load it with the piqa version that wrote it, or upgrade piqa")
         raise CheckpointError(f"{where}: unknown format {got!r}, expected {FORMAT!r} (a piqa model "
