@@ -98,14 +98,14 @@ def _remote_key(uri: str) -> str:
     return f"{'s3' if scheme in S3_SCHEMES else scheme}://{rest}"
 
 
-def check_eval_outputs(out: str, inputs: Sequence[str | None], s3: S3Options | None = None) -> None:
+def check_eval_outputs(out: str, inputs: Sequence[str | None]) -> None:
     """``ValueError`` (one line) when the report ``out`` or its predictions Parquet is one of ``inputs``
     (labels, split lists; ``None`` skipped): writing it would destroy the labels, and a rerun would
     then read its own predictions as labels.
 
     Local paths compare resolved (symlinks, ``..``, ``~``, ``file:``) and by file identity when both
-    exist (hard links); remote URIs compare as written but for the scheme (``S3A://`` = ``s3://``).
-    ``s3`` is unused: on one store two different keys are never one object, so nothing needs a request.
+    exist (hard links); remote URIs compare as written but for the scheme (``S3A://`` = ``s3://``):
+    on one store two different keys are never one object, so nothing needs a request.
     """
     targets = (("report", out), ("predictions", predictions_uri(out)))
     for src in inputs:

@@ -25,15 +25,15 @@ def test_predictions_next_to_the_labels_are_refused(tmp_path: Path, monkeypatch:
     for out in ("labels.json", str(tmp_path / "labels.json"), "./sub/../labels.json", "labels.parquet",
                 f"file://{tmp_path}/labels.json"):
         with pytest.raises(ValueError, match=r"^--out .* which is the input .*labels\.parquet; choose another --out$"):
-            check_eval_outputs(out, [str(labels), None, None], None)
+            check_eval_outputs(out, [str(labels), None, None])
     # the report itself on the labels (a CSV given as --out), and a split list hit as well
     (tmp_path / "l.csv").write_text("uri,score,group\n")
     with pytest.raises(ValueError, match=r"its report to l\.csv, which is the input"):
-        check_eval_outputs("l.csv", ["l.csv"], None)
+        check_eval_outputs("l.csv", ["l.csv"])
     with pytest.raises(ValueError, match=r"its predictions to .*test\.parquet, which is the input test\.parquet"):
-        check_eval_outputs(str(tmp_path / "test.json"), [str(labels), None, "test.parquet"], None)
-    check_eval_outputs("report.json", [str(labels), "train.txt", "test.txt"], None)  # other names: fine
-    check_eval_outputs("labels.json", ["s3://b/labels.parquet"], None)  # local vs remote: never one file
+        check_eval_outputs(str(tmp_path / "test.json"), [str(labels), None, "test.parquet"])
+    check_eval_outputs("report.json", [str(labels), "train.txt", "test.txt"])  # other names: fine
+    check_eval_outputs("labels.json", ["s3://b/labels.parquet"])  # local vs remote: never one file
 
 
 def test_links_to_the_labels_are_refused(tmp_path: Path) -> None:
@@ -44,19 +44,19 @@ def test_links_to_the_labels_are_refused(tmp_path: Path) -> None:
     os.symlink(data, tmp_path / "alias")
     os.link(labels, tmp_path / "hard.parquet")
     with pytest.raises(ValueError, match="which is the input"):
-        check_eval_outputs(str(tmp_path / "alias" / "labels.json"), [str(labels)], None)
+        check_eval_outputs(str(tmp_path / "alias" / "labels.json"), [str(labels)])
     with pytest.raises(ValueError, match="which is the input"):
-        check_eval_outputs(str(tmp_path / "hard.json"), [str(labels)], None)
+        check_eval_outputs(str(tmp_path / "hard.json"), [str(labels)])
 
 
 def test_remote_outputs_compare_by_uri() -> None:
     with pytest.raises(ValueError, match=r"its predictions to s3://b/x/labels\.parquet"):
-        check_eval_outputs("s3://b/x/labels.json", ["s3://b/x/labels.parquet"], None)
+        check_eval_outputs("s3://b/x/labels.json", ["s3://b/x/labels.parquet"])
     with pytest.raises(ValueError, match="which is the input S3A://b/x/labels.parquet"):
-        check_eval_outputs("s3://b/x/labels.json", ["S3A://b/x/labels.parquet"], None)
+        check_eval_outputs("s3://b/x/labels.json", ["S3A://b/x/labels.parquet"])
     # "//" in an S3 key names another object: not collapsed
-    check_eval_outputs("s3://b/x//labels.json", ["s3://b/x/labels.parquet"], None)
-    check_eval_outputs("s3://other/x/labels.json", ["s3://b/x/labels.parquet"], None)
+    check_eval_outputs("s3://b/x//labels.json", ["s3://b/x/labels.parquet"])
+    check_eval_outputs("s3://other/x/labels.json", ["s3://b/x/labels.parquet"])
 
 
 def test_a_group_whose_every_image_failed_is_listed(monkeypatch: pytest.MonkeyPatch) -> None:
