@@ -88,16 +88,10 @@ def test_from_pretrained_directory_matches_in_memory(tmp_path, scorer):
 
 def test_from_pretrained_remote_follows_a_rewritten_source(tmp_path, monkeypatch):
     """A remote model directory written again (a retrained model/) is fetched again, not served stale."""
+    from tests.test_weight_cache import _source
+
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))  # the cache: tmp_path/piqa
-    fetched = []
-
-    def fetch(uri, dest):
-        fetched.append(uri)
-        for f in (tmp_path / "src").iterdir():
-            (dest / f.name).write_bytes(f.read_bytes())
-
-    def read(uri):
-        return (tmp_path / "src" / uri.rsplit("/", 1)[1]).read_bytes()
+    fetch, read, fetched, _ = _source(tmp_path)
 
     def load() -> str:
         return Scorer.from_pretrained("s3://b/model", device="cpu", fetch=fetch, read=read).sha256
