@@ -119,6 +119,18 @@ def _from_array(arr: np.ndarray, cfg: PreprocessConfig) -> Image.Image:
     return img.convert("RGB") if arr.ndim == 2 else img
 
 
+def _finish_caller_image(img: Image.Image, cfg: PreprocessConfig) -> Image.Image:
+    """``_finish`` for a caller's image, which is left on the frame it was on."""
+    frame = img.tell()
+    if frame == 0:
+        return _finish(img, cfg)
+    try:
+        out = _finish(img, cfg)
+        return out.copy() if out is img else out  # frame 0's pixels, before seeking back replaces them
+    finally:
+        img.seek(frame)
+
+
 def load_image(src: ImageSource, cfg: PreprocessConfig) -> Image.Image:
     """RGB image from a local path, encoded bytes, a PIL image or a uint8 array (HxWx3 or HxW)."""
     if isinstance(src, (str, os.PathLike)):
@@ -134,7 +146,7 @@ def load_image(src: ImageSource, cfg: PreprocessConfig) -> Image.Image:
         return decode_image(bytes(src), cfg)
     try:
         if isinstance(src, Image.Image):
-            return _finish(src, cfg)
+            return _finish_caller_image(src, cfg)
         if isinstance(src, np.ndarray):
             return _from_array(src, cfg)
     except ImageError:
