@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 import time
+from typing import TYPE_CHECKING
 
 import click
 from click.core import ParameterSource
@@ -12,7 +13,10 @@ from piqa_core.config import list_presets
 
 from .cli_errors import _user_errors
 from .cli_weights import weights
-from .options import ModelOptions, model_options
+from .options import ModelOptions, model_options, s3_options
+
+if TYPE_CHECKING:
+    from .storage import S3Options
 
 
 @click.group()
@@ -30,8 +34,7 @@ main.add_command(weights)  # `piqa weights …`, in cli_weights.py
 @click.option("--engine", type=click.Choice(["ray", "local"]), default="ray", show_default=True,
               help="ray = the Ray Data pipeline; local = this process, no Ray.")
 @click.option("--manifest", is_flag=True, help="INPUTS are manifest files (txt/csv/parquet of URIs).")
-@click.option("--endpoint-url", envvar="PIQA_S3_ENDPOINT", help="S3-compatible endpoint (MinIO, Ceph, …).")
-@click.option("--region", default=None)
+@s3_options
 @click.option("--max-bytes", type=click.IntRange(1), default=256 * 1024 * 1024, show_default=True,
               help="Objects larger than this become error rows.")
 @click.option("--resume", is_flag=True,
@@ -55,16 +58,11 @@ main.add_command(weights)  # `piqa weights …`, in cli_weights.py
 @click.option("--address", envvar="RAY_ADDRESS", default=None, help="Ray cluster (default: start a local one).")
 @click.option("--inject-crash", type=click.Choice(["prep", "score"]), default=None, hidden=True)
 @model_options
-def score(inputs: tuple[str, ...], out: str, engine: str, manifest: bool, endpoint_url: str | None,
-          region: str | None, max_bytes: int, resume: bool, run_date: str | None, face_device: str, prep: str,
+def score(inputs: tuple[str, ...], out: str, engine: str, manifest: bool, s3: S3Options, max_bytes: int,
+          resume: bool, run_date: str | None, face_device: str, prep: str,
           prep_actors: int | None, score_actors: int | None, prep_batch_size: int | None, gpus_per_actor: float,
           gpu: bool | None, address: str | None, inject_crash: str | None, model: ModelOptions) -> None:
     """Score images under INPUTS (files, folders, s3:// prefixes); one output row per input."""
-    from .storage import S3Options
-
-    s3 = S3Options.from_env()
-    s3.endpoint_url = endpoint_url or s3.endpoint_url
-    s3.region = region or s3.region
     if prep == "device" and prep_actors:
         raise click.UsageError("--prep-actors has no effect with --prep device (the score actors prepare)")
     if face_device == "gpu" and gpu is False:
@@ -158,24 +156,19 @@ def _score_local(inputs, out, manifest, s3, max_bytes, model: ModelOptions) -> N
               help="Folder levels below the library root that make an album in the per-prefix table.")
 @click.option("--keep-deleted-days", type=click.FloatRange(0), default=30.0, show_default=True,
               help="Deleted objects stay in the state (deleted=True) at least one run and this long.")
-@click.option("--endpoint-url", envvar="PIQA_S3_ENDPOINT", help="S3-compatible endpoint (MinIO, Ceph, …).")
-@click.option("--region", default=None)
+@s3_options
 @click.option("--address", envvar="RAY_ADDRESS", default=None, help="Ray cluster (default: start a local one).")
 @model_options
 def audit(library: str, state_uri: str, alert_if_mean_drops: float | None, alert_if_error_rate: float | None,
-          top_worst: int, prefix_depth: int, keep_deleted_days: float, endpoint_url: str | None,
-          region: str | None, address: str | None, model: ModelOptions) -> None:
+          top_worst: int, prefix_depth: int, keep_deleted_days: float, s3: S3Options, address: str | None,
+          model: ModelOptions) -> None:
     """Nightly incremental audit of LIBRARY: score new and changed photos, keep the state, write a report.
 
     Exit status: 0 ok; 3 an --alert-if-* threshold was crossed (state and report are still committed);
     other non-zero: the run failed, the previous state stays current and a re-run finishes the run.
     """
     from .audit import ALERT_EXIT_CODE, AuditJob, run_audit
-    from .storage import S3Options
 
-    s3 = S3Options.from_env()
-    s3.endpoint_url = endpoint_url or s3.endpoint_url
-    s3.region = region or s3.region
     job = AuditJob(library=library, state=state_uri, model=model, s3=s3, alert_if_mean_drops=alert_if_mean_drops,
                    alert_if_error_rate=alert_if_error_rate, top_worst=top_worst, prefix_depth=prefix_depth,
                    keep_deleted_days=keep_deleted_days, address=address, gpu=_ray_gpu(model.device, None))
@@ -206,25 +199,15 @@ def _label_options(fn):
         click.option("--val-fraction", type=click.FloatRange(0, 1, max_open=True), default=0.2, show_default=True,
                      help="Share of each group's train images held out for validation when no val split exists."),
         click.option("--seed", type=int, default=0, show_default=True),
-        click.option("--endpoint-url", envvar="PIQA_S3_ENDPOINT", help="S3-compatible endpoint (MinIO, Ceph, …)."),
-        click.option("--region", default=None),
     ]
     for opt in reversed(opts):
         fn = opt(fn)
     return fn
 
 
-def _s3(endpoint_url: str | None, region: str | None):
-    from .storage import S3Options
-
-    s3 = S3Options.from_env()
-    s3.endpoint_url = endpoint_url or s3.endpoint_url
-    s3.region = region or s3.region
-    return s3
-
-
 @main.command()
 @_label_options
+@s3_options
 @click.option("--pairs", default=None, help="Fixed pair list (IMAGE, IMAGE second), e.g. the official exp.csv.")
 @click.option("--pairs-per-image", type=click.IntRange(1), default=2, show_default=True,
               help="Without --pairs: partners drawn within its group for each train image, every epoch "
@@ -255,7 +238,7 @@ def _s3(endpoint_url: str | None, region: str | None):
 @click.option("--keep", type=click.IntRange(1), default=2, show_default=True, help="Checkpoints kept (best by val).")
 @click.option("--address", envvar="RAY_ADDRESS", default=None, help="Ray cluster (default: start a local one).")
 @click.option("--fail-at-epoch", type=int, default=None, hidden=True)
-def train(labels, images, fmt, train_list, test_list, val_fraction, seed, endpoint_url, region, **kw) -> None:
+def train(labels, images, fmt, train_list, test_list, val_fraction, seed, s3, **kw) -> None:
     """Train DN-PIQA on labelled images (fidelity loss on pairs within a group) with Ray Train."""
     import ray.train as ray_train
 
@@ -264,7 +247,7 @@ def train(labels, images, fmt, train_list, test_list, val_fraction, seed, endpoi
     from .train import TrainJob, run_train_job
 
     job = TrainJob(labels=labels, images=images, format=fmt, train_list=train_list, test_list=test_list,
-                   val_fraction=val_fraction, seed=seed, s3=_s3(endpoint_url, region), **kw)
+                   val_fraction=val_fraction, seed=seed, s3=s3, **kw)
     try:
         with _user_errors():
             summary = run_train_job(job)
@@ -277,12 +260,13 @@ def train(labels, images, fmt, train_list, test_list, val_fraction, seed, endpoi
 
 @main.command("eval")
 @_label_options
+@s3_options
 @click.option("--split", type=click.Choice(["train", "val", "test", "all"]), default=None,
               help="Default: test when the labels have a test split, else all. val is a training run's "
                    "validation split when --val-fraction and --seed match the run's.")
 @click.option("--out", required=True, help="JSON report; per-image predictions go next to it (.parquet).")
 @model_options
-def eval_cmd(labels, images, fmt, train_list, test_list, val_fraction, seed, endpoint_url, region, split, out,
+def eval_cmd(labels, images, fmt, train_list, test_list, val_fraction, seed, s3, split, out,
              model: ModelOptions) -> None:
     """Score labelled images with a model and report per-group SRCC/KRCC/PLCC/RMSE/MAE."""
     from tqdm import tqdm
@@ -294,7 +278,6 @@ def eval_cmd(labels, images, fmt, train_list, test_list, val_fraction, seed, end
     from .labels import load_labels
     from .storage import check_writable, is_dir, parent_uri
 
-    s3 = _s3(endpoint_url, region)
     if out.endswith("/") or is_dir(out, s3):  # refused now, not after scoring everything
         raise click.UsageError(f"--out names the JSON report file (the predictions go next to it), got a folder: {out}")
     with _user_errors():

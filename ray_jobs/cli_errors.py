@@ -29,7 +29,9 @@ def _user_errors() -> Iterator[None]:
         raise click.ClickException(f"cannot read the labels: {e}") from None
     except (CheckpointError, ValueError) as e:  # LabelError, TrainSetupError, AuditRefused are ValueErrors
         raise click.ClickException(str(e)) from None
-    except OSError as e:  # a full disk or quota, a read-only mount: the user's to fix, not a bug
-        if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
-            raise
-        raise click.ClickException(f"{e.strerror}: {e.filename}" if e.filename else str(e)) from None
+    except OSError as e:  # a full disk or quota, a read-only mount, a store out of reach: the user's to fix
+        if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
+            raise click.ClickException(f"{e.strerror}: {e.filename}" if e.filename else str(e)) from None
+        if e.errno is None and "AWS Error" in str(e):  # pyarrow's S3 errors (endpoint, credentials, network)
+            raise click.ClickException(f"object store: {e}") from None
+        raise

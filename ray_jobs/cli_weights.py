@@ -9,13 +9,17 @@ import re
 import secrets
 import shutil
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import click
 
 from piqa_core.config import list_presets
 
 from .cli_errors import _user_errors
+from .options import s3_options
+
+if TYPE_CHECKING:
+    from .storage import S3Options
 
 # scheme://…: pathlib would take it for a relative local path ("s3:/bucket/…")
 _SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
@@ -136,13 +140,18 @@ def random_cmd(preset: str, seed: int, out: str, force: bool) -> None:
 
 
 @weights.command("info")
-@click.argument("model_dir", type=click.Path(exists=True, file_okay=False))
-def info_cmd(model_dir: str) -> None:
-    """Print a model directory's id, preset, sha256 and parameter counts."""
+@click.argument("model_dir")
+@s3_options
+def info_cmd(model_dir: str, s3: S3Options) -> None:
+    """Print the id, preset, sha256 and parameter counts of MODEL_DIR (a local folder or s3://… prefix)."""
     from piqa_core.checkpoints import load_checkpoint
 
+    from .actors import weights_dir
+
+    if not _SCHEME.match(model_dir) and not Path(model_dir).is_dir():
+        raise click.BadParameter(f"{model_dir!r} is not a folder", param_hint="MODEL_DIR")
     with _user_errors():
-        bundle = load_checkpoint(Path(model_dir))
+        bundle = load_checkpoint(weights_dir(model_dir, s3))  # a remote one through this node's weight cache
     count = lambda m: sum(p.numel() for p in m.parameters()) if m is not None else 0  # noqa: E731
     click.echo(f"model_id      {bundle.model_id}")
     click.echo(f"preset        {bundle.config.preset}")

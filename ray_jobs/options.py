@@ -1,14 +1,17 @@
-"""Model options shared by every command that scores (score, audit, eval), mapped onto the config."""
+"""Option groups shared by commands: the model (score, audit, eval) and S3 storage (every command that reads)."""
 
 from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import click
 
 from piqa_core.config import CROP_MODES, PRECISIONS, list_presets
+
+if TYPE_CHECKING:
+    from .storage import S3Options
 
 
 @dataclass
@@ -64,3 +67,24 @@ def model_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     for opt in reversed(opts):
         wrapper = opt(wrapper)
     return wrapper
+
+
+def s3_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Adds --endpoint-url/--region and passes them, over the environment's, as one ``s3: S3Options``."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, endpoint_url: str | None, region: str | None, **kwargs: Any) -> Any:
+        return fn(*args, s3=_s3(endpoint_url, region), **kwargs)
+
+    wrapper = click.option("--region", default=None)(wrapper)
+    return click.option("--endpoint-url", envvar="PIQA_S3_ENDPOINT",
+                        help="S3-compatible endpoint (MinIO, Ceph, …).")(wrapper)
+
+
+def _s3(endpoint_url: str | None, region: str | None) -> S3Options:
+    from .storage import S3Options
+
+    s3 = S3Options.from_env()
+    s3.endpoint_url = endpoint_url or s3.endpoint_url
+    s3.region = region or s3.region
+    return s3

@@ -156,3 +156,27 @@ def test_module_entrypoint_runs_the_weights_group():
     res = subprocess.run([sys.executable, "-m", "ray_jobs.cli", "weights", "random", "-o", "s3://b/m"],
                          capture_output=True, text=True, timeout=300)
     assert res.returncode == 1 and "aws s3 sync" in res.stderr and "Traceback" not in res.stderr, res.stderr
+
+
+def test_info_reads_a_model_directory_on_s3_through_the_endpoint_flag(model_dir, s3_server, s3_bucket, tmp_path,
+                                                                      monkeypatch):
+    import boto3
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))  # the weight cache lands beside it
+    monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)  # the flag, not the environment, names the server
+    client = boto3.client("s3", endpoint_url=s3_server.endpoint_url, region_name="us-east-1")
+    for f in model_dir.iterdir():
+        client.put_object(Bucket=s3_bucket, Key=f"models/m/{f.name}", Body=f.read_bytes())
+    sha = json.loads((model_dir / "config.json").read_text())["sha256"]
+    res = _weights("info", f"s3://{s3_bucket}/models/m", "--endpoint-url", s3_server.endpoint_url)
+    assert res.exit_code == 0, res.output
+    assert f"sha256        {sha}" in res.output and "preset        tiny" in res.output
+    _one_line_error(_weights("info", f"s3://{s3_bucket}/models/none", "--endpoint-url", s3_server.endpoint_url),
+                    f"s3://{s3_bucket}/models/none")
+    _one_line_error(_weights("info", f"s3://{s3_bucket}/models/m2", "--endpoint-url", "http://127.0.0.1:9"),
+                    "object store: ", "connect")  # nothing listens on port 9 (and nothing is cached for it)
+
+
+def test_info_on_a_missing_local_folder_is_a_usage_error(tmp_path):
+    res = _weights("info", tmp_path / "nope")
+    assert res.exit_code == 2 and "is not a folder" in res.output, res.output
