@@ -39,25 +39,30 @@ def _parquet_files(uri: str, s3: S3Options | None) -> tuple[pafs.FileSystem, lis
     return fs, files
 
 
-def _open(fs: pafs.FileSystem, path: str) -> pa.NativeFile | None:
-    """The file opened for reading; None when it vanished since the listing."""
+def _load(fs: pafs.FileSystem, path: str) -> pa.Buffer | None:
+    """The file's bytes; None when it vanished since the listing.
+
+    Read whole, then parsed from memory: pyarrow reports a failed read (permissions, a connection reset,
+    the store's errors after its retries) and damaged content alike as OSError, and only damage may
+    make a file's rows count as missing — an output that cannot be read stops the caller instead.
+    """
     try:
-        return fs.open_input_file(path)
+        with fs.open_input_file(path) as f:
+            return f.read_buffer()
     except FileNotFoundError:
         return None
     except OSError as e:
         raise OutputUnreadable(f"cannot read {path} ({e}); reading outputs back needs read access to "
-                               "--out (s3:GetObject on the output prefix)") from None
+                               "--out (s3:GetObject on the output prefix) and a reachable store") from None
 
 
 def _read(fs: pafs.FileSystem, path: str, columns: list[str] | None = None) -> pa.Table | None:
     """One output file, or None (with a warning) when its content is unreadable, e.g. cut short by a crash."""
-    f = _open(fs, path)
-    if f is None:
+    data = _load(fs, path)
+    if data is None:
         return None
     try:
-        with f:
-            return pq.read_table(f, columns=columns)
+        return pq.read_table(pa.BufferReader(data), columns=columns)
     except (OSError, pa.ArrowInvalid) as e:
         print(f"piqa: ignoring unreadable output file {path}: {e}", file=sys.stderr)
         return None
@@ -84,17 +89,16 @@ def already_scored(out: str, sha256: str, crop_mode: str, s3: S3Options | None =
 
 
 def _resume_columns(fs: pafs.FileSystem, path: str) -> pa.Table | None:
-    f = _open(fs, path)
-    if f is None:
+    data = _load(fs, path)
+    if data is None:
         return None
     try:
-        with f:
-            pf = pq.ParquetFile(f)
-            if not set(RESUME_COLUMNS) <= set(pf.schema_arrow.names):
-                print(f"piqa: ignoring {path}: not a score file (no {'/'.join(RESUME_COLUMNS)} columns)",
-                      file=sys.stderr)
-                return None
-            return pf.read(columns=list(RESUME_COLUMNS))
+        pf = pq.ParquetFile(pa.BufferReader(data))
+        if not set(RESUME_COLUMNS) <= set(pf.schema_arrow.names):
+            print(f"piqa: ignoring {path}: not a score file (no {'/'.join(RESUME_COLUMNS)} columns)",
+                  file=sys.stderr)
+            return None
+        return pf.read(columns=list(RESUME_COLUMNS))
     except pa.ArrowInvalid as e:
         name = path.rsplit("/", 1)[-1]
         if not name.startswith("part-"):
@@ -104,7 +108,7 @@ def _resume_columns(fs: pafs.FileSystem, path: str) -> pa.Table | None:
         fs.move(path, aside)
         print(f"piqa: {path} is unreadable ({e}); moved to {aside}, its inputs are scored again", file=sys.stderr)
         return None
-    except OSError as e:  # opened, then damaged content (e.g. corrupt compression): scored again
+    except OSError as e:  # damaged content (e.g. corrupt compression): scored again
         print(f"piqa: ignoring output file {path}, which could not be read: {e}", file=sys.stderr)
         return None
 

@@ -1,5 +1,6 @@
 """What `--resume` counts as done, and what it does with output files it cannot read (no Ray needed)."""
 
+import io
 from pathlib import Path
 
 import pyarrow as pa
@@ -96,6 +97,48 @@ def test_an_output_file_that_may_not_be_read_stops_resume_instead_of_scoring_twi
     monkeypatch.setattr(resume, "resolve", lambda uri, s3=None: (_Store(real(uri, s3)[0], "part-r1-u_000000.parquet"),
                                                                  real(uri, s3)[1]))
     assert already_scored(out, "sha1", "five") == set() and read_rows(out).num_rows == 0  # vanished: not ours to stop
+
+
+class _BrokenRead(io.RawIOBase):
+    """An object that opened, but whose GET fails part-way (a connection reset after the store's retries)."""
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        return 0
+
+    def readinto(self, b) -> int:
+        raise OSError("AWS Error NETWORK_CONNECTION during GetObject operation: connection reset")
+
+
+class _ResetStore(_Store):
+    def open_input_file(self, path: str):
+        return pa.PythonFile(_BrokenRead(), mode="r")
+
+
+def test_an_output_file_whose_read_breaks_stops_resume_but_damaged_content_is_scored_again(tmp_path: Path,
+                                                                                          monkeypatch) -> None:
+    from ray_jobs import resume
+
+    part = tmp_path / "out" / "run_date=2026-01-02"
+    _write(part / "part-r1-u_000000.parquet", _rows(["a", "b"], "sha1", "five"))
+    out, real = str(tmp_path / "out"), resume.resolve
+    with monkeypatch.context() as m:
+        m.setattr(resume, "resolve", lambda uri, s3=None: (_ResetStore(real(uri, s3)[0]), real(uri, s3)[1]))
+        for read in (lambda: already_scored(out, "sha1", "five"), lambda: read_rows(out, run_id="r1")):
+            with pytest.raises(resume.OutputUnreadable, match="NETWORK_CONNECTION"):
+                read()
+    assert already_scored(out, "sha1", "five") == {"a", "b"}  # nothing was moved aside or dropped
+    blob = bytearray((part / "part-r1-u_000000.parquet").read_bytes())
+    pq_data = pq.ParquetFile(part / "part-r1-u_000000.parquet").metadata.row_group(0).column(0)
+    start = pq_data.data_page_offset
+    blob[start + 8:start + 40] = b"\xff" * 32  # the uri column's page, not the footer: content damage
+    (part / "part-r1-u_000000.parquet").write_bytes(bytes(blob))
+    assert already_scored(out, "sha1", "five") == set() and read_rows(out).num_rows == 0
 
 
 def test_ray_session_shuts_down_only_the_ray_it_started(monkeypatch: pytest.MonkeyPatch) -> None:
