@@ -4,7 +4,8 @@ the delta with the Ray Data pipeline, write a new immutable state and a report, 
 State layout under ``STATE_URI`` (local folder or ``s3://`` prefix)::
 
     CURRENT                          JSON pointer to the last good run (run_id, state, model sha256,
-                                     crop mode, …); replaced atomically, only after the state and report exist
+                                     crop mode, …); replaced atomically, only after the state and report exist,
+                                     and only while it still names the run this one was planned on
     IN_PROGRESS                      JSON marker of an unfinished run (run_id, model, crop mode, previous
                                      run_id); a re-run finds it and continues that run instead of starting anew
                                      (a marker it cannot parse, or whose plan is gone or corrupt, is abandoned)
@@ -27,7 +28,6 @@ anything else a failure (CURRENT unchanged; re-run to finish the run without re-
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import uuid
@@ -38,19 +38,16 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
+from .audit_state import (IN_PROGRESS, PLAN_SCHEMA, STATE_SCHEMA, AuditRefused, check_current, commit, delete,
+                          live, load_state, marked_plan, read_marker, write_json, write_parquet)
 from .options import ModelOptions
 from .resume import read_rows
 from .schema import SCORE_SCHEMA, now_utc
 from .listing import list_images
-from .storage import ObjectInfo, S3Options, atomic_write_bytes, join, local_path, read_bytes, resolve
+from .storage import ObjectInfo, S3Options, join, local_path
 
 ALERT_EXIT_CODE = 3
-STATE_SCHEMA = SCORE_SCHEMA.append(pa.field("deleted", pa.bool_())).append(
-    pa.field("deleted_at", pa.timestamp("us", tz="UTC"))).append(pa.field("audit_run_id", pa.string()))
-PLAN_SCHEMA = pa.schema([("uri", pa.string()), ("etag_or_mtime", pa.string()), ("bytes", pa.int64()),
-                         ("action", pa.string()), ("to_score", pa.bool_())])
 ACTIONS = ("new", "changed", "retry", "unchanged")
 # A re-read of the same bytes may succeed: the read itself failed (I/O, permissions, throttling), the
 # object was briefly missing, or an unexpected exception. Every other code is a verdict on the bytes
@@ -60,9 +57,6 @@ TRANSIENT_ERROR_CODES = frozenset({"read_failed", "not_found", "internal"})
 # A pointer written before the crop mode was recorded lacks it. Its rows say theirs; with none to ask,
 # assume "five", the default then (of --crop-mode and of every preset's config).
 LEGACY_CROP_MODE = "five"
-# What every IN_PROGRESS marker holds besides crop_mode (absent from older ones) and the two nullable keys.
-_MARKER_STRINGS = ("run_id", "library", "model_sha256", "started_at", "plan")
-_POINTER_STRINGS = ("run_id", "state", "library", "model_sha256", "model_id")
 
 
 @dataclass
@@ -80,10 +74,6 @@ class AuditJob:
     face_device: str = "auto"
     address: str | None = None
     gpu: bool | None = None  # None: score on GPUs when the cluster has them
-
-
-class AuditRefused(ValueError):
-    """The audit will not run against this library and state; nothing was written."""
 
 
 @dataclass
@@ -117,59 +107,10 @@ def library_root(library: str) -> str:
     return library.rstrip("/")
 
 
-def _read_json(uri: str, s3: S3Options) -> dict[str, Any] | None:
-    try:
-        return json.loads(read_bytes(uri, s3))
-    except FileNotFoundError:
-        return None
-
-
-def _write_json(uri: str, data: dict[str, Any], s3: S3Options) -> None:
-    atomic_write_bytes(uri, json.dumps(data, indent=2, sort_keys=True, default=str).encode(), s3)
-
-
-def _write_parquet(uri: str, table: pa.Table, s3: S3Options) -> None:
-    buf = pa.BufferOutputStream()
-    pq.write_table(table, buf)
-    atomic_write_bytes(uri, buf.getvalue().to_pybytes(), s3)
-
-
-def _read_parquet(uri: str, s3: S3Options, schema: pa.Schema) -> pa.Table:
-    fs, path = resolve(uri, s3)
-    return pq.read_table(path, filesystem=fs).select(schema.names).cast(schema)
-
-
-def _delete(uri: str, s3: S3Options) -> None:
-    fs, path = resolve(uri, s3)
-    try:
-        fs.delete_file(path)
-    except FileNotFoundError:
-        pass
-
-
-def load_state(job: AuditJob) -> tuple[dict[str, Any] | None, pa.Table]:
-    """The CURRENT pointer (None before the first run) and the state table it points to."""
-    uri = join(job.state, "CURRENT")
-    try:
-        pointer = _read_json(uri, job.s3)
-        if pointer is not None and not (isinstance(pointer, dict)
-                                        and all(isinstance(pointer.get(k), str) for k in _POINTER_STRINGS)):
-            raise ValueError(f"it lacks one of {', '.join(_POINTER_STRINGS)}")
-    except ValueError as e:  # never written so by an audit (an atomic write): edited or damaged by hand
-        raise AuditRefused(f"{uri} is not an audit pointer ({e}); restore it or use a new --state") from None
-    if pointer is None:
-        return None, STATE_SCHEMA.empty_table()
-    return pointer, _read_parquet(join(job.state, pointer["state"]), job.s3, STATE_SCHEMA)
-
-
-def _live(table: pa.Table) -> pa.Table:
-    return table.filter(pc.invert(pc.fill_null(table["deleted"], False)))
-
-
 def classify(listing: list[ObjectInfo], previous: pa.Table, rescore_all: bool) -> pa.Table:
     """new / changed (etag, mtime or size differ) / retry (same object, but its row holds a transient
     error) / unchanged, against the previous live rows; all but unchanged are to be scored."""
-    prev = _live(previous)
+    prev = live(previous)
     known = {u: ((e, b), c if s == "error" else None) for u, e, b, s, c in zip(
         *(prev[k].to_pylist() for k in ("uri", "etag_or_mtime", "bytes", "status", "error_code")))}
     actions = []
@@ -187,46 +128,8 @@ def recorded_crop_mode(pointer: dict[str, Any], previous: pa.Table) -> str:
     (several, mixed by older runs, come back joined: that matches no run, so all is re-scored)."""
     if "crop_mode" in pointer:
         return pointer["crop_mode"]
-    modes = {m for m in _live(previous)["crop_mode"].to_pylist() if m}
+    modes = {m for m in live(previous)["crop_mode"].to_pylist() if m}
     return "+".join(sorted(modes)) if modes else LEGACY_CROP_MODE
-
-
-def _read_marker(uri: str, s3: S3Options) -> dict[str, Any] | None:
-    """The IN_PROGRESS marker, None without one. A marker that cannot be parsed names no run to continue:
-    it is abandoned with a warning, or every later audit would fail on it. Read errors still raise."""
-    try:
-        data = read_bytes(uri, s3)
-    except FileNotFoundError:
-        return None
-    try:
-        marker = json.loads(data)
-        if not (isinstance(marker, dict) and all(isinstance(marker.get(k), str) for k in _MARKER_STRINGS)
-                and {"previous_run_id", "rescored_all_reason"} <= marker.keys()):
-            raise ValueError(f"not an audit run marker: {data[:80]!r}")
-        datetime.fromisoformat(marker["started_at"])
-    except ValueError as e:  # also invalid JSON or UTF-8
-        print(f"piqa audit: abandoning the unreadable unfinished-run marker {uri} ({e}); planning a new run",
-              file=sys.stderr)
-        return None
-    return marker
-
-
-def _marked_plan(job: AuditJob, marker: dict[str, Any]) -> pa.Table | None:
-    """The listing of the unfinished run ``marker`` names; None (with a warning) when its plan is gone, e.g.
-    its runs/<id>/ folder was pruned after it failed, or corrupt. Other read errors (permissions,
-    network) raise: they are not about that run, and a new run would meet them too."""
-    try:
-        data = read_bytes(join(job.state, marker["plan"]), job.s3)
-    except FileNotFoundError:
-        why = "is missing"
-    else:
-        try:  # parsed from memory: pyarrow reports corrupt Parquet as OSError, which here is no I/O error
-            return pq.read_table(pa.BufferReader(data)).select(PLAN_SCHEMA.names).cast(PLAN_SCHEMA)
-        except (OSError, ValueError, KeyError, TypeError, NotImplementedError) as e:
-            why = f"cannot be read: {e}"
-    print(f"piqa audit: abandoning unfinished run {marker['run_id']} (its plan {marker['plan']} {why}); "
-          "planning a new run", file=sys.stderr)
-    return None
 
 
 def _outside_state(objects: list[ObjectInfo], state: str) -> list[ObjectInfo]:
@@ -250,16 +153,16 @@ def plan_run(job: AuditJob, identity: dict[str, Any], pointer: dict[str, Any] | 
     """Continue the unfinished run recorded in IN_PROGRESS when it still applies, else plan a new one."""
     root, sha, crop = library_root(job.library), identity["sha256"], identity["crop_mode"]
     prev_id = pointer["run_id"] if pointer else None
-    marker_uri = join(job.state, "IN_PROGRESS")
-    marker = _read_marker(marker_uri, job.s3)
+    marker_uri = join(job.state, IN_PROGRESS)
+    marker = read_marker(job.state, job.s3)
     if marker is not None:
         if marker["run_id"] == prev_id:  # committed, but the marker outlived the pointer switch
-            _delete(marker_uri, job.s3)
+            delete(marker_uri, job.s3)
         # A marker without crop_mode (older code) is abandoned, not continued: its scores folder may hold
         # either protocol, and resuming skips what it holds whatever the protocol.
         elif (marker["library"], marker["model_sha256"], marker.get("crop_mode"),
               marker["previous_run_id"]) == (root, sha, crop, prev_id):
-            if (listing := _marked_plan(job, marker)) is not None:
+            if (listing := marked_plan(job.state, job.s3, marker)) is not None:
                 print(f"piqa audit: continuing unfinished run {marker['run_id']}", file=sys.stderr)
                 return Plan(marker["run_id"], datetime.fromisoformat(marker["started_at"]), root, sha,
                             identity["model_id"], crop, prev_id, marker["rescored_all_reason"], listing,
@@ -277,15 +180,15 @@ def plan_run(job: AuditJob, identity: dict[str, Any], pointer: dict[str, Any] | 
         changes.append(f"crop mode changed: {old_crop} -> {crop}")
     reason = "; ".join(changes) + "; every object is re-scored" if changes else None
     objects = _outside_state(list_images(job.library, job.s3), job.state)
-    live = _live(previous).num_rows
-    if not objects and live:  # an unmounted volume or a wrong prefix, far likelier than a library emptied
-        raise AuditRefused(f"{job.library} lists no images, but the previous state holds {live} live objects: "
+    n_live = live(previous).num_rows
+    if not objects and n_live:  # an unmounted volume or a wrong prefix, far likelier than a library emptied
+        raise AuditRefused(f"{job.library} lists no images, but the previous state holds {n_live} live objects: "
                            "refusing to mark them all deleted (is the library mounted, the prefix right?). "
                            "If the library was emptied on purpose, audit it into a new --state.")
     listing = classify(objects, previous, rescore_all=reason is not None)
     plan = Plan(_new_run_id(), now_utc(), root, sha, identity["model_id"], crop, prev_id, reason, listing)
-    _write_parquet(join(job.state, "runs", plan.run_id, "plan.parquet"), listing, job.s3)
-    _write_json(marker_uri, {"run_id": plan.run_id, "library": root, "model_sha256": sha, "crop_mode": crop,
+    write_parquet(join(job.state, "runs", plan.run_id, "plan.parquet"), listing, job.s3)
+    write_json(marker_uri, {"run_id": plan.run_id, "library": root, "model_sha256": sha, "crop_mode": crop,
                              "previous_run_id": prev_id, "started_at": plan.started_at.isoformat(),
                              "rescored_all_reason": reason, "plan": f"runs/{plan.run_id}/plan.parquet"}, job.s3)
     return plan
@@ -327,8 +230,8 @@ def merge_state(plan: Plan, previous: pa.Table, scored: pa.Table, keep_deleted_d
     fresh = pa.table({**{c: scored[c] for c in SCORE_SCHEMA.names}, "deleted": pa.array([False] * n, pa.bool_()),
                       "deleted_at": pa.nulls(n, pa.timestamp("us", tz="UTC")),
                       "audit_run_id": pa.array([plan.run_id] * n, pa.string())}, schema=STATE_SCHEMA)
-    live = _live(previous)
-    carried = live.filter(pc.is_in(live["uri"], value_set=kept_uris))
+    alive = live(previous)
+    carried = alive.filter(pc.is_in(alive["uri"], value_set=kept_uris))
     gone = previous.filter(pc.invert(pc.is_in(previous["uri"], value_set=listed)))
     was_deleted = pc.fill_null(gone["deleted"], False)
     newly = gone.filter(pc.invert(was_deleted))
@@ -347,18 +250,13 @@ def merge_state(plan: Plan, previous: pa.Table, scored: pa.Table, keep_deleted_d
     return state, counts
 
 
-def _switch_pointer(job: AuditJob, pointer: dict[str, Any]) -> None:
-    """The commit point: before it readers see the previous run, after it this one."""
-    _write_json(join(job.state, "CURRENT"), pointer, job.s3)
-
-
 def run_audit(job: AuditJob) -> AuditResult:
     """One nightly audit (or the completion of an interrupted one)."""
     from .actors import model_identity
     from .report import ReportInput, write_report
 
     identity = model_identity(job.model, job.s3)
-    pointer, previous = load_state(job)
+    pointer, previous = load_state(job.state, job.s3)
     plan = plan_run(job, identity, pointer, previous)
     if plan.rescored_all_reason:
         print(f"piqa audit: WARNING {plan.rescored_all_reason}", file=sys.stderr)
@@ -368,7 +266,8 @@ def run_audit(job: AuditJob) -> AuditResult:
     scored, score_stats = score_delta(job, plan)
     state, counts = merge_state(plan, previous, scored, job.keep_deleted_days)
     state_rel, report_rel = f"states/{plan.run_id}.parquet", f"reports/{plan.run_id}"
-    _write_parquet(join(job.state, state_rel), state.replace_schema_metadata(
+    check_current(job.state, job.s3, plan.run_id, plan.previous_run_id)  # a committed state is never rewritten
+    write_parquet(join(job.state, state_rel), state.replace_schema_metadata(
         {"run_id": plan.run_id, "model_sha256": plan.model_sha256, "crop_mode": plan.crop_mode}), job.s3)
     summary = write_report(ReportInput(
         run_id=plan.run_id, library=plan.library, out=join(job.state, report_rel), s3=job.s3, current=state,
@@ -377,12 +276,11 @@ def run_audit(job: AuditJob) -> AuditResult:
         top_worst=job.top_worst, prefix_depth=job.prefix_depth, alert_if_mean_drops=job.alert_if_mean_drops,
         alert_if_error_rate=job.alert_if_error_rate,
         extra={"resumed": plan.resumed, "started_at": plan.started_at.isoformat(), "state": state_rel}))
-    _switch_pointer(job, {"run_id": plan.run_id, "state": state_rel, "report": report_rel,
-                          "library": plan.library, "model_sha256": plan.model_sha256, "model_id": plan.model_id,
-                          "crop_mode": plan.crop_mode,
-                          "previous_run_id": plan.previous_run_id, "finished_at": now_utc().isoformat(),
-                          "rows": state.num_rows})
-    _delete(join(job.state, "IN_PROGRESS"), job.s3)
+    commit(job.state, job.s3, {"run_id": plan.run_id, "state": state_rel, "report": report_rel,
+                               "library": plan.library, "model_sha256": plan.model_sha256,
+                               "model_id": plan.model_id, "crop_mode": plan.crop_mode,
+                               "previous_run_id": plan.previous_run_id, "finished_at": now_utc().isoformat(),
+                               "rows": state.num_rows}, plan.previous_run_id)
     alerts = [a["message"] for a in summary["alerts"]]
     return AuditResult(plan.run_id, summary, alerts, join(job.state, state_rel),
                        join(job.state, report_rel, "report.html"), plan.resumed)

@@ -25,6 +25,7 @@ import pyarrow.compute as pc  # noqa: E402
 
 from piqa_core.image_formats import open_image  # noqa: E402
 
+from .audit_state import live  # noqa: E402
 from .schema import now_utc  # noqa: E402
 from .storage import S3Options, join, read_bytes, write_bytes  # noqa: E402
 from .summary import random_parts_note  # noqa: E402
@@ -52,10 +53,6 @@ class ReportInput:
     alert_if_mean_drops: float | None = None
     alert_if_error_rate: float | None = None
     extra: dict[str, Any] = field(default_factory=dict)
-
-
-def live(table: pa.Table) -> pa.Table:
-    return table.filter(pc.invert(pc.fill_null(table["deleted"], False))) if "deleted" in table.column_names else table
 
 
 def _ok_scores(table: pa.Table) -> np.ndarray:

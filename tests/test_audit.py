@@ -255,7 +255,7 @@ def s3_nights(ray_local, s3_server) -> dict:
         raise RuntimeError("killed before the pointer switch")
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(audit, "_switch_pointer", killed)
+        mp.setattr(audit, "commit", killed)
         with pytest.raises(RuntimeError, match="killed"):
             run_audit(job)
     out["pointer_after_kill"] = read_json(join(state, "CURRENT"), s3)

@@ -13,7 +13,7 @@ import pyarrow as pa
 import pytest
 
 from piqa_core.errors import ERROR_CODES
-from ray_jobs import audit
+from ray_jobs import audit, audit_state
 from ray_jobs.audit import PLAN_SCHEMA, STATE_SCHEMA, AuditJob
 from ray_jobs.schema import SCORE_SCHEMA
 from ray_jobs.listing import list_images
@@ -110,7 +110,7 @@ def test_an_unfinished_run_continues_only_under_the_same_crop_mode(tmp_path: Pat
     marker = read_json(marker_uri)
     assert (marker["run_id"], marker["crop_mode"]) == (other.run_id, "center")
     del marker["crop_mode"]  # as older code wrote it: its rows' crop mode is unknown, so it is not continued
-    audit._write_json(marker_uri, marker, job.s3)
+    audit_state.write_json(marker_uri, marker, job.s3)
     legacy = audit.plan_run(job, center, pointer(job, "five"), previous)
     assert not legacy.resumed and legacy.run_id != other.run_id
 
@@ -123,7 +123,7 @@ def test_score_delta_keeps_only_rows_of_the_runs_crop_mode(tmp_path: Path, monke
     plan = audit.Plan("r1", T0, "/lib", SHA, "tiny", "center", None, None, listing, resumed=True)
     rows = [{**row("/lib/a.jpg", score=s), "model_sha256": SHA, "crop_mode": m, "scored_at": T0 + timedelta(hours=h)}
             for s, m, h in ((1.0, "center", 0), (2.0, "five", 1))]  # the other protocol's row is the later one
-    audit._write_parquet(join(job.state, "runs", "r1", "scores", "part-r1-x_000000.parquet"),
+    audit_state.write_parquet(join(job.state, "runs", "r1", "scores", "part-r1-x_000000.parquet"),
                          pa.Table.from_pylist(rows, schema=SCORE_SCHEMA), job.s3)
     monkeypatch.setattr(score, "run_score_job", lambda _job: {"skipped_already_scored": 1})
     scored, stats = audit.score_delta(job, plan)
@@ -145,7 +145,7 @@ def test_an_unfinished_run_whose_plan_is_gone_or_corrupt_is_abandoned(tmp_path: 
     if damage == "pruned":  # a failed run's folder cleaned up
         shutil.rmtree(join(job.state, "runs"))
     elif damage == "other columns":
-        audit._write_parquet(plan_uri, pa.table({"x": [1]}), job.s3)
+        audit_state.write_parquet(plan_uri, pa.table({"x": [1]}), job.s3)
     else:  # "bad footer": pyarrow reports it as an OSError, like an I/O failure
         write_bytes(plan_uri, {"empty": b"", "not parquet": b"PAR1 not really",
                                "bad footer": data[:-8 - footer] + b"\xff" * footer + data[-8:]}[damage])
@@ -179,17 +179,17 @@ def test_an_unreadable_marker_is_abandoned(tmp_path: Path, marker: bytes | str,
 def test_an_unreadable_state_folder_still_fails_the_audit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     job, previous = planning(tmp_path, ("five", "five"))
     first = audit.plan_run(job, FIVE, pointer(job, "five"), previous)
-    real_read = audit.read_bytes
+    real_read = audit_state.read_bytes
     for name in ("plan.parquet", "IN_PROGRESS"):
         def denied(uri: str, *args: Any, name: str = name) -> bytes:  # as a missing s3:GetObject grant would
             if uri.endswith(name):
                 raise PermissionError(13, "Access Denied", uri)
             return real_read(uri, *args)
 
-        monkeypatch.setattr(audit, "read_bytes", denied)
+        monkeypatch.setattr(audit_state, "read_bytes", denied)
         with pytest.raises(PermissionError, match="Access Denied"):
             audit.plan_run(job, FIVE, pointer(job, "five"), previous)
-    monkeypatch.setattr(audit, "read_bytes", real_read)
+    monkeypatch.setattr(audit_state, "read_bytes", real_read)
     assert read_json(join(job.state, "IN_PROGRESS"))["run_id"] == first.run_id  # not abandoned
     assert audit.plan_run(job, FIVE, pointer(job, "five"), previous).resumed
 
@@ -230,4 +230,4 @@ def test_a_damaged_pointer_is_refused_naming_it(tmp_path: Path, current: bytes) 
     job = AuditJob(library=str(tmp_path / "lib"), state=str(tmp_path / "state"), model=TINY)
     write_bytes(join(job.state, "CURRENT"), current)
     with pytest.raises(audit.AuditRefused, match=r"state/CURRENT is not an audit pointer \(.*\); restore it"):
-        audit.load_state(job)
+        audit_state.load_state(job.state, job.s3)
