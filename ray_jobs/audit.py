@@ -102,9 +102,8 @@ class Plan:
 
 def library_root(library: str) -> str:
     """The library URI as listed URIs start (absolute path locally, no trailing slash)."""
-    if "://" not in library or library.startswith("file:"):
-        return os.path.abspath(library[5:] if library.startswith("file:") else os.path.expanduser(library))
-    return library.rstrip("/")
+    local = local_path(library)  # the listing's own reading of the name (file: URIs unquoted)
+    return local if local is not None else library.rstrip("/")
 
 
 def classify(listing: list[ObjectInfo], previous: pa.Table, rescore_all: bool) -> pa.Table:

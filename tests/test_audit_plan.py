@@ -231,3 +231,17 @@ def test_a_damaged_pointer_is_refused_naming_it(tmp_path: Path, current: bytes) 
     write_bytes(join(job.state, "CURRENT"), current)
     with pytest.raises(audit.AuditRefused, match=r"state/CURRENT is not an audit pointer \(.*\); restore it"):
         audit_state.load_state(job.state, job.s3)
+
+
+def test_a_file_uri_names_the_same_library_as_its_path(tmp_path: Path) -> None:
+    from urllib.parse import quote
+
+    lib = tmp_path / "lib one"
+    write_bytes(str(lib / "album" / "a.jpg"), b"x")
+    uri = "file://" + quote(str(lib))
+    assert audit.library_root(uri) == audit.library_root(str(lib) + "/") == str(lib)
+    assert all(o.uri.startswith(audit.library_root(uri) + "/") for o in list_images(uri))
+    job = AuditJob(library=uri, state=str(tmp_path / "state"), model=TINY)
+    first = audit.plan_run(job, FIVE, None, STATE_SCHEMA.empty_table())
+    job.library = str(lib)  # the same library by its path: the unfinished run is continued, not refused
+    assert audit.plan_run(job, FIVE, None, STATE_SCHEMA.empty_table()).run_id == first.run_id
