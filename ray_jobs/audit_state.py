@@ -74,9 +74,12 @@ def read_pointer(state: str, s3: S3Options) -> dict[str, Any] | None:
     """The CURRENT pointer, None before the first run; refused when it is not one an audit wrote."""
     uri = join(state, CURRENT)
     try:
-        pointer = read_json(uri, s3)
-        if pointer is not None and not (isinstance(pointer, dict)
-                                        and all(isinstance(pointer.get(k), str) for k in _POINTER_STRINGS)):
+        data = read_bytes(uri, s3)
+    except FileNotFoundError:
+        return None
+    try:
+        pointer = json.loads(data)
+        if not (isinstance(pointer, dict) and all(isinstance(pointer.get(k), str) for k in _POINTER_STRINGS)):
             raise ValueError(f"it lacks one of {', '.join(_POINTER_STRINGS)}")
     except ValueError as e:  # never written so by an audit (an atomic write): edited or damaged by hand
         raise AuditRefused(f"{uri} is not an audit pointer ({e}); restore it or use a new --state") from None

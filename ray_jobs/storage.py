@@ -13,6 +13,7 @@ from __future__ import annotations
 import errno
 import os
 import posixpath
+import re
 import tempfile
 from dataclasses import dataclass, replace
 from typing import Any
@@ -22,6 +23,9 @@ import fsspec
 import pyarrow.fs as pafs
 
 S3_SCHEMES = ("s3", "s3a", "s3n")
+# "s3:/bucket/x" or "gs:bucket/x" (a slash short) would otherwise be a relative local path: outputs
+# written into the job's working directory, on a pod that goes away with them.
+_SCHEME_TYPO = re.compile(r"^(s3[an]?|gs|gcs|az|abfss?|hdfs|https?):(?!//)", re.IGNORECASE)
 
 
 @dataclass(repr=False)
@@ -92,6 +96,9 @@ def uri_scheme(uri: str) -> str:
 
 def local_path(uri: str) -> str | None:
     """Absolute local path for a plain path or ``file:`` URI, else ``None``."""
+    if m := _SCHEME_TYPO.match(uri):
+        raise ValueError(f"{uri!r} looks like a mistyped {m.group(1)}:// URI (it would name a local folder "
+                         f"'{m.group(1)}:' in the working directory); write {m.group(1)}://…")
     if uri.startswith("file:"):
         return os.path.abspath(unquote(urlparse(uri).path))
     if "://" in uri:

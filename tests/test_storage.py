@@ -50,6 +50,17 @@ def test_local_paths_and_join(tmp_path, monkeypatch):
     assert [i.size for i in listing.list_images("memory://piqa-test", extensions=None)] == [1]
 
 
+@pytest.mark.parametrize("typo", ["s3:/bucket/scores", "s3:bucket/x", "S3:/b", "gs:/b/x", "https:/host/x"])
+def test_a_scheme_a_slash_short_is_refused_not_taken_for_a_local_folder(typo, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    scheme = typo.split(":")[0]
+    for call in (storage.local_path, storage.resolve, lambda u: storage.write_bytes(storage.join(u, "f"), b"x")):
+        with pytest.raises(ValueError, match=rf"looks like a mistyped {scheme}:// URI"):
+            call(typo)
+    assert os.listdir(tmp_path) == []
+    assert storage.local_path("s3-archive/x") == str(tmp_path / "s3-archive/x")  # a folder named so is fine
+
+
 def test_resolve_s3_uses_explicit_endpoint(s3_server, s3_bucket, monkeypatch):
     for var in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION"):
         monkeypatch.delenv(var, raising=False)
