@@ -31,7 +31,7 @@ RETRY_PAUSES_S = (0.5, 2.0)
 def fetch(info: ObjectInfo, s3: S3Options | None, max_bytes: int) -> bytes | ImageError:
     """The object's bytes, or the error its row will carry."""
     if info.size < 0 and info.etag_or_mtime == NAME_NOT_UTF8:  # the URI is a printable stand-in, not a path
-        return ImageError("read_failed", f"{info.uri}: the file name is not valid UTF-8; rename it to score it")
+        return ImageError("invalid_name", f"{info.uri}: the file name is not valid UTF-8; rename it to score it")
     try:
         return _read(info, s3, max_bytes)
     except FileNotFoundError:

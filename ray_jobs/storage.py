@@ -162,6 +162,8 @@ def read_bytes(uri: str, s3: S3Options | None = None, max_bytes: int | None = No
 
     The size is checked before any byte is read (one HEAD on S3, then one GET).
     """
+    if uri_scheme(uri) in S3_SCHEMES and "//" in uri.split("://", 1)[1]:
+        return _read_bytes_fsspec(uri, s3, max_bytes)
     fs, path = resolve(uri, s3)
     try:
         f = fs.open_input_file(path)
@@ -171,6 +173,19 @@ def read_bytes(uri: str, s3: S3Options | None = None, max_bytes: int | None = No
         if max_bytes is not None and f.size() > max_bytes:
             raise ObjectTooLarge(uri, f.size(), max_bytes)
         return f.read()
+
+
+def _read_bytes_fsspec(uri: str, s3: S3Options | None, max_bytes: int | None) -> bytes:
+    """``read_bytes`` through s3fs: pyarrow refuses S3 keys with an empty segment ("photos//a.jpg",
+    ArrowInvalid), which S3 allows, listings return, and s3fs reads."""
+    fs, path = fsspec_filesystem(uri, s3), uri.split("://", 1)[1]
+    try:
+        size = fs.info(path)["size"]
+        if max_bytes is not None and size > max_bytes:
+            raise ObjectTooLarge(uri, size, max_bytes)
+        return fs.cat_file(path)
+    except FileNotFoundError as e:
+        raise FileNotFoundError(errno.ENOENT, "No such object", uri) from e
 
 
 def read_text(uri: str, s3: S3Options | None = None, encoding: str = "utf-8") -> str:

@@ -74,11 +74,11 @@ def test_a_non_utf8_file_name_becomes_an_error_row_not_another_file(tmp_path):
     os.close(fd)
     out = read_objects(_batch(list_inputs([str(tmp_path)])), s3=None, max_bytes=50)
     assert [u.rsplit("/", 1)[-1] for u in out["uri"]] == ["bad\\xff.jpg", "ok.jpg"]
-    assert list(out["read_error_code"]) == ["read_failed", ""] and list(out["data"]) == [b"", b"ok"]
+    assert list(out["read_error_code"]) == ["invalid_name", ""] and list(out["data"]) == [b"", b"ok"]
     assert "not valid UTF-8" in out["read_error_message"][0]
     (tmp_path / "bad\\xff.jpg").write_bytes(b"wrong file")  # the printable name is not its path
     got = reader.fetch(ObjectInfo(str(tmp_path / "bad\\xff.jpg"), -1, NAME_NOT_UTF8), None, 50)
-    assert isinstance(got, ImageError) and got.code == "read_failed"
+    assert isinstance(got, ImageError) and got.code == "invalid_name"
 
 
 def test_fetch_turns_filesystem_value_errors_into_read_errors(tmp_path):

@@ -50,6 +50,20 @@ def test_local_paths_and_join(tmp_path, monkeypatch):
     assert [i.size for i in listing.list_images("memory://piqa-test", extensions=None)] == [1]
 
 
+def test_s3_keys_with_an_empty_segment_are_listed_and_read(s3_server, s3_bucket):
+    import boto3
+
+    client = boto3.client("s3", endpoint_url=s3_server.endpoint_url, region_name="us-east-1")
+    client.put_object(Bucket=s3_bucket, Key="photos//c.jpg", Body=b"0123456789")  # S3 allows it; pyarrow refuses
+    uri = f"s3://{s3_bucket}/photos//c.jpg"
+    assert [o.uri for o in listing.list_images(f"s3://{s3_bucket}/photos", s3_server.options)] == [uri]
+    assert storage.read_bytes(uri, s3_server.options) == b"0123456789"
+    with pytest.raises(ObjectTooLarge):
+        storage.read_bytes(uri, s3_server.options, max_bytes=9)
+    with pytest.raises(FileNotFoundError, match="d.jpg"):
+        storage.read_bytes(f"s3://{s3_bucket}/photos//d.jpg", s3_server.options)
+
+
 @pytest.mark.parametrize("typo", ["s3:/bucket/scores", "s3:bucket/x", "S3:/b", "gs:/b/x", "https:/host/x"])
 def test_a_scheme_a_slash_short_is_refused_not_taken_for_a_local_folder(typo, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
