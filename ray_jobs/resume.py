@@ -68,22 +68,23 @@ def _read(fs: pafs.FileSystem, path: str, columns: list[str] | None = None) -> p
         return None
 
 
-RESUME_COLUMNS = ("uri", "model_sha256", "crop_mode")
+RESUME_COLUMNS = ("uri", "etag_or_mtime", "model_sha256", "crop_mode")
 
 
-def already_scored(out: str, sha256: str, crop_mode: str, s3: S3Options | None = None) -> set[str]:
-    """URIs with a row under ``out`` written by the model with this sha256 in this crop mode.
+def already_scored(out: str, sha256: str, crop_mode: str, s3: S3Options | None = None) -> set[tuple[str, str]]:
+    """(uri, etag_or_mtime) of every object version with a row under ``out`` written by the model with
+    this sha256 in this crop mode: an object replaced under the same name is not done.
 
     One of our files whose footer cannot be read (a local write cut short by a crash) is moved aside
     to ``_unreadable-<name>``: its inputs are scored again, and dataset readers, which skip names
     starting with ``_``, can read the folder again.
     """
     fs, files = _parquet_files(out, s3)
-    done: set[str] = set()
+    done: set[tuple[str, str]] = set()
     for path in files:
         t = _resume_columns(fs, path)
         if t is not None:
-            done.update(u for u, s, c in zip(*(t.column(k).to_pylist() for k in RESUME_COLUMNS))
+            done.update((u, e) for u, e, s, c in zip(*(t.column(k).to_pylist() for k in RESUME_COLUMNS))
                         if s == sha256 and c == crop_mode)
     return done
 
@@ -113,15 +114,21 @@ def _resume_columns(fs: pafs.FileSystem, path: str) -> pa.Table | None:
         return None
 
 
-def read_rows(uri: str, s3: S3Options | None = None, run_id: str | None = None) -> pa.Table:
-    """All readable output rows under ``uri`` (only one run's files when ``run_id`` is given)."""
+def run_file_paths(uri: str, run_id: str, s3: S3Options | None = None) -> set[str]:
+    """The output files one run has written under ``uri`` so far."""
+    return set(_of_run(_parquet_files(uri, s3)[1], run_id))
+
+
+def _of_run(files: list[str], run_id: str | None) -> list[str]:
+    return [f for f in files if run_id is None or f.rsplit("/", 1)[-1].startswith(f"part-{run_id}-")]
+
+
+def read_rows(uri: str, s3: S3Options | None = None, run_id: str | None = None,
+              exclude: set[str] = frozenset()) -> pa.Table:
+    """All readable output rows under ``uri`` (only one run's files when ``run_id`` is given), but for
+    the files ``exclude`` names (:func:`run_file_paths` taken before a write: that write's rows alone)."""
     fs, files = _parquet_files(uri, s3)
-    if run_id is not None:
-        files = [f for f in files if f.rsplit("/", 1)[-1].startswith(f"part-{run_id}-")]
+    files = [f for f in _of_run(files, run_id) if f not in exclude]
     tables = [t for t in (_read(fs, f) for f in files) if t is not None]
     tables = [t.select(SCORE_SCHEMA.names).cast(SCORE_SCHEMA) for t in tables]
     return pa.concat_tables(tables) if tables else SCORE_SCHEMA.empty_table()
-
-
-def run_files(dest: str, run_id: str, s3: S3Options | None = None) -> pa.Table:
-    return read_rows(dest, s3, run_id)

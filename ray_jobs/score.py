@@ -29,7 +29,7 @@ from piqa_core.stages import num_crops
 from .actors import PrepActor, ScoreActor, model_identity
 from .options import ModelOptions
 from .reader import READ_THREADS, read_objects
-from .resume import RunFiles, already_scored, run_files
+from .resume import RunFiles, already_scored, read_rows, run_file_paths
 from .schema import SCORE_SCHEMA, schema_metadata
 from .listing import list_inputs
 from .storage import ObjectInfo, S3Options, check_writable, join, resolve, write_text
@@ -222,7 +222,7 @@ def run_score_job(job: ScoreJob) -> dict[str, Any]:
     if job.resume:
         done = already_scored(job.out, identity["sha256"], identity["crop_mode"], job.s3)
         before = len(objects)
-        objects = [o for o in objects if o.uri not in done]
+        objects = [o for o in objects if (o.uri, o.etag_or_mtime) not in done]
         skipped = before - len(objects)
     with ray_session(job.address):
         return _run_pipeline(job, objects, identity, skipped, t0)
@@ -233,6 +233,7 @@ def _run_pipeline(job: ScoreJob, objects: list[ObjectInfo], identity: dict[str, 
     plan = job_plan(job, ray.cluster_resources(), identity["config"], len(objects))
     run_id = job.run_id or _run_id(job, objects)
     dest = join(job.out, f"run_date={job.run_date}")
+    earlier = run_file_paths(dest, run_id, job.s3) if job.run_id else set()  # the audit reuses its run ids
     print(f"piqa: {len(objects)} inputs to score ({skipped} already scored), "
           f"{plan.prep_actors} prep + {plan.score_actors} score actors, run {run_id}", file=sys.stderr)
 
@@ -256,7 +257,7 @@ def _run_pipeline(job: ScoreJob, objects: list[ObjectInfo], identity: dict[str, 
                          min_rows_per_file=job.rows_per_file,
                          ray_remote_args={"num_cpus": IO_TASK_CPUS}, concurrency=1)
 
-    table = run_files(dest, run_id, job.s3)
+    table = read_rows(dest, job.s3, run_id, exclude=earlier)  # an earlier attempt's rows are not this run's
     summary = summarize(table, time.perf_counter() - t0, run_id=run_id, skipped_already_scored=skipped,
                         listed=len(objects) + skipped, output=dest, random_weights=identity["random_init"],
                         random_parts=identity["random_parts"], model_id=identity["model_id"],

@@ -14,11 +14,11 @@ from ray_jobs.schema import SCORE_SCHEMA
 from ray_jobs.score import ray_session
 
 
-def _rows(uris: list[str], sha: str, crop: str) -> pa.Table:
+def _rows(uris: list[str], sha: str, crop: str, etag: str = "e1") -> pa.Table:
     n = len(uris)
     cols = {f.name: pa.nulls(n, f.type) for f in SCORE_SCHEMA}
     cols.update(uri=pa.array(uris), model_sha256=pa.array([sha] * n), crop_mode=pa.array([crop] * n),
-                status=pa.array(["ok"] * n))
+                status=pa.array(["ok"] * n), etag_or_mtime=pa.array([etag] * n))
     return pa.table(cols, schema=SCORE_SCHEMA)
 
 
@@ -27,15 +27,16 @@ def _write(path: Path, table: pa.Table) -> None:
     pq.write_table(table, path)
 
 
-def test_a_row_counts_only_for_the_same_model_and_crop_mode(tmp_path: Path) -> None:
+def test_a_row_counts_only_for_the_same_object_version_model_and_crop_mode(tmp_path: Path) -> None:
     part = tmp_path / "out" / "run_date=2026-01-02"
     _write(part / "part-r1-u_000000.parquet", _rows(["a", "b"], "sha1", "five"))
     _write(part / "part-r2-u_000000.parquet", _rows(["c"], "sha1", "center"))
     _write(part / "part-r3-u_000000.parquet", _rows(["d"], "sha2", "five"))
     out = str(tmp_path / "out")
-    assert already_scored(out, "sha1", "five") == {"a", "b"}
-    assert already_scored(out, "sha1", "center") == {"c"}  # the other protocol's scores are not these
-    assert already_scored(out, "sha2", "five") == {"d"}
+    _write(part / "part-r4-u_000000.parquet", _rows(["a"], "sha1", "five", etag="e2"))  # "a" replaced, rescored
+    assert already_scored(out, "sha1", "five") == {("a", "e1"), ("b", "e1"), ("a", "e2")}
+    assert already_scored(out, "sha1", "center") == {("c", "e1")}  # the other protocol's scores are not these
+    assert already_scored(out, "sha2", "five") == {("d", "e1")}
     assert already_scored(str(tmp_path / "nothing-yet"), "sha1", "five") == set()
 
 
@@ -51,7 +52,7 @@ def test_a_file_cut_short_is_moved_aside_and_the_folder_reads_again(tmp_path: Pa
 
     with pytest.raises(pa.ArrowInvalid):
         ds.dataset(str(tmp_path / "out"), partitioning="hive").to_table()
-    assert already_scored(str(tmp_path / "out"), "sha1", "five") == {"a", "b"}
+    assert already_scored(str(tmp_path / "out"), "sha1", "five") == {("a", "e1"), ("b", "e1")}
     err = capsys.readouterr().err
     assert "moved to" in err and "_unreadable-part-r2-u_000000.parquet" in err and "not a score file" in err
 
@@ -132,7 +133,7 @@ def test_an_output_file_whose_read_breaks_stops_resume_but_damaged_content_is_sc
         for read in (lambda: already_scored(out, "sha1", "five"), lambda: read_rows(out, run_id="r1")):
             with pytest.raises(resume.OutputUnreadable, match="NETWORK_CONNECTION"):
                 read()
-    assert already_scored(out, "sha1", "five") == {"a", "b"}  # nothing was moved aside or dropped
+    assert already_scored(out, "sha1", "five") == {("a", "e1"), ("b", "e1")}  # nothing moved aside or dropped
     blob = bytearray((part / "part-r1-u_000000.parquet").read_bytes())
     pq_data = pq.ParquetFile(part / "part-r1-u_000000.parquet").metadata.row_group(0).column(0)
     start = pq_data.data_page_offset

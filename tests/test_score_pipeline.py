@@ -1,6 +1,7 @@
 """The Ray Data scoring pipeline end to end: local folders, S3, bad files, resume, crashing actors."""
 
 import dataclasses
+import os
 import re
 import tempfile
 from pathlib import Path
@@ -105,16 +106,22 @@ def test_resume_scores_only_the_rest(ray_local, tmp_path):
     photos = _photos(tmp_path / "in", 7)
     manifest = tmp_path / "first.txt"
     manifest.write_text("\n".join(str(p) for p in photos[:4]))
-    first = run_score_job(_job([manifest], tmp_path / "out", manifest=True))
+    first = run_score_job(_job([manifest], tmp_path / "out", manifest=True, run_id="r-same"))
     assert first["rows"] == 4
 
-    second = run_score_job(_job([tmp_path / "in"], tmp_path / "out", resume=True))
+    # The same run id again (as the audit continues a run): the summary counts this attempt's rows only.
+    second = run_score_job(_job([tmp_path / "in"], tmp_path / "out", resume=True, run_id="r-same"))
     assert second["skipped_already_scored"] == 4 and second["rows"] == 3
     rows = _by_uri(read_rows(str(tmp_path / "out")))  # asserts no duplicates
     assert set(rows) == {str(p) for p in photos}
 
     third = run_score_job(_job([tmp_path / "in"], tmp_path / "out", resume=True))
     assert third["rows"] == 0 and third["skipped_already_scored"] == 7
+
+    photos[0].write_bytes(photos[1].read_bytes())  # replaced under the same name: not done
+    os.utime(photos[0], ns=(10**18, 10**18))
+    again = run_score_job(_job([tmp_path / "in"], tmp_path / "out", resume=True))
+    assert again["rows"] == 1 and again["skipped_already_scored"] == 6
 
     center = dataclasses.replace(TINY, crop_mode="center")  # the other protocol: nothing is done yet
     fourth = run_score_job(_job([tmp_path / "in"], tmp_path / "out", resume=True, model=center))
