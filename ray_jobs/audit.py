@@ -7,7 +7,8 @@ State layout under ``STATE_URI`` (local folder or ``s3://`` prefix)::
                                      crop mode, …); replaced atomically, only after the state and report exist,
                                      and only while it still names the run this one was planned on
     IN_PROGRESS                      JSON marker of an unfinished run (run_id, model, crop mode, previous
-                                     run_id); a re-run finds it and continues that run instead of starting anew
+                                     run_id); a re-run finds it and continues that run (on a new listing)
+                                     instead of starting anew
                                      (a marker it cannot parse, or whose plan is gone or corrupt, is abandoned)
     runs/<run_id>/plan.parquet       the run's listing: uri, etag_or_mtime, bytes, action, to_score
     runs/<run_id>/scores/…           the scoring pipeline's output for the run (resumable)
@@ -149,11 +150,15 @@ def _new_run_id() -> str:
 
 def plan_run(job: AuditJob, identity: dict[str, Any], pointer: dict[str, Any] | None,
              previous: pa.Table) -> Plan:
-    """Continue the unfinished run recorded in IN_PROGRESS when it still applies, else plan a new one."""
+    """Continue the unfinished run recorded in IN_PROGRESS when it still applies, else plan a new one.
+
+    Either way the library is listed now: a run continued a night later reports the library as it is,
+    and what its first attempt scored is reused only for objects that have not changed since.
+    """
     root, sha, crop = library_root(job.library), identity["sha256"], identity["crop_mode"]
     prev_id = pointer["run_id"] if pointer else None
     marker_uri = join(job.state, IN_PROGRESS)
-    marker = read_marker(job.state, job.s3)
+    marker, continuing = read_marker(job.state, job.s3), None
     if marker is not None:
         if marker["run_id"] == prev_id:  # committed, but the marker outlived the pointer switch
             delete(marker_uri, job.s3)
@@ -161,11 +166,8 @@ def plan_run(job: AuditJob, identity: dict[str, Any], pointer: dict[str, Any] | 
         # either protocol, and resuming skips what it holds whatever the protocol.
         elif (marker["library"], marker["model_sha256"], marker.get("crop_mode"),
               marker["previous_run_id"]) == (root, sha, crop, prev_id):
-            if (listing := marked_plan(job.state, job.s3, marker)) is not None:
-                print(f"piqa audit: continuing unfinished run {marker['run_id']}", file=sys.stderr)
-                return Plan(marker["run_id"], datetime.fromisoformat(marker["started_at"]), root, sha,
-                            identity["model_id"], crop, prev_id, marker["rescored_all_reason"], listing,
-                            resumed=True)
+            if marked_plan(job.state, job.s3, marker) is not None:  # else its runs/ folder is gone or damaged
+                continuing = marker
         else:
             print(f"piqa audit: abandoning unfinished run {marker['run_id']} (library, model, crop mode or "
                   f"previous state differ); its files stay under runs/", file=sys.stderr)
@@ -185,11 +187,19 @@ def plan_run(job: AuditJob, identity: dict[str, Any], pointer: dict[str, Any] | 
                            "refusing to mark them all deleted (is the library mounted, the prefix right?). "
                            "If the library was emptied on purpose, audit it into a new --state.")
     listing = classify(objects, previous, rescore_all=reason is not None)
-    plan = Plan(_new_run_id(), now_utc(), root, sha, identity["model_id"], crop, prev_id, reason, listing)
+    if continuing is not None:
+        print(f"piqa audit: continuing unfinished run {continuing['run_id']} on a new listing",
+              file=sys.stderr)
+        plan = Plan(continuing["run_id"], datetime.fromisoformat(continuing["started_at"]), root, sha,
+                    identity["model_id"], crop, prev_id, reason, listing, resumed=True)
+    else:
+        plan = Plan(_new_run_id(), now_utc(), root, sha, identity["model_id"], crop, prev_id, reason, listing)
     write_parquet(join(job.state, "runs", plan.run_id, "plan.parquet"), listing, job.s3)
-    write_json(marker_uri, {"run_id": plan.run_id, "library": root, "model_sha256": sha, "crop_mode": crop,
-                             "previous_run_id": prev_id, "started_at": plan.started_at.isoformat(),
-                             "rescored_all_reason": reason, "plan": f"runs/{plan.run_id}/plan.parquet"}, job.s3)
+    if continuing is None:
+        write_json(marker_uri, {"run_id": plan.run_id, "library": root, "model_sha256": sha, "crop_mode": crop,
+                                "previous_run_id": prev_id, "started_at": plan.started_at.isoformat(),
+                                "rescored_all_reason": reason, "plan": f"runs/{plan.run_id}/plan.parquet"},
+                   job.s3)
     return plan
 
 
@@ -211,7 +221,7 @@ def score_delta(job: AuditJob, plan: Plan) -> tuple[pa.Table, dict[str, int]]:
     rows = read_rows(out, job.s3)
     rows = rows.filter(pc.and_(pc.and_(pc.equal(rows["model_sha256"], plan.model_sha256),
                                        pc.equal(rows["crop_mode"], plan.crop_mode)),
-                               pc.is_in(rows["uri"], value_set=todo["uri"])))
+                               pc.is_in(_version(rows), value_set=_version(todo))))  # not an earlier version's
     # A retried write may leave two rows for one URI: keep the latest.
     rows = rows.sort_by([("uri", "ascending"), ("scored_at", "descending")])
     uris = np.asarray(rows["uri"].to_pylist(), dtype=object)
@@ -219,6 +229,11 @@ def score_delta(job: AuditJob, plan: Plan) -> tuple[pa.Table, dict[str, int]]:
     if rows.num_rows != len(objects):
         raise RuntimeError(f"run {plan.run_id}: {len(objects) - rows.num_rows} planned objects have no score row")
     return rows, stats
+
+
+def _version(table: pa.Table) -> pa.Array:
+    """uri + etag_or_mtime, one string per row: which version of an object a row is about."""
+    return pc.binary_join_element_wise(table["uri"], pc.fill_null(table["etag_or_mtime"], ""), "\n")
 
 
 def merge_state(plan: Plan, previous: pa.Table, scored: pa.Table, keep_deleted_days: float) -> tuple[pa.Table,

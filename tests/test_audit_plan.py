@@ -245,3 +245,33 @@ def test_a_file_uri_names_the_same_library_as_its_path(tmp_path: Path) -> None:
     first = audit.plan_run(job, FIVE, None, STATE_SCHEMA.empty_table())
     job.library = str(lib)  # the same library by its path: the unfinished run is continued, not refused
     assert audit.plan_run(job, FIVE, None, STATE_SCHEMA.empty_table()).run_id == first.run_id
+
+
+def test_a_continued_run_lists_the_library_again(tmp_path: Path) -> None:
+    job, previous = planning(tmp_path, ("five", "five", "five"))
+    lib = Path(job.library)
+    first = audit.plan_run(job, FIVE, pointer(job, "five"), previous)
+    (lib / "p0.jpg").unlink()  # between the failed attempt and the next night
+    write_bytes(str(lib / "p1.jpg"), b"replaced, longer")
+    write_bytes(str(lib / "p9.jpg"), b"new")
+    again = audit.plan_run(job, FIVE, pointer(job, "five"), previous)
+    assert again.resumed and (again.run_id, again.started_at) == (first.run_id, first.started_at)
+    actions = dict(zip(again.listing["uri"].to_pylist(), again.listing["action"].to_pylist()))
+    assert actions == {str(lib / "p1.jpg"): "changed", str(lib / "p2.jpg"): "unchanged", str(lib / "p9.jpg"): "new"}
+    on_disk = audit_state.read_parquet(join(job.state, "runs", first.run_id, "plan.parquet"), None, PLAN_SCHEMA)
+    assert on_disk.equals(again.listing)
+
+
+def test_score_delta_takes_no_row_of_an_earlier_version(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from ray_jobs import score
+
+    job = AuditJob(library=str(tmp_path / "lib"), state=str(tmp_path / "state"), model=TINY)
+    listing = pa.Table.from_pylist([{**row("/lib/a.jpg", "e2"), "action": "changed", "to_score": True}],
+                                   schema=PLAN_SCHEMA)
+    plan = audit.Plan("r1", T0, "/lib", SHA, "tiny", "five", None, None, listing, resumed=True)
+    old = {**row("/lib/a.jpg", "e1", score=1.0), "model_sha256": SHA, "crop_mode": "five", "scored_at": T0}
+    audit_state.write_parquet(join(job.state, "runs", "r1", "scores", "part-r1-x_000000.parquet"),
+                              pa.Table.from_pylist([old], schema=SCORE_SCHEMA), job.s3)
+    monkeypatch.setattr(score, "run_score_job", lambda _job: {"skipped_already_scored": 0})  # wrote nothing
+    with pytest.raises(RuntimeError, match="1 planned objects have no score row"):
+        audit.score_delta(job, plan)
