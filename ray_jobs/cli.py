@@ -252,8 +252,11 @@ def train(labels, images, fmt, train_list, test_list, val_fraction, seed, s3, **
         with _user_errors():
             summary = run_train_job(job)
     except ray_train.TrainingFailedError as e:
-        raise click.ClickException(f"training failed: {e}\nRe-run the same command to resume from the last "
-                                   "checkpoint.") from None
+        causes = [getattr(f, "cause", f) for f in getattr(e, "worker_failures", {}).values()]
+        advice = ("The model diverged, and would again from its last checkpoint: start a new run (another "
+                  "--run-name) with a lower --lr." if any(isinstance(c, FloatingPointError) for c in causes)
+                  else "Re-run the same command to resume from the last checkpoint.")
+        raise click.ClickException(f"training failed: {e}\n{advice}") from None
     click.echo(f"model: {summary['model_dir']} (best epoch {summary['best_epoch'] + 1} of "
                f"{summary['epochs_completed']}, val SRCC {format_val_srcc(summary['best'])})")
 

@@ -26,15 +26,16 @@ import tempfile
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
+import numpy as np
 import ray
 
 from piqa_core.metrics import MIN_GROUP
-from piqa_core.training import format_val_srcc, image_key, rank_batch
+from piqa_core.training import format_val_srcc, image_key, init_bundle, rank_batch
 
 from .labels import LabelError, LabelTable, load_labels, load_pairs
 from .score import ray_session
 from .storage import S3Options, atomic_write_bytes, exists, is_dir, join, local_path, read_bytes, resolve
-from .train_worker import HISTORY_FILE, train_loop_per_worker
+from .train_worker import HISTORY_FILE, _source, train_loop_per_worker
 
 
 @dataclass
@@ -168,15 +169,32 @@ def claim_run(job: TrainJob) -> None:
     saved = json.loads(read_bytes(uri, job.s3))
     saved = {**RECIPE_BEFORE, **saved}
     changed = [f"--{k.replace('_', '-')} {saved.get(k)!r} -> {v!r}" for k, v in recipe.items() if saved.get(k) != v]
+    edited = [f"--{k.replace('_', '-')} {getattr(job, k)} (sha256 {old[:12]}… -> {digests[k][:12]}…)"
+              for k, old in saved.get("sha256", {}).items() if k in digests and digests[k] != old]
+    if (changed or edited) and not has_checkpoint(job):  # nothing trained under the old recipe: a fresh start
+        print(f"piqa train: run {job.run_name} has no checkpoint yet: its recipe is replaced "
+              f"({'; '.join(changed + edited)})", file=sys.stderr)
+        atomic_write_bytes(uri, json.dumps({**recipe, "sha256": digests}, indent=2).encode(), job.s3)
+        return
     if changed:
         raise TrainSetupError(f"run {job.run_name} was started with other settings ({'; '.join(changed)}): "
                               "resume it with its own options, or start a new run with another --run-name")
-    edited = [f"--{k.replace('_', '-')} {getattr(job, k)} (sha256 {old[:12]}… -> {digests[k][:12]}…)"
-              for k, old in saved.get("sha256", {}).items() if k in digests and digests[k] != old]
     if edited:
         raise TrainSetupError(f"run {job.run_name}: {'; '.join(edited)} changed since the run started, so its "
                               "checkpoints were trained on other data: restore the file, or start a new run "
                               "with another --run-name (or --storage)")
+
+
+def has_checkpoint(job: TrainJob) -> bool:
+    """Whether the run has written a checkpoint (``epoch_NNNN``): until then no recipe has trained anything."""
+    import pyarrow.fs as pafs
+
+    fs, path = resolve(job.run_dir, job.s3)
+    try:
+        infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+    except NotADirectoryError:
+        return False
+    return any(i.base_name.startswith("epoch_") for i in infos)
 
 
 def prepare_data(job: TrainJob) -> tuple[LabelTable, dict[str, Any]]:
@@ -184,11 +202,18 @@ def prepare_data(job: TrainJob) -> tuple[LabelTable, dict[str, Any]]:
     table = load_labels(job.labels, job.images, job.format, job.train_list, job.test_list,
                         job.val_fraction, job.seed, job.s3)
     train, val = table.subset("train"), table.subset("val")
-    if len(train) < 2 or len(val) == 0:
-        raise LabelError(f"need at least 2 train and 1 validation images; {table.describe()}")
-    if not job.pairs and not (train.frame.groupby("group").size() >= 2).any():
+    if len(train) < 2:
+        raise LabelError(f"need at least 2 train images; {table.describe()}")
+    sizes = train.frame.groupby("group")["uri"].transform("size")
+    if not job.pairs and not (sizes >= 2).any():
         raise LabelError(f"no group has 2 train images, so there is no pair to train on; {table.describe()}")
-    if not (val.frame.groupby("group").size() >= MIN_GROUP).any():
+    if not job.pairs and (alone := int((sizes < 2).sum())):
+        print(f"piqa train: warning: {alone} train image(s) are alone in their group, so never in a pair: they "
+              "do not train (scores compare only within a group)", file=sys.stderr)
+    if len(val) == 0:
+        print("piqa train: warning: no validation images (--val-fraction 0 and no val split): checkpoints "
+              "cannot be ranked, the last epoch is exported", file=sys.stderr)
+    elif not (val.frame.groupby("group").size() >= MIN_GROUP).any():
         print(f"piqa train: warning: no validation group has {MIN_GROUP} images, so validation SRCC is "
               "undefined and checkpoints cannot be ranked; raise --val-fraction or use larger groups",
               file=sys.stderr)
@@ -203,6 +228,9 @@ def prepare_data(job: TrainJob) -> tuple[LabelTable, dict[str, Any]]:
         print(f"piqa train: pair list {job.pairs}: {stats}", file=sys.stderr)
         if not len(data["pairs"]):
             raise LabelError(f"{job.pairs}: no pair left with both images in the train split and one group")
+        if unpaired := len(train) - len(np.unique(data["pairs"])):
+            print(f"piqa train: warning: {unpaired} train image(s) are in no pair of {job.pairs}: they do not "
+                  "train", file=sys.stderr)
     return table, data
 
 
@@ -222,6 +250,8 @@ def _train(job: TrainJob, table: LabelTable, data: dict[str, Any]) -> dict[str, 
     from ray.train.torch import TorchTrainer
 
     print(f"piqa train {job.run_name}: {table.describe()}", file=sys.stderr)
+    if any(getattr(job, k) for k in WEIGHT_SOURCES) and not has_checkpoint(job):
+        check_start_weights(job)
     fs, path = resolve(job.storage, job.s3)  # S3: an explicit pyarrow filesystem (custom endpoints)
     resources = {"CPU": job.cpus, **({"GPU": 1} if job.gpu else {})}
     # Per run (not per call): re-running the same command must not fail again.
@@ -240,7 +270,7 @@ def _train(job: TrainJob, table: LabelTable, data: dict[str, Any]) -> dict[str, 
     result = trainer.fit()
     if not result.best_checkpoints:
         raise RuntimeError(f"run {job.run_name} has no checkpoint (0 epochs trained?)")
-    best, best_metrics = max(result.best_checkpoints, key=lambda cm: cm[1].get("val_srcc_mean", -math.inf))
+    best, best_metrics = best_checkpoint(result.best_checkpoints)
     model_dir = export_model(best, job)
     model_sha256 = json.loads(_read_checkpoint_file(best, "config.json"))["sha256"]
     record = json.loads(_read_checkpoint_file(result.checkpoint, HISTORY_FILE))
@@ -257,6 +287,28 @@ def _train(job: TrainJob, table: LabelTable, data: dict[str, Any]) -> dict[str, 
     atomic_write_bytes(join(job.run_dir, "summary.json"), json.dumps(summary, indent=2, default=str).encode(), job.s3)
     _print_summary(summary)
     return summary
+
+
+@ray.remote(max_retries=0)
+def _load_start_weights(job: TrainJob) -> None:
+    init_bundle(job.preset, job.seed, *(_source(getattr(job, k), job.s3) for k in WEIGHT_SOURCES))
+
+
+def check_start_weights(job: TrainJob) -> None:
+    """Build the start networks once, in a task placed like a worker (same memory), before the trainer: a
+    wrong or damaged weights file is one error here, not a worker failure Ray retries ``max_failures`` times."""
+    task = _load_start_weights.options(num_cpus=job.cpus, num_gpus=0)
+    try:
+        ray.get(task.remote(job))
+    except ray.exceptions.RayTaskError as e:
+        cause = e.cause if isinstance(e.cause, Exception) else e
+        raise TrainSetupError(f"the start weights cannot be loaded: {cause}") from None
+
+
+def best_checkpoint(kept: list[tuple[Any, dict[str, Any]]]) -> tuple[Any, dict[str, Any]]:
+    """The kept (checkpoint, metrics) with the best validation SRCC; ties (no rankable validation: every
+    epoch scores -1) go to the latest epoch, not to the oldest one kept."""
+    return max(kept, key=lambda cm: (cm[1].get("val_srcc_mean", -math.inf), cm[1].get("epoch", -1)))
 
 
 def _read_checkpoint_file(checkpoint: Any, name: str) -> bytes:

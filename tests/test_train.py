@@ -39,7 +39,7 @@ from ray_jobs.cli import main
 from ray_jobs.listing import list_images
 from ray_jobs.storage import S3Options, read_bytes
 from ray_jobs.labels import LabelError
-from ray_jobs.train import TrainJob, prepare_data, run_train_job
+from ray_jobs.train import TrainJob, TrainSetupError, has_checkpoint, prepare_data, run_train_job
 from ray_jobs.train_worker import _share_cache, _train_epoch
 from tests.test_checkpoints import official_layout, openai_layout, to_timm067_swin
 
@@ -171,6 +171,17 @@ def test_worker_failure_resumes_from_the_last_checkpoint(ray_local, small: Path,
 
 @pytest.mark.ray
 @pytest.mark.slow
+def test_a_run_without_validation_exports_its_last_epoch(ray_local, small: Path, tmp_path: Path) -> None:
+    job = TrainJob(labels=str(small), run_name="noval", storage=str(tmp_path), epochs=2, lr=3e-4, preset="tiny",
+                   val_fraction=0, eval_before=False)  # as when replaying a fixed pair list over all images
+    summary = run_train_job(job)
+    assert [h["val_items"] for h in summary["history"]] == [0, 0] and summary["best_epoch"] == 1
+    assert load_checkpoint(tmp_path / "noval" / "model").sha256 == \
+        load_checkpoint(tmp_path / "noval" / "epoch_0001").sha256
+
+
+@pytest.mark.ray
+@pytest.mark.slow
 def test_s3_checkpoints_and_rerunning_the_same_command_resumes(ray_local, s3_server, s3_bucket: str, small: Path,
                                                                 tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # the crash marker lands here, not in /tmp
@@ -264,6 +275,30 @@ def test_setup_mistakes_are_one_line_errors_and_start_no_ray(small: Path, tmp_pa
     assert not started
 
 
+@pytest.mark.ray
+def test_damaged_start_weights_fail_once_before_the_trainer(ray_local, small: Path, tmp_path: Path) -> None:
+    (tmp_path / "LSVQ.pth").write_text("not a checkpoint")
+    job = TrainJob(labels=str(small), run_name="r", storage=str(tmp_path / "runs"), preset="tiny",
+                   val_fraction=0.35, init_whole=str(tmp_path / "LSVQ.pth"))
+    with pytest.raises(TrainSetupError, match=r"the start weights cannot be loaded: .*LSVQ.pth: not a readable"):
+        run_train_job(job)  # a worker failure (retried max_failures times) before
+    assert not has_checkpoint(job)
+
+
+def test_a_diverged_run_is_not_told_to_rerun(small: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from ray.train import WorkerGroupError
+
+    import ray_jobs.train
+
+    def diverged(job):
+        raise WorkerGroupError("rank 0: FloatingPointError", {0: FloatingPointError("the training loss is nan")})
+
+    monkeypatch.setattr(ray_jobs.train, "run_train_job", diverged)
+    res = _train(small, tmp_path)
+    assert res.exit_code == 1 and "start a new run (another --run-name) with a lower --lr" in res.output
+    assert "Re-run the same command" not in res.output
+
+
 def test_validation_without_a_rankable_group_is_said_not_shown_as_minus_one(tmp_path: Path, capsys) -> None:
     rows = [{"uri": f"images/g{g}/{i}.png", "score": float(i), "group": f"g{g}"} for g in range(3) for i in range(6)]
     for r in rows:
@@ -277,6 +312,11 @@ def test_validation_without_a_rankable_group_is_said_not_shown_as_minus_one(tmp_
     frame.to_csv(tmp_path / "singletons.csv", index=False)
     with pytest.raises(LabelError, match="no group has 2 train images"):
         prepare_data(TrainJob(labels=str(tmp_path / "singletons.csv"), run_name="r", storage=str(tmp_path)))
+    frame = frame.drop(index=range(1, 6)).assign(split="train")  # g0 keeps one image, alone; no validation
+    frame.to_csv(tmp_path / "no_val.csv", index=False)
+    prepare_data(TrainJob(labels=str(tmp_path / "no_val.csv"), run_name="r", storage=str(tmp_path), val_fraction=0))
+    err = capsys.readouterr().err
+    assert "1 train image(s) are alone in their group" in err and "no validation images" in err
     assert format_val_srcc({"val_srcc_mean": -1.0, "val_srcc_median": -1.0, "val_valid_groups": 0}).startswith("n/a")
     assert format_val_srcc({"val_srcc_mean": 0.5, "val_srcc_median": 0.25, "val_valid_groups": 2}) == \
         "mean 0.5000 median 0.2500"

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from ray_jobs.storage import write_bytes
-from ray_jobs.train import TrainJob, TrainSetupError, checked_job, claim_run
+from ray_jobs.train import TrainJob, TrainSetupError, best_checkpoint, checked_job, claim_run, has_checkpoint
 
 
 def test_local_paths_become_absolute_for_the_workers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, s3_server,
@@ -45,6 +45,7 @@ def test_a_run_resumes_only_with_its_own_recipe(tmp_path: Path) -> None:
     job = TrainJob(labels=str(tmp_path / "l.csv"), run_name="r", storage=str(tmp_path), lr=3e-4, seed=1)
     claim_run(job)  # first start: recorded
     assert json.loads((tmp_path / "r" / "recipe.json").read_text())["lr"] == 3e-4
+    (tmp_path / "r" / "epoch_0000").mkdir()  # it trained an epoch under that recipe
     claim_run(replace(job, epochs=20, workers=4, keep=5))  # more epochs, other resources: the same run
     with pytest.raises(TrainSetupError, match=r"--seed 1 -> 2; --lr 0.0003 -> 0.001\): resume it with its own"):
         claim_run(replace(job, lr=1e-3, seed=2))  # the optimiser state would override it; the split would move
@@ -56,6 +57,7 @@ def test_a_run_refuses_data_files_edited_in_place(tmp_path: Path) -> None:
     pairs.write_text("IMAGE,IMAGE second\na.png,b.png\n")
     job = TrainJob(labels=str(labels), run_name="r", storage=str(tmp_path / "runs"), pairs=str(pairs))
     claim_run(job)
+    (tmp_path / "runs" / "r" / "epoch_0000").mkdir()
     claim_run(job)  # the same files: it resumes
     labels.write_text("uri,score,group\na.png,2,g\nb.png,1,g\n")  # the same path, other scores
     edited = rf"run r: --labels {re.escape(str(labels))} \(sha256 \w{{12}}… -> \w{{12}}…\) changed since the run"
@@ -72,6 +74,7 @@ def test_a_run_recorded_before_pairs_per_image_resumes_with_the_one_partner_it_u
     (tmp_path / "l.csv").write_text("uri,score,group\na.png,1,g\n")
     job = TrainJob(labels=str(tmp_path / "l.csv"), run_name="r", storage=str(tmp_path))
     claim_run(job)
+    (tmp_path / "r" / "epoch_0003").mkdir()
     recipe_file = tmp_path / "r" / "recipe.json"
     recipe = json.loads(recipe_file.read_text())
     assert recipe.pop("pairs_per_image") == 2  # the default: as the official exp.csv
@@ -79,6 +82,31 @@ def test_a_run_recorded_before_pairs_per_image_resumes_with_the_one_partner_it_u
     with pytest.raises(TrainSetupError, match=r"--pairs-per-image 1 -> 2\)"):
         claim_run(job)
     claim_run(replace(job, pairs_per_image=1))
+
+
+def test_a_run_without_a_checkpoint_takes_corrected_options(tmp_path: Path, capsys, s3_server, s3_bucket) -> None:
+    (tmp_path / "l.csv").write_text("uri,score,group\na.png,1,g\n")
+    job = TrainJob(labels=str(tmp_path / "l.csv"), run_name="r", storage=str(tmp_path / "runs"), lr=3e-4)
+    claim_run(job)  # then the first attempt died before its first checkpoint (a bad weights file, OOM)
+    claim_run(replace(job, lr=1e-4, init_whole=str(tmp_path / "fixed.pth")))
+    assert "has no checkpoint yet: its recipe is replaced (--init-whole None -> " in capsys.readouterr().err
+    assert json.loads((tmp_path / "runs" / "r" / "recipe.json").read_text())["lr"] == 1e-4
+    assert not has_checkpoint(job)
+    (tmp_path / "runs" / "r" / "epoch_0000").mkdir()
+    assert has_checkpoint(job)
+    with pytest.raises(TrainSetupError, match=r"--lr 0.0001 -> 0.0003"):
+        claim_run(job)
+    remote = replace(job, storage=f"s3://{s3_bucket}/runs", s3=s3_server.options)
+    assert not has_checkpoint(remote)
+    write_bytes(f"s3://{s3_bucket}/runs/r/epoch_0000/config.json", b"{}", s3_server.options)
+    assert has_checkpoint(remote)
+
+
+def test_the_best_checkpoint_ties_go_to_the_latest_epoch() -> None:
+    unranked = [("c1", {"epoch": 1, "val_srcc_mean": -1.0}), ("c2", {"epoch": 2, "val_srcc_mean": -1.0})]
+    assert best_checkpoint(unranked)[0] == "c2"  # no rankable validation: the last epoch, not the oldest kept
+    ranked = [("c1", {"epoch": 1, "val_srcc_mean": 0.8}), ("c2", {"epoch": 2, "val_srcc_mean": 0.7})]
+    assert best_checkpoint(ranked)[0] == "c1"
 
 
 def test_a_failed_local_export_leaves_the_previous_model_whole(tmp_path: Path, monkeypatch) -> None:
