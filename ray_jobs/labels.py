@@ -42,7 +42,7 @@ import pandas as pd
 
 from piqa_core.losses import pairs_from_names
 
-from .listing import stat_objects
+from .listing import MISSING, stat_each
 from .storage import S3Options, join, local_path, read_bytes
 
 SPLITS = ("train", "val", "test")
@@ -88,12 +88,16 @@ def _blank(col: pd.Series) -> np.ndarray:
 
 
 def normalise_local(uri: str) -> str:
-    """A local path in one spelling (``/x/img//p.jpg`` -> ``/x/img/p.jpg``), for the duplicate check only:
-    the table keeps each uri as written, since the validation hold-out and the feature cache key on it.
-    A URI stays as written (an S3 key may hold ``//`` or ``..``: collapsing them names another object)."""
-    if "://" in uri:
+    """A local path or ``file:`` URI as one absolute path (``/x/img//p.jpg``, ``file:///x/img/p.jpg`` ->
+    ``/x/img/p.jpg``), for the duplicate check only: the table keeps each uri as written, since the
+    validation hold-out and the feature cache key on it. Other URIs stay as written (an S3 key may hold
+    ``//`` or ``..``: collapsing them names another object)."""
+    try:
+        path = local_path(uri)
+    except ValueError:  # a mistyped scheme ("s3:/b/x"): not a path to compare
         return uri
-    path = os.path.normpath(uri)
+    if path is None:
+        return uri
     # POSIX normpath keeps a leading "//" (implementation-defined), but on Linux and macOS it is "/".
     return "/" + path.lstrip("/") if os.name == "posix" and path.startswith("//") else path
 
@@ -154,8 +158,14 @@ class LabelTable:
         if no_split.any():  # not defaulted: a blank cell may be a test image that must not train
             problems.append("blank split value in " + _listing([_row(f, k) for k in np.flatnonzero(no_split)],
                                                               f"row(s) (use {list(SPLITS)})"))
-        uris = f["uri"][~no_uri]
-        dup = uris[uris.astype(str).map(normalise_local).duplicated()].tolist()
+        # Compared normalised, listed as written: "/d/a.jpg" and "file:///d/a.jpg" hash apart in the hold-out.
+        first: dict[str, str] = {}
+        dup = []
+        for u in f["uri"][~no_uri].astype(str):
+            k = normalise_local(u)
+            if k in first:
+                dup.append(u if first[k] == u else f"{u} (the same file as {first[k]})")
+            first.setdefault(k, u)
         if dup:
             problems.append(_listing(dup, "duplicated image uri(s)"))
         if problems:
@@ -194,12 +204,19 @@ class LabelTable:
         return LabelTable(df, self.source, self.unused)
 
     def check_images(self, s3: S3Options | None = None) -> None:
-        """Raise ``LabelError`` listing every image that does not exist; else record each one's ``size``
-        and ``version`` (ETag or mtime) columns, which with the uri tell one upload from the next."""
-        infos = stat_objects(self.uris, s3)
-        missing = [o.uri for o in infos if o.size < 0]
+        """Raise ``LabelError`` listing every image that does not exist, and counting those that could not
+        be checked (access denied, an unreachable endpoint: the first error shown); else record each one's
+        ``size`` and ``version`` (ETag or mtime) columns, which with the uri tell one upload from the next."""
+        checked = stat_each(self.uris, s3)
+        infos = [o for o, _ in checked]
+        failed = [(o.uri, e) for o, e in checked if e is not None and not isinstance(e, MISSING)]
+        missing = [o.uri for o, e in checked if isinstance(e, MISSING)]
+        problems = [f"cannot check {len(failed)} of {len(self)} labelled images: {type(e).__name__}: {e} "
+                    f"(for {uri})" for uri, e in failed[:1]]
         if missing:
-            raise LabelError(f"{self.source}: " + _listing(missing, f"of {len(self)} labelled images not found"))
+            problems.append(_listing(missing, f"of {len(self)} labelled images not found"))
+        if problems:
+            raise LabelError(f"{self.source}: " + "\n".join(problems))
         self.frame["size"] = np.array([o.size for o in infos], np.int64)
         self.frame["version"] = [o.etag_or_mtime for o in infos]
 

@@ -45,6 +45,10 @@ URI_COLUMNS = ("uri", "url", "path", "image path", "image_path", "key", "file", 
                "filepath", "image")
 
 
+# The reasons stat_each gives for an object that is missing, rather than one it could not check.
+MISSING = (FileNotFoundError, NotADirectoryError)
+
+
 class ListingError(OSError):
     """A folder under a listed prefix could not be read: the listing fails rather than drop its files
     (the audit would record them as deleted)."""
@@ -226,30 +230,40 @@ def list_images(
     return sorted(out, key=lambda o: o.uri)
 
 
-def stat_objects(uris: Iterable[str], s3: S3Options | None = None) -> list[ObjectInfo]:
-    """Stat each URI in order; missing (or forbidden) objects get ``size=-1, etag_or_mtime=""``.
+def stat_each(uris: Iterable[str], s3: S3Options | None = None) -> list[tuple[ObjectInfo, Exception | None]]:
+    """Stat each URI in order: its ObjectInfo and, where that has ``size=-1``, why (else ``None``).
 
-    S3 answers 403 instead of 404 without ListBucket permission, hence PermissionError counts as
-    missing too, and so does any other failure (an unknown scheme, a missing fsspec backend): the read
-    step later records the real error in that entry's row. Remote HEADs run 16 at a time.
+    The reason is one of :data:`MISSING` for an object that is missing or is no file (a folder, a
+    prefix). Anything else says nothing of the object: access denied (S3 answers 403 even for a
+    missing key without ListBucket permission), an unreachable endpoint, an unknown scheme, a missing
+    fsspec backend. Remote HEADs run 16 at a time.
     """
     fss: dict[str, fsspec.AbstractFileSystem | Exception] = {}
 
-    def one(uri: str) -> ObjectInfo:
+    def not_a_file(uri: str) -> FileNotFoundError:
+        return FileNotFoundError(errno.ENOENT, "No such file (or not a file)", uri)
+
+    def one(uri: str) -> tuple[ObjectInfo, Exception | None]:
         local = local_path(uri)
         try:
             if local is not None:
-                return _local_info(local) if os.path.isfile(local) else ObjectInfo(local, -1, "")
+                if os.path.isfile(local):
+                    info = _local_info(local)
+                    if info.etag_or_mtime == NAME_NOT_UTF8:
+                        return info, ValueError(f"{info.uri}: the file name is not UTF-8")
+                    return info, None if info.size >= 0 else not_a_file(local)  # gone since isfile
+                os.stat(local)  # raises the real error: missing, or a folder it may not enter
+                return ObjectInfo(local, -1, ""), not_a_file(local)
             fs = fss[uri_scheme(uri)]
             if isinstance(fs, Exception):
-                return ObjectInfo(uri, -1, "")
+                return ObjectInfo(uri, -1, ""), fs
             path = fs._strip_protocol(uri)
             info = fs.info(path)
             if info.get("type") != "file":
-                return ObjectInfo(uri, -1, "")
-            return _remote_info(fs, uri_scheme(uri), path, info)
-        except Exception:  # noqa: BLE001 - one bad entry must not fail the listing
-            return ObjectInfo(local or uri, -1, "")
+                return ObjectInfo(uri, -1, ""), not_a_file(uri)
+            return _remote_info(fs, uri_scheme(uri), path, info), None
+        except Exception as e:  # noqa: BLE001 - one bad entry must not fail the listing
+            return ObjectInfo(local or uri, -1, ""), e
 
     uris = list(uris)
     for u in uris:
@@ -260,6 +274,12 @@ def stat_objects(uris: Iterable[str], s3: S3Options | None = None) -> list[Objec
                 fss[uri_scheme(u)] = e
     with ThreadPoolExecutor(max_workers=16) as pool:
         return list(pool.map(one, uris))
+
+
+def stat_objects(uris: Iterable[str], s3: S3Options | None = None) -> list[ObjectInfo]:
+    """:func:`stat_each` without the reasons: every object that cannot be stat'ed, missing or not, gets
+    ``size=-1`` (still a row), and the read step later records the real error in that row."""
+    return [info for info, _ in stat_each(uris, s3)]
 
 
 def list_inputs(

@@ -347,3 +347,34 @@ def test_every_listed_extension_names_a_format_the_decoder_reads() -> None:
     pillow = Image.registered_extensions()
     exts = listing.IMAGE_EXTENSIONS
     assert {e: pillow.get(e) in DECODABLE_FORMATS for e in exts} == dict.fromkeys(exts, True)
+
+
+def test_stat_each_tells_a_missing_object_from_one_it_cannot_check(s3_server, s3_bucket, tmp_path, monkeypatch):
+    """A 404 is a missing image; an unreachable endpoint or a 403 says nothing of the image."""
+    import s3fs
+
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")  # botocore's retries would take seconds an entry
+    opts, here = s3_server.options, f"s3://{s3_bucket}/here.jpg"
+    storage.write_bytes(here, b"abc", opts)
+    (tmp_path / "a.jpg").write_bytes(b"a")
+    real_info = s3fs.S3FileSystem._info
+
+    async def forbidden(self, path, **kwargs):
+        if path.endswith("secret.jpg"):
+            raise PermissionError(13, "Access Denied")
+        return await real_info(self, path, **kwargs)
+
+    monkeypatch.setattr(s3fs.S3FileSystem, "_info", forbidden)
+    uris = [str(tmp_path / "a.jpg"), str(tmp_path / "gone.jpg"), str(tmp_path / "a.jpg" / "x.jpg"), str(tmp_path),
+            here, f"s3://{s3_bucket}/gone.jpg", f"s3://{s3_bucket}", f"s3://{s3_bucket}/secret.jpg",
+            "htps://example.com/x.jpg"]
+    got = listing.stat_each(uris, opts)
+    assert [o.size for o, _ in got] == [1, -1, -1, -1, 3, -1, -1, -1, -1]
+    assert [e is None or isinstance(e, listing.MISSING) for _, e in got] == [True] * 7 + [False, False]
+    assert got[0][1] is None and got[4][1] is None and isinstance(got[7][1], PermissionError)
+    # The scoring path keeps a row for each, whatever the reason (the read step records it).
+    assert listing.stat_objects(uris, opts) == [o for o, _ in got]
+    unreachable = S3Options("http://127.0.0.1:9", "us-east-1", access_key="testing", secret_key="testing")
+    (info, err), = listing.stat_each([here], unreachable)
+    assert info.size == -1 and not isinstance(err, listing.MISSING) and "127.0.0.1:9" in str(err)
+    assert [o.size for o in listing.stat_objects([here], unreachable)] == [-1]
