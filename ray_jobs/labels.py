@@ -207,7 +207,12 @@ class LabelTable:
         """Raise ``LabelError`` listing every image that does not exist, and counting those that could not
         be checked (access denied, an unreachable endpoint: the first error shown); else record each one's
         ``size`` and ``version`` (ETag or mtime) columns, which with the uri tell one upload from the next."""
-        checked = stat_each(self.uris, s3)
+        uris = list(self.uris)
+        checked = stat_each(uris[:1], s3)  # a wrong endpoint or credentials: said now, not after every retry
+        if checked and (e := checked[0][1]) is not None and not isinstance(e, MISSING):
+            raise LabelError(f"{self.source}: cannot check the labelled images: {type(e).__name__}: {e} "
+                             f"(for {uris[0]})")
+        checked += stat_each(uris[1:], s3)
         infos = [o for o, _ in checked]
         failed = [(o.uri, e) for o, e in checked if e is not None and not isinstance(e, MISSING)]
         missing = [o.uri for o, e in checked if isinstance(e, MISSING)]
