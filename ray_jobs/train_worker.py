@@ -12,7 +12,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 import numpy as np
 import ray
@@ -33,6 +33,8 @@ if TYPE_CHECKING:
     from .train import TrainJob
 
 STATE_FILE, HISTORY_FILE = "train_state.pt", "history.json"
+# Rank 0's progress lines within a pass come at most this often (see ``_Progress``).
+PROGRESS_EVERY_S = 30.0
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -46,11 +48,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     bf16 = device.type == "cuda"
     torch.set_num_threads(max(1, int(job.cpus)))
 
-    def log(msg: str) -> None:  # sys.stdout.write: Train V2's print patch would log every line twice
-        if rank == 0:
-            sys.stdout.write(f"[piqa train {job.run_name}] {msg}\n")
-            sys.stdout.flush()
-
+    log = _logger(job.run_name, rank)
     checkpoint, state, record = ray.train.get_checkpoint(), None, {"before": None, "epochs": []}
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
@@ -83,11 +81,15 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         loaded = len(cache)
         log(f"feature cache: {len(cache)} images from {cache_uri}")
     group = object_group(world)
-    env = dict(job=job, cfg=cfg, detector=detector, liqe=liqe, cache=cache, device=device, marker=config["marker"])
+    env = dict(job=job, cfg=cfg, detector=detector, liqe=liqe, cache=cache, device=device, marker=config["marker"],
+               log=log)
+    unsaved = False  # rank 0: the cache has features its file lacks (a write failed): try again next time
     if checkpoint is None and job.eval_before and start < job.epochs:
         before = set(cache.faces)
-        val = _predict_val(bundle.model, data["val"], data["keys"]["val"], rank, world, bf16, group, **env)
-        _share_cache(cache, before, rank, world, group, cache_uri, job.s3)
+        val = _predict_val(bundle.model, data["val"], data["keys"]["val"], rank, world, bf16, group,
+                           stage="before training: validation", **env)
+        if _gather_cache(cache, before, rank, world, group):
+            unsaved = not _save_cache(cache, cache_uri, job.s3, rank, log)
         if rank == 0:
             record["before"] = val_metrics(val[0], *data["val"][1:], val[1])
             log(f"before training: val SRCC {format_val_srcc(record['before'])}")
@@ -99,8 +101,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         mine = _train_epoch(model, opt, data, epoch, rank, world, bf16, **env)
         sched.step()
         train_s = time.perf_counter() - t0
-        val = _predict_val(bundle.model, data["val"], data["keys"]["val"], rank, world, bf16, group, **env)
-        _share_cache(cache, before, rank, world, group, cache_uri, job.s3)
+        val = _predict_val(bundle.model, data["val"], data["keys"]["val"], rank, world, bf16, group,
+                           stage=f"epoch {epoch + 1}/{job.epochs} validation", **env)
+        grew = _gather_cache(cache, before, rank, world, group)  # a collective: every rank, same place
         train, failed = train_metrics(all_gather(mine, world, group), train_s)
         metrics = {"epoch": epoch, **train, "lr": lr, "session_start_epoch": start,
                    "features_loaded": loaded, "epoch_time_s": time.perf_counter() - t0}
@@ -110,12 +113,58 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 + (f"; … and {len(failed) - 3} more" if len(failed) > 3 else ""))
         if rank == 0:
             metrics.update(val_metrics(val[0], *data["val"][1:], val[1]))
+            # -1.0 stands in for undefined metrics (checkpoint ranking): print n/a, never the placeholder.
+            plcc = f"  PLCC mean {metrics['val_plcc_mean']:.4f}" if metrics.get("val_valid_groups") else ""
             log(f"epoch {epoch + 1}/{job.epochs}  loss {metrics['train_loss']:.4f}  "
-                f"{metrics['pairs_per_s']:.1f} pairs/s  val SRCC {format_val_srcc(metrics)}  "
-                f"PLCC mean {metrics['val_plcc_mean']:.4f}  "
+                f"{metrics['pairs_per_s']:.1f} pairs/s  val SRCC {format_val_srcc(metrics)}{plcc}  "
                 f"lr {lr:.2e}  ({metrics['epoch_time_s']:.0f}s)")
             _warn_nonfinite(metrics, log)
         _report(metrics, record, bundle, opt, sched, job, init, rank)
+        # Rank 0 alone, after the report (a barrier every rank enters), so a failed write costs no checkpoint;
+        # the other ranks wait for it in the next epoch's first all-reduce, as they did in the gather before.
+        if grew or unsaved:
+            unsaved = not _save_cache(cache, cache_uri, job.s3, rank, log)
+
+
+def _logger(run_name: str, rank: int) -> Callable[[str], None]:
+    """The worker's log: rank 0 writes ``[piqa train RUN] msg`` lines; the other ranks stay silent."""
+    def log(msg: str) -> None:  # sys.stdout.write: Train V2's print patch would log every line twice
+        if rank == 0:
+            sys.stdout.write(f"[piqa train {run_name}] {msg}\n")
+            sys.stdout.flush()
+
+    return log
+
+
+class _Progress:
+    """Rank 0's progress through one pass (train steps, validation batches), with the features it computes.
+
+    Lines are bounded by time, at most one per ``PROGRESS_EVERY_S``, not by a step count: a count would flood
+    the log on a fast GPU yet stay silent for many minutes while the first epoch computes every image's face
+    and LIQE features (a CPU step then takes seconds).
+    """
+
+    def __init__(self, env: dict[str, Any], rank: int, stage: str, keys: Iterable[str]) -> None:
+        self.on, self.stage, self.cache = rank == 0, stage, env["cache"]
+        self.log = env.get("log") or _logger(env["job"].run_name, rank)
+        # The features this pass computes: its images' that are not cached yet (failed images never are).
+        self.need = {k for k in keys if k not in self.cache} if self.on else set()
+        self.t0 = self.last = time.monotonic()
+
+    def due(self) -> bool:
+        """Whether a line is due now (the caller computes the line's numbers only then)."""
+        now = time.monotonic()
+        if not self.on or now - self.last < PROGRESS_EVERY_S:
+            return False
+        self.last = now
+        return True
+
+    def elapsed(self) -> float:
+        return max(time.monotonic() - self.t0, 1e-9)
+
+    def __call__(self, msg: str) -> None:
+        done = sum(k in self.cache for k in self.need)  # host-side dict lookups, only when a line is due
+        self.log(f"{self.stage} {msg}" + (f"  features {done}/{len(self.need)}" if self.need else ""))
 
 
 def _source(uri: str | None, s3: S3Options) -> str | bytes | None:
@@ -171,7 +220,9 @@ def _train_epoch(model: torch.nn.Module, opt: torch.optim.Optimizer, data: dict[
 
     model.train()
     out: dict[str, Any] = {"loss_sum": 0.0, "pairs": 0, "dropped_pairs": 0, "failed": {}}
-    for step, (cols, idx) in enumerate(prefetch(prep, math.ceil(len(mine) / b), max(1, int(job.cpus)))):
+    steps = math.ceil(len(mine) / b)
+    progress = _Progress(env, rank, f"epoch {epoch + 1}/{job.epochs}", (keys[i] for i in np.unique(mine)))
+    for step, (cols, idx) in enumerate(prefetch(prep, steps, max(1, int(job.cpus)))):
         failed, dropped = batch_failures(cols, idx, uris)
         out["failed"].update(failed)
         out["dropped_pairs"] += dropped
@@ -181,12 +232,17 @@ def _train_epoch(model: torch.nn.Module, opt: torch.optim.Optimizer, data: dict[
         loss.backward()
         opt.step()
         out["loss_sum"], out["pairs"] = out["loss_sum"] + total, out["pairs"] + n
+        if progress.due():
+            # Floats pair_loss already brought to the host: rank 0's running loss; every rank takes b pairs a step.
+            taken = min((step + 1) * b, len(mine)) * world
+            progress(f"step {step + 1}/{steps}  running loss {out['loss_sum'] / max(out['pairs'], 1):.4f}  "
+                     f"{taken / progress.elapsed():.1f} pairs/s")
         _maybe_fail(job, epoch, rank, env["marker"])
     return out
 
 
 def _predict_val(module: torch.nn.Module, val: tuple, keys: list[str], rank: int, world: int, bf16: bool,
-                 group: Any, **env: Any) -> tuple[np.ndarray, np.ndarray] | None:
+                 group: Any, stage: str = "validation", **env: Any) -> tuple[np.ndarray, np.ndarray] | None:
     """Five-crop scores of the validation split and which images loaded, sharded by rank; the whole
     arrays on rank 0 (a loaded image the model scored nan is not a failed one)."""
     uris, b = val[0], env["job"].eval_batch
@@ -195,9 +251,12 @@ def _predict_val(module: torch.nn.Module, val: tuple, keys: list[str], rank: int
     chunks = [mine[i:i + b] for i in range(0, len(mine), b)]
     prep = lambda k: _prepare(env, uris, keys, chunks[k], "five", [None] * len(chunks[k]))  # noqa: E731
     preds, oks = [], []
-    for cols in prefetch(prep, len(chunks), max(1, int(env["job"].cpus))):
+    progress = _Progress(env, rank, stage, (keys[i] for i in mine))
+    for k, cols in enumerate(prefetch(prep, len(chunks), max(1, int(env["job"].cpus)))):
         preds.append(predict(module, cols, env["cfg"], env["device"], bf16))
         oks.append(cols["status"] == "ok")
+        if progress.due():
+            progress(f"{sum(map(len, chunks[:k + 1]))}/{len(mine)} images")
     cat = lambda xs, dtype: np.concatenate(xs) if xs else np.zeros(0, dtype)  # noqa: E731
     parts = all_gather((mine, cat(preds, np.float64), cat(oks, bool)), world, group)
     if rank != 0:
@@ -208,21 +267,30 @@ def _predict_val(module: torch.nn.Module, val: tuple, keys: list[str], rank: int
     return out, loaded
 
 
-def _share_cache(cache: FeatureCache, before: set[str], rank: int, world: int, group: Any, uri: str | None,
-                 s3: S3Options) -> None:
-    """Give every rank the features the others computed; rank 0 persists the cache when it grew."""
+def _gather_cache(cache: FeatureCache, before: set[str], rank: int, world: int, group: Any) -> bool:
+    """Give every rank the features the others computed (a collective); whether any rank computed some."""
     parts = all_gather(cache.to_columns([u for u in cache.faces if u not in before]), world, group)
-    if not sum(len(p["uri"]) for p in parts):
-        return
     for r, p in enumerate(parts):
         if r != rank:
             cache.add_columns(p)
-    if uri and rank == 0:
+    return bool(sum(len(p["uri"]) for p in parts))
+
+
+def _save_cache(cache: FeatureCache, uri: str | None, s3: S3Options, rank: int, log: Callable[[str], None]) -> bool:
+    """Rank 0 writes the cache file; False (and a warning) when that failed: the file only saves work later."""
+    if not uri or rank != 0:
+        return True
+    try:
         if exists(uri, s3):  # another run sharing this cache may have added images since we read it: keep them
             theirs = FeatureCache.read_npz(read_bytes(uri, s3))
             new = np.array([u not in cache for u in theirs["uri"]], bool)
             cache.add_columns({k: v[new] for k, v in theirs.items()})
         atomic_write_bytes(uri, cache.to_npz(), s3)  # a crash mid-write must not leave a cache later runs load
+    except Exception as e:  # noqa: BLE001 - disk full, PUT denied, a damaged file: the features are recomputed
+        log(f"warning: feature cache {uri} not written ({type(e).__name__}: {e}); training goes on, and the "
+            "next epoch tries again")
+        return False
+    return True
 
 
 def _report(metrics: dict[str, Any], record: dict[str, Any], bundle: Any, opt: Any, sched: Any, job: TrainJob,

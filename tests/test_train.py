@@ -40,7 +40,7 @@ from ray_jobs.listing import list_images
 from ray_jobs.storage import S3Options, read_bytes
 from ray_jobs.labels import LabelError
 from ray_jobs.train import TrainJob, TrainSetupError, has_checkpoint, prepare_data, run_train_job
-from ray_jobs.train_worker import _share_cache, _train_epoch
+from ray_jobs.train_worker import _save_cache, _train_epoch
 from tests.test_checkpoints import official_layout, openai_layout, to_timm067_swin
 
 
@@ -329,8 +329,8 @@ def test_runs_sharing_a_feature_cache_keep_each_others_images(tmp_path: Path) ->
     first, second = FeatureCache("fp"), FeatureCache("fp")  # two runs that started from the same (empty) file
     first.put("a.jpg", FaceResult((1.0, 2.0, 30.5, 40.25), 0.9, 1), np.full(3, 0.5, np.float32))
     second.put("b.jpg", FaceResult(None, 0.0, 0), np.zeros(3, np.float32))
-    _share_cache(first, set(), 0, 1, None, uri, S3Options())
-    _share_cache(second, set(), 0, 1, None, uri, S3Options())  # the last writer used to drop a.jpg
+    assert _save_cache(first, uri, S3Options(), 0, print)
+    assert _save_cache(second, uri, S3Options(), 0, print)  # the last writer used to drop a.jpg
     back = FeatureCache("fp")
     back.add_columns(FeatureCache.read_npz(Path(uri).read_bytes()))
     assert sorted(back.faces) == ["a.jpg", "b.jpg"] and back.faces["a.jpg"].box == (1.0, 2.0, 30.5, 40.25)
