@@ -231,6 +231,10 @@ def prepare_data(job: TrainJob) -> tuple[LabelTable, dict[str, Any]]:
         if unpaired := len(train) - len(np.unique(data["pairs"])):
             print(f"piqa train: warning: {unpaired} train image(s) are in no pair of {job.pairs}: they do not "
                   "train", file=sys.stderr)
+    per_epoch = len(data["pairs"]) if job.pairs else job.pairs_per_image * int((sizes >= 2).sum())
+    if per_epoch < job.workers:  # shard() gives every worker the same count: here none at all
+        raise LabelError(f"an epoch has {per_epoch} pair(s), fewer than --workers {job.workers}: every worker "
+                         "would train on nothing; use fewer workers or more labelled images")
     return table, data
 
 
