@@ -12,7 +12,8 @@ State layout under ``STATE_URI`` (local folder or ``s3://`` prefix)::
                                      (a marker it cannot parse, or whose plan is gone or corrupt, is abandoned)
     runs/<run_id>/plan.parquet       the run's listing: uri, etag_or_mtime, bytes, action, to_score
     runs/<run_id>/scores/…           the scoring pipeline's output for the run (resumable)
-    states/<run_id>.parquet          the full table after the run (never rewritten once committed)
+    states/<run_id>.parquet          the full table after the run (never rewritten once committed;
+                                     a continued run's attempt adds ``-<4 hex>`` here and to its report)
     reports/<run_id>/                report.html, summary.json, PNG plots, thumbs/
 
 A state row is the latest score row of an object plus ``deleted``, ``deleted_at`` and
@@ -35,6 +36,7 @@ import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
+from urllib.parse import unquote
 
 import numpy as np
 import pyarrow as pa
@@ -171,7 +173,8 @@ def plan_run(job: AuditJob, identity: dict[str, Any], pointer: dict[str, Any] | 
         else:
             print(f"piqa audit: abandoning unfinished run {marker['run_id']} (library, model, crop mode or "
                   f"previous state differ); its files stay under runs/", file=sys.stderr)
-    if pointer and pointer["library"] != root:
+    # unquote: states written before file: URIs were unescaped hold the escaped path (".../lib%20one")
+    if pointer and root not in (pointer["library"], unquote(pointer["library"])):
         raise AuditRefused(f"state {job.state} belongs to library {pointer['library']}, not {root}")
     changes: list[str] = []
     if pointer and pointer["model_sha256"] != sha:
@@ -279,7 +282,9 @@ def run_audit(job: AuditJob) -> AuditResult:
               file=sys.stderr)
     scored, score_stats = score_delta(job, plan)
     state, counts = merge_state(plan, previous, scored, job.keep_deleted_days)
-    state_rel, report_rel = f"states/{plan.run_id}.parquet", f"reports/{plan.run_id}"
+    # A continuation writes under names of its own: a twin continuing the same run may commit its files meanwhile.
+    name = f"{plan.run_id}-{uuid.uuid4().hex[:4]}" if plan.resumed else plan.run_id
+    state_rel, report_rel = f"states/{name}.parquet", f"reports/{name}"
     check_current(job.state, job.s3, plan.run_id, plan.previous_run_id)  # a committed state is never rewritten
     write_parquet(join(job.state, state_rel), state.replace_schema_metadata(
         {"run_id": plan.run_id, "model_sha256": plan.model_sha256, "crop_mode": plan.crop_mode}), job.s3)

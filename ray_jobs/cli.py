@@ -281,7 +281,9 @@ def eval_cmd(labels, images, fmt, train_list, test_list, val_fraction, seed, s3,
     from .labels import load_labels
     from .storage import check_writable, is_dir, parent_uri
 
-    if out.endswith("/") or is_dir(out, s3):  # refused now, not after scoring everything
+    with _user_errors():
+        folder = out.endswith("/") or is_dir(out, s3)
+    if folder:  # refused now, not after scoring everything
         raise click.UsageError(f"--out names the JSON report file (the predictions go next to it), got a folder: {out}")
     with _user_errors():
         check_eval_outputs(out, [labels, train_list, test_list])

@@ -13,6 +13,7 @@ import click
 def _user_errors() -> Iterator[None]:
     """Mistakes a user can fix (a missing file, bad labels, options or weights) as a message, not a traceback."""
     import pandas as pd
+    from botocore.exceptions import BotoCoreError
 
     from piqa_core.checkpoints import CheckpointError
 
@@ -27,6 +28,8 @@ def _user_errors() -> Iterator[None]:
         raise click.ClickException(f"{e.strerror}: {e.filename}" if e.filename and e.strerror else str(e)) from None
     except (pd.errors.EmptyDataError, pd.errors.ParserError) as e:
         raise click.ClickException(f"cannot read the labels: {e}") from None
+    except BotoCoreError as e:  # s3fs's listing and reads: no endpoint there, no credentials
+        raise click.ClickException(f"object store: {type(e).__name__}: {e}") from None
     except (CheckpointError, ValueError) as e:  # LabelError, TrainSetupError, AuditRefused are ValueErrors
         raise click.ClickException(str(e)) from None
     except OSError as e:  # a full disk or quota, a read-only mount, a store out of reach: the user's to fix

@@ -186,6 +186,10 @@ def _read_bytes_fsspec(uri: str, s3: S3Options | None, max_bytes: int | None) ->
         return fs.cat_file(path)
     except FileNotFoundError as e:
         raise FileNotFoundError(errno.ENOENT, "No such object", uri) from e
+    except (OSError, ObjectTooLarge):
+        raise
+    except Exception as e:  # botocore's own (no endpoint, no credentials): an I/O failure, as pyarrow says it
+        raise OSError(f"{uri}: {type(e).__name__}: {e}") from e
 
 
 def read_text(uri: str, s3: S3Options | None = None, encoding: str = "utf-8") -> str:

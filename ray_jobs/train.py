@@ -210,6 +210,10 @@ def prepare_data(job: TrainJob) -> tuple[LabelTable, dict[str, Any]]:
     if not job.pairs and (alone := int((sizes < 2).sum())):
         print(f"piqa train: warning: {alone} train image(s) are alone in their group, so never in a pair: they "
               "do not train (scores compare only within a group)", file=sys.stderr)
+    if len(val) == 0 and job.val_fraction > 0:  # asked for a hold-out, got none: groups too small to give one
+        raise LabelError(f"no validation images: --val-fraction {job.val_fraction} holds none out of groups this "
+                         f"small (a group keeps 2 train images); use larger groups, a val split, or "
+                         f"--val-fraction 0 to train without validation; {table.describe()}")
     if len(val) == 0:
         print("piqa train: warning: no validation images (--val-fraction 0 and no val split): checkpoints "
               "cannot be ranked, the last epoch is exported", file=sys.stderr)

@@ -52,7 +52,11 @@ def delete(uri: str, s3: S3Options | None = None) -> None:
 
 
 def state_of(state: str, run_id: str, s3: S3Options | None = None) -> dict[str, dict]:
-    fs, path = resolve(join(state, "states", f"{run_id}.parquet"), s3)
+    """The state run ``run_id`` committed: CURRENT's file when it names that run (a continued run's files
+    carry an attempt suffix), else the first attempt's ``states/<run_id>.parquet``."""
+    pointer = read_json(join(state, "CURRENT"), s3)
+    rel = pointer["state"] if pointer["run_id"] == run_id else f"states/{run_id}.parquet"
+    fs, path = resolve(join(state, rel), s3)
     return {r["uri"]: r for r in pq.read_table(path, filesystem=fs).to_pylist()}
 
 
@@ -302,5 +306,7 @@ def test_crash_before_pointer_switch_then_resume(s3_nights: dict) -> None:
     assert read_json(join(state, "CURRENT"), s3)["run_id"] == n3.run_id
     with pytest.raises(FileNotFoundError):
         read_bytes(join(state, "IN_PROGRESS"), s3)
-    assert read_json(join(state, "reports", n3.run_id, "summary.json"), s3)["resumed"] is True
+    report = read_json(join(state, "CURRENT"), s3)["report"]
+    assert report.startswith(f"reports/{n3.run_id}-")  # a continuation's files are its own
+    assert read_json(join(state, report, "summary.json"), s3)["resumed"] is True
     assert lib + "bad.jpg" in unchanged

@@ -245,6 +245,9 @@ def test_a_file_uri_names_the_same_library_as_its_path(tmp_path: Path) -> None:
     first = audit.plan_run(job, FIVE, None, STATE_SCHEMA.empty_table())
     job.library = str(lib)  # the same library by its path: the unfinished run is continued, not refused
     assert audit.plan_run(job, FIVE, None, STATE_SCHEMA.empty_table()).run_id == first.run_id
+    legacy = {"run_id": "r0", "library": str(tmp_path / "lib%20one"), "model_sha256": SHA, "model_id": "tiny",
+              "crop_mode": "five"}  # a pointer from before file: URIs were unescaped
+    assert audit.plan_run(job, FIVE, legacy, STATE_SCHEMA.empty_table()).previous_run_id == "r0"
 
 
 def test_a_continued_run_lists_the_library_again(tmp_path: Path) -> None:

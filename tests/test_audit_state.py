@@ -86,3 +86,35 @@ def test_two_audits_on_one_state_never_take_current_back(tmp_path: Path, monkeyp
     state = audit_state.read_parquet(join(job.state, current["state"]), None, audit.STATE_SCHEMA)
     assert sorted(state["uri"].to_pylist()) == [str(lib / n) for n in ("a.jpg", "b.jpg", "c.jpg")]
     assert read_json(join(job.state, "IN_PROGRESS"), None) is None
+
+
+def test_a_refused_twin_leaves_the_files_of_the_committed_attempt_alone(tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    from ray_jobs import report
+
+    lib = tmp_path / "lib"
+    for name in ("a.jpg", "b.jpg"):
+        write_bytes(str(lib / name), b"x")
+    job = AuditJob(library=str(lib), state=str(tmp_path / "state"), model=TINY)
+    identity = {"sha256": "a" * 64, "model_id": "tiny", "crop_mode": "five", "random_init": True,
+                "random_parts": [], "preset": "tiny"}
+    monkeypatch.setattr("ray_jobs.actors.model_identity", lambda model, s3: identity)
+    monkeypatch.setattr(score, "run_score_job", _fake_pipeline(identity["sha256"], lambda: None))
+    real_report, twins = report.write_report, []
+
+    def report_after_a_twin_committed(inp: Any) -> dict[str, Any]:
+        if not twins:  # A is writing its report: B continues the same run, with a new photo, and commits
+            twins.append(None)
+            write_bytes(str(lib / "c.jpg"), b"new")
+            twins[0] = run_audit(job)
+        return real_report(inp)
+
+    monkeypatch.setattr(report, "write_report", report_after_a_twin_committed)
+    with pytest.raises(AuditRefused, match="another audit continued this run and committed it"):
+        run_audit(job)  # A
+    current = read_json(join(job.state, "CURRENT"), None)
+    assert current["run_id"] == twins[0].run_id and current["rows"] == 3
+    summary = read_json(join(job.state, current["report"], "summary.json"), None)
+    assert summary["counts"]["listed"] == 3  # B's report, not A's written over it
+    state = audit_state.read_parquet(join(job.state, current["state"]), None, audit.STATE_SCHEMA)
+    assert state.num_rows == 3

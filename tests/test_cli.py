@@ -224,6 +224,8 @@ def test_eval_refuses_a_folder_out_before_scoring_and_fails_when_nothing_scored(
     monkeypatch.setattr(piqa_core.scorer.Scorer, "score_columns", lambda *a: pytest.fail("scored before --out check"))
     res = CliRunner().invoke(main, [*args, "--out", str(tmp_path)])
     assert res.exit_code == 2 and "got a folder" in res.output, res.output
+    res = CliRunner().invoke(main, [*args, "--out", "s3:/bucket/r.json"])  # a slash short: not a local folder
+    assert res.exit_code == 1 and res.output.startswith("Error: 's3:/bucket/r.json' looks like a mistyped s3://")
     labels = pathlib.Path(args[2])
     kept = labels.read_bytes()
     res = CliRunner().invoke(main, [*args, "--out", str(labels)])  # the report would replace the labels
@@ -264,6 +266,19 @@ def test_device_chooses_the_ray_pools_kind(photos, tmp_path, monkeypatch):
     CliRunner().invoke(main, ["audit", str(photos), "--state", str(tmp_path / "s"), "--random-weights",
                               "--preset", "tiny", "--device", "cpu"])
     assert jobs.pop().gpu is False
+
+
+def test_an_unreachable_object_store_is_one_line(tmp_path, monkeypatch):
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")  # botocore's retries would take seconds
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "k")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s")
+    for cmd in (["score", "s3://bucket/photos", "--out", str(tmp_path / "o")],
+                ["score", "s3://bucket/photos", "--out", str(tmp_path / "o.parquet"), "--engine", "local"],
+                ["audit", "s3://bucket/photos", "--state", str(tmp_path / "state")]):
+        res = CliRunner().invoke(main, [*cmd, "--endpoint-url", "http://127.0.0.1:9", "--random-weights",
+                                        "--preset", "tiny"])
+        assert res.exit_code == 1 and isinstance(res.exception, SystemExit), (cmd, res.output, res.exception)
+        assert res.output.startswith("Error: object store: EndpointConnectionError") and res.output.count("\n") == 1
 
 
 def test_a_full_disk_or_read_only_mount_is_one_line_and_other_os_errors_stay_tracebacks() -> None:

@@ -64,6 +64,19 @@ def test_s3_keys_with_an_empty_segment_are_listed_and_read(s3_server, s3_bucket)
         storage.read_bytes(f"s3://{s3_bucket}/photos//d.jpg", s3_server.options)
 
 
+def test_a_failed_read_of_an_s3_key_with_an_empty_segment_is_an_oserror(monkeypatch):
+    from ray_jobs import reader
+    from ray_jobs.storage import ObjectInfo
+
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
+    monkeypatch.setattr(reader, "RETRY_PAUSES_S", ())
+    nowhere = S3Options("http://127.0.0.1:9", "us-east-1", access_key="k", secret_key="s")
+    with pytest.raises(OSError, match="EndpointConnectionError"):  # botocore's own exception, as pyarrow's are
+        storage.read_bytes("s3://b/photos//c.jpg", nowhere)
+    got = reader.fetch(ObjectInfo("s3://b/photos//c.jpg", 3, "e"), nowhere, 100)  # a row, not a failed task
+    assert got.code == "read_failed" and "EndpointConnectionError" in got.message
+
+
 @pytest.mark.parametrize("typo", ["s3:/bucket/scores", "s3:bucket/x", "S3:/b", "gs:/b/x", "https:/host/x"])
 def test_a_scheme_a_slash_short_is_refused_not_taken_for_a_local_folder(typo, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)

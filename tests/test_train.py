@@ -315,6 +315,10 @@ def test_validation_without_a_rankable_group_is_said_not_shown_as_minus_one(tmp_
     with pytest.raises(LabelError, match=r"an epoch has 30 pair\(s\), fewer than --workers 32"):
         prepare_data(TrainJob(labels=str(tmp_path / "labels.csv"), run_name="r", storage=str(tmp_path), workers=32,
                               batch_pairs=32, val_fraction=0.2))  # 3 groups x 5 train images x 2 partners
+    pairs_of_two = frame[frame.index % 6 < 2].drop(columns="split")  # a hold-out leaves 2 train images a group
+    pairs_of_two.to_csv(tmp_path / "twos.csv", index=False)
+    with pytest.raises(LabelError, match=r"no validation images: --val-fraction 0.2 holds none out of groups"):
+        prepare_data(TrainJob(labels=str(tmp_path / "twos.csv"), run_name="r", storage=str(tmp_path)))
     frame = frame.drop(index=range(1, 6)).assign(split="train")  # g0 keeps one image, alone; no validation
     frame.to_csv(tmp_path / "no_val.csv", index=False)
     prepare_data(TrainJob(labels=str(tmp_path / "no_val.csv"), run_name="r", storage=str(tmp_path), val_fraction=0))
