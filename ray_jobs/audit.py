@@ -252,7 +252,8 @@ def merge_state(plan: Plan, previous: pa.Table, scored: pa.Table, keep_deleted_d
     gone = previous.filter(pc.invert(pc.is_in(previous["uri"], value_set=listed)))
     was_deleted = pc.fill_null(gone["deleted"], False)
     newly = gone.filter(pc.invert(was_deleted))
-    newly = newly.set_column(newly.schema.get_field_index("deleted"), "deleted", pa.array([True] * newly.num_rows, pa.bool_()))
+    newly = newly.set_column(newly.schema.get_field_index("deleted"), "deleted",
+                             pa.array([True] * newly.num_rows, pa.bool_()))
     newly = newly.set_column(newly.schema.get_field_index("deleted_at"), "deleted_at",
                              pa.array([plan.started_at] * newly.num_rows, pa.timestamp("us", tz="UTC")))
     older = gone.filter(was_deleted)

@@ -29,7 +29,7 @@ def test_commit_refuses_when_current_moved_and_keeps_other_runs_markers(tmp_path
     commit(state, s3, _pointer("r2"), "r1")
     assert read_json(join(state, "CURRENT"), s3)["run_id"] == "r2"
     assert read_json(join(state, "IN_PROGRESS"), s3) == {"run_id": "r3"}  # not this run's: left alone
-    with pytest.raises(AuditRefused, match=r"another audit committed run r2 while run r4 was running \(planned on r1\)"):
+    with pytest.raises(AuditRefused, match=r"committed run r2 while run r4 was running \(planned on r1\)"):
         commit(state, s3, _pointer("r4"), "r1")
     with pytest.raises(AuditRefused, match="another audit continued this run and committed it"):
         commit(state, s3, _pointer("r2"), "r1")
