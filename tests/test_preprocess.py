@@ -116,21 +116,13 @@ def test_animation_gives_frame_0(corpus, name: str) -> None:
     np.testing.assert_array_equal(np.asarray(_decode(corpus, name)), want)
 
 
-def test_pil_input_seeked_elsewhere_gives_frame_0(corpus) -> None:
-    img = Image.open(corpus[0] / "animated.gif")
+@pytest.mark.parametrize("name", ["animated.gif", "animated.png"])  # APNG frames are RGB: _to_rgb returns img
+def test_pil_input_seeked_elsewhere_gives_frame_0_and_stays_where_it_was(corpus, name: str) -> None:
+    img = Image.open(corpus[0] / name)
     img.seek(2)
     frame_2 = np.asarray(img.convert("RGB"))
     np.testing.assert_array_equal(np.asarray(load_image(img, CFG)), np.asarray(gif_frames()[0].convert("RGB")))
-    assert img.tell() == 2  # the caller's image is left where it was
-    np.testing.assert_array_equal(np.asarray(img.convert("RGB")), frame_2)
-
-
-def test_pil_rgb_input_on_a_later_frame_gives_frame_0_unchanged_by_seeking_back(corpus) -> None:
-    img = Image.open(corpus[0] / "animated.png")  # APNG frames are RGB(A): _to_rgb may return img itself
-    img.seek(1)
-    out = load_image(img, CFG)
-    assert img.tell() == 1
-    np.testing.assert_array_equal(np.asarray(out), np.asarray(gif_frames()[0].convert("RGB")))
+    assert img.tell() == 2 and np.array_equal(np.asarray(img.convert("RGB")), frame_2)
 
 
 def test_multipage_tiff_gives_page_0(corpus) -> None:
