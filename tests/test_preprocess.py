@@ -255,7 +255,7 @@ def _encode_grey_jpeg() -> bytes:
 def test_image_error_contract() -> None:
     e = ImageError("too_small", "3x3 is tiny")
     assert (e.code, e.message, str(e)) == ("too_small", "3x3 is tiny", "too_small: 3x3 is tiny")
-    assert len(ERROR_CODES) == 11 and "too_large" in ERROR_CODES
+    assert len(ERROR_CODES) == 12 and {"too_large", "invalid_name"} <= set(ERROR_CODES)
     with pytest.raises(ValueError):
         ImageError("nope", "x")
 
