@@ -30,12 +30,12 @@ import numpy as np
 import ray
 
 from piqa_core.metrics import MIN_GROUP
-from piqa_core.training import format_val_srcc, image_key, init_bundle, rank_batch
+from piqa_core.training import format_val_srcc, image_key, rank_batch
 
 from .labels import LabelError, LabelTable, load_labels, load_pairs
 from .score import ray_session
 from .storage import S3Options, atomic_write_bytes, exists, is_dir, join, local_path, read_bytes, resolve
-from .train_worker import HISTORY_FILE, _source, train_loop_per_worker
+from .train_worker import HISTORY_FILE, start_bundle, train_loop_per_worker
 
 
 @dataclass
@@ -299,7 +299,7 @@ def _train(job: TrainJob, table: LabelTable, data: dict[str, Any]) -> dict[str, 
 
 @ray.remote(max_retries=0)
 def _load_start_weights(job: TrainJob) -> None:
-    init_bundle(job.preset, job.seed, *(_source(getattr(job, k), job.s3) for k in WEIGHT_SOURCES))
+    start_bundle(job)
 
 
 def check_start_weights(job: TrainJob) -> None:

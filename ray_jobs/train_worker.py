@@ -59,8 +59,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         log(f"resuming after epoch {state['epoch'] + 1} ({checkpoint.path})")
     else:
         init = {k: getattr(job, k) for k in ("preset", "init", "init_whole", "init_face", "liqe", "retinaface")}
-        sources = [_source(init[k], job.s3) for k in ("init", "init_whole", "init_face", "liqe", "retinaface")]
-        bundle, warnings = init_bundle(job.preset, job.seed, *sources)
+        bundle, warnings = start_bundle(job)
         for w in warnings:
             log(f"warning: {w}")
     cfg = bundle.config
@@ -165,6 +164,12 @@ class _Progress:
     def __call__(self, msg: str) -> None:
         done = sum(k in self.cache for k in self.need)  # host-side dict lookups, only when a line is due
         self.log(f"{self.stage} {msg}" + (f"  features {done}/{len(self.need)}" if self.need else ""))
+
+
+def start_bundle(job: TrainJob) -> tuple[Any, list[str]]:
+    """The networks a run without a checkpoint starts from, and warnings about parts left random."""
+    sources = [_source(getattr(job, k), job.s3) for k in ("init", "init_whole", "init_face", "liqe", "retinaface")]
+    return init_bundle(job.preset, job.seed, *sources)
 
 
 def _source(uri: str | None, s3: S3Options) -> str | bytes | None:

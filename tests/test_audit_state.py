@@ -63,14 +63,22 @@ def _fake_pipeline(sha: str, during_first: Callable[[], None]) -> Callable[[Any]
     return run_score_job
 
 
-def test_two_audits_on_one_state_never_take_current_back(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+IDENTITY = {"sha256": "a" * 64, "model_id": "tiny", "crop_mode": "five", "random_init": True, "random_parts": [],
+            "preset": "tiny"}
+
+
+@pytest.fixture
+def two_photos(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, AuditJob]:
+    """A library of a.jpg and b.jpg, its audit job, and a model identity that costs no hashing."""
     lib = tmp_path / "lib"
     for name in ("a.jpg", "b.jpg"):
         write_bytes(str(lib / name), b"x")
-    job = AuditJob(library=str(lib), state=str(tmp_path / "state"), model=TINY)
-    identity = {"sha256": "a" * 64, "model_id": "tiny", "crop_mode": "five", "random_init": True,
-                "random_parts": [], "preset": "tiny"}
-    monkeypatch.setattr("ray_jobs.actors.model_identity", lambda model, s3: identity)
+    monkeypatch.setattr("ray_jobs.actors.model_identity", lambda model, s3: IDENTITY)
+    return lib, AuditJob(library=str(lib), state=str(tmp_path / "state"), model=TINY)
+
+
+def test_two_audits_on_one_state_never_take_current_back(two_photos, monkeypatch: pytest.MonkeyPatch) -> None:
+    lib, job = two_photos
     commits: list[str] = []
 
     def meanwhile() -> None:
@@ -78,7 +86,7 @@ def test_two_audits_on_one_state_never_take_current_back(tmp_path: Path, monkeyp
         write_bytes(str(lib / "c.jpg"), b"new")
         commits.append(run_audit(job).run_id)  # C: a new run on B's state, with the new photo
 
-    monkeypatch.setattr(score, "run_score_job", _fake_pipeline(identity["sha256"], meanwhile))
+    monkeypatch.setattr(score, "run_score_job", _fake_pipeline(IDENTITY["sha256"], meanwhile))
     with pytest.raises(AuditRefused, match="another audit committed run"):
         run_audit(job)  # A
     current = read_json(join(job.state, "CURRENT"), None)
@@ -88,18 +96,12 @@ def test_two_audits_on_one_state_never_take_current_back(tmp_path: Path, monkeyp
     assert read_json(join(job.state, "IN_PROGRESS"), None) is None
 
 
-def test_a_refused_twin_leaves_the_files_of_the_committed_attempt_alone(tmp_path: Path,
+def test_a_refused_twin_leaves_the_files_of_the_committed_attempt_alone(two_photos,
                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     from ray_jobs import report
 
-    lib = tmp_path / "lib"
-    for name in ("a.jpg", "b.jpg"):
-        write_bytes(str(lib / name), b"x")
-    job = AuditJob(library=str(lib), state=str(tmp_path / "state"), model=TINY)
-    identity = {"sha256": "a" * 64, "model_id": "tiny", "crop_mode": "five", "random_init": True,
-                "random_parts": [], "preset": "tiny"}
-    monkeypatch.setattr("ray_jobs.actors.model_identity", lambda model, s3: identity)
-    monkeypatch.setattr(score, "run_score_job", _fake_pipeline(identity["sha256"], lambda: None))
+    lib, job = two_photos
+    monkeypatch.setattr(score, "run_score_job", _fake_pipeline(IDENTITY["sha256"], lambda: None))
     real_report, twins = report.write_report, []
 
     def report_after_a_twin_committed(inp: Any) -> dict[str, Any]:
