@@ -126,8 +126,9 @@ def _split_names(uri: str, s3: S3Options | None) -> set[str]:
 
 def _row(f: pd.DataFrame, k: int) -> str:
     r = f.iloc[k]
-    uri, group = ("<empty>" if pd.isna(v) or not str(v).strip() else v for v in (r["uri"], r["group"]))
-    return f"row {f.index[k]}: uri {uri}, score {r['score']}, group {group}"
+    uri, score, group = ("<empty>" if pd.isna(v) or not str(v).strip() else v
+                         for v in (r["uri"], r["score"], r["group"]))
+    return f"row {f.index[k]}: uri {uri}, score {score}, group {group}"
 
 
 @dataclass
@@ -170,7 +171,8 @@ class LabelTable:
             problems.append(_listing(dup, "duplicated image uri(s)"))
         if problems:
             raise LabelError(f"{self.source}: " + "\n".join(problems))
-        self.frame = f.reset_index(drop=True)
+        # Converted only now, so the rows listed above show a score cell as written ("3,5", not nan).
+        self.frame = f.assign(score=score).reset_index(drop=True)
 
     def __len__(self) -> int:
         return len(self.frame)
@@ -241,7 +243,7 @@ def from_piq23(csv_uri: str, images: str | None = None, train_list: str | None =
     root = (local_path(images) or images) if images else resolve_relative(".", csv_uri)
     rel = [p and p.replace("\\", "/").lstrip("/") for p in _text(df["IMAGE PATH"])]
     out = pd.DataFrame({"uri": [p and join(root, p) for p in rel],
-                        "score": pd.to_numeric(df["JOD"], errors="coerce"), "group": _text(df["SCENE"]),
+                        "score": df["JOD"], "group": _text(df["SCENE"]),
                         "name": [n or (p and posixpath.basename(p)) for n, p in zip(_text(df["IMAGE"]), rel)]})
     unused: frozenset[str] = frozenset()
     if train_list or test_list:
@@ -283,7 +285,7 @@ def from_table(uri: str, s3: S3Options | None = None) -> LabelTable:
     df = read_frame(uri, s3)
     _require(df, TABLE_REQUIRED, uri, "table")
     uris = [u and resolve_relative(u, uri) for u in _text(df["uri"])]
-    out = pd.DataFrame({"uri": uris, "score": pd.to_numeric(df["score"], errors="coerce"),
+    out = pd.DataFrame({"uri": uris, "score": df["score"],
                         "group": _text(df["group"]), "name": [u and posixpath.basename(u) for u in uris],
                         "split": _split_column(df)})
     return LabelTable(out, uri)

@@ -140,9 +140,10 @@ def test_missing_images_and_columns_are_listed(tmp_path: Path) -> None:
     pd.read_csv(csv, encoding="utf-8-sig").drop(columns=["SCENE"]).to_csv(tmp_path / "p.csv", index=False)
     with pytest.raises(LabelError, match=r"missing column\(s\) \['SCENE'\] for the PIQ23 format"):
         load_labels(str(tmp_path / "p.csv"), fmt="piq23")
-    df.assign(score=[None] + list(range(14))).to_csv(tmp_path / "v.csv", index=False)
-    with pytest.raises(LabelError, match=r"1 row\(s\) without a finite score \(missing, inf or -inf\):\n"
-                                         rf"  row 0: uri {tmp_path / 'img0.png'}, score nan, group g$"):
+    df.assign(score=[None, "3,5"] + list(range(13))).to_csv(tmp_path / "v.csv", index=False)
+    with pytest.raises(LabelError, match=r"2 row\(s\) without a finite score \(missing, inf or -inf\):\n"
+                                         rf"  row 0: uri {tmp_path / 'img0.png'}, score <empty>, group g\n"
+                                         rf"  row 1: uri {tmp_path / 'img1.png'}, score 3,5, group g$"):
         from_table(str(tmp_path / "v.csv"))
 
 
@@ -175,6 +176,11 @@ def test_rows_without_finite_score_group_or_uri_are_listed(tmp_path: Path) -> No
         .to_csv(csv, index=False)
     with pytest.raises(LabelError, match=r"2 row\(s\) without an image uri:\n  row 0: uri <empty>.*\n"
                                          r"  row 2: uri <empty>"):
+        load_labels(str(csv))
+    paths = [f"Overall\\{i}_S0.jpg" for i in range(4)]
+    pd.read_csv(csv).assign(**{"IMAGE PATH": paths, "JOD": ["1", "3,5", "2", "3"]}) \
+        .to_csv(csv, index=False)
+    with pytest.raises(LabelError, match=r"1 row\(s\) without a finite score .*\n  row 1: uri .*, score 3,5, group S0$"):
         load_labels(str(csv))
 
 
