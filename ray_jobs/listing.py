@@ -21,7 +21,7 @@ from typing import Any, Callable, Iterable, Iterator
 import fsspec
 
 from .storage import (S3_SCHEMES, ObjectInfo, S3Options, fsspec_filesystem, is_dir, local_path, read_bytes,
-                      resolve, uri_scheme)
+                      mistyped_scheme, resolve, uri_scheme)
 
 log = logging.getLogger(__name__)
 
@@ -337,14 +337,20 @@ def read_manifest(uri: str, s3: S3Options | None = None) -> list[str]:
     Parquet uses column ``uri``; CSV the column a header row names (``uri``, else one of
     :data:`URI_COLUMNS`), without such a header the first column of every row. Relative entries are
     resolved against the manifest's directory, ``file:`` entries become plain paths, duplicates are
-    dropped keeping the first occurrence. Use :func:`stat_objects` on the result.
+    dropped keeping the first occurrence. Use :func:`stat_objects` on the result. Entries written a
+    slash short (``s3:/b/x.jpg``) refuse the manifest: taken as relative paths they would all be
+    ``not_found`` rows.
     """
     if is_dir(uri, s3):
         raise IsADirectoryError(errno.EISDIR, "a manifest is a .txt, .csv or .parquet file, not a folder", uri)
     out: list[str] = []
     seen: set[str] = set()
     local_manifest = local_path(uri)
-    for entry in _manifest_entries(uri, s3):
+    entries = _manifest_entries(uri, s3)
+    if typos := [e for e in entries if mistyped_scheme(e)]:
+        raise ValueError(f"{uri}: {len(typos)} of {len(entries)} entries look like URIs a slash short "
+                         f"(first: {typos[0]!r}); write {mistyped_scheme(typos[0])}://…")
+    for entry in entries:
         if "://" in entry or entry.startswith("file:") or os.path.isabs(entry):
             resolved = local_path(entry) or entry
         elif local_manifest is not None:

@@ -94,11 +94,17 @@ def uri_scheme(uri: str) -> str:
     return uri.split("://", 1)[0].lower() if "://" in uri else ""
 
 
+def mistyped_scheme(uri: str) -> str | None:
+    """The scheme of a URI written a slash short (``s3:/bucket/x`` -> ``s3``), else ``None``."""
+    m = _SCHEME_TYPO.match(uri)
+    return m.group(1) if m else None
+
+
 def local_path(uri: str) -> str | None:
     """Absolute local path for a plain path or ``file:`` URI, else ``None``."""
-    if m := _SCHEME_TYPO.match(uri):
-        raise ValueError(f"{uri!r} looks like a mistyped {m.group(1)}:// URI (it would name a local folder "
-                         f"'{m.group(1)}:' in the working directory); write {m.group(1)}://…")
+    if scheme := mistyped_scheme(uri):
+        raise ValueError(f"{uri!r} looks like a mistyped {scheme}:// URI (it would name a local folder "
+                         f"'{scheme}:' in the working directory); write {scheme}://…")
     if uri.startswith("file:"):
         return os.path.abspath(unquote(urlparse(uri).path))
     if "://" in uri:

@@ -288,6 +288,16 @@ def test_an_unreadable_manifest_is_a_value_error_naming_it(tmp_path):
         assert str(err.value).startswith(f"{tmp_path / name}: {reasons[name]}"), err.value
 
 
+def test_a_manifest_with_uris_a_slash_short_is_refused(tmp_path):
+    """Taken as paths relative to the manifest, they would all be not_found rows."""
+    (tmp_path / "m.txt").write_text("s3://b/ok.jpg\ns3:/b/x.jpg\nGS:b/y.jpg\nlocal/s3:/z.jpg\n")
+    with pytest.raises(ValueError, match=r"m.txt: 2 of 4 entries look like URIs a slash short "
+                                         r"\(first: 's3:/b/x.jpg'\); write s3://…$"):
+        listing.read_manifest(str(tmp_path / "m.txt"))
+    (tmp_path / "m.txt").write_text("s3://b/ok.jpg\nlocal/s3:/z.jpg\n")  # a folder named 's3:' is a folder
+    assert listing.read_manifest(str(tmp_path / "m.txt")) == ["s3://b/ok.jpg", str(tmp_path / "local/s3:/z.jpg")]
+
+
 def _encoded(fmt: str) -> bytes:
     buf, img = io.BytesIO(), Image.new("RGB", (256, 240), (200, 30, 30))
     extra = {"save_all": True, "append_images": [img.copy()]} if fmt == "MPO" else {}
