@@ -66,6 +66,9 @@ def resolve_weights(uri: str | os.PathLike, cache_dir: str | os.PathLike | None 
     with _exclusive(cache / f"{dest.name}.lock"):
         if _cached(dest, sha256):
             return dest
+        # Left by a process killed mid-download (a preempted node): under the lock no live one owns them.
+        for left in [*cache.glob(f"{dest.name}.partial-*"), *cache.glob(f"{dest.name}.stale-*")]:
+            shutil.rmtree(left, ignore_errors=True)
         tmp = Path(tempfile.mkdtemp(prefix=f"{dest.name}.partial-", dir=cache))
         try:
             (fetch or _fsspec_fetch)(text, tmp)

@@ -86,6 +86,23 @@ def test_concurrent_resolves_download_once_and_leave_no_partial_copies(tmp_path)
     assert not [p for p in cache.iterdir() if ".partial-" in p.name]
 
 
+def test_copies_left_by_a_killed_download_are_removed_by_the_next_one(tmp_path):
+    sha = save_checkpoint(build_bundle("tiny"), tmp_path / "src")
+    fetch, _, calls, _ = _source(tmp_path)
+    cache = tmp_path / "cache"
+    name = resolve_weights("s3://b/m", cache_dir=cache, fetch=fetch, sha256=sha).name
+    other = resolve_weights("s3://b/other", cache_dir=cache, fetch=fetch, sha256=sha).name
+    for left in (f"{name}.partial-k1ll3d", f"{name}.stale-4242", f"{other}.partial-busy"):
+        (cache / left).mkdir()
+        (cache / left / "model.safetensors").write_bytes(b"x" * 1000)
+    new_sha = save_checkpoint(build_bundle("tiny", seed=3), tmp_path / "src")  # the source written again
+    resolve_weights("s3://b/m", cache_dir=cache, fetch=fetch, sha256=new_sha)
+    # only this source's leftovers go: another source's copy is its own download's business
+    assert sorted(p.name for p in cache.iterdir()) == sorted(
+        [name, f"{name}.lock", other, f"{other}.lock", f"{other}.partial-busy"])
+    assert len(calls) == 3
+
+
 def test_an_unreachable_source_serves_the_cached_copy_with_a_warning(tmp_path):
     sha = save_checkpoint(build_bundle("tiny"), tmp_path / "src")
     fetch, read, calls, _ = _source(tmp_path)
