@@ -22,7 +22,9 @@ least the run that notices the deletion, and until ``keep_deleted_days`` have pa
 
 "The same model" means the same weights sha256 *and* the same crop mode: a change of either re-scores
 every object. An unchanged object whose row holds a transient error (``TRANSIENT_ERROR_CODES``) is
-re-scored ("retry") rather than carried.
+re-scored ("retry") rather than carried. An object listed again as the same version its deleted row
+holds, scored by the same model ("restored": a folder unmounted for a night, a photo back from the
+trash), gets that row back without a new score.
 
 Exit codes of ``piqa audit``: 0 ok, 3 an alert threshold was crossed (the state is still committed),
 anything else a failure (CURRENT unchanged; re-run to finish the run without re-scoring).
@@ -51,7 +53,7 @@ from .listing import list_images
 from .storage import ObjectInfo, S3Options, join, local_path
 
 ALERT_EXIT_CODE = 3
-ACTIONS = ("new", "changed", "retry", "unchanged")
+ACTIONS = ("new", "changed", "retry", "unchanged", "restored")
 # A re-read of the same bytes may succeed: the read itself failed (I/O, permissions, throttling), the
 # object was briefly missing, or an unexpected exception. Every other code is a verdict on the bytes
 # (corrupt, too small, unsupported mode, over the size limit) and would only recur, so those rows are
@@ -70,6 +72,7 @@ class AuditJob:
     s3: S3Options = field(default_factory=S3Options)
     alert_if_mean_drops: float | None = None
     alert_if_error_rate: float | None = None
+    alert_if_deleted: float | None = None
     top_worst: int = 12
     prefix_depth: int = 1
     keep_deleted_days: float = 30.0
@@ -109,20 +112,28 @@ def library_root(library: str) -> str:
     return local if local is not None else library.rstrip("/")
 
 
-def classify(listing: list[ObjectInfo], previous: pa.Table, rescore_all: bool) -> pa.Table:
+def classify(listing: list[ObjectInfo], previous: pa.Table, rescore_all: bool, model_sha256: str | None = None,
+             crop_mode: str | None = None) -> pa.Table:
     """new / changed (etag, mtime or size differ) / retry (same object, but its row holds a transient
-    error) / unchanged, against the previous live rows; all but unchanged are to be scored."""
-    prev = live(previous)
-    known = {u: ((e, b), c if s == "error" else None) for u, e, b, s, c in zip(
-        *(prev[k].to_pylist() for k in ("uri", "etag_or_mtime", "bytes", "status", "error_code")))}
+    error) / unchanged, against the previous live rows, or restored: the version of a deleted row that
+    ``model_sha256`` and ``crop_mode`` scored; all but unchanged and restored are to be scored."""
+    cols = ("uri", "etag_or_mtime", "bytes", "status", "error_code", "deleted", "model_sha256", "crop_mode")
+    known: dict[str, tuple] = {}
+    for u, e, b, s, c, gone, sha, crop in zip(*(previous[k].to_pylist() for k in cols)):
+        known[u] = ((e, b), c if s == "error" else None, bool(gone), (sha, crop) == (model_sha256, crop_mode))
     actions = []
     for o in listing:
-        old = known.get(o.uri)
-        actions.append("new" if old is None else "changed" if old[0] != (o.etag_or_mtime, o.size)
-                       else "retry" if old[1] in TRANSIENT_ERROR_CODES else "unchanged")
+        version, error, gone, same_model = known.get(o.uri, (None, None, False, False))
+        same = version == (o.etag_or_mtime, o.size)
+        if gone:  # transient errors and other versions come back as new: scored
+            actions.append("restored" if same and same_model and error not in TRANSIENT_ERROR_CODES else "new")
+        else:
+            actions.append("new" if version is None else "changed" if not same
+                           else "retry" if error in TRANSIENT_ERROR_CODES else "unchanged")
     return pa.table({"uri": [o.uri for o in listing], "etag_or_mtime": [o.etag_or_mtime for o in listing],
                      "bytes": [o.size for o in listing], "action": actions,
-                     "to_score": [rescore_all or a != "unchanged" for a in actions]}, schema=PLAN_SCHEMA)
+                     "to_score": [rescore_all or a not in ("unchanged", "restored") for a in actions]},
+                    schema=PLAN_SCHEMA)
 
 
 def recorded_crop_mode(pointer: dict[str, Any], previous: pa.Table) -> str:
@@ -189,7 +200,7 @@ def plan_run(job: AuditJob, identity: dict[str, Any], pointer: dict[str, Any] | 
         raise AuditRefused(f"{job.library} lists no images, but the previous state holds {n_live} live objects: "
                            "refusing to mark them all deleted (is the library mounted, the prefix right?). "
                            "If the library was emptied on purpose, audit it into a new --state.")
-    listing = classify(objects, previous, rescore_all=reason is not None)
+    listing = classify(objects, previous, rescore_all=reason is not None, model_sha256=sha, crop_mode=crop)
     if continuing is not None:
         print(f"piqa audit: continuing unfinished run {continuing['run_id']} on a new listing",
               file=sys.stderr)
@@ -249,6 +260,11 @@ def merge_state(plan: Plan, previous: pa.Table, scored: pa.Table, keep_deleted_d
                       "audit_run_id": pa.array([plan.run_id] * n, pa.string())}, schema=STATE_SCHEMA)
     alive = live(previous)
     carried = alive.filter(pc.is_in(alive["uri"], value_set=kept_uris))
+    back = previous.filter(pc.and_(pc.fill_null(previous["deleted"], False),
+                                   pc.is_in(previous["uri"], value_set=kept_uris)))  # the restored objects
+    back = back.set_column(back.schema.get_field_index("deleted"), "deleted", pa.array([False] * back.num_rows, pa.bool_()))
+    back = back.set_column(back.schema.get_field_index("deleted_at"), "deleted_at",
+                           pa.nulls(back.num_rows, pa.timestamp("us", tz="UTC")))
     gone = previous.filter(pc.invert(pc.is_in(previous["uri"], value_set=listed)))
     was_deleted = pc.fill_null(gone["deleted"], False)
     newly = gone.filter(pc.invert(was_deleted))
@@ -259,11 +275,11 @@ def merge_state(plan: Plan, previous: pa.Table, scored: pa.Table, keep_deleted_d
     older = gone.filter(was_deleted)
     cutoff = plan.started_at - timedelta(days=keep_deleted_days)
     kept = older.filter(pc.greater(older["deleted_at"], pa.scalar(cutoff, pa.timestamp("us", tz="UTC"))))
-    state = pa.concat_tables([fresh, carried, newly, kept]).sort_by("uri")
+    state = pa.concat_tables([fresh, carried, back, newly, kept]).sort_by("uri")
     actions = plan.listing["action"].to_pylist()
     counts = {"listed": plan.listing.num_rows, **{a: actions.count(a) for a in ACTIONS},
               "deleted": newly.num_rows, "deleted_kept": kept.num_rows,
-              "deleted_dropped": older.num_rows - kept.num_rows, "carried": carried.num_rows,
+              "deleted_dropped": older.num_rows - kept.num_rows, "carried": carried.num_rows + back.num_rows,
               "scored": scored.num_rows}
     return state, counts
 
@@ -294,7 +310,7 @@ def run_audit(job: AuditJob) -> AuditResult:
         previous=previous if pointer else None, scored=scored, counts={**counts, **score_stats},
         model=identity, previous_run_id=plan.previous_run_id, rescored_all_reason=plan.rescored_all_reason,
         top_worst=job.top_worst, prefix_depth=job.prefix_depth, alert_if_mean_drops=job.alert_if_mean_drops,
-        alert_if_error_rate=job.alert_if_error_rate,
+        alert_if_error_rate=job.alert_if_error_rate, alert_if_deleted=job.alert_if_deleted,
         extra={"resumed": plan.resumed, "started_at": plan.started_at.isoformat(), "state": state_rel}))
     commit(job.state, job.s3, {"run_id": plan.run_id, "state": state_rel, "report": report_rel,
                                "library": plan.library, "model_sha256": plan.model_sha256,

@@ -150,6 +150,9 @@ def _score_local(inputs, out, manifest, s3, max_bytes, model: ModelOptions) -> N
               help="Exit 3 when the library's mean score fell by more than this vs the previous run.")
 @click.option("--alert-if-error-rate", type=click.FloatRange(0, 1), default=None,
               help="Exit 3 when more than this fraction of the objects scored in this run are errors.")
+@click.option("--alert-if-deleted", type=click.FloatRange(0, 1), default=None,
+              help="Exit 3 when more than this fraction of the previous run's objects are gone from the listing "
+                   "(an unmounted folder or a wrong prefix looks like a mass deletion).")
 @click.option("--top-worst", type=click.IntRange(0), default=12, show_default=True,
               help="Worst photos shown (with thumbnails) in the report.")
 @click.option("--prefix-depth", type=click.IntRange(1), default=1, show_default=True,
@@ -160,8 +163,8 @@ def _score_local(inputs, out, manifest, s3, max_bytes, model: ModelOptions) -> N
 @click.option("--address", envvar="RAY_ADDRESS", default=None, help="Ray cluster (default: start a local one).")
 @model_options
 def audit(library: str, state_uri: str, alert_if_mean_drops: float | None, alert_if_error_rate: float | None,
-          top_worst: int, prefix_depth: int, keep_deleted_days: float, s3: S3Options, address: str | None,
-          model: ModelOptions) -> None:
+          alert_if_deleted: float | None, top_worst: int, prefix_depth: int, keep_deleted_days: float, s3: S3Options,
+          address: str | None, model: ModelOptions) -> None:
     """Nightly incremental audit of LIBRARY: score new and changed photos, keep the state, write a report.
 
     Exit status: 0 ok; 3 an --alert-if-* threshold was crossed (state and report are still committed);
@@ -170,13 +173,14 @@ def audit(library: str, state_uri: str, alert_if_mean_drops: float | None, alert
     from .audit import ALERT_EXIT_CODE, AuditJob, run_audit
 
     job = AuditJob(library=library, state=state_uri, model=model, s3=s3, alert_if_mean_drops=alert_if_mean_drops,
-                   alert_if_error_rate=alert_if_error_rate, top_worst=top_worst, prefix_depth=prefix_depth,
-                   keep_deleted_days=keep_deleted_days, address=address, gpu=_ray_gpu(model.device, None))
+                   alert_if_error_rate=alert_if_error_rate, alert_if_deleted=alert_if_deleted, top_worst=top_worst,
+                   prefix_depth=prefix_depth, keep_deleted_days=keep_deleted_days, address=address,
+                   gpu=_ray_gpu(model.device, None))
     with _user_errors():
         result = run_audit(job)
     c = result.summary["counts"]
     click.echo(f"run {result.run_id}: {c['new']} new, {c['changed']} changed, {c.get('retry', 0)} retried, "
-               f"{c['unchanged']} unchanged, {c['deleted']} deleted; scored {c['scored']}")
+               f"{c['unchanged']} unchanged, {c['restored']} restored, {c['deleted']} deleted; scored {c['scored']}")
     click.echo(f"state  {result.state_uri}\nreport {result.report_uri}")
     if result.alerts:
         for message in result.alerts:

@@ -32,7 +32,7 @@ from .summary import random_parts_note  # noqa: E402
 
 RANDOM_NOTE = "scores from random weights are not quality judgements"
 QUANTILES = {"p10": 0.1, "p25": 0.25, "p50": 0.5, "p75": 0.75, "p90": 0.9}
-COUNT_KEYS = ("new", "changed", "retry", "unchanged", "deleted")
+COUNT_KEYS = ("new", "changed", "retry", "unchanged", "restored", "deleted")
 
 
 @dataclass
@@ -52,6 +52,7 @@ class ReportInput:
     prefix_depth: int = 1
     alert_if_mean_drops: float | None = None
     alert_if_error_rate: float | None = None
+    alert_if_deleted: float | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -109,10 +110,18 @@ def worst(table: pa.Table, n: int) -> list[dict[str, Any]]:
             enumerate(zip(ok["uri"].to_pylist(), ok["score"].to_pylist(), ok["face_found"].to_pylist()))]
 
 
-def check_alerts(summary: dict[str, Any], mean_drop: float | None, error_rate: float | None) -> list[dict]:
+def check_alerts(summary: dict[str, Any], mean_drop: float | None, error_rate: float | None,
+                 deleted: float | None = None) -> list[dict]:
     """Threshold breaches: the library mean fell by more than ``mean_drop``; this run's error rate
-    is above ``error_rate``."""
+    is above ``error_rate``; this run marked more than ``deleted`` of the previous live objects deleted."""
     alerts = []
+    before = (summary.get("previous") or {}).get("objects", 0)
+    gone = summary.get("counts", {}).get("deleted", 0)
+    if deleted is not None and before and gone / before > deleted:
+        alerts.append({"kind": "deleted", "threshold": deleted, "value": gone / before,
+                       "message": f"{gone} of the previous run's {before} objects are gone from the listing "
+                                  f"({gone / before:.4f} > {deleted}): is every folder of the library mounted? "
+                                  "They are marked deleted; listed again unchanged, they are restored unscored"})
     shift = summary.get("mean_shift")
     if mean_drop is not None and shift is not None and -shift > mean_drop:
         alerts.append({"kind": "mean_drop", "threshold": mean_drop, "value": -shift,
@@ -246,9 +255,10 @@ def render_html(s: dict[str, Any]) -> str:
         parts.append(f'<div class="warn">{html.escape(s["rescored_all_reason"])}</div>')
     parts += [f'<div class="alert">ALERT: {html.escape(a["message"])}</div>' for a in s["alerts"]]
     parts.append("<h2>Counts</h2>" + _table(
-        ["listed", "new", "changed", "retried", "unchanged", "deleted", "scored this run", "errors this run",
-         "no-face rate"],
-        [[c["listed"], c["new"], c["changed"], c.get("retry", 0), c["unchanged"], c["deleted"], c["scored"],
+        ["listed", "new", "changed", "retried", "unchanged", "restored", "deleted", "scored this run",
+         "errors this run", "no-face rate"],
+        [[c["listed"], c["new"], c["changed"], c.get("retry", 0), c["unchanged"], c.get("restored", 0), c["deleted"],
+          c["scored"],
           s["scored_this_run"]["error"], t["no_face_rate"]]]))
     parts.append("<h2>Errors by code</h2>" + _table(
         ["code", "scored this run", "whole library"],
@@ -288,12 +298,13 @@ def write_report(inp: ReportInput) -> dict[str, Any]:
         and tonight["mean"] is not None else None,
         "prefix_depth": inp.prefix_depth, "prefixes": prefix_summary(tonight_rows, inp.library, inp.prefix_depth),
         "worst": worst(tonight_rows, inp.top_worst),
-        "thresholds": {"alert_if_mean_drops": inp.alert_if_mean_drops, "alert_if_error_rate": inp.alert_if_error_rate},
+        "thresholds": {"alert_if_mean_drops": inp.alert_if_mean_drops, "alert_if_error_rate": inp.alert_if_error_rate,
+                       "alert_if_deleted": inp.alert_if_deleted},
         "finished_at": now_utc().isoformat(), **inp.extra,
     }
     s["error_rate"] = s["scored_this_run"]["error_rate"]
     s["no_face_rate"] = tonight["no_face_rate"]
-    s["alerts"] = check_alerts(s, inp.alert_if_mean_drops, inp.alert_if_error_rate)
+    s["alerts"] = check_alerts(s, inp.alert_if_mean_drops, inp.alert_if_error_rate, inp.alert_if_deleted)
     plots = {"histogram.png": plot_histogram(_ok_scores(tonight_rows),
                                              _ok_scores(prev_rows) if prev_rows is not None else None),
              "quantiles.png": plot_quantiles(tonight, previous),

@@ -141,6 +141,31 @@ def test_an_empty_listing_is_refused_not_taken_as_everything_deleted(local_runs:
 
 
 @e2e
+def test_an_album_back_from_an_unmount_is_restored_unscored(local_runs: dict, tmp_path: Path) -> None:
+    lib, state2 = local_runs["lib"], local_runs["state2"]
+    state = copy_state(local_runs, tmp_path)
+    album = [str(lib / "albumA" / n) for n in ("a0.jpg", "a1.jpg", "a2.jpg")]
+    (lib / "albumA").rename(tmp_path / "away")  # unmounted tonight: a rename keeps the files' mtimes
+    try:
+        night = CliRunner().invoke(cli, ["audit", str(lib), "--state", state, "--random-weights", "--preset", "tiny",
+                                         "--device", "cpu", "--alert-if-deleted", "0.25"])
+    finally:
+        (tmp_path / "away").rename(lib / "albumA")
+    assert night.exit_code == 3, night.output
+    assert "ALERT: 3 of the previous run's 7 objects are gone from the listing (0.4286 > 0.25)" in night.output
+    assert "0 new, 0 changed, 0 retried, 4 unchanged, 0 restored, 3 deleted; scored 0" in night.output
+    back = run_audit(AuditJob(library=str(lib), state=state, model=TINY, alert_if_deleted=0.25))
+    c = back.summary["counts"]
+    assert (c["restored"], c["new"], c["scored"], c["deleted"], c["carried"], back.alerts) == (3, 0, 0, 0, 7, [])
+    rows = state_of(state, back.run_id)
+    for u in album:  # the row of run 2, live again
+        assert {k: rows[u][k] for k in ("deleted", "deleted_at")} == {"deleted": False, "deleted_at": None}
+        assert {k: rows[u][k] for k in ("score", "scored_at", "audit_run_id")} == \
+            {k: state2[u][k] for k in ("score", "scored_at", "audit_run_id")}
+    assert rows[str(lib / "albumB/b1.jpg")]["deleted"]  # deleted in run 2 and still gone
+
+
+@e2e
 def test_report_of_a_real_run(local_runs: dict, chromium: str) -> None:  # noqa: F811
     r2, state2, lib = local_runs["r2"], local_runs["state2"], local_runs["lib"]
     folder = Path(r2.report_uri).parent

@@ -59,6 +59,32 @@ def test_a_retried_row_is_replaced_and_counted() -> None:
     assert (got["c"]["error_code"], got["c"]["audit_run_id"]) == ("not_an_image", "r1")
 
 
+def test_a_deleted_row_comes_back_only_for_the_same_version_and_model() -> None:
+    gone = {"deleted": True, "deleted_at": T0 - timedelta(days=2), "model_sha256": SHA, "audit_run_id": "r1"}
+    prev = state_table([row("same", score=2.0, **gone), row("edited", score=2.0, **gone),
+                        row("bad", error_code="not_an_image", **gone), row("flaky", error_code="read_failed", **gone),
+                        row("other-model", score=2.0, **{**gone, "model_sha256": "b" * 64}),
+                        row("other-crop", score=2.0, **{**gone, "crop_mode": "center"}),
+                        row("live", score=1.0, **{**gone, "deleted": False, "deleted_at": None})])
+    listing = [ObjectInfo(u, 10, "e2" if u == "edited" else "e1")
+               for u in ("same", "edited", "bad", "flaky", "other-model", "other-crop", "live")]
+    plan = audit.classify(listing, prev, False, model_sha256=SHA, crop_mode="five")
+    assert {r["uri"]: (r["action"], r["to_score"]) for r in plan.to_pylist()} == {
+        "same": ("restored", False), "edited": ("new", True), "bad": ("restored", False), "flaky": ("new", True),
+        "other-model": ("new", True), "other-crop": ("new", True), "live": ("unchanged", False)}
+    assert all(audit.classify(listing, prev, True, model_sha256=SHA, crop_mode="five")["to_score"].to_pylist())
+    assert "restored" not in audit.classify(listing, prev, False)["action"].to_pylist()  # no model: nothing back
+
+    scored = pa.Table.from_pylist([{**row(u, score=0.5), "crop_mode": "five"} for u in
+                                   ("edited", "flaky", "other-model", "other-crop")], schema=SCORE_SCHEMA)
+    state, counts = audit.merge_state(audit.Plan("r2", T0, "/lib", SHA, "tiny", "five", "r1", None, plan),
+                                      prev, scored, 30.0)
+    got = {r["uri"]: r for r in state.to_pylist()}
+    assert len(state) == 7 and not any(r["deleted"] or r["deleted_at"] for r in got.values())
+    assert (got["same"]["score"], got["same"]["audit_run_id"], got["bad"]["error_code"]) == (2.0, "r1", "not_an_image")
+    assert (counts["restored"], counts["carried"], counts["deleted"], counts["scored"]) == (2, 3, 0, 4)
+
+
 def planning(tmp_path: Path, modes: tuple[str | None, ...]) -> tuple[AuditJob, pa.Table]:
     """A library of len(modes) files and a previous state that holds them all, scored in those crop modes."""
     lib = tmp_path / "lib"
