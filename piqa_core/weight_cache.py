@@ -46,10 +46,10 @@ def resolve_weights(uri: str | os.PathLike, cache_dir: str | os.PathLike | None 
     of served; when the source cannot be reached, a cached copy is served with a warning.
     """
     text = os.fspath(uri)
-    if not re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*://", text) or text.startswith("file://"):
+    if not _is_remote(text):
         return Path(text.removeprefix("file://")).expanduser()
-    cache = Path(cache_dir or Path(torch.hub.get_dir()).parent / "piqa").expanduser()
-    dest = cache / hashlib.sha256(text.encode()).hexdigest()[:16]
+    dest = _cache_path(text, cache_dir)
+    cache = dest.parent
     if sha256 is None:
         try:
             sha256 = source_sha256(text, read or _fsspec_read)
@@ -88,6 +88,22 @@ def resolve_weights(uri: str | os.PathLike, cache_dir: str | os.PathLike | None 
         finally:
             shutil.rmtree(tmp, ignore_errors=True)  # a failed or surplus copy is not left behind
     return dest
+
+
+def cached_copy(uri: str | os.PathLike, cache_dir: str | os.PathLike | None = None) -> Path | None:
+    """This node's cached copy of a remote model directory (whatever weights it holds), else ``None``."""
+    text = os.fspath(uri)
+    dest = _cache_path(text, cache_dir) if _is_remote(text) else None
+    return dest if dest is not None and _cached(dest, None) else None
+
+
+def _is_remote(uri: str) -> bool:
+    return bool(re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*://", uri)) and not uri.startswith("file://")
+
+
+def _cache_path(uri: str, cache_dir: str | os.PathLike | None) -> Path:
+    cache = Path(cache_dir or Path(torch.hub.get_dir()).parent / "piqa").expanduser()
+    return cache / hashlib.sha256(uri.encode()).hexdigest()[:16]
 
 
 def source_sha256(uri: str, read: Reader) -> str:

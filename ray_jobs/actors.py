@@ -6,6 +6,7 @@ import contextlib
 import os
 import posixpath
 import threading
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,7 @@ from piqa_core.faces import for_inference
 from piqa_core.gpu_prep import prepare_batch_on_device
 from piqa_core.preprocess import ImageError
 from piqa_core.stages import Predictor, prepare_batch, use_tf32
-from piqa_core.weight_cache import resolve_weights
+from piqa_core.weight_cache import cached_copy, resolve_weights
 
 from .options import ModelOptions
 from .schema import SCORE_SCHEMA, now_utc
@@ -63,18 +64,26 @@ def model_identity(model: ModelOptions, s3: S3Options) -> dict[str, Any]:
     """model_id, sha256, preset, crop mode, config and which weights are random.
 
     A model directory is identified by its config.json alone, read from the source itself rather than
-    from this node's weight cache, which may hold an earlier copy; random weights are built once here
-    to hash them.
+    from this node's weight cache, which may hold an earlier copy (used, with a warning, only when the
+    source cannot be read); random weights are built once here to hash them.
     """
     if model.random_weights:
         bundle = build_bundle(model.preset)
         cfg, model_id, sha, random_init, random_parts = bundle.config, bundle.model_id, bundle.sha256, True, []
     else:
         source = local_path(str(model.weights)) or str(model.weights)
+        where = join(str(model.weights), CONFIG_FILE)
         try:
-            meta = parse_meta(read_bytes(join(source, CONFIG_FILE), s3), join(str(model.weights), CONFIG_FILE))
+            text = read_bytes(join(source, CONFIG_FILE), s3)
         except FileNotFoundError:
             raise CheckpointError(f"{model.weights} is not a model directory (no {CONFIG_FILE})") from None
+        except OSError as e:  # offline, or the store failed: as the actors would, take this node's copy
+            if (cached := cached_copy(source)) is None:
+                raise
+            warnings.warn(f"{where} could not be read ({type(e).__name__}: {e}); naming the model by the copy "
+                          f"cached in {cached}, which may be older", stacklevel=2)
+            text, where = (cached / CONFIG_FILE).read_bytes(), str(cached / CONFIG_FILE)
+        meta = parse_meta(text, where)
         from piqa_core.config import PIQAConfig
 
         cfg = PIQAConfig.from_dict(meta["config"])

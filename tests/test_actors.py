@@ -1,5 +1,7 @@
 """The Ray stage classes called directly (no Ray): same scores as the in-process Scorer, identity checks."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -7,11 +9,11 @@ import torch
 from piqa_core.checkpoints import CheckpointError, build_bundle, save_checkpoint
 from piqa_core.errors import ImageError
 from piqa_core.scorer import Scorer
-from ray_jobs.actors import PrepActor, ScoreActor, model_identity
+from ray_jobs.actors import PrepActor, ScoreActor, load_bundle, model_identity
 from ray_jobs.options import ModelOptions
 from ray_jobs.reader import read_columns
 from ray_jobs.schema import SCORE_SCHEMA
-from ray_jobs.storage import S3Options
+from ray_jobs.storage import S3Options, write_bytes
 from tests.corpus import astronaut_jpeg_bytes
 
 TINY = ModelOptions(weights=None, random_weights=True, preset="tiny", crop_mode=None, precision="fp32",
@@ -47,7 +49,6 @@ def test_a_node_holding_an_older_copy_of_the_weights_loads_the_ones_the_job_name
     import boto3
 
     from piqa_core.checkpoints import load_checkpoint
-    from ray_jobs.actors import load_bundle
 
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "node1" / "hub"))  # cache: node1/piqa
     client = boto3.client("s3", endpoint_url=s3_server.endpoint_url, region_name="us-east-1",
@@ -74,6 +75,24 @@ def test_a_node_holding_an_older_copy_of_the_weights_loads_the_ones_the_job_name
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "node2" / "hub"))  # a node yet to fetch
     with pytest.raises(CheckpointError, match="other weights than the sha256"):
         PrepActor(model, s3_server.options, threads=1, sha256=new)
+
+
+def test_an_unreachable_source_is_named_by_the_nodes_cached_copy(tmp_path, s3_server, s3_bucket, monkeypatch):
+    """As the actors would load it: a job on a node that has the model runs while the store is down."""
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    save_checkpoint(build_bundle("tiny", seed=5), tmp_path / "m")
+    for f in (tmp_path / "m").iterdir():
+        write_bytes(f"s3://{s3_bucket}/models/c/{f.name}", f.read_bytes(), s3_server.options)
+    model = ModelOptions(weights=f"s3://{s3_bucket}/models/c", random_weights=False, preset="tiny", crop_mode=None,
+                         precision="fp32", device=None, batch_size=4)
+    down = dataclasses.replace(s3_server.options, endpoint_url="http://127.0.0.1:9")  # nothing listens there
+    with pytest.raises(OSError):
+        model_identity(model, down)  # nothing cached yet: the store's error
+    sha = load_bundle(model, s3_server.options).sha256  # this node caches it
+    with pytest.warns(UserWarning, match=r"models/c/config.json could not be read .* naming the model by the copy "
+                                         r"cached in .*/piqa/[0-9a-f]{16}, which may be older"):
+        identity = model_identity(model, down)
+    assert identity["sha256"] == sha and ScoreActor(model, down, identity).predictor is not None
 
 
 def test_score_actor_refuses_weights_replaced_during_the_job(tmp_path):
