@@ -77,10 +77,13 @@ def test_audit_cronjob() -> None:
     assert rayjob["spec"]["entrypoint"].startswith("python -m ray_jobs.audit ")
 
     # Two audits must never overlap: once a day, and the RayJob's deadline (+ a late start) < 1 day.
+    # Past its deadline a RayJob is only marked Failed: the job runs on until the cluster is deleted.
     minute, hour, dom, month, dow = spec["schedule"].split()
     assert minute.isdigit() and hour.isdigit() and dom == month == dow == "*", "a nightly schedule"
     assert rayjob["spec"]["backoffLimit"] == 0, "a retry could outlive the next night's start"
-    assert rayjob["spec"]["activeDeadlineSeconds"] + spec["startingDeadlineSeconds"] < 24 * 3600
+    assert rayjob["spec"]["shutdownAfterJobFinishes"] is True
+    assert (rayjob["spec"]["activeDeadlineSeconds"] + rayjob["spec"]["ttlSecondsAfterFinished"]
+            + spec["startingDeadlineSeconds"] < 24 * 3600)
 
     # RBAC: the pod's ServiceAccount may create (and get/list/delete) rayjobs.ray.io in the namespace.
     sa = pod["serviceAccountName"]
@@ -115,6 +118,9 @@ def test_launcher_config() -> None:
     assert sum(t["max_workers"] for t in workers.values()) <= cfg["max_workers"]
     for name, t in types.items():
         assert t["node_config"].get("IamInstanceProfile"), f"{name}: S3 access via an instance profile"
+        # Ray 2.60 maps a missing ImageId or latest_dlami to a 2021 AMI (CUDA 11.2 driver): the image's
+        # torch (CUDA 13) needs an R580+ driver, so every node names its AMI.
+        assert t["node_config"].get("ImageId", "").lower() not in ("", "latest_dlami"), name
     gpu = [t for t in workers.values() if t["resources"].get("GPU", 0) >= 1]
     cpu = [t for t in workers.values() if not t["resources"].get("GPU")]
     assert gpu and cpu

@@ -89,6 +89,9 @@ def test_ray_cluster_spec(where: str, spec: dict) -> None:
             assert isinstance(custom, dict) and all(isinstance(v, (int, float)) for v in custom.values())
             assert not {"CPU", "GPU", "memory"} & set(custom), f"{gw}: CPU/GPU come from the pod's limits"
         _check_pod_for_ray(gw, g["template"], image)
+        if _is_gpu_group(g) and "resources" in params:  # KubeRay adds num-gpus only if it parses that string
+            want = sum(_gpus(c) for c in g["template"]["spec"]["containers"])
+            assert params.get("num-gpus") == str(want), f"{gw}: rayStartParams num-gpus \"{want}\" (as the limits)"
         for c in g["template"]["spec"]["containers"]:
             if _gpus(c):
                 limit = c["resources"]["limits"]["nvidia.com/gpu"]
