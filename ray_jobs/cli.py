@@ -158,7 +158,8 @@ def _score_local(inputs, out, manifest, s3, max_bytes, model: ModelOptions) -> N
 @click.option("--prefix-depth", type=click.IntRange(1), default=1, show_default=True,
               help="Folder levels below the library root that make an album in the per-prefix table.")
 @click.option("--keep-deleted-days", type=click.FloatRange(0), default=30.0, show_default=True,
-              help="Deleted objects stay in the state (deleted=True) at least one run and this long.")
+              help="Deleted objects stay in the state (deleted=True) at least one run and this long; "
+                   "listed again unchanged meanwhile, they are restored without a new score.")
 @s3_options
 @click.option("--address", envvar="RAY_ADDRESS", default=None, help="Ray cluster (default: start a local one).")
 @model_options
