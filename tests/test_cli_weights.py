@@ -93,7 +93,8 @@ def test_a_crash_while_writing_never_leaves_half_a_directory(tmp_path, monkeypat
     res = _weights("random", "--preset", "tiny", "-o", out.parent / "n")
     assert res.exit_code == 0 and "left by an interrupted run" not in res.output  # another folder's
     res = _weights("random", "--preset", "tiny", "-o", out, "--force")
-    assert res.exit_code == 0 and ("1 folder(s) beside " f"{out} left by an interrupted run: .m.1234abcd.tmp;") in res.output
+    assert res.exit_code == 0
+    assert f"1 folder(s) beside {out} left by an interrupted run: .m.1234abcd.tmp;" in res.output
 
 
 def test_out_with_a_scheme_or_a_symlink_is_refused(official, tmp_path, monkeypatch):
