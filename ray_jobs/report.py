@@ -33,6 +33,8 @@ from .summary import random_parts_note  # noqa: E402
 RANDOM_NOTE = "scores from random weights are not quality judgements"
 QUANTILES = {"p10": 0.1, "p25": 0.25, "p50": 0.5, "p75": 0.75, "p90": 0.9}
 COUNT_KEYS = ("new", "changed", "retry", "unchanged", "restored", "deleted")
+COUNT_COLOURS = {"new": "#2ca02c", "changed": "#ff7f0e", "retry": "#9467bd", "unchanged": "#9bbbd4",
+                 "restored": "#17becf", "deleted": "#d62728"}
 
 
 @dataclass
@@ -178,8 +180,7 @@ def plot_quantiles(tonight: dict[str, Any], previous: dict[str, Any] | None) -> 
 
 def plot_counts(counts: dict[str, int], error_codes: dict[str, int]) -> bytes:
     fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.4), gridspec_kw={"width_ratios": [4, 3]})
-    a.bar(list(COUNT_KEYS), [counts.get(k, 0) for k in COUNT_KEYS],
-          color=["#2ca02c", "#ff7f0e", "#9467bd", "#9bbbd4", "#d62728"])
+    a.bar(list(COUNT_KEYS), [counts.get(k, 0) for k in COUNT_KEYS], color=[COUNT_COLOURS[k] for k in COUNT_KEYS])
     a.set(title="Objects by change", ylabel="objects")
     if error_codes:
         b.barh(list(error_codes), list(error_codes.values()), color="#d62728")
