@@ -65,7 +65,8 @@ def _write_dir(out: Path, force: bool, write: Callable[[Path], str]) -> str:
     target = Path(os.path.abspath(out))
     target.parent.mkdir(parents=True, exist_ok=True)
     # Named, not removed: with no lock, another piqa weights may be writing one of them right now.
-    if left := sorted(p.name for p in target.parent.glob(f".{target.name}.*") if p.suffix in (".tmp", ".old")):
+    mine = re.compile(rf"\.{re.escape(target.name)}\.[0-9a-f]{{8}}\.(tmp|old)")
+    if left := sorted(p.name for p in target.parent.iterdir() if mine.fullmatch(p.name)):
         click.echo(f"piqa weights: {len(left)} folder(s) beside {out} left by an interrupted run: {', '.join(left)}; "
                    "remove them once no other piqa weights writes there", err=True)
     tmp = target.with_name(f".{target.name}.{secrets.token_hex(4)}.tmp")

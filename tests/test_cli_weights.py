@@ -89,6 +89,7 @@ def test_a_crash_while_writing_never_leaves_half_a_directory(tmp_path, monkeypat
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before and [p.name for p in out.parent.iterdir()] == ["m"]
 
     (out.parent / ".m.1234abcd.tmp").mkdir()  # what a SIGKILL mid-write leaves
+    (out.parent / ".m.v2.1234abcd.tmp").mkdir()  # a leftover of -o m.v2, not of -o m
     monkeypatch.setattr(checkpoints, "save_checkpoint", real_save)
     res = _weights("random", "--preset", "tiny", "-o", out.parent / "n")
     assert res.exit_code == 0 and "left by an interrupted run" not in res.output  # another folder's
