@@ -120,7 +120,9 @@ def classify(listing: list[ObjectInfo], previous: pa.Table, rescore_all: bool, m
     cols = ("uri", "etag_or_mtime", "bytes", "status", "error_code", "deleted", "model_sha256", "crop_mode")
     known: dict[str, tuple] = {}
     for u, e, b, s, c, gone, sha, crop in zip(*(previous[k].to_pylist() for k in cols)):
-        known[u] = ((e, b), c if s == "error" else None, bool(gone), (sha, crop) == (model_sha256, crop_mode))
+        if gone and u in known:  # a live row outranks a deleted one of the same object
+            continue
+        known[u] = ((e, b), c if s == "error" else None, bool(gone), (sha, crop or LEGACY_CROP_MODE) == (model_sha256, crop_mode))
     actions = []
     for o in listing:
         version, error, gone, same_model = known.get(o.uri, (None, None, False, False))
@@ -253,15 +255,16 @@ def _version(table: pa.Table) -> pa.Array:
 def merge_state(plan: Plan, previous: pa.Table, scored: pa.Table, keep_deleted_days: float) -> tuple[pa.Table,
                                                                                                       dict[str, int]]:
     """The new state: scored rows, carried unchanged rows, and deleted objects marked (not dropped)."""
-    listed, kept_uris = plan.listing["uri"], plan.listing.filter(pc.invert(plan.listing["to_score"]))["uri"]
+    listed, unscored = plan.listing["uri"], plan.listing.filter(pc.invert(plan.listing["to_score"]))
+    restored = pc.equal(unscored["action"], "restored")
     n = scored.num_rows
     fresh = pa.table({**{c: scored[c] for c in SCORE_SCHEMA.names}, "deleted": pa.array([False] * n, pa.bool_()),
                       "deleted_at": pa.nulls(n, pa.timestamp("us", tz="UTC")),
                       "audit_run_id": pa.array([plan.run_id] * n, pa.string())}, schema=STATE_SCHEMA)
     alive = live(previous)
-    carried = alive.filter(pc.is_in(alive["uri"], value_set=kept_uris))
-    back = previous.filter(pc.and_(pc.fill_null(previous["deleted"], False),
-                                   pc.is_in(previous["uri"], value_set=kept_uris)))  # the restored objects
+    carried = alive.filter(pc.is_in(alive["uri"], value_set=unscored.filter(pc.invert(restored))["uri"]))
+    back = previous.filter(pc.and_(pc.fill_null(previous["deleted"], False),  # the very rows classify restored
+                                   pc.is_in(_version(previous), value_set=_version(unscored.filter(restored)))))
     back = back.set_column(back.schema.get_field_index("deleted"), "deleted", pa.array([False] * back.num_rows, pa.bool_()))
     back = back.set_column(back.schema.get_field_index("deleted_at"), "deleted_at",
                            pa.nulls(back.num_rows, pa.timestamp("us", tz="UTC")))

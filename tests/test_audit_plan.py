@@ -65,13 +65,15 @@ def test_a_deleted_row_comes_back_only_for_the_same_version_and_model() -> None:
                         row("bad", error_code="not_an_image", **gone), row("flaky", error_code="read_failed", **gone),
                         row("other-model", score=2.0, **{**gone, "model_sha256": "b" * 64}),
                         row("other-crop", score=2.0, **{**gone, "crop_mode": "center"}),
+                        row("legacy", score=2.0, **{**gone, "crop_mode": None}),  # older code: five-crop
                         row("live", score=1.0, **{**gone, "deleted": False, "deleted_at": None})])
     listing = [ObjectInfo(u, 10, "e2" if u == "edited" else "e1")
-               for u in ("same", "edited", "bad", "flaky", "other-model", "other-crop", "live")]
+               for u in ("same", "edited", "bad", "flaky", "other-model", "other-crop", "legacy", "live")]
     plan = audit.classify(listing, prev, False, model_sha256=SHA, crop_mode="five")
     assert {r["uri"]: (r["action"], r["to_score"]) for r in plan.to_pylist()} == {
         "same": ("restored", False), "edited": ("new", True), "bad": ("restored", False), "flaky": ("new", True),
-        "other-model": ("new", True), "other-crop": ("new", True), "live": ("unchanged", False)}
+        "other-model": ("new", True), "other-crop": ("new", True), "legacy": ("restored", False),
+        "live": ("unchanged", False)}
     assert all(audit.classify(listing, prev, True, model_sha256=SHA, crop_mode="five")["to_score"].to_pylist())
     assert "restored" not in audit.classify(listing, prev, False)["action"].to_pylist()  # no model: nothing back
 
@@ -80,9 +82,22 @@ def test_a_deleted_row_comes_back_only_for_the_same_version_and_model() -> None:
     state, counts = audit.merge_state(audit.Plan("r2", T0, "/lib", SHA, "tiny", "five", "r1", None, plan),
                                       prev, scored, 30.0)
     got = {r["uri"]: r for r in state.to_pylist()}
-    assert len(state) == 7 and not any(r["deleted"] or r["deleted_at"] for r in got.values())
+    assert len(state) == 8 and not any(r["deleted"] or r["deleted_at"] for r in got.values())
     assert (got["same"]["score"], got["same"]["audit_run_id"], got["bad"]["error_code"]) == (2.0, "r1", "not_an_image")
-    assert (counts["restored"], counts["carried"], counts["deleted"], counts["scored"]) == (2, 3, 0, 4)
+    assert (counts["restored"], counts["carried"], counts["deleted"], counts["scored"]) == (3, 4, 0, 4)
+
+
+@pytest.mark.parametrize("order", ["live first", "deleted first"])
+def test_a_live_row_outranks_a_deleted_row_of_the_same_object(order: str) -> None:
+    """A state holding both (written by hand or by an older version) comes out with the live row alone."""
+    rows = [row("a", score=1.0, model_sha256=SHA, audit_run_id="r1"),
+            row("a", score=9.0, model_sha256=SHA, audit_run_id="r0", deleted=True, deleted_at=T0 - timedelta(days=1))]
+    prev = state_table(rows if order == "live first" else rows[::-1])
+    plan = audit.classify([ObjectInfo("a", 10, "e1")], prev, False, model_sha256=SHA, crop_mode="five")
+    assert plan["action"].to_pylist() == ["unchanged"]
+    state, counts = audit.merge_state(audit.Plan("r2", T0, "/lib", SHA, "tiny", "five", "r1", None, plan),
+                                      prev, SCORE_SCHEMA.empty_table(), 30.0)
+    assert [(r["score"], r["deleted"]) for r in state.to_pylist()] == [(1.0, False)] and counts["carried"] == 1
 
 
 def planning(tmp_path: Path, modes: tuple[str | None, ...]) -> tuple[AuditJob, pa.Table]:
