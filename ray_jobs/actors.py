@@ -61,12 +61,14 @@ def load_bundle(model: ModelOptions, s3: S3Options, parts: tuple[str, ...] = PAR
 
 
 def model_identity(model: ModelOptions, s3: S3Options) -> dict[str, Any]:
-    """model_id, sha256, preset, crop mode, config and which weights are random.
+    """model_id, sha256, preset, crop mode, config, which weights are random, and the cached copy it
+    was read from (None: from the source).
 
     A model directory is identified by its config.json alone, read from the source itself rather than
     from this node's weight cache, which may hold an earlier copy (used, with a warning, only when the
     source cannot be read); random weights are built once here to hash them.
     """
+    cached: Path | None = None
     if model.random_weights:
         bundle = build_bundle(model.preset)
         cfg, model_id, sha, random_init, random_parts = bundle.config, bundle.model_id, bundle.sha256, True, []
@@ -90,7 +92,7 @@ def model_identity(model: ModelOptions, s3: S3Options) -> dict[str, Any]:
         model_id = meta.get("model_id", posixpath.basename(source.rstrip("/")))
         sha, random_init, random_parts = meta["sha256"], bool(meta.get("random_init")), meta.get("random_parts", [])
     return {"model_id": model_id, "sha256": sha, "preset": cfg.preset, "random_init": random_init,
-            "random_parts": list(random_parts),
+            "random_parts": list(random_parts), "cached_copy": str(cached) if cached else None,
             "crop_mode": model.crop_mode or cfg.preprocess.crop_mode, "config": cfg}
 
 

@@ -193,6 +193,11 @@ def plan_run(job: AuditJob, identity: dict[str, Any], pointer: dict[str, Any] | 
     if pointer and pointer["model_sha256"] != sha:
         changes.append(f"model changed: {pointer['model_id']} sha256 {pointer['model_sha256'][:12]} -> "
                        f"{identity['model_id']} sha256 {sha[:12]}")
+        if identity.get("cached_copy"):  # an offline night must not re-score the library with an older model
+            raise AuditRefused(f"{job.model.weights} could not be read, and this node's cached copy "
+                               f"({identity['cached_copy']}, sha256 {sha[:12]}) is not the model the last audit "
+                               f"used (sha256 {pointer['model_sha256'][:12]}); run the audit again once the "
+                               "source can be read")
     if pointer and (old_crop := recorded_crop_mode(pointer, previous)) != crop:
         changes.append(f"crop mode changed: {old_crop} -> {crop}")
     reason = "; ".join(changes) + "; every object is re-scored" if changes else None

@@ -93,6 +93,7 @@ def test_an_unreachable_source_is_named_by_the_nodes_cached_copy(tmp_path, s3_se
                                          r"cached in .*/piqa/[0-9a-f]{16}, which may be older"):
         identity = model_identity(model, down)
     assert identity["sha256"] == sha and ScoreActor(model, down, identity).predictor is not None
+    assert identity["cached_copy"] is not None and model_identity(model, s3_server.options)["cached_copy"] is None
 
 
 def test_score_actor_refuses_weights_replaced_during_the_job(tmp_path):

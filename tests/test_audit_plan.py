@@ -137,6 +137,19 @@ def test_a_crop_mode_change_rescores_everything(tmp_path: Path, recorded: str | 
     assert (marker["crop_mode"], marker["rescored_all_reason"]) == (crop, reason)
 
 
+def test_a_cached_copy_of_another_model_is_refused(tmp_path: Path) -> None:
+    """The source unreadable, the node's copy older: re-scoring the library with it would be a regression."""
+    job, previous = planning(tmp_path, ("five", "five"))
+    cached = {"sha256": SHA, "model_id": "tiny", "crop_mode": "five", "cached_copy": "/cache/piqa/0123"}
+    plan = audit.plan_run(job, cached, pointer(job, "five"), previous)  # the model the last audit used: fine
+    assert plan.listing["to_score"].to_pylist() == [False] * 2
+    with pytest.raises(audit.AuditRefused, match=r"cached copy \(/cache/piqa/0123, sha256 bbbbbbbbbbbb\) is not the "
+                                                 r"model the last audit used \(sha256 aaaaaaaaaaaa\)"):
+        audit.plan_run(job, {**cached, "sha256": "b" * 64}, pointer(job, "five"), previous)
+    assert audit.plan_run(job, {**cached, "sha256": "b" * 64, "cached_copy": None}, pointer(job, "five"),
+                          previous).rescored_all_reason.startswith("model changed")  # read from the source: re-score
+
+
 def test_an_unfinished_run_continues_only_under_the_same_crop_mode(tmp_path: Path,
                                                                    capsys: pytest.CaptureFixture[str]) -> None:
     job, previous = planning(tmp_path, ("five", "five"))
