@@ -63,11 +63,12 @@ def resolve_weights(uri: str | os.PathLike, cache_dir: str | os.PathLike | None 
         return dest
     cache.mkdir(parents=True, exist_ok=True)
     # The actors starting on one node at once share one download: the others wait for it.
-    with _exclusive(cache / f"{dest.name}.lock"):
+    with _exclusive(cache / f"{dest.name}.lock") as locked:
         if _cached(dest, sha256):
             return dest
-        # Left by a process killed mid-download (a preempted node): under the lock no live one owns them.
-        for left in [*cache.glob(f"{dest.name}.partial-*"), *cache.glob(f"{dest.name}.stale-*")]:
+        # Left by a process killed mid-download (a preempted node): under the lock no live one owns them;
+        # without one, a live download may.
+        for left in [*cache.glob(f"{dest.name}.partial-*"), *cache.glob(f"{dest.name}.stale-*")] if locked else []:
             shutil.rmtree(left, ignore_errors=True)
         tmp = Path(tempfile.mkdtemp(prefix=f"{dest.name}.partial-", dir=cache))
         try:
@@ -128,16 +129,17 @@ def _cached(dest: Path, sha256: str | None) -> bool:
 
 
 @contextlib.contextmanager
-def _exclusive(lock_file: Path) -> Iterator[None]:
-    """An advisory lock between processes (and threads) of this node; none where flock is missing."""
+def _exclusive(lock_file: Path) -> Iterator[bool]:
+    """An advisory lock between processes (and threads) of this node; yields whether it holds one
+    (not where flock is missing)."""
     try:
         import fcntl
     except ImportError:  # not POSIX: concurrent downloads stay correct, only duplicated
-        yield
+        yield False
         return
     with open(lock_file, "a") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
         try:
-            yield
+            yield True
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)

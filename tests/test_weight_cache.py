@@ -1,3 +1,5 @@
+import sys
+
 import pytest
 
 from piqa_core.checkpoints import CheckpointError, build_bundle, load_checkpoint, save_checkpoint
@@ -101,6 +103,19 @@ def test_copies_left_by_a_killed_download_are_removed_by_the_next_one(tmp_path):
     assert sorted(p.name for p in cache.iterdir()) == sorted(
         [name, f"{name}.lock", other, f"{other}.lock", f"{other}.partial-busy"])
     assert len(calls) == 3
+
+
+def test_without_a_lock_no_leftover_is_removed(tmp_path, monkeypatch):
+    """Where flock is missing, a .partial- folder may be another process's download in progress."""
+    sha = save_checkpoint(build_bundle("tiny"), tmp_path / "src")
+    fetch, _, _, _ = _source(tmp_path)
+    cache = tmp_path / "cache"
+    name = resolve_weights("s3://b/m", cache_dir=cache, fetch=fetch, sha256=sha).name
+    (cache / f"{name}.partial-busy").mkdir()
+    monkeypatch.setitem(sys.modules, "fcntl", None)  # import fcntl now fails, as off POSIX
+    new_sha = save_checkpoint(build_bundle("tiny", seed=3), tmp_path / "src")
+    assert load_checkpoint(resolve_weights("s3://b/m", cache_dir=cache, fetch=fetch, sha256=new_sha)).sha256 == new_sha
+    assert (cache / f"{name}.partial-busy").is_dir()
 
 
 def test_an_unreachable_source_serves_the_cached_copy_with_a_warning(tmp_path):
