@@ -65,10 +65,11 @@ class FaceResult:
 def detector_input(img: Image.Image, long_side: int) -> tuple[np.ndarray, float]:
     """Resize ``img`` so its long side is ``long_side``, down or up, for the detector.
 
-    Small photos are upscaled, as ``predict_single``'s ``LongestMaxSize`` does: RetinaFace's
-    smallest anchor is 16 detector pixels, so a small photo's faces would otherwise be missed. Returns the RGB uint8 HxWx3 array and ``scale`` = detector
-    pixels / original pixels. Uses PIL bilinear (antialiased when reducing) with ``reducing_gap=3``:
-    a cheap integer ``reduce`` first, then bilinear, visually the same as a plain bilinear resize.
+    Small photos are upscaled, as ``predict_single``'s ``LongestMaxSize`` does: RetinaFace's smallest
+    anchor is 16 detector pixels, so a small photo's faces would otherwise be missed. Returns the RGB
+    uint8 HxWx3 array and ``scale`` = detector pixels / original pixels. Uses PIL bilinear (antialiased
+    when reducing) with ``reducing_gap=3``: a cheap integer ``reduce`` first, then bilinear, visually
+    the same as a plain bilinear resize.
     """
     if img.mode != "RGB":
         img = img.convert("RGB")

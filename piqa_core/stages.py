@@ -255,7 +255,7 @@ def rows_from_columns(cols: dict[str, np.ndarray]) -> list[dict[str, Any]]:
             "height": int(cols["height"][i]),
             "face_found": bool(cols["face_found"][i]),
             "face_box": None if np.isnan(box).any() else [float(v) for v in box],
-            "face_confidence": None if math.isnan(float(cols["face_confidence"][i])) else float(cols["face_confidence"][i]),
+            "face_confidence": None if math.isnan(conf := float(cols["face_confidence"][i])) else conf,
             "n_faces": int(cols["n_faces"][i]),
             "liqe_scene_top": str(cols["liqe_scene_top"][i]) or None,
         })

@@ -48,8 +48,8 @@ def model_options(fn: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--preset", type=click.Choice(list_presets()), default="dn-piqa", show_default=True,
                      help="Architecture for --random-weights."),
         click.option("--crop-mode", type=click.Choice(CROP_MODES), default=None,
-                     help="five = official test protocol (default; 10 backbone passes per image), center = one crop per "
-                          "branch (2 passes; decode, face detection and LIQE cost the same)."),
+                     help="five = official test protocol (default; 10 backbone passes per image), center = one "
+                          "crop per branch (2 passes; decode, face detection and LIQE cost the same)."),
         click.option("--precision", type=click.Choice(PRECISIONS), default="fp32", show_default=True),
         click.option("--device", default=None, help="cpu, cuda, cuda:1 … (default: cuda if available)."),
         click.option("--batch-size", type=click.IntRange(1), default=8, show_default=True),

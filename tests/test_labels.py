@@ -180,7 +180,8 @@ def test_rows_without_finite_score_group_or_uri_are_listed(tmp_path: Path) -> No
     paths = [f"Overall\\{i}_S0.jpg" for i in range(4)]
     pd.read_csv(csv).assign(**{"IMAGE PATH": paths, "JOD": ["1", "3,5", "2", "3"]}) \
         .to_csv(csv, index=False)
-    with pytest.raises(LabelError, match=r"1 row\(s\) without a finite score .*\n  row 1: uri .*, score 3,5, group S0$"):
+    with pytest.raises(LabelError,
+                       match=r"1 row\(s\) without a finite score .*\n  row 1: uri .*, score 3,5, group S0$"):
         load_labels(str(csv))
 
 

@@ -114,7 +114,8 @@ def test_alert_rules() -> None:
     gone = {**base, "mean_shift": None, "counts": {"deleted": 30}, "previous": {"objects": 100}}
     alert = check_alerts(gone, None, None, 0.25)
     assert [(a["kind"], a["value"]) for a in alert] == [("deleted", 0.3)]
-    assert alert[0]["message"].startswith("30 of the previous run's 100 objects are gone from the listing (0.3000 > 0.25)")
+    assert alert[0]["message"].startswith(
+        "30 of the previous run's 100 objects are gone from the listing (0.3000 > 0.25)")
     assert check_alerts(gone, None, None, 0.3) == [] and check_alerts(gone, None, None, None) == []
     assert check_alerts({**gone, "previous": None}, None, None, 0.0) == []  # first run: nothing was there
 

@@ -230,6 +230,7 @@ def test_pool_plans():
     wait = plan_pools(_job([], "x", gpu=True, score_actors=4, face_device="cpu"), {"CPU": 8.0})
     assert wait.score_gpus == 1.0 and wait.score_actors == 4
     wait = plan_pools(_job([], "x", gpu=True, score_actors=4), {"CPU": 8.0})  # the autoscaler is asked for 4 GPUs
-    assert wait.score_gpus == 0.5 and wait.score_gpus * 4 + wait.prep_gpus * wait.prep_actors == pytest.approx(4, abs=1e-3)
+    assert wait.score_gpus == 0.5
+    assert wait.score_gpus * 4 + wait.prep_gpus * wait.prep_actors == pytest.approx(4, abs=1e-3)
     with pytest.raises(ValueError, match="needs GPUs"):
         plan_pools(_job([], "x", face_device="gpu"), {"CPU": 8.0})

@@ -183,7 +183,8 @@ def test_a_run_without_validation_exports_its_last_epoch(ray_local, small: Path,
 @pytest.mark.ray
 @pytest.mark.slow
 def test_s3_checkpoints_and_rerunning_the_same_command_resumes(ray_local, s3_server, s3_bucket: str, small: Path,
-                                                                tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+                                                                tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # the crash marker lands here, not in /tmp
     storage, cache = f"s3://{s3_bucket}/runs", f"s3://{s3_bucket}/cache"
     argv = ["train", "--labels", str(small), "--run-name", "s3run", "--storage", storage, "--cache", cache,
