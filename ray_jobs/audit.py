@@ -60,7 +60,8 @@ ACTIONS = ("new", "changed", "retry", "unchanged", "restored")
 # carried until the object changes.
 TRANSIENT_ERROR_CODES = frozenset({"read_failed", "not_found", "internal"})
 # A pointer written before the crop mode was recorded lacks it. Its rows say theirs; with none to ask,
-# assume "five", the default then (of --crop-mode and of every preset's config).
+# assume "five", the default then (of --crop-mode and of every preset's config). A row without one is
+# taken as five too.
 LEGACY_CROP_MODE = "five"
 
 
@@ -116,19 +117,19 @@ def classify(listing: list[ObjectInfo], previous: pa.Table, rescore_all: bool, m
              crop_mode: str | None = None) -> pa.Table:
     """new / changed (etag, mtime or size differ) / retry (same object, but its row holds a transient
     error) / unchanged, against the previous live rows, or restored: the version of a deleted row that
-    ``model_sha256`` and ``crop_mode`` scored; all but unchanged and restored are to be scored."""
+    ``model_sha256`` and ``crop_mode`` scored; all but unchanged and restored are to be scored.
+    ``previous`` holds one row per object (``one_row_per_object``)."""
     cols = ("uri", "etag_or_mtime", "bytes", "status", "error_code", "deleted", "model_sha256", "crop_mode")
-    known: dict[str, tuple] = {}
-    for u, e, b, s, c, gone, sha, crop in zip(*(previous[k].to_pylist() for k in cols)):
-        if gone and u in known:  # a live row outranks a deleted one of the same object
-            continue
-        known[u] = ((e, b), c if s == "error" else None, bool(gone), (sha, crop or LEGACY_CROP_MODE) == (model_sha256, crop_mode))
+    known = {u: ((e, b), c if s == "error" else None, bool(gone), (sha, crop or LEGACY_CROP_MODE) == (model_sha256,
+                                                                                                    crop_mode))
+             for u, e, b, s, c, gone, sha, crop in zip(*(previous[k].to_pylist() for k in cols))}
     actions = []
     for o in listing:
         version, error, gone, same_model = known.get(o.uri, (None, None, False, False))
         same = version == (o.etag_or_mtime, o.size)
-        if gone:  # transient errors and other versions come back as new: scored
-            actions.append("restored" if same and same_model and error not in TRANSIENT_ERROR_CODES else "new")
+        if gone:  # transient errors, other versions and a re-score of everything come back as new: scored
+            back = same and same_model and not rescore_all and error not in TRANSIENT_ERROR_CODES
+            actions.append("restored" if back else "new")
         else:
             actions.append("new" if version is None else "changed" if not same
                            else "retry" if error in TRANSIENT_ERROR_CODES else "unchanged")
@@ -172,6 +173,16 @@ def plan_run(job: AuditJob, identity: dict[str, Any], pointer: dict[str, Any] | 
     """
     root, sha, crop = library_root(job.library), identity["sha256"], identity["crop_mode"]
     prev_id = pointer["run_id"] if pointer else None
+    # Refusals come first: a refused run leaves the state, its unfinished-run marker included, as it was.
+    # unquote: states written before file: URIs were unescaped hold the escaped path (".../lib%20one")
+    if pointer and root not in (pointer["library"], unquote(pointer["library"])):
+        raise AuditRefused(f"state {job.state} belongs to library {pointer['library']}, not {root}")
+    if pointer and pointer["model_sha256"] != sha and identity.get("cached_copy"):
+        # The source unreadable: the node's copy may be older or newer; either way not the library's model.
+        raise AuditRefused(f"{job.model.weights} could not be read, and this node's cached copy "
+                           f"({identity['cached_copy']}, sha256 {sha[:12]}) is not the model the last audit "
+                           f"used (sha256 {pointer['model_sha256'][:12]}); run the audit again once the "
+                           "source can be read")
     marker_uri = join(job.state, IN_PROGRESS)
     marker, continuing = read_marker(job.state, job.s3), None
     if marker is not None:
@@ -186,18 +197,10 @@ def plan_run(job: AuditJob, identity: dict[str, Any], pointer: dict[str, Any] | 
         else:
             print(f"piqa audit: abandoning unfinished run {marker['run_id']} (library, model, crop mode or "
                   f"previous state differ); its files stay under runs/", file=sys.stderr)
-    # unquote: states written before file: URIs were unescaped hold the escaped path (".../lib%20one")
-    if pointer and root not in (pointer["library"], unquote(pointer["library"])):
-        raise AuditRefused(f"state {job.state} belongs to library {pointer['library']}, not {root}")
     changes: list[str] = []
     if pointer and pointer["model_sha256"] != sha:
         changes.append(f"model changed: {pointer['model_id']} sha256 {pointer['model_sha256'][:12]} -> "
                        f"{identity['model_id']} sha256 {sha[:12]}")
-        if identity.get("cached_copy"):  # an offline night must not re-score the library with an older model
-            raise AuditRefused(f"{job.model.weights} could not be read, and this node's cached copy "
-                               f"({identity['cached_copy']}, sha256 {sha[:12]}) is not the model the last audit "
-                               f"used (sha256 {pointer['model_sha256'][:12]}); run the audit again once the "
-                               "source can be read")
     if pointer and (old_crop := recorded_crop_mode(pointer, previous)) != crop:
         changes.append(f"crop mode changed: {old_crop} -> {crop}")
     reason = "; ".join(changes) + "; every object is re-scored" if changes else None
@@ -259,7 +262,8 @@ def _version(table: pa.Table) -> pa.Array:
 
 def merge_state(plan: Plan, previous: pa.Table, scored: pa.Table, keep_deleted_days: float) -> tuple[pa.Table,
                                                                                                       dict[str, int]]:
-    """The new state: scored rows, carried unchanged rows, and deleted objects marked (not dropped)."""
+    """The new state: scored rows, carried unchanged rows, restored rows, and deleted objects marked (not
+    dropped). ``previous`` holds one row per object (``one_row_per_object``)."""
     listed, unscored = plan.listing["uri"], plan.listing.filter(pc.invert(plan.listing["to_score"]))
     restored = pc.equal(unscored["action"], "restored")
     n = scored.num_rows
@@ -268,9 +272,12 @@ def merge_state(plan: Plan, previous: pa.Table, scored: pa.Table, keep_deleted_d
                       "audit_run_id": pa.array([plan.run_id] * n, pa.string())}, schema=STATE_SCHEMA)
     alive = live(previous)
     carried = alive.filter(pc.is_in(alive["uri"], value_set=unscored.filter(pc.invert(restored))["uri"]))
-    back = previous.filter(pc.and_(pc.fill_null(previous["deleted"], False),  # the very rows classify restored
-                                   pc.is_in(_version(previous), value_set=_version(unscored.filter(restored)))))
-    back = back.set_column(back.schema.get_field_index("deleted"), "deleted", pa.array([False] * back.num_rows, pa.bool_()))
+    back = previous.filter(pc.and_(pc.fill_null(previous["deleted"], False),
+                                   pc.is_in(previous["uri"], value_set=unscored.filter(restored)["uri"])))
+    back = back.set_column(back.schema.get_field_index("crop_mode"), "crop_mode",  # older code's: five
+                           pc.fill_null(back["crop_mode"], LEGACY_CROP_MODE))
+    back = back.set_column(back.schema.get_field_index("deleted"), "deleted",
+                           pa.array([False] * back.num_rows, pa.bool_()))
     back = back.set_column(back.schema.get_field_index("deleted_at"), "deleted_at",
                            pa.nulls(back.num_rows, pa.timestamp("us", tz="UTC")))
     gone = previous.filter(pc.invert(pc.is_in(previous["uri"], value_set=listed)))

@@ -86,12 +86,26 @@ def read_pointer(state: str, s3: S3Options) -> dict[str, Any] | None:
     return pointer
 
 
+def one_row_per_object(state: pa.Table) -> pa.Table:
+    """Each object's row: its last live row, else its first deleted one. A state merged by hand or
+    written by older code may hold several for one URI; every later step assumes one."""
+    if pc.count_distinct(state["uri"]).as_py() == state.num_rows:
+        return state
+    chosen: dict[str, int] = {}
+    for i, (uri, gone) in enumerate(zip(state["uri"].to_pylist(), state["deleted"].to_pylist())):
+        if uri not in chosen or not gone:
+            chosen[uri] = i
+    print(f"piqa audit: the state holds {state.num_rows - len(chosen)} extra row(s) for objects listed more "
+          "than once; each object keeps one (a live row over a deleted one)", file=sys.stderr)
+    return state.take(sorted(chosen.values()))
+
+
 def load_state(state: str, s3: S3Options) -> tuple[dict[str, Any] | None, pa.Table]:
-    """The CURRENT pointer (None before the first run) and the state table it points to."""
+    """The CURRENT pointer (None before the first run) and the state table it points to, one row per object."""
     pointer = read_pointer(state, s3)
     if pointer is None:
         return None, STATE_SCHEMA.empty_table()
-    return pointer, read_parquet(join(state, pointer["state"]), s3, STATE_SCHEMA)
+    return pointer, one_row_per_object(read_parquet(join(state, pointer["state"]), s3, STATE_SCHEMA))
 
 
 def read_marker(state: str, s3: S3Options) -> dict[str, Any] | None:

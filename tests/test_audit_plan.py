@@ -17,7 +17,7 @@ from ray_jobs import audit, audit_state
 from ray_jobs.audit import PLAN_SCHEMA, STATE_SCHEMA, AuditJob
 from ray_jobs.schema import SCORE_SCHEMA
 from ray_jobs.listing import list_images
-from ray_jobs.storage import ObjectInfo, join, resolve, write_bytes
+from ray_jobs.storage import ObjectInfo, S3Options, join, resolve, write_bytes
 from tests.test_audit import TINY, read_json
 
 T0 = datetime(2024, 5, 1, 2, 0, tzinfo=timezone.utc)
@@ -74,7 +74,8 @@ def test_a_deleted_row_comes_back_only_for_the_same_version_and_model() -> None:
         "same": ("restored", False), "edited": ("new", True), "bad": ("restored", False), "flaky": ("new", True),
         "other-model": ("new", True), "other-crop": ("new", True), "legacy": ("restored", False),
         "live": ("unchanged", False)}
-    assert all(audit.classify(listing, prev, True, model_sha256=SHA, crop_mode="five")["to_score"].to_pylist())
+    everything = audit.classify(listing, prev, True, model_sha256=SHA, crop_mode="five")
+    assert all(everything["to_score"].to_pylist()) and "restored" not in everything["action"].to_pylist()
     assert "restored" not in audit.classify(listing, prev, False)["action"].to_pylist()  # no model: nothing back
 
     scored = pa.Table.from_pylist([{**row(u, score=0.5), "crop_mode": "five"} for u in
@@ -84,20 +85,40 @@ def test_a_deleted_row_comes_back_only_for_the_same_version_and_model() -> None:
     got = {r["uri"]: r for r in state.to_pylist()}
     assert len(state) == 8 and not any(r["deleted"] or r["deleted_at"] for r in got.values())
     assert (got["same"]["score"], got["same"]["audit_run_id"], got["bad"]["error_code"]) == (2.0, "r1", "not_an_image")
+    assert got["legacy"]["crop_mode"] == "five"  # as the state's pointer and metadata say
     assert (counts["restored"], counts["carried"], counts["deleted"], counts["scored"]) == (3, 4, 0, 4)
 
 
-@pytest.mark.parametrize("order", ["live first", "deleted first"])
-def test_a_live_row_outranks_a_deleted_row_of_the_same_object(order: str) -> None:
-    """A state holding both (written by hand or by an older version) comes out with the live row alone."""
-    rows = [row("a", score=1.0, model_sha256=SHA, audit_run_id="r1"),
-            row("a", score=9.0, model_sha256=SHA, audit_run_id="r0", deleted=True, deleted_at=T0 - timedelta(days=1))]
-    prev = state_table(rows if order == "live first" else rows[::-1])
-    plan = audit.classify([ObjectInfo("a", 10, "e1")], prev, False, model_sha256=SHA, crop_mode="five")
-    assert plan["action"].to_pylist() == ["unchanged"]
-    state, counts = audit.merge_state(audit.Plan("r2", T0, "/lib", SHA, "tiny", "five", "r1", None, plan),
-                                      prev, SCORE_SCHEMA.empty_table(), 30.0)
-    assert [(r["score"], r["deleted"]) for r in state.to_pylist()] == [(1.0, False)] and counts["carried"] == 1
+def test_one_row_per_object_prefers_the_last_live_row_then_the_first_deleted_one(tmp_path: Path,
+                                                                                 capsys: pytest.CaptureFixture) -> None:
+    old = {"deleted": True, "deleted_at": T0 - timedelta(days=1)}
+    prev = state_table([row("a", score=9.0, **old), row("a", score=1.0), row("b", score=2.0), row("b", score=3.0),
+                        row("c", score=4.0, **old), row("c", score=5.0, **old), row("d", score=6.0)])
+    one_each = prev.slice(5)
+    assert audit_state.one_row_per_object(one_each) is one_each and not capsys.readouterr().err
+    assert ([(r["uri"], r["score"]) for r in audit_state.one_row_per_object(prev).to_pylist()]
+            == [("a", 1.0), ("b", 3.0), ("c", 4.0), ("d", 6.0)])
+    assert "the state holds 3 extra row(s)" in capsys.readouterr().err
+    state = tmp_path / "state"
+    audit_state.write_parquet(str(state / "s.parquet"), prev, S3Options())
+    audit_state.write_json(str(state / "CURRENT"), {"run_id": "r1", "library": "/lib", "model_sha256": SHA,
+                                                    "model_id": "tiny", "state": "s.parquet"}, S3Options())
+    assert audit_state.load_state(str(state), S3Options())[1].num_rows == 4
+
+
+def test_an_object_with_a_live_and_a_deleted_row_keeps_one_across_nights() -> None:
+    """Gone one night, back the next: with both rows kept, it came back as two live rows."""
+    prev = audit_state.one_row_per_object(state_table([
+        row("a", score=1.0, model_sha256=SHA, audit_run_id="r1"),
+        row("a", score=9.0, model_sha256=SHA, audit_run_id="r0", deleted=True, deleted_at=T0 - timedelta(days=1))]))
+    state = prev
+    for night, listing in enumerate(([], [ObjectInfo("a", 10, "e1")]), start=2):
+        plan = audit.classify(listing, state, False, model_sha256=SHA, crop_mode="five")
+        state, _ = audit.merge_state(audit.Plan(f"r{night}", T0 + timedelta(days=night), "/lib", SHA, "tiny",
+                                                "five", "r1", None, plan), state, SCORE_SCHEMA.empty_table(), 30.0)
+        assert state.num_rows == 1
+    assert plan["action"].to_pylist() == ["restored"]
+    assert [(r["score"], r["deleted"]) for r in state.to_pylist()] == [(1.0, False)]
 
 
 def planning(tmp_path: Path, modes: tuple[str | None, ...]) -> tuple[AuditJob, pa.Table]:
@@ -137,7 +158,7 @@ def test_a_crop_mode_change_rescores_everything(tmp_path: Path, recorded: str | 
     assert (marker["crop_mode"], marker["rescored_all_reason"]) == (crop, reason)
 
 
-def test_a_cached_copy_of_another_model_is_refused(tmp_path: Path) -> None:
+def test_a_cached_copy_of_another_model_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """The source unreadable, the node's copy older: re-scoring the library with it would be a regression."""
     job, previous = planning(tmp_path, ("five", "five"))
     cached = {"sha256": SHA, "model_id": "tiny", "crop_mode": "five", "cached_copy": "/cache/piqa/0123"}
@@ -146,6 +167,8 @@ def test_a_cached_copy_of_another_model_is_refused(tmp_path: Path) -> None:
     with pytest.raises(audit.AuditRefused, match=r"cached copy \(/cache/piqa/0123, sha256 bbbbbbbbbbbb\) is not the "
                                                  r"model the last audit used \(sha256 aaaaaaaaaaaa\)"):
         audit.plan_run(job, {**cached, "sha256": "b" * 64}, pointer(job, "five"), previous)
+    # refused before the unfinished run is looked at: it is neither abandoned nor replaced
+    assert read_json(join(job.state, "IN_PROGRESS"))["run_id"] == plan.run_id and "abandon" not in capsys.readouterr().err
     assert audit.plan_run(job, {**cached, "sha256": "b" * 64, "cached_copy": None}, pointer(job, "five"),
                           previous).rescored_all_reason.startswith("model changed")  # read from the source: re-score
 
