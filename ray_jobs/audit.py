@@ -44,8 +44,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from .audit_state import (IN_PROGRESS, PLAN_SCHEMA, STATE_SCHEMA, AuditRefused, check_current, commit, delete,
-                          live, load_state, marked_plan, read_marker, write_json, write_parquet)
+from .audit_state import (IN_PROGRESS, LEGACY_CROP_MODE, PLAN_SCHEMA, STATE_SCHEMA, AuditRefused, check_current,
+                          commit, delete, live, load_state, marked_plan, read_marker, write_json, write_parquet)
 from .options import ModelOptions
 from .resume import read_rows
 from .schema import SCORE_SCHEMA, now_utc
@@ -59,10 +59,6 @@ ACTIONS = ("new", "changed", "retry", "unchanged", "restored")
 # (corrupt, too small, unsupported mode, over the size limit) and would only recur, so those rows are
 # carried until the object changes.
 TRANSIENT_ERROR_CODES = frozenset({"read_failed", "not_found", "internal"})
-# A pointer written before the crop mode was recorded lacks it. Its rows say theirs; with none to ask,
-# assume "five", the default then (of --crop-mode and of every preset's config). A row without one is
-# taken as five too.
-LEGACY_CROP_MODE = "five"
 
 
 @dataclass
@@ -118,10 +114,9 @@ def classify(listing: list[ObjectInfo], previous: pa.Table, rescore_all: bool, m
     """new / changed (etag, mtime or size differ) / retry (same object, but its row holds a transient
     error) / unchanged, against the previous live rows, or restored: the version of a deleted row that
     ``model_sha256`` and ``crop_mode`` scored; all but unchanged and restored are to be scored.
-    ``previous`` holds one row per object (``one_row_per_object``)."""
+    ``previous`` is a state as ``load_state`` reads it (``normalise``d)."""
     cols = ("uri", "etag_or_mtime", "bytes", "status", "error_code", "deleted", "model_sha256", "crop_mode")
-    known = {u: ((e, b), c if s == "error" else None, bool(gone), (sha, crop or LEGACY_CROP_MODE) == (model_sha256,
-                                                                                                    crop_mode))
+    known = {u: ((e, b), c if s == "error" else None, bool(gone), (sha, crop) == (model_sha256, crop_mode))
              for u, e, b, s, c, gone, sha, crop in zip(*(previous[k].to_pylist() for k in cols))}
     actions = []
     for o in listing:
@@ -183,6 +178,12 @@ def plan_run(job: AuditJob, identity: dict[str, Any], pointer: dict[str, Any] | 
                            f"({identity['cached_copy']}, sha256 {sha[:12]}) is not the model the last audit "
                            f"used (sha256 {pointer['model_sha256'][:12]}); run the audit again once the "
                            "source can be read")
+    objects = _outside_state(list_images(job.library, job.s3), job.state)
+    n_live = live(previous).num_rows
+    if not objects and n_live:  # an unmounted volume or a wrong prefix, far likelier than a library emptied
+        raise AuditRefused(f"{job.library} lists no images, but the previous state holds {n_live} live objects: "
+                           "refusing to mark them all deleted (is the library mounted, the prefix right?). "
+                           "If the library was emptied on purpose, audit it into a new --state.")
     marker_uri = join(job.state, IN_PROGRESS)
     marker, continuing = read_marker(job.state, job.s3), None
     if marker is not None:
@@ -204,12 +205,6 @@ def plan_run(job: AuditJob, identity: dict[str, Any], pointer: dict[str, Any] | 
     if pointer and (old_crop := recorded_crop_mode(pointer, previous)) != crop:
         changes.append(f"crop mode changed: {old_crop} -> {crop}")
     reason = "; ".join(changes) + "; every object is re-scored" if changes else None
-    objects = _outside_state(list_images(job.library, job.s3), job.state)
-    n_live = live(previous).num_rows
-    if not objects and n_live:  # an unmounted volume or a wrong prefix, far likelier than a library emptied
-        raise AuditRefused(f"{job.library} lists no images, but the previous state holds {n_live} live objects: "
-                           "refusing to mark them all deleted (is the library mounted, the prefix right?). "
-                           "If the library was emptied on purpose, audit it into a new --state.")
     listing = classify(objects, previous, rescore_all=reason is not None, model_sha256=sha, crop_mode=crop)
     if continuing is not None:
         print(f"piqa audit: continuing unfinished run {continuing['run_id']} on a new listing",
@@ -263,7 +258,7 @@ def _version(table: pa.Table) -> pa.Array:
 def merge_state(plan: Plan, previous: pa.Table, scored: pa.Table, keep_deleted_days: float) -> tuple[pa.Table,
                                                                                                       dict[str, int]]:
     """The new state: scored rows, carried unchanged rows, restored rows, and deleted objects marked (not
-    dropped). ``previous`` holds one row per object (``one_row_per_object``)."""
+    dropped). ``previous`` is a state as ``load_state`` reads it (``normalise``d)."""
     listed, unscored = plan.listing["uri"], plan.listing.filter(pc.invert(plan.listing["to_score"]))
     restored = pc.equal(unscored["action"], "restored")
     n = scored.num_rows
@@ -274,8 +269,6 @@ def merge_state(plan: Plan, previous: pa.Table, scored: pa.Table, keep_deleted_d
     carried = alive.filter(pc.is_in(alive["uri"], value_set=unscored.filter(pc.invert(restored))["uri"]))
     back = previous.filter(pc.and_(pc.fill_null(previous["deleted"], False),
                                    pc.is_in(previous["uri"], value_set=unscored.filter(restored)["uri"])))
-    back = back.set_column(back.schema.get_field_index("crop_mode"), "crop_mode",  # older code's: five
-                           pc.fill_null(back["crop_mode"], LEGACY_CROP_MODE))
     back = back.set_column(back.schema.get_field_index("deleted"), "deleted",
                            pa.array([False] * back.num_rows, pa.bool_()))
     back = back.set_column(back.schema.get_field_index("deleted_at"), "deleted_at",

@@ -86,6 +86,12 @@ def read_pointer(state: str, s3: S3Options) -> dict[str, Any] | None:
     return pointer
 
 
+# A pointer written before the crop mode was recorded lacks it. Its rows say theirs; with none to ask,
+# assume "five", the default then (of --crop-mode and of every preset's config). Rows that older code
+# wrote without one were scored so too.
+LEGACY_CROP_MODE = "five"
+
+
 def one_row_per_object(state: pa.Table) -> pa.Table:
     """Each object's row: its last live row, else its first deleted one. A state merged by hand or
     written by older code may hold several for one URI; every later step assumes one."""
@@ -95,17 +101,24 @@ def one_row_per_object(state: pa.Table) -> pa.Table:
     for i, (uri, gone) in enumerate(zip(state["uri"].to_pylist(), state["deleted"].to_pylist())):
         if uri not in chosen or not gone:
             chosen[uri] = i
-    print(f"piqa audit: the state holds {state.num_rows - len(chosen)} extra row(s) for objects listed more "
-          "than once; each object keeps one (a live row over a deleted one)", file=sys.stderr)
+    print(f"piqa audit: the state holds {state.num_rows - len(chosen)} extra row(s) for URIs it already holds; "
+          "each object keeps one (its last live row, else its first deleted one)", file=sys.stderr)
     return state.take(sorted(chosen.values()))
 
 
+def normalise(state: pa.Table) -> pa.Table:
+    """A state as the audit's planning and merging take it: one row per object, each with its crop mode."""
+    state = one_row_per_object(state)
+    return state.set_column(state.schema.get_field_index("crop_mode"), "crop_mode",
+                            pc.fill_null(state["crop_mode"], LEGACY_CROP_MODE))
+
+
 def load_state(state: str, s3: S3Options) -> tuple[dict[str, Any] | None, pa.Table]:
-    """The CURRENT pointer (None before the first run) and the state table it points to, one row per object."""
+    """The CURRENT pointer (None before the first run) and the state table it points to, normalised."""
     pointer = read_pointer(state, s3)
     if pointer is None:
         return None, STATE_SCHEMA.empty_table()
-    return pointer, one_row_per_object(read_parquet(join(state, pointer["state"]), s3, STATE_SCHEMA))
+    return pointer, normalise(read_parquet(join(state, pointer["state"]), s3, STATE_SCHEMA))
 
 
 def read_marker(state: str, s3: S3Options) -> dict[str, Any] | None:

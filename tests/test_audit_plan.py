@@ -3,6 +3,7 @@ merges, and when an unfinished run is continued."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from datetime import datetime, timedelta, timezone
@@ -61,12 +62,12 @@ def test_a_retried_row_is_replaced_and_counted() -> None:
 
 def test_a_deleted_row_comes_back_only_for_the_same_version_and_model() -> None:
     gone = {"deleted": True, "deleted_at": T0 - timedelta(days=2), "model_sha256": SHA, "audit_run_id": "r1"}
-    prev = state_table([row("same", score=2.0, **gone), row("edited", score=2.0, **gone),
+    prev = audit_state.normalise(state_table([row("same", score=2.0, **gone), row("edited", score=2.0, **gone),
                         row("bad", error_code="not_an_image", **gone), row("flaky", error_code="read_failed", **gone),
                         row("other-model", score=2.0, **{**gone, "model_sha256": "b" * 64}),
                         row("other-crop", score=2.0, **{**gone, "crop_mode": "center"}),
-                        row("legacy", score=2.0, **{**gone, "crop_mode": None}),  # older code: five-crop
-                        row("live", score=1.0, **{**gone, "deleted": False, "deleted_at": None})])
+                        row("legacy", score=2.0, **{**gone, "crop_mode": None}),  # older code's: five-crop
+                        row("live", score=1.0, **{**gone, "deleted": False, "deleted_at": None})]))
     listing = [ObjectInfo(u, 10, "e2" if u == "edited" else "e1")
                for u in ("same", "edited", "bad", "flaky", "other-model", "other-crop", "legacy", "live")]
     plan = audit.classify(listing, prev, False, model_sha256=SHA, crop_mode="five")
@@ -85,7 +86,7 @@ def test_a_deleted_row_comes_back_only_for_the_same_version_and_model() -> None:
     got = {r["uri"]: r for r in state.to_pylist()}
     assert len(state) == 8 and not any(r["deleted"] or r["deleted_at"] for r in got.values())
     assert (got["same"]["score"], got["same"]["audit_run_id"], got["bad"]["error_code"]) == (2.0, "r1", "not_an_image")
-    assert got["legacy"]["crop_mode"] == "five"  # as the state's pointer and metadata say
+    assert got["legacy"]["crop_mode"] == "five"
     assert (counts["restored"], counts["carried"], counts["deleted"], counts["scored"]) == (3, 4, 0, 4)
 
 
@@ -93,25 +94,27 @@ def test_one_row_per_object_prefers_the_last_live_row_then_the_first_deleted_one
                                                                                  capsys: pytest.CaptureFixture) -> None:
     old = {"deleted": True, "deleted_at": T0 - timedelta(days=1)}
     prev = state_table([row("a", score=9.0, **old), row("a", score=1.0), row("b", score=2.0), row("b", score=3.0),
-                        row("c", score=4.0, **old), row("c", score=5.0, **old), row("d", score=6.0)])
-    one_each = prev.slice(5)
+                        row("c", score=4.0, **old), row("c", score=5.0, **old), row("e", score=7.0, deleted=None),
+                        row("e", score=8.0, **old), row("d", score=6.0, crop_mode=None)])
+    one_each = prev.slice(7)
     assert audit_state.one_row_per_object(one_each) is one_each and not capsys.readouterr().err
     assert ([(r["uri"], r["score"]) for r in audit_state.one_row_per_object(prev).to_pylist()]
-            == [("a", 1.0), ("b", 3.0), ("c", 4.0), ("d", 6.0)])
-    assert "the state holds 3 extra row(s)" in capsys.readouterr().err
+            == [("a", 1.0), ("b", 3.0), ("c", 4.0), ("e", 7.0), ("d", 6.0)])  # e: null is live, as live() says
+    assert "the state holds 4 extra row(s)" in capsys.readouterr().err
     state = tmp_path / "state"
     audit_state.write_parquet(str(state / "s.parquet"), prev, S3Options())
     audit_state.write_json(str(state / "CURRENT"), {"run_id": "r1", "library": "/lib", "model_sha256": SHA,
                                                     "model_id": "tiny", "state": "s.parquet"}, S3Options())
-    assert audit_state.load_state(str(state), S3Options())[1].num_rows == 4
+    loaded = audit_state.load_state(str(state), S3Options())[1]
+    assert loaded.num_rows == 5 and loaded["crop_mode"].to_pylist() == ["five"] * 5  # d: older code's, five-crop
 
 
-def test_an_object_with_a_live_and_a_deleted_row_keeps_one_across_nights() -> None:
+@pytest.mark.parametrize("live_first", [True, False])
+def test_an_object_with_a_live_and_a_deleted_row_keeps_one_across_nights(live_first: bool) -> None:
     """Gone one night, back the next: with both rows kept, it came back as two live rows."""
-    prev = audit_state.one_row_per_object(state_table([
-        row("a", score=1.0, model_sha256=SHA, audit_run_id="r1"),
-        row("a", score=9.0, model_sha256=SHA, audit_run_id="r0", deleted=True, deleted_at=T0 - timedelta(days=1))]))
-    state = prev
+    rows = [row("a", score=1.0, model_sha256=SHA, audit_run_id="r1"),
+            row("a", score=9.0, model_sha256=SHA, audit_run_id="r0", deleted=True, deleted_at=T0 - timedelta(days=1))]
+    state = audit_state.normalise(state_table(rows if live_first else rows[::-1]))
     for night, listing in enumerate(([], [ObjectInfo("a", 10, "e1")]), start=2):
         plan = audit.classify(listing, state, False, model_sha256=SHA, crop_mode="five")
         state, _ = audit.merge_state(audit.Plan(f"r{night}", T0 + timedelta(days=night), "/lib", SHA, "tiny",
@@ -158,8 +161,8 @@ def test_a_crop_mode_change_rescores_everything(tmp_path: Path, recorded: str | 
     assert (marker["crop_mode"], marker["rescored_all_reason"]) == (crop, reason)
 
 
-def test_a_cached_copy_of_another_model_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    """The source unreadable, the node's copy older: re-scoring the library with it would be a regression."""
+def test_a_cached_copy_of_another_model_is_refused(tmp_path: Path) -> None:
+    """The source unreadable, the node's copy another model: re-scoring the library with it would be a regression."""
     job, previous = planning(tmp_path, ("five", "five"))
     cached = {"sha256": SHA, "model_id": "tiny", "crop_mode": "five", "cached_copy": "/cache/piqa/0123"}
     plan = audit.plan_run(job, cached, pointer(job, "five"), previous)  # the model the last audit used: fine
@@ -167,10 +170,30 @@ def test_a_cached_copy_of_another_model_is_refused(tmp_path: Path, capsys: pytes
     with pytest.raises(audit.AuditRefused, match=r"cached copy \(/cache/piqa/0123, sha256 bbbbbbbbbbbb\) is not the "
                                                  r"model the last audit used \(sha256 aaaaaaaaaaaa\)"):
         audit.plan_run(job, {**cached, "sha256": "b" * 64}, pointer(job, "five"), previous)
-    # refused before the unfinished run is looked at: it is neither abandoned nor replaced
-    assert read_json(join(job.state, "IN_PROGRESS"))["run_id"] == plan.run_id and "abandon" not in capsys.readouterr().err
     assert audit.plan_run(job, {**cached, "sha256": "b" * 64, "cached_copy": None}, pointer(job, "five"),
                           previous).rescored_all_reason.startswith("model changed")  # read from the source: re-score
+
+
+@pytest.mark.parametrize("refusal", ["cached copy", "belongs to library", "lists no images"])
+def test_a_refused_run_leaves_the_unfinished_run_alone(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                        refusal: str) -> None:
+    """Refused before IN_PROGRESS is looked at: the unfinished run is neither abandoned nor replaced."""
+    job, previous = planning(tmp_path, ("five", "five"))
+    five = {"sha256": SHA, "model_id": "tiny", "crop_mode": "five"}
+    last = pointer(job, "five")
+    unfinished = audit.plan_run(job, five, last, previous)
+    other = {**five, "sha256": "b" * 64}  # a marker of another model would be abandoned, were it looked at
+    if refusal == "cached copy":
+        other["cached_copy"] = "/cache/piqa/0123"
+    elif refusal == "belongs to library":
+        job = dataclasses.replace(job, library=str(tmp_path / "other"))
+    else:
+        for p in (tmp_path / "lib").iterdir():
+            p.unlink()
+    with pytest.raises(audit.AuditRefused, match=refusal):
+        audit.plan_run(job, other, last, previous)
+    assert read_json(join(job.state, "IN_PROGRESS"))["run_id"] == unfinished.run_id
+    assert "abandon" not in capsys.readouterr().err
 
 
 def test_an_unfinished_run_continues_only_under_the_same_crop_mode(tmp_path: Path,
