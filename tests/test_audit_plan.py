@@ -129,8 +129,8 @@ def planning(tmp_path: Path, modes: tuple[str | None, ...]) -> tuple[AuditJob, p
     lib = tmp_path / "lib"
     for i in range(len(modes)):
         write_bytes(str(lib / f"p{i}.jpg"), b"x" * (i + 1))
-    previous = state_table([{**row(o.uri, o.etag_or_mtime, bytes=o.size), "crop_mode": m}
-                            for o, m in zip(list_images(str(lib)), modes)])
+    previous = audit_state.normalise(state_table([{**row(o.uri, o.etag_or_mtime, bytes=o.size), "crop_mode": m}
+                                                  for o, m in zip(list_images(str(lib)), modes)]))  # as loaded
     return AuditJob(library=str(lib), state=str(tmp_path / "state"), model=TINY), previous
 
 
@@ -147,6 +147,7 @@ def pointer(job: AuditJob, crop_mode: str | None) -> dict:
     (None, ("center", "center"), "five", "center"),
     (None, ("five", "center"), "five", "center+five"),  # mixed already: re-score to one protocol
     (None, (None, None), "five", None), (None, (None, None), "center", "five"),
+    (None, (None, "center"), "center", "center+five"),  # older code's rows were five-crop
 ])
 def test_a_crop_mode_change_rescores_everything(tmp_path: Path, recorded: str | None, modes: tuple,
                                                 crop: str, old: str | None) -> None:
