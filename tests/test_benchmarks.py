@@ -24,8 +24,8 @@ def test_gpu_check_dry_run_prints_every_stage(tmp_path):
     assert "Agreement with the fp32 reference over 6 graded photos" in out.stdout
     assert "the target (SRCC >= 0.999" in out.stdout, out.stdout  # real weights get a verdict
     for stage in ("decode (PIL", "RetinaFace fp32", "RetinaFace network alone", "model five-crop fp32",
-                  "model center-crop bf16", "SRCC", "five: 1 prep threads + actor", "five: cpu prep in actor, 1 call(s)",
-                  "center: cpu prep in actor", "center-crop / best five-crop",
+                  "model center-crop bf16", "SRCC", "five: 1 prep threads + actor",
+                  "five: cpu prep in actor, 1 call(s)", "center: cpu prep in actor", "center-crop / best five-crop",
                   "JPEG decode on cpu alone", "official-style loop",
                   "gpu_check: done"):
         assert stage in out.stdout, stage
