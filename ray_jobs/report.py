@@ -252,6 +252,9 @@ def render_html(s: dict[str, Any]) -> str:
                                    ["model", f"{s['model']['model_id']} (sha256 {s['model']['sha256'][:12]})"],
                                    ["started", s.get("started_at")], ["finished", s["finished_at"]],
                                    ["resumed an interrupted run", s.get("resumed", False)]]))
+    if s["model"].get("cached_copy"):
+        parts.append(f'<div class="warn">The model source could not be read: scored with the copy cached in '
+                     f'{html.escape(s["model"]["cached_copy"])} (the sha256 above).</div>')
     if s["rescored_all_reason"]:
         parts.append(f'<div class="warn">{html.escape(s["rescored_all_reason"])}</div>')
     parts += [f'<div class="alert">ALERT: {html.escape(a["message"])}</div>' for a in s["alerts"]]
@@ -291,7 +294,7 @@ def write_report(inp: ReportInput) -> dict[str, Any]:
     s: dict[str, Any] = {
         "run_id": inp.run_id, "previous_run_id": inp.previous_run_id, "library": inp.library,
         "model": {k: inp.model.get(k) for k in ("model_id", "sha256", "preset", "crop_mode", "random_init",
-                                                   "random_parts")},
+                                                   "random_parts", "cached_copy")},
         "random_weights": random, "random_weights_note": RANDOM_NOTE if random else None,
         "rescored_all_reason": inp.rescored_all_reason, "counts": dict(inp.counts),
         "tonight": tonight, "previous": previous, "scored_this_run": score_stats(inp.scored),

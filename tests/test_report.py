@@ -160,6 +160,13 @@ def test_no_banner_for_real_weights(synthetic: dict) -> None:
     assert "trained with random RetinaFace weights" in render_html(s) and RANDOM_NOTE not in render_html(s)
 
 
+def test_a_run_from_a_cached_model_copy_says_so(synthetic: dict) -> None:
+    assert synthetic["summary"]["model"]["cached_copy"] is None and "could not be read" not in render_html(
+        synthetic["summary"])
+    s = {**synthetic["summary"], "model": {**synthetic["summary"]["model"], "cached_copy": "/cache/piqa/<0123>"}}
+    assert "scored with the copy cached in /cache/piqa/&lt;0123&gt;" in render_html(s)
+
+
 def test_empty_library_first_run(tmp_path: Path) -> None:
     """Nothing to score and nothing before: the report still renders, with no numbers to compare."""
     empty = state_table([])
