@@ -32,9 +32,9 @@ from .summary import random_parts_note  # noqa: E402
 
 RANDOM_NOTE = "scores from random weights are not quality judgements"
 QUANTILES = {"p10": 0.1, "p25": 0.25, "p50": 0.5, "p75": 0.75, "p90": 0.9}
-COUNT_KEYS = ("new", "changed", "retry", "unchanged", "restored", "deleted")
 COUNT_COLOURS = {"new": "#2ca02c", "changed": "#ff7f0e", "retry": "#9467bd", "unchanged": "#9bbbd4",
                  "restored": "#17becf", "deleted": "#d62728"}
+COUNT_KEYS = tuple(COUNT_COLOURS)  # the counts table's and plot's order
 
 
 @dataclass
