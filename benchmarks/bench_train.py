@@ -29,8 +29,8 @@ from skimage import data as skdata  # noqa: E402
 
 from piqa_core.checkpoints import build_bundle  # noqa: E402
 from piqa_core.config import get_preset  # noqa: E402
-from piqa_core.training import (FeatureCache, crop_rngs, fill_cache, make_optimizer, pair_loss,  # noqa: E402
-                                predict, prefetch, prepare_items)
+from piqa_core.features import FeatureCache, fill_cache, prepare_items  # noqa: E402
+from piqa_core.training import crop_rngs, make_optimizer, pair_loss, predict, prefetch  # noqa: E402
 
 
 def images(n: int, long_side: int) -> list[bytes]:

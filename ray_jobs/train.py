@@ -30,7 +30,8 @@ import numpy as np
 import ray
 
 from piqa_core.metrics import MIN_GROUP
-from piqa_core.training import format_val_srcc, image_key, rank_batch
+from piqa_core.features import image_key
+from piqa_core.training import format_val_srcc, rank_batch
 
 from .labels import LabelError, LabelTable, load_labels, load_pairs
 from .score import ray_session

@@ -20,10 +20,10 @@ import torch
 
 from piqa_core.checkpoints import load_checkpoint, save_checkpoint
 from piqa_core.faces import for_inference
-from piqa_core.training import (FeatureCache, all_gather, batch_failures, check_loss, crop_rngs, epoch_pairs,
-                                fingerprint, format_val_srcc, init_bundle, make_optimizer, object_group, pair_loss,
-                                predict, prefetch, prepare_items, rank_batch, seed_torch, shard, train_metrics,
-                                val_metrics)
+from piqa_core.features import FeatureCache, fingerprint, prepare_items
+from piqa_core.training import (all_gather, batch_failures, check_loss, crop_rngs, epoch_pairs, format_val_srcc,
+                                init_bundle, make_optimizer, object_group, pair_loss, predict, prefetch, rank_batch,
+                                seed_torch, shard, train_metrics, val_metrics)
 
 from .actors import weights_dir
 from .reader import DEFAULT_MAX_BYTES, fetch_all

@@ -33,7 +33,8 @@ from skimage import data as skdata
 
 from piqa_core.checkpoints import build_bundle, load_checkpoint, save_checkpoint
 from piqa_core.config import get_preset
-from piqa_core.training import FeatureCache, epoch_pairs, format_val_srcc, init_bundle, train_metrics
+from piqa_core.features import FeatureCache
+from piqa_core.training import epoch_pairs, format_val_srcc, init_bundle, train_metrics
 from ray_jobs.actors import weights_dir
 from ray_jobs.cli import main
 from ray_jobs.listing import list_images

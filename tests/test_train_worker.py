@@ -23,7 +23,7 @@ from PIL import Image
 
 import ray_jobs.train_worker as tw
 from piqa_core.config import get_preset
-from piqa_core.training import FeatureCache
+from piqa_core.features import FeatureCache
 from ray_jobs.train import TrainJob, prepare_data
 
 
