@@ -13,7 +13,7 @@ import dataclasses
 import hashlib
 import io
 import json
-from typing import Any, Sequence
+from typing import Any, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -40,6 +40,15 @@ class KnownFaces:
 def image_key(uri: str, size: int, version: str) -> str:
     """The cache key of one upload of an image: its uri, size in bytes and ETag (or local mtime)."""
     return json.dumps([uri, int(size), version])
+
+
+def _uri_of(key: str) -> str | None:
+    """The uri of an :func:`image_key`; None for anything else (the bare uris of older cache files)."""
+    try:
+        parts = json.loads(key)
+    except ValueError:
+        return None
+    return parts[0] if isinstance(parts, list) and len(parts) == 3 and isinstance(parts[0], str) else None
 
 
 class FeatureCache:
@@ -85,6 +94,19 @@ class FeatureCache:
     def read_npz(data: bytes) -> dict[str, np.ndarray]:
         with np.load(io.BytesIO(data), allow_pickle=False) as z:
             return {k: z[k] for k in z.files if k != "fingerprint"}
+
+    def drop_stale(self, keys: Iterable[str]) -> int:
+        """Drop the entries no run can hit; how many went.
+
+        Those are earlier uploads of the images ``keys`` name (same uri, another size or version) and
+        bare-uri keys of older files. Entries of other images stay: runs on other labels share the file.
+        """
+        current = set(keys)
+        uris = {_uri_of(k) for k in current}
+        stale = [k for k in self.faces if k not in current and (_uri_of(k) is None or _uri_of(k) in uris)]
+        for k in stale:
+            del self.faces[k], self.aux[k]
+        return len(stale)
 
     def add_columns(self, cols: dict[str, np.ndarray]) -> None:
         for i, uri in enumerate(cols["uri"]):

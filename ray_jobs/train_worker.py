@@ -73,22 +73,26 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         sched.load_state_dict(state["scheduler"])
         start = int(state["epoch"]) + 1
 
-    cache, loaded = FeatureCache(fingerprint(bundle)), 0
+    cache, loaded, dropped = FeatureCache(fingerprint(bundle)), 0, 0
     cache_uri = join(job.cache, f"features-{cache.fingerprint}.npz") if job.cache else None
+    keys = [*data["keys"]["train"], *data["keys"]["val"]]
     if cache_uri and exists(cache_uri, job.s3):
         cache.add_columns(FeatureCache.read_npz(read_bytes(cache_uri, job.s3)))
+        dropped = cache.drop_stale(keys)
         loaded = len(cache)
-        log(f"feature cache: {len(cache)} images from {cache_uri}")
+        log(f"feature cache: {len(cache)} images from {cache_uri}"
+            + (f" ({dropped} stale entries dropped: earlier uploads of this run's images)" if dropped else ""))
     group = object_group(world)
     env = dict(job=job, cfg=cfg, detector=detector, liqe=liqe, cache=cache, device=device, marker=config["marker"],
                log=log)
-    unsaved = False  # rank 0: the cache has features its file lacks (a write failed): try again next time
+    # rank 0: the file differs from the cache (a write failed, or stale entries went): write it next time
+    unsaved = dropped > 0
     if checkpoint is None and job.eval_before and start < job.epochs:
         before = set(cache.faces)
         val = _predict_val(bundle.model, data["val"], data["keys"]["val"], rank, world, bf16, group,
                            stage="before training: validation", **env)
         if _gather_cache(cache, before, rank, world, group):
-            unsaved = not _save_cache(cache, cache_uri, job.s3, rank, log)
+            unsaved = not _save_cache(cache, cache_uri, keys, job.s3, rank, log)
         if rank == 0:
             record["before"] = val_metrics(val[0], *data["val"][1:], val[1])
             log(f"before training: val SRCC {format_val_srcc(record['before'])}")
@@ -122,7 +126,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         # Rank 0 alone, after the report (a barrier every rank enters), so a failed write costs no checkpoint;
         # the other ranks wait for it in the next epoch's first all-reduce, as they did in the gather before.
         if grew or unsaved:
-            unsaved = not _save_cache(cache, cache_uri, job.s3, rank, log)
+            unsaved = not _save_cache(cache, cache_uri, keys, job.s3, rank, log)
 
 
 def _logger(run_name: str, rank: int) -> Callable[[str], None]:
@@ -281,8 +285,13 @@ def _gather_cache(cache: FeatureCache, before: set[str], rank: int, world: int, 
     return bool(sum(len(p["uri"]) for p in parts))
 
 
-def _save_cache(cache: FeatureCache, uri: str | None, s3: S3Options, rank: int, log: Callable[[str], None]) -> bool:
-    """Rank 0 writes the cache file; False (and a warning) when that failed: the file only saves work later."""
+def _save_cache(cache: FeatureCache, uri: str | None, keys: Iterable[str], s3: S3Options, rank: int,
+                log: Callable[[str], None]) -> bool:
+    """Rank 0 writes the cache file; False (and a warning) when that failed: the file only saves work later.
+
+    ``keys`` are the run's images: earlier uploads of them are dropped, so the file does not grow with
+    every upload of a photo.
+    """
     if not uri or rank != 0:
         return True
     try:
@@ -290,6 +299,7 @@ def _save_cache(cache: FeatureCache, uri: str | None, s3: S3Options, rank: int, 
             theirs = FeatureCache.read_npz(read_bytes(uri, s3))
             new = np.array([u not in cache for u in theirs["uri"]], bool)
             cache.add_columns({k: v[new] for k, v in theirs.items()})
+        cache.drop_stale(keys)
         atomic_write_bytes(uri, cache.to_npz(), s3)  # a crash mid-write must not leave a cache later runs load
     except Exception as e:  # noqa: BLE001 - disk full, PUT denied, a damaged file: the features are recomputed
         log(f"warning: feature cache {uri} not written ({type(e).__name__}: {e}); training goes on, and the "

@@ -33,7 +33,7 @@ from skimage import data as skdata
 
 from piqa_core.checkpoints import build_bundle, load_checkpoint, save_checkpoint
 from piqa_core.config import get_preset
-from piqa_core.features import FeatureCache
+from piqa_core.features import FeatureCache, image_key
 from piqa_core.training import epoch_pairs, format_val_srcc, init_bundle, train_metrics
 from ray_jobs.actors import weights_dir
 from ray_jobs.cli import main
@@ -335,15 +335,33 @@ def test_runs_sharing_a_feature_cache_keep_each_others_images(tmp_path: Path) ->
     from piqa_core.faces import FaceResult
 
     uri = str(tmp_path / "features-fp.npz")
+    a, b = image_key("s3://b/a.jpg", 10, '"e1"'), image_key("s3://b/b.jpg", 20, '"e2"')
     first, second = FeatureCache("fp"), FeatureCache("fp")  # two runs that started from the same (empty) file
-    first.put("a.jpg", FaceResult((1.0, 2.0, 30.5, 40.25), 0.9, 1), np.full(3, 0.5, np.float32))
-    second.put("b.jpg", FaceResult(None, 0.0, 0), np.zeros(3, np.float32))
-    assert _save_cache(first, uri, S3Options(), 0, print)
-    assert _save_cache(second, uri, S3Options(), 0, print)  # the last writer used to drop a.jpg
+    first.put(a, FaceResult((1.0, 2.0, 30.5, 40.25), 0.9, 1), np.full(3, 0.5, np.float32))
+    second.put(b, FaceResult(None, 0.0, 0), np.zeros(3, np.float32))
+    assert _save_cache(first, uri, [a], S3Options(), 0, print)
+    assert _save_cache(second, uri, [b], S3Options(), 0, print)  # the last writer used to drop a.jpg
     back = FeatureCache("fp")
     back.add_columns(FeatureCache.read_npz(Path(uri).read_bytes()))
-    assert sorted(back.faces) == ["a.jpg", "b.jpg"] and back.faces["a.jpg"].box == (1.0, 2.0, 30.5, 40.25)
-    assert back.aux["a.jpg"].tolist() == [0.5] * 3 and back.faces["b.jpg"].box is None
+    assert sorted(back.faces) == [a, b] and back.faces[a].box == (1.0, 2.0, 30.5, 40.25)
+    assert back.aux[a].tolist() == [0.5] * 3 and back.faces[b].box is None
+
+
+def test_a_cache_write_drops_earlier_uploads_of_the_runs_images(tmp_path: Path) -> None:
+    from piqa_core.faces import FaceResult
+
+    uri, face = str(tmp_path / "features-fp.npz"), FaceResult(None, 0.0, 0)
+    old, new = image_key("s3://b/a.jpg", 10, '"e1"'), image_key("s3://b/a.jpg", 12, '"e2"')
+    other = image_key("s3://b/c.jpg", 30, '"e3"')  # another run's image: kept for it
+    theirs = FeatureCache("fp")
+    for key in (old, other, "s3://b/a.jpg"):  # the bare uri: a key of older files, which nothing matches
+        theirs.put(key, face, np.zeros(3, np.float32))
+    assert _save_cache(theirs, uri, [old, other], S3Options(), 0, print)
+    ours = FeatureCache("fp")
+    ours.put(new, face, np.ones(3, np.float32))
+    assert _save_cache(ours, uri, [new], S3Options(), 0, print)
+    assert sorted(FeatureCache.read_npz(Path(uri).read_bytes())["uri"]) == sorted([new, other])
+    assert sorted(ours.faces) == sorted([new, other])
 
 
 def _photos(root: Path, broken: int | None = None) -> Path:

@@ -7,6 +7,7 @@ write that fails (the epoch's checkpoint comes first; the write is best effort),
 from __future__ import annotations
 
 import io
+import json
 import os
 import time
 from pathlib import Path
@@ -114,9 +115,10 @@ class _Ray:
         self.events.append(("report", metrics["epoch"], files))
 
 
-def _run(tmp_path: Path, monkeypatch, fail_write: bool, **kw: Any) -> tuple[list, TrainJob]:
-    """The worker loop, rank 0 of 1; events: reports and cache writes, in order."""
-    job = _job(tmp_path, cache=str(tmp_path / "cache"), **kw)
+def _run(tmp_path: Path, monkeypatch, fail_write: bool, job: TrainJob | None = None,
+         **kw: Any) -> tuple[list, TrainJob]:
+    """The worker loop, rank 0 of 1 (``job`` again: the same photos); events: reports and cache writes, in order."""
+    job = job or _job(tmp_path, cache=str(tmp_path / "cache"), **kw)
     _, data = prepare_data(job)
     events: list = []
     _Ray(monkeypatch, events)
@@ -151,6 +153,32 @@ def test_the_cache_is_written_after_the_epochs_report(tmp_path: Path, monkeypatc
     assert [e[0] for e in events] == ["report", "write", "report"]  # epoch 2: nothing new, nothing written
     back = FeatureCache.read_npz((tmp_path / "cache" / events[1][1]).read_bytes())
     assert len(back["uri"]) == 6 and "feature cache" not in capsys.readouterr().out
+
+
+def test_a_run_drops_stale_cache_entries_of_its_images(tmp_path: Path, monkeypatch, capsys) -> None:
+    events, job = _run(tmp_path, monkeypatch, fail_write=False)
+    path = tmp_path / "cache" / events[1][1]
+    cols = FeatureCache.read_npz(path.read_bytes())
+    current = sorted(cols["uri"])
+    uri, size, version = json.loads(current[0])
+    stale = [json.dumps([uri, size + 1, version]), uri]  # an earlier upload of a photo, a bare-uri key
+    kept = json.dumps(["/elsewhere/x.jpg", 1, "1.0"])  # another run's image
+    cols = {k: np.concatenate([v, v[:3]]) for k, v in cols.items()}
+    cols["uri"] = np.array([*cols["uri"][:-3], *stale, kept])
+    path.write_bytes(_npz(cols))
+    capsys.readouterr()
+    events, _ = _run(tmp_path, monkeypatch, fail_write=False, job=job)
+    # Every feature came from the file, so only the dropped entries make this write.
+    assert [e[0] for e in events] == ["report", "write"]
+    assert sorted(FeatureCache.read_npz(path.read_bytes())["uri"]) == sorted([*current, kept])
+    out = capsys.readouterr().out
+    assert f"feature cache: 7 images from {path} (2 stale entries dropped: earlier uploads" in out
+
+
+def _npz(cols: dict) -> bytes:
+    buf = io.BytesIO()
+    np.savez(buf, fingerprint=np.array("fp"), **{k: v.astype(str) if k == "uri" else v for k, v in cols.items()})
+    return buf.getvalue()
 
 
 def test_every_rank_enters_the_same_collectives_when_the_cache_write_fails(tmp_path: Path, monkeypatch) -> None:

@@ -89,6 +89,17 @@ def test_an_upload_under_a_known_uri_misses_the_cache() -> None:
     assert det.seen == 3 and back.faces[new_key].box == (0.0, 0.0, 160.0, 120.0)
 
 
+def test_drop_stale_keeps_other_images_and_the_current_upload() -> None:
+    cache, face = FeatureCache("fp"), FaceResult(None, 0.0, 0)
+    old, new = image_key("s3://b/a.png", 10, '"e1"'), image_key("s3://b/a.png", 10, '"e2"')
+    other, mtime = image_key("s3://b/c.png", 10, '"e1"'), image_key("/data/a.png", 10, "1764000000.0")
+    for key in (old, new, other, mtime, "s3://b/a.png", "7"):
+        cache.put(key, face, None)
+    assert cache.drop_stale([new, mtime]) == 3  # the old upload and the two keys that are no image_key
+    assert sorted(cache.faces) == sorted([new, other, mtime]) and sorted(cache.aux) == sorted(cache.faces)
+    assert cache.drop_stale([new, mtime]) == 0
+
+
 def test_validation_counts_nonfinite_scores_apart_from_failed_images() -> None:
     pred = np.array([0.1, 0.2, 0.3, 0.4, np.nan, np.nan, np.inf])
     loaded = np.array([True, True, True, True, False, True, True])
