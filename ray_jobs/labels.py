@@ -48,6 +48,7 @@ from .storage import S3Options, join, local_path, read_bytes
 SPLITS = ("train", "val", "test")
 PIQ23_REQUIRED = ("IMAGE PATH", "IMAGE", "JOD", "SCENE")
 TABLE_REQUIRED = ("uri", "score", "group")
+_TEXT_COLUMNS = ("IMAGE", "IMAGE second", "IMAGE PATH", "SCENE", "uri", "group", "split")
 PAIR_COLUMNS = ("IMAGE", "IMAGE second")
 _SPLIT_ALIASES = {"training": "train", "validation": "val", "valid": "val", "testing": "test"}
 
@@ -67,7 +68,8 @@ def read_frame(uri: str, s3: S3Options | None = None) -> pd.DataFrame:
     data = read_bytes(uri, s3)
     if uri.lower().endswith(".parquet"):
         return pd.read_parquet(io.BytesIO(data))
-    return pd.read_csv(io.BytesIO(data), encoding="utf-8-sig", dtype={"IMAGE": str, "uri": str})
+    # Names and group codes as written: inferred numbers would make scenes "07" and "7" one group.
+    return pd.read_csv(io.BytesIO(data), encoding="utf-8-sig", dtype=dict.fromkeys(_TEXT_COLUMNS, str))
 
 
 def _require(df: pd.DataFrame, columns: tuple[str, ...], uri: str, fmt: str) -> None:
