@@ -296,7 +296,16 @@ def from_table(uri: str, s3: S3Options | None = None) -> LabelTable:
 def load_labels(labels: str, images: str | None = None, fmt: str = "auto", train_list: str | None = None,
                 test_list: str | None = None, val_fraction: float = 0.2, seed: int = 0,
                 s3: S3Options | None = None, check_images: bool = True) -> LabelTable:
-    """Read labels in either format (``auto`` detects PIQ23 by its columns), add val, check images."""
+    """Read labels in either format (``auto`` detects PIQ23 by its columns), add val, check images.
+
+    A local ``labels`` is taken as one absolute path first (``file:`` URI, ``~``, relative): the
+    uris resolved against its folder, which the validation hold-out hashes, are then the same however
+    it is spelled (``piqa train`` and ``piqa eval --split val`` must agree on the split).
+    """
+    try:
+        labels = local_path(labels) or labels
+    except ValueError as e:  # a mistyped scheme
+        raise LabelError(str(e)) from None
     if fmt == "auto":
         head = read_frame(labels, s3).columns
         fmt = "piq23" if {"IMAGE PATH", "JOD"} <= set(head) else "table"

@@ -76,6 +76,26 @@ def test_a_file_uri_and_a_path_of_one_image_are_a_duplicate(tmp_path: Path) -> N
     assert from_table(str(tmp_path / "t.csv")).uris == [str(img / "c.jpg"), as_uri]
 
 
+def test_a_file_uri_to_the_labels_gives_the_same_uris_and_split(tmp_path: Path, monkeypatch) -> None:
+    """``piqa train`` takes ``--labels file:///…`` as a path and ``piqa eval`` passed it on as written: the
+    uris then kept the scheme, and eval's "val" split was mostly images the model trained on."""
+    (tmp_path / "imgs").mkdir()
+    for i in range(20):
+        (tmp_path / "imgs" / f"{i}.jpg").write_bytes(b"x")
+    pd.DataFrame({"uri": [f"imgs/{i}.jpg" for i in range(20)], "score": range(20), "group": "g"}) \
+        .to_csv(tmp_path / "t.csv", index=False)
+    csv = _piq23(tmp_path / "piq", {"S0": 20})
+    monkeypatch.setenv("HOME", str(tmp_path))
+    for path, home in ((tmp_path / "t.csv", "~/t.csv"), (csv, "~/piq/labels.csv")):
+        want = load_labels(str(path))
+        assert want.uris[0].startswith("/") and (want.frame["split"] == "val").sum() == 4
+        for spelling in (path.as_uri(), home):
+            table = load_labels(spelling)
+            assert table.uris == want.uris and table.frame["split"].tolist() == want.frame["split"].tolist()
+    with pytest.raises(LabelError, match="mistyped s3://"):
+        load_labels("s3:/b/labels.csv")
+
+
 def test_group_codes_are_kept_as_written(tmp_path: Path) -> None:
     """Read as numbers, scenes "07" and "7" (or "1.10" and "1.1") were one group, paired across scenes."""
     codes = ["07", "7", "1.10", "1.1"]
