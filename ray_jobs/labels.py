@@ -234,7 +234,8 @@ class LabelTable:
         for s in SPLITS:
             sub = self.frame[self.frame["split"] == s]
             parts.append(f"{s} {len(sub)} ({sub['group'].nunique()} groups)")
-        return f"{len(self)} labelled images in {self.frame['group'].nunique()} groups: " + ", ".join(parts)
+        unused = f"; {len(self.unused)} more on neither split list (not used)" if self.unused else ""
+        return f"{len(self)} labelled images in {self.frame['group'].nunique()} groups: " + ", ".join(parts) + unused
 
 
 def from_piq23(csv_uri: str, images: str | None = None, train_list: str | None = None,

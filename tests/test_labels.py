@@ -79,6 +79,8 @@ def test_official_split_lists(tmp_path: Path) -> None:
                         test_list=str(tmp_path / "test.txt"), val_fraction=0.2)
     f = table.frame
     assert len(table) == 14  # one S2 image is in neither list: unused
+    assert table.describe() == ("14 labelled images in 3 groups: train 9 (2 groups), val 2 (2 groups), "
+                                "test 3 (1 groups); 1 more on neither split list (not used)")
     assert set(f[f["split"] == "test"]["group"]) == {"S2"} and (f["split"] == "test").sum() == 3
     assert set(f[f["split"] != "test"]["group"]) == {"S0", "S1"} and (f["split"] == "val").sum() == 2
 
