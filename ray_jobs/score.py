@@ -145,14 +145,16 @@ def plan_pools(job: ScoreJob, resources: dict[str, float], cfg: PIQAConfig | Non
             if job.face_device == "cpu":
                 raise PlanError("--face-device cpu does not apply with --prep device on GPUs (the score actors "
                                 "prepare on their GPU, faces included): use --prep actors for CPU detection")
-            return PoolPlan(0, score, per, 1.0)
+            return PoolPlan(0, score, per, _gpu_job_cpus(cpus, score))
         prep = job.prep_actors or max(1, int(cpus - score - 1))
+        unit = _gpu_job_cpus(cpus, prep + score)
         if face != "gpu":
-            return PoolPlan(prep, score, per, 1.0)
+            return PoolPlan(prep, score, per, unit, prep_cpus=unit)
         # Detection on the GPU: prep actors take half of each score actor's share, split evenly,
         # so Ray counts (and places) every CUDA context.
         # Rounded down (Ray counts GPUs in 1e-4 steps): rounding up asked for more than the node has.
-        return PoolPlan(prep, score, per / 2, 1.0, prep_gpus=math.floor(per / 2 * score / prep * 1e4) / 1e4)
+        return PoolPlan(prep, score, per / 2, unit, prep_gpus=math.floor(per / 2 * score / prep * 1e4) / 1e4,
+                        prep_cpus=unit)
     return _cpu_plan(job, cpus, share, prep_pool=place == "actors")
 
 
@@ -173,6 +175,12 @@ def _cpu_plan(job: ScoreJob, cpus: float, share: float, prep_pool: bool) -> Pool
     prep = (job.prep_actors or max(1, n + 1 - score_cores)) if prep_pool else 0
     unit = max(0.05, (cpus - 2 * IO_TASK_CPUS) / (prep + score * threads))  # logical CPUs: all actors must fit
     return PoolPlan(prep, score, 0.0, _floor3(unit * threads), prep_cpus=_floor3(unit), score_threads=threads)
+
+
+def _gpu_job_cpus(cpus: float, actors: int) -> float:
+    """Logical CPUs per actor of a GPU job: one each, less where the actors and the read and write
+    tasks would not all fit (2 CPUs and a GPU; four score actors sharing one GPU on 4 CPUs)."""
+    return min(1.0, max(0.05, _floor3((cpus - 2 * IO_TASK_CPUS) / actors)))
 
 
 def _floor3(x: float) -> float:

@@ -227,6 +227,15 @@ def test_pool_plans():
     for cpus, gpus in ((16.0, 2.0), (5.0, 1.0), (15.0, 1.0), (60.0, 4.0)):  # never more GPU than the cluster has
         face = plan_pools(_job([], "x", face_device="gpu"), {"CPU": cpus, "GPU": gpus})
         assert face.prep_gpus > 0 and face.score_gpus * face.score_actors + face.prep_gpus * face.prep_actors <= gpus
+    # GPU jobs: one logical CPU per actor unless the actors and the IO tasks would not all fit
+    assert (gpu.prep_cpus, gpu.score_cpus, cpu_faces.prep_cpus) == (1.0, 1.0, 1.0)
+    small = plan_pools(_job([], "x"), {"CPU": 2.0, "GPU": 1.0})
+    shared = plan_pools(_job([], "x", gpus_per_score_actor=0.25, face_device="cpu"), {"CPU": 4.0, "GPU": 1.0})
+    device = plan_pools(_job([], "x", prep="device", score_actors=2), {"CPU": 2.0, "GPU": 1.0})
+    assert (small.prep_actors, small.score_actors, shared.prep_actors, shared.score_actors) == (1, 1, 1, 4)
+    assert (small.prep_cpus, shared.score_cpus, device.score_cpus) == (0.9, 0.76, 0.9)
+    for plan, cpus in ((gpu, 16.0), (cpu_faces, 16.0), (small, 2.0), (shared, 4.0), (device, 2.0)):
+        assert plan.prep_actors * plan.prep_cpus + plan.score_actors * plan.score_cpus + 0.2 <= cpus + 1e-6
     wait = plan_pools(_job([], "x", gpu=True, score_actors=4, face_device="cpu"), {"CPU": 8.0})
     assert wait.score_gpus == 1.0 and wait.score_actors == 4
     wait = plan_pools(_job([], "x", gpu=True, score_actors=4), {"CPU": 8.0})  # the autoscaler is asked for 4 GPUs
