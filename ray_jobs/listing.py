@@ -76,13 +76,13 @@ def _printable(path: str) -> str:
 
 
 def _local_info(path: str) -> ObjectInfo:
-    """Size and mtime; ``size=-1`` when the file vanished after the walk saw it (or is a dangling
-    link), so it still gets its row (the read stage records ``not_found``)."""
+    """Size and mtime; ``size=-1`` when the file vanished after the walk saw it, is a dangling link or
+    cannot be stat'ed (a link to itself), so it still gets its row: the read stage records the error."""
     if _printable(path) != path:
         return ObjectInfo(_printable(path), -1, NAME_NOT_UTF8)
     try:
         st = os.stat(path)
-    except (FileNotFoundError, PermissionError):
+    except OSError:
         return ObjectInfo(path, -1, "")
     return ObjectInfo(path, st.st_size, str(st.st_mtime_ns))
 

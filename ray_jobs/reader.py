@@ -7,6 +7,8 @@ cost seconds of CPU per worker.
 from __future__ import annotations
 
 import errno
+import os
+import stat
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Sequence
@@ -16,7 +18,7 @@ import numpy as np
 from piqa_core.errors import ImageError
 
 from .listing import NAME_NOT_UTF8
-from .storage import ObjectInfo, ObjectTooLarge, S3Options, is_dir, read_bytes
+from .storage import ObjectInfo, ObjectTooLarge, S3Options, is_dir, local_path, read_bytes
 
 DEFAULT_MAX_BYTES = 256 * 1024 * 1024
 # Object-store GETs are latency-bound (tens of ms before the first byte on S3): read one at a time,
@@ -32,6 +34,8 @@ def fetch(info: ObjectInfo, s3: S3Options | None, max_bytes: int) -> bytes | Ima
     """The object's bytes, or the error its row will carry."""
     if info.size < 0 and info.etag_or_mtime == NAME_NOT_UTF8:  # the URI is a printable stand-in, not a path
         return ImageError("invalid_name", f"{info.uri}: the file name is not valid UTF-8; rename it to score it")
+    if kind := _special_file(info.uri):
+        return ImageError("read_failed", f"{info.uri} is a {kind}, not a regular file: it is not read")
     try:
         return _read(info, s3, max_bytes)
     except FileNotFoundError:
@@ -65,6 +69,20 @@ def _read(info: ObjectInfo, s3: S3Options | None, max_bytes: int) -> bytes:
                 raise IsADirectoryError(errno.EISDIR, "is a directory", info.uri) from None
             time.sleep(pause)
     return read_bytes(info.uri, s3, max_bytes=max_bytes)
+
+
+_SPECIAL = ((stat.S_ISFIFO, "named pipe (FIFO)"), (stat.S_ISSOCK, "socket"), (stat.S_ISCHR, "character device"),
+            (stat.S_ISBLK, "block device"))
+
+
+def _special_file(uri: str) -> str | None:
+    """What a local path names when it is no file or folder: opening a FIFO would wait for a writer for ever."""
+    try:
+        path = local_path(uri)
+        mode = os.stat(path).st_mode if path is not None else None
+    except (OSError, ValueError):  # missing, unreadable, a mistyped scheme: the read reports it
+        return None
+    return next((kind for test, kind in _SPECIAL if mode is not None and test(mode)), None)
 
 
 def _is_directory(uri: str, s3: S3Options | None) -> bool:

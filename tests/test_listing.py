@@ -72,6 +72,7 @@ def test_a_file_gone_during_the_listing_keeps_its_place(tmp_path, monkeypatch):
     (tmp_path / "a.jpg").write_bytes(b"aa")
     (tmp_path / "b.jpg").write_bytes(b"b")
     (tmp_path / "dangling.jpg").symlink_to(tmp_path / "nowhere.jpg")
+    (tmp_path / "loop.jpg").symlink_to(tmp_path / "loop.jpg")  # stat fails with ELOOP: a row, not a failed job
     real_walk = os.walk
 
     def walk_then_delete(top, *args, **kwargs):  # an ingest deletes b.jpg right after the walk saw it
@@ -81,7 +82,8 @@ def test_a_file_gone_during_the_listing_keeps_its_place(tmp_path, monkeypatch):
 
     monkeypatch.setattr(listing.os, "walk", walk_then_delete)
     infos = listing.list_images(str(tmp_path))
-    assert [(os.path.basename(i.uri), i.size) for i in infos] == [("a.jpg", 2), ("b.jpg", -1), ("dangling.jpg", -1)]
+    assert [(os.path.basename(i.uri), i.size) for i in infos] == [("a.jpg", 2), ("b.jpg", -1), ("dangling.jpg", -1),
+                                                                   ("loop.jpg", -1)]
     assert infos[1].etag_or_mtime == "" and infos[0].etag_or_mtime.isdigit()
 
 

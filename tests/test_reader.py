@@ -157,3 +157,18 @@ def test_a_failed_directory_check_keeps_the_retries(tmp_path, monkeypatch):
     monkeypatch.setattr(reader, "is_dir", fails("AWS Error SLOW_DOWN"))
     got = reader.fetch(info, None, 100)
     assert got.code == "read_failed" and "(3 attempts)" in got.message and pauses == list(reader.RETRY_PAUSES_S)
+
+
+def test_a_named_pipe_among_the_photos_is_an_error_row_not_a_job_that_never_ends(tmp_path):
+    (tmp_path / "ok.jpg").write_bytes(b"ok")
+    os.mkfifo(tmp_path / "pipe.jpg")  # opening it would wait for a writer for ever
+    objects = list_inputs([str(tmp_path)])
+    out: dict = {}
+    t = threading.Thread(target=lambda: out.update(read_objects(_batch(objects), s3=None, max_bytes=50)),
+                         daemon=True)
+    t.start()
+    t.join(10)
+    assert not t.is_alive(), "the read blocked on the FIFO"
+    assert list(out["read_error_code"]) == ["", "read_failed"] and list(out["data"]) == [b"ok", b""]
+    assert out["read_error_message"][1] == f"{tmp_path / 'pipe.jpg'} is a named pipe (FIFO), not a regular file: " \
+                                           "it is not read"
