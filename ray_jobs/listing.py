@@ -357,9 +357,22 @@ def read_manifest(uri: str, s3: S3Options | None = None) -> list[str]:
             resolved = os.path.normpath(os.path.join(os.path.dirname(local_manifest), entry))
         else:
             scheme, key = uri.split("://", 1)
-            key = posixpath.normpath(posixpath.join(posixpath.dirname(key), entry))
-            resolved = f"{scheme}://{key}"
+            resolved = f"{scheme}://{_object_key(key.rsplit('/', 1)[0], entry, uri)}"
         if resolved not in seen:
             seen.add(resolved)
             out.append(resolved)
     return out
+
+
+def _object_key(folder: str, entry: str, manifest: str) -> str:
+    """``entry`` (relative) under ``folder`` (``bucket/prefix``): ``.`` and ``..`` resolved, other segments
+    kept as written, empty ones too (an S3 key may hold ``//``: collapsing it names another object)."""
+    parts = folder.split("/")
+    for segment in entry.split("/"):
+        if segment == "..":
+            if len(parts) == 1:
+                raise ValueError(f"{manifest}: entry {entry!r} climbs above the bucket {parts[0]!r}")
+            parts.pop()
+        elif segment != ".":
+            parts.append(segment)
+    return "/".join(parts)

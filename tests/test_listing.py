@@ -8,7 +8,6 @@ import os
 
 import fsspec.implementations.memory
 import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
@@ -87,35 +86,6 @@ def test_a_file_gone_during_the_listing_keeps_its_place(tmp_path, monkeypatch):
     assert infos[1].etag_or_mtime == "" and infos[0].etag_or_mtime.isdigit()
 
 
-@pytest.mark.parametrize("kind", ["txt", "csv", "csv-noheader", "parquet"])
-def test_manifests(root, kind):
-    base, s3 = root
-    populate(base, s3)
-    a, c = storage.join(base, "a.JPG"), storage.join(base, "sub/c.webp")
-    entries = [a, "sub/c.webp", "./missing.jpg", a, "sub/../b.png"]
-    name = {"csv-noheader": "m.csv"}.get(kind, f"m.{kind}")
-    uri = storage.join(base, name)
-    if kind == "txt":
-        storage.write_text(uri, "# comment\n\n" + "\n".join(entries) + "\n", s3)
-    elif kind == "csv":
-        storage.write_text(uri, "id,uri\n" + "".join(f"{i},{e}\n" for i, e in enumerate(entries)), s3)
-    elif kind == "csv-noheader":
-        storage.write_text(uri, "".join(f"{e},label\n" for e in entries), s3)
-    else:
-        buf = pa.BufferOutputStream()
-        pq.write_table(pa.table({"uri": entries}), buf)
-        storage.write_bytes(uri, buf.getvalue().to_pybytes(), s3)
-
-    uris = listing.read_manifest(uri, s3)
-    missing, b = storage.join(base, "missing.jpg"), storage.join(base, "b.png")
-    assert uris == [a, c, missing, b]
-    infos = listing.stat_objects(uris, s3)
-    assert [(i.uri, i.size) for i in infos] == [(a, 3), (c, 4), (missing, -1), (b, 2)]
-    assert infos[2].etag_or_mtime == "" and infos[0].etag_or_mtime
-    listed = {i.uri: i.etag_or_mtime for i in listing.list_images(base, s3)}
-    assert infos[0].etag_or_mtime == listed[a]  # listing and stat agree (resume keys on it)
-
-
 def test_list_inputs(root):
     base, s3 = root
     populate(base, s3)
@@ -145,16 +115,6 @@ def test_a_non_utf8_file_name_is_listed_printably_and_marked(tmp_path):
     assert got[:2] == [("bad\\xff.jpg", -1, listing.NAME_NOT_UTF8), ("dir\\xfe/in.jpg", -1, listing.NAME_NOT_UTF8)]
     assert got[2][:2] == ("ok.jpg", 2) and got[2][2].isdigit()
     assert pa.array([i.uri for i in infos]).type == pa.string()  # the job's uri column takes them
-
-
-def test_a_bad_manifest_entry_does_not_fail_the_listing(tmp_path):
-    (tmp_path / "a.jpg").write_bytes(b"aaa")
-    manifest = tmp_path / "m.txt"
-    manifest.write_text("a.jpg\nhtps://example.com/x.jpg\nnosuchproto://bucket/y.jpg\nb.jpg\n")
-    infos = listing.list_inputs(str(manifest), manifest=True)
-    assert [(i.uri, i.size) for i in infos] == [
-        (str(tmp_path / "a.jpg"), 3), ("htps://example.com/x.jpg", -1), ("nosuchproto://bucket/y.jpg", -1),
-        (str(tmp_path / "b.jpg"), -1)]
 
 
 def test_an_unreadable_folder_fails_the_listing(tmp_path, monkeypatch):
@@ -191,18 +151,6 @@ def test_symlinked_folders_are_followed_like_symlinked_files_each_once(tmp_path)
     (lib / "sub" / "loop").symlink_to(lib)  # a loop ends where it started
     infos = listing.list_images(str(lib))
     assert [(os.path.relpath(i.uri, lib), i.size) for i in infos] == [("a.jpg", 1), ("f.jpg", 2), ("l1/c.jpg", 2)]
-
-
-def test_a_csv_manifest_row_is_a_header_only_when_it_names_the_uri_column(tmp_path):
-    def entries(text: str) -> list[str]:
-        (tmp_path / "m.csv").write_text(text)
-        return [os.path.relpath(u, tmp_path) for u in listing.read_manifest(str(tmp_path / "m.csv"))]
-
-    assert entries("IMG_0001\nt2/ok.jpg\n") == ["IMG_0001", "t2/ok.jpg"]
-    assert entries("IMG_0001,good\nIMG_0002,bad\n") == ["IMG_0001", "IMG_0002"]
-    assert entries("Path,label\nIMG_0001,good\n") == ["IMG_0001"]
-    assert entries("id,image_path\n7,x.jpg\n8,y.jpg\n") == ["x.jpg", "y.jpg"]
-    assert entries("path,uri\nx.jpg,y.jpg\n") == ["y.jpg"]
 
 
 class _DeniedFS(fsspec.implementations.memory.MemoryFileSystem):
@@ -276,28 +224,6 @@ def test_a_folder_reached_only_through_links_is_listed_once_under_the_first(tmp_
     monkeypatch.setattr(listing.os, "scandir", scandir)
     with pytest.raises(listing.ListingError, match="b_sub/x/deep: Permission denied"):
         listing.list_images(str(lib))
-
-
-def test_an_unreadable_manifest_is_a_value_error_naming_it(tmp_path):
-    cases = {"huge.csv": b'"' + b"x" * 200_000 + b'"\n', "latin1.txt": "caf\xe9.jpg\n".encode("latin-1"),
-             "fake.parquet": b"not parquet"}
-    reasons = {"huge.csv": "not a readable CSV manifest (field larger than field limit",
-               "latin1.txt": "a manifest is UTF-8 text", "fake.parquet": "not a readable Parquet manifest"}
-    for name, data in cases.items():
-        (tmp_path / name).write_bytes(data)
-        with pytest.raises(ValueError) as err:
-            listing.read_manifest(str(tmp_path / name))
-        assert str(err.value).startswith(f"{tmp_path / name}: {reasons[name]}"), err.value
-
-
-def test_a_manifest_with_uris_a_slash_short_is_refused(tmp_path):
-    """Taken as paths relative to the manifest, they would all be not_found rows."""
-    (tmp_path / "m.txt").write_text("s3://b/ok.jpg\ns3:/b/x.jpg\nGS:b/y.jpg\nlocal/s3:/z.jpg\n")
-    with pytest.raises(ValueError, match=r"m.txt: 2 of 4 entries look like URIs a slash short "
-                                         r"\(first: 's3:/b/x.jpg'\); write s3://…$"):
-        listing.read_manifest(str(tmp_path / "m.txt"))
-    (tmp_path / "m.txt").write_text("s3://b/ok.jpg\nlocal/s3:/z.jpg\n")  # a folder named 's3:' is a folder
-    assert listing.read_manifest(str(tmp_path / "m.txt")) == ["s3://b/ok.jpg", str(tmp_path / "local/s3:/z.jpg")]
 
 
 def _encoded(fmt: str) -> bytes:
