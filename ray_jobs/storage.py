@@ -11,6 +11,7 @@ pyarrow does not follow region redirects: set ``AWS_REGION`` outside us-east-1);
 from __future__ import annotations
 
 import errno
+import functools
 import os
 import posixpath
 import re
@@ -119,6 +120,16 @@ def join(uri: str, *parts: str) -> str:
 
 
 def _pyarrow_s3(o: S3Options) -> pafs.S3FileSystem:
+    """One filesystem per process, settings and AWS environment: each new one starts its own credential
+    chain, which on EKS (IRSA), ECS or EC2 is an STS, container or instance-metadata call, so one per
+    object read would be one such call per photo, and throttled at scale."""
+    aws_env = tuple(sorted((k, v) for k, v in os.environ.items() if k.startswith("AWS_")))
+    return _pyarrow_s3_for(tuple(vars(o).items()), aws_env)
+
+
+@functools.lru_cache(maxsize=16)
+def _pyarrow_s3_for(settings: tuple[tuple[str, Any], ...], aws_env: tuple[tuple[str, str], ...]) -> pafs.S3FileSystem:
+    o = S3Options(**dict(settings))
     kw: dict[str, Any] = {}
     if o.endpoint_url:
         u = urlparse(o.endpoint_url if "://" in o.endpoint_url else "https://" + o.endpoint_url)

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import pyarrow.fs as pafs
 import pytest
@@ -109,6 +113,46 @@ def test_resolve_s3_uses_explicit_endpoint(s3_server, s3_bucket, monkeypatch):
     assert [i.size for i in listing.list_images(f"s3://{s3_bucket}/k", keys_only)] == [2]
     monkeypatch.setenv("AWS_ENDPOINT_URL_S3", "https://s3.example:9000")
     assert S3Options.from_env().endpoint_url == "https://s3.example:9000"
+
+
+class _ContainerCredentials(BaseHTTPRequestHandler):
+    """The ECS/EKS container credential endpoint: the AWS chain asks it for keys; each GET is counted."""
+
+    hits: list[str] = []
+
+    def do_GET(self) -> None:  # noqa: N802 - the handler's API
+        self.hits.append(self.path)
+        expires = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() + 3600))
+        body = json.dumps({"AccessKeyId": "testing", "SecretAccessKey": "testing", "Token": "t",
+                           "Expiration": expires}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+def test_reads_share_one_credential_chain(s3_server, s3_bucket, monkeypatch):
+    """A filesystem per read fetched the credentials once per photo (STS on EKS, metadata on EC2)."""
+    server = HTTPServer(("127.0.0.1", 0), _ContainerCredentials)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+            monkeypatch.delenv(var, raising=False)
+        monkeypatch.setenv("AWS_CONFIG_FILE", "/nonexistent")
+        monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent")
+        monkeypatch.setenv("AWS_CONTAINER_CREDENTIALS_FULL_URI", f"http://127.0.0.1:{server.server_port}/creds")
+        chain = S3Options(s3_server.endpoint_url, "us-east-1")  # no keys: the AWS chain finds them
+        for i in range(5):
+            storage.write_bytes(f"s3://{s3_bucket}/{i}.jpg", b"x" * i, s3_server.options)
+        for i in range(5):
+            assert storage.read_bytes(f"s3://{s3_bucket}/{i}.jpg", chain) == b"x" * i
+        assert _ContainerCredentials.hits == ["/creds"]
+    finally:
+        server.shutdown()
 
 
 def test_s3_options_repr_masks_secrets():
