@@ -13,10 +13,11 @@ import tempfile
 import warnings
 from pathlib import Path
 from typing import Callable, Iterator
+from urllib.parse import unquote, urlparse
 
 import torch
 
-from .checkpoints import CONFIG_FILE, WEIGHTS_FILE, CheckpointError, parse_meta
+from .checkpoints import CONFIG_FILE, WEIGHTS_FILE, CheckpointError, _file_sha256, parse_meta
 
 Fetcher = Callable[[str, Path], None]
 Reader = Callable[[str], bytes]
@@ -47,7 +48,8 @@ def resolve_weights(uri: str | os.PathLike, cache_dir: str | os.PathLike | None 
     """
     text = os.fspath(uri)
     if not _is_remote(text):
-        return Path(text.removeprefix("file://")).expanduser()
+        # file:/x, file:///x, file://localhost/x; %-escapes decoded, as every other reader of a file: URI does
+        return Path(unquote(urlparse(text).path) if text.startswith("file:") else text).expanduser()
     dest = _cache_path(text, cache_dir)
     cache = dest.parent
     if sha256 is None:
@@ -78,6 +80,11 @@ def resolve_weights(uri: str | os.PathLike, cache_dir: str | os.PathLike | None 
             if not _cached(tmp, sha256):
                 raise CheckpointError(f"{text} holds other weights than the sha256 {sha256} expected: "
                                       "was it written again during the job? Re-run it")
+            # Checked once here, not only when loading: a cached copy is served as it is from then on.
+            if (got := _file_sha256(tmp / WEIGHTS_FILE)) != sha256:
+                raise CheckpointError(f"{text}: its {WEIGHTS_FILE} (sha256 {got}) is not the one its {CONFIG_FILE} "
+                                      f"names ({sha256}): an upload still in progress, or a damaged copy? Re-run "
+                                      "once the model directory is complete")
             if dest.exists():  # other weights: moved aside first, os.replace cannot overwrite a folder
                 stale = tmp.with_name(f"{dest.name}.stale-{os.getpid()}")
                 os.replace(dest, stale)

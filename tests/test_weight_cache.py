@@ -25,6 +25,9 @@ def _source(tmp_path):
 def test_resolve_weights_local_and_remote(tmp_path):
     assert resolve_weights(str(tmp_path)) == tmp_path
     assert resolve_weights(f"file://{tmp_path}") == tmp_path
+    spaced = tmp_path / "my model"
+    for uri in (f"file:{tmp_path}", f"file://localhost{tmp_path}", spaced.as_uri()):  # as every file: reader
+        assert resolve_weights(uri) == (spaced if "%20" in uri else tmp_path), uri
     save_checkpoint(build_bundle("tiny"), tmp_path / "src")
     fetch, read, calls, reads = _source(tmp_path)
     def get(**kw):
@@ -131,3 +134,21 @@ def test_an_unreachable_source_serves_the_cached_copy_with_a_warning(tmp_path):
     with pytest.warns(UserWarning, match="could not be read .*ConnectionError.*which may be older"):
         assert resolve_weights("s3://b/m", cache_dir=tmp_path / "cache", fetch=fetch, read=offline) == local
     assert load_checkpoint(local).sha256 == sha and len(calls) == 1
+
+
+def test_weights_that_are_not_the_ones_the_config_names_are_not_cached(tmp_path):
+    """A sync uploads config.json before the weights: a job starting in between fetched the new config
+    with the old weights, cached that pair, and every later run loaded it and failed."""
+    old = tmp_path / "old"
+    save_checkpoint(build_bundle("tiny"), old)
+    new_sha = save_checkpoint(build_bundle("tiny", seed=5), tmp_path / "src")
+    fetch, read, calls, _ = _source(tmp_path)
+    (tmp_path / "src" / "model.safetensors").write_bytes((old / "model.safetensors").read_bytes())  # mid-upload
+    cache = tmp_path / "cache"
+    with pytest.raises(CheckpointError, match=rf"s3://b/m: its model.safetensors \(sha256 [0-9a-f]{{64}}\) is not "
+                                               rf"the one its config.json names \({new_sha}\): an upload still"):
+        resolve_weights("s3://b/m", cache_dir=cache, fetch=fetch, read=read)
+    assert [p.name for p in cache.iterdir() if not p.name.endswith(".lock")] == []  # nothing cached, no partial
+    save_checkpoint(build_bundle("tiny", seed=5), tmp_path / "src")  # the upload completes: fetched again
+    assert load_checkpoint(resolve_weights("s3://b/m", cache_dir=cache, fetch=fetch, read=read)).sha256 == new_sha
+    assert len(calls) == 2
