@@ -26,3 +26,12 @@ def open_image(data: bytes) -> Image.Image:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         return Image.open(io.BytesIO(data), formats=_OPEN_FORMATS)
+
+
+# Unambiguous leading bytes of the formats above (BMP's "BM" and PPM's "P6" are too short to tell).
+_SIGNATURES = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a", b"II*\x00", b"MM\x00*")
+
+
+def looks_decodable(data: bytes) -> bool:
+    """Whether ``data`` starts like a file of a format we decode: one that then fails to open is damaged."""
+    return data.startswith(_SIGNATURES) or (data[:4] == b"RIFF" and data[8:12] == b"WEBP")

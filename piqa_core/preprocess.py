@@ -23,7 +23,7 @@ from torchvision.transforms import InterpolationMode
 
 from piqa_core.config import PreprocessConfig
 from piqa_core.errors import ERROR_CODES, ImageError  # noqa: F401  (re-exported)
-from piqa_core.image_formats import DECODABLE_FORMATS, open_image
+from piqa_core.image_formats import DECODABLE_FORMATS, looks_decodable, open_image
 
 
 # Modes whose official `img.convert('RGB')` is faithful (alpha is dropped, as officially).
@@ -69,9 +69,9 @@ def _to_rgb(img: Image.Image, fmt: str | None) -> Image.Image:
 def _finish(img: Image.Image, cfg: PreprocessConfig) -> Image.Image:
     """Header guards, frame 0, full load, RGB conversion for an opened (maybe lazy) image."""
     fmt = img.format
-    _check_header(img.size, img.mode, cfg, fmt)
-    if img.tell() != 0:  # (not n_frames: for GIF that scans every frame)
+    if img.tell() != 0:  # frame 0 is decoded, so it is checked (not n_frames: for GIF that scans every frame)
         img.seek(0)
+    _check_header(img.size, img.mode, cfg, fmt)
     try:
         with warnings.catch_warnings():  # GIF frames re-check PIL's lower limit while loading
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
@@ -97,10 +97,13 @@ def decode_image(data: bytes, cfg: PreprocessConfig) -> Image.Image:
         except Image.DecompressionBombError as e:
             # PIL refuses above 2 * Image.MAX_IMAGE_PIXELS (~179 MP) before we see the header.
             raise ImageError("decompression_bomb", str(e)) from e
-        except UnidentifiedImageError as e:
-            supported = ", ".join(DECODABLE_FORMATS)
-            raise ImageError("not_an_image", f"not an image in a supported format ({supported})") from e
         except (OSError, SyntaxError, ValueError, EOFError, struct.error) as e:
+            # A WEBP's RIFF size or a TIFF's index at the end fails the open, not the load, when cut short.
+            if looks_decodable(data):
+                raise ImageError("truncated", f"image header unreadable, truncated or corrupt: {e}") from e
+            if isinstance(e, UnidentifiedImageError):
+                supported = ", ".join(DECODABLE_FORMATS)
+                raise ImageError("not_an_image", f"not an image in a supported format ({supported})") from e
             raise ImageError("not_an_image", f"unreadable image header: {e}") from e
         # No `with img:` — closing would free the pixels we return; the source is a BytesIO.
         return _finish(img, cfg)

@@ -101,6 +101,7 @@ def build_corpus(dirpath: Path) -> dict[str, str | None]:
     corrupt_png = bytearray(full_png)
     corrupt_png[len(full_png) // 2 : len(full_png) // 2 + 64] = b"\xff" * 64  # inside IDAT: zlib/CRC error
     noise = np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes()
+    deflate_tif = _encode(rgb, "TIFF", compression="tiff_deflate")
 
     files: dict[str, tuple[bytes, str | None]] = {
         # --- errors ---
@@ -110,6 +111,8 @@ def build_corpus(dirpath: Path) -> dict[str, str | None]:
         "truncated.jpg": (full_jpeg[: len(full_jpeg) // 2], "truncated"),
         "truncated.png": (full_png[: len(full_png) // 2], "truncated"),
         "corrupt_idat.png": (bytes(corrupt_png), "truncated"),
+        # The index of a compressed TIFF sits at its end: cut short, the file fails to open, not to load.
+        "truncated_deflate.tif": (deflate_tif[: len(deflate_tif) * 19 // 20], "truncated"),
         # 900 MP: above PIL's own hard limit too (PIL raises before our header check).
         "bomb_30000.png": (raw_png(30000, 30000, 8, 2, None), "decompression_bomb"),
         # 144 MP: above max_pixels=120M but under PIL's hard limit: our header check must fire.
@@ -136,6 +139,8 @@ def build_corpus(dirpath: Path) -> dict[str, str | None]:
     }
     if features.check("webp"):
         files["rgb.webp"] = (_encode(rgb, "WEBP", quality=90), None)
+        webp = _encode(rgb, "WEBP", quality=90)
+        files["truncated.webp"] = (webp[: len(webp) * 19 // 20], "truncated")  # its RIFF size fails the open
     for name, (payload, _) in files.items():
         (dirpath / name).write_bytes(payload)
     return {name: code for name, (_, code) in files.items()}

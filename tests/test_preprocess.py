@@ -30,7 +30,6 @@ from tests.corpus import (
     astronaut,
     astronaut_jpeg_bytes,
     build_corpus,
-    gif_frames,
     sixteen_bit_grey,
     sixteen_bit_rgb,
 )
@@ -106,27 +105,6 @@ def test_pil_16bit_grey_image_is_scaled() -> None:
     img = Image.fromarray(sixteen_bit_grey())
     assert img.mode == "I;16"
     assert tuple(np.asarray(load_image(img, CFG))[0, 0]) == (0xAB,) * 3
-
-
-@pytest.mark.parametrize("name", ["animated.gif", "animated.png"])
-def test_animation_gives_frame_0(corpus, name: str) -> None:
-    with Image.open(corpus[0] / name) as src:
-        assert src.n_frames == 3
-    want = np.asarray(gif_frames()[0].convert("RGB"))
-    np.testing.assert_array_equal(np.asarray(_decode(corpus, name)), want)
-
-
-@pytest.mark.parametrize("name", ["animated.gif", "animated.png"])  # APNG frames are RGB: _to_rgb returns img
-def test_pil_input_seeked_elsewhere_gives_frame_0_and_stays_where_it_was(corpus, name: str) -> None:
-    img = Image.open(corpus[0] / name)
-    img.seek(2)
-    frame_2 = np.asarray(img.convert("RGB"))
-    np.testing.assert_array_equal(np.asarray(load_image(img, CFG)), np.asarray(gif_frames()[0].convert("RGB")))
-    assert img.tell() == 2 and np.array_equal(np.asarray(img.convert("RGB")), frame_2)
-
-
-def test_multipage_tiff_gives_page_0(corpus) -> None:
-    np.testing.assert_array_equal(np.asarray(_decode(corpus, "multipage.tif")), np.asarray(astronaut(320, 256)))
 
 
 def test_alpha_dropped_and_cmyk_grey_faithful(corpus) -> None:
