@@ -155,6 +155,15 @@ def _outside_state(objects: list[ObjectInfo], state: str) -> list[ObjectInfo]:
     return [o for o in objects if os.path.dirname(o.uri) not in inside]
 
 
+def _contains(folder: str, uri: str) -> bool:
+    """Whether ``uri`` is ``folder`` or lies under it (local paths by real path)."""
+    local_folder, local_uri = local_path(folder), local_path(uri)
+    if local_folder is None or local_uri is None:
+        return local_folder is None and local_uri is None and (uri.rstrip("/") + "/").startswith(
+            folder.rstrip("/") + "/")
+    return os.path.join(os.path.realpath(local_uri), "").startswith(os.path.join(os.path.realpath(local_folder), ""))
+
+
 def _new_run_id() -> str:
     return f"{now_utc().strftime('%Y%m%dT%H%M%SZ')}-{uuid.uuid4().hex[:6]}"
 
@@ -178,6 +187,10 @@ def plan_run(job: AuditJob, identity: dict[str, Any], pointer: dict[str, Any] | 
                            f"({identity['cached_copy']}, sha256 {sha[:12]}) is not the model the last audit "
                            f"used (sha256 {pointer['model_sha256'][:12]}); run the audit again once the "
                            "source can be read")
+    if _contains(job.state, root):
+        raise AuditRefused(f"--state {job.state} is the library or a folder above it, so every photo would be "
+                           "taken for one of the state's own files and nothing audited: keep the state in a "
+                           "folder of its own, inside the library or outside it")
     objects = _outside_state(list_images(job.library, job.s3), job.state)
     n_live = live(previous).num_rows
     if not objects and n_live:  # an unmounted volume or a wrong prefix, far likelier than a library emptied

@@ -312,6 +312,18 @@ def test_the_state_is_kept_out_of_the_listing_whatever_path_names_it(tmp_path: P
     assert plan.listing["uri"].to_pylist() == [str(lib / "p.jpg")]
 
 
+@pytest.mark.parametrize("state", [".", "lib", "lib/.."])
+def test_a_state_holding_the_library_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, state: str) -> None:
+    """Every photo would pass for the state's own files: the audit planned nothing and exited 0, every night."""
+    write_bytes(str(tmp_path / "lib" / "p.jpg"), b"x")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(audit.AuditRefused, match=rf"--state {state} is the library or a folder above it"):
+        audit.plan_run(AuditJob(library="lib", state=state, model=TINY), FIVE, None, STATE_SCHEMA.empty_table())
+    assert not (tmp_path / "IN_PROGRESS").exists() and not (tmp_path / "lib" / "IN_PROGRESS").exists()
+    assert audit._contains("s3://b/a", "s3://b/a/lib") and not audit._contains("s3://b/a", "s3://b/ab")
+    assert not audit._contains(str(tmp_path), "s3://b/lib") and not audit._contains("lib/.audit", "lib")
+
+
 def test_a_pruned_run_on_s3_is_abandoned(tmp_path: Path, s3_server: Any, s3_bucket: str,
                                          capsys: pytest.CaptureFixture[str]) -> None:
     job, previous = planning(tmp_path, ("five",))
