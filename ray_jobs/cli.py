@@ -13,7 +13,7 @@ from piqa_core.config import list_presets
 
 from .cli_errors import _user_errors
 from .cli_weights import weights
-from .options import ModelOptions, model_options, s3_options
+from .options import ModelOptions, Number, model_options, s3_options
 
 if TYPE_CHECKING:
     from .storage import S3Options
@@ -52,7 +52,7 @@ main.add_command(weights)  # `piqa weights …`, in cli_weights.py
 @click.option("--score-actors", type=click.IntRange(1), default=None, help="Model actor pool size.")
 @click.option("--prep-batch-size", type=click.IntRange(1), default=None,
               help="Images per prep call (default: the score batch size, at most 8).")
-@click.option("--gpus-per-actor", type=click.FloatRange(0, 1, min_open=True), default=1.0, show_default=True)
+@click.option("--gpus-per-actor", type=Number(0, 1, min_open=True), default=1.0, show_default=True)
 @click.option("--gpu/--no-gpu", default=None,
               help="Score on GPUs (default: if the cluster has GPUs now; --gpu waits for autoscaled GPU nodes).")
 @click.option("--address", envvar="RAY_ADDRESS", default=None, help="Ray cluster (default: start a local one).")
@@ -146,20 +146,20 @@ def _score_local(inputs, out, manifest, s3, max_bytes, model: ModelOptions) -> N
 @click.argument("library")
 @click.option("--state", "state_uri", required=True,
               help="Audit state folder/prefix (CURRENT pointer, states/, runs/, reports/).")
-@click.option("--alert-if-mean-drops", type=click.FloatRange(0), default=None,
+@click.option("--alert-if-mean-drops", type=Number(0), default=None,
               help="Exit 3 when the library's mean score fell by more than this vs the previous run.")
-@click.option("--alert-if-error-rate", type=click.FloatRange(0, 1), default=None,
+@click.option("--alert-if-error-rate", type=Number(0, 1), default=None,
               help="Exit 3 when more than this fraction of the objects scored in this run are errors.")
-@click.option("--alert-if-deleted", type=click.FloatRange(0, 1), default=None,
+@click.option("--alert-if-deleted", type=Number(0, 1), default=None,
               help="Exit 3 when more than this fraction of the previous run's objects are gone from the listing "
                    "(an unmounted folder or a wrong prefix looks like a mass deletion).")
 @click.option("--top-worst", type=click.IntRange(0), default=12, show_default=True,
               help="Worst photos shown (with thumbnails) in the report.")
 @click.option("--prefix-depth", type=click.IntRange(1), default=1, show_default=True,
               help="Folder levels below the library root that make an album in the per-prefix table.")
-@click.option("--keep-deleted-days", type=click.FloatRange(0), default=30.0, show_default=True,
-              help="Deleted objects stay in the state (deleted=True) at least one run and this long; "
-                   "listed again unchanged meanwhile, they are restored without a new score.")
+@click.option("--keep-deleted-days", type=Number(0, 36500), default=30.0, show_default=True,
+              help="Deleted objects stay in the state (deleted=True) at least one run and this long (at most "
+                   "36500, a century); listed again unchanged meanwhile, they are restored without a new score.")
 @s3_options
 @click.option("--address", envvar="RAY_ADDRESS", default=None, help="Ray cluster (default: start a local one).")
 @model_options
@@ -201,7 +201,7 @@ def _label_options(fn):
                      show_default=True),
         click.option("--train-list", default=None, help="Official train split file (CSV with IMAGE, or names)."),
         click.option("--test-list", default=None, help="Official test split file."),
-        click.option("--val-fraction", type=click.FloatRange(0, 1, max_open=True), default=0.2, show_default=True,
+        click.option("--val-fraction", type=Number(0, 1, max_open=True), default=0.2, show_default=True,
                      help="Share of each group's train images held out for validation when no val split exists."),
         click.option("--seed", type=int, default=0, show_default=True),
     ]
@@ -221,15 +221,15 @@ def _label_options(fn):
 @click.option("--storage", required=True, help="Folder or s3:// prefix for checkpoints and the exported model.")
 @click.option("--workers", type=click.IntRange(1), default=1, show_default=True)
 @click.option("--gpu", is_flag=True, help="One GPU per worker (bf16 autocast).")
-@click.option("--cpus-per-worker", type=click.FloatRange(0.1), default=None, help="Default 1 (CPU) / 4 (GPU).")
+@click.option("--cpus-per-worker", type=Number(0.1), default=None, help="Default 1 (CPU) / 4 (GPU).")
 @click.option("--epochs", type=click.IntRange(1), default=10, show_default=True,
               help="Epochs in all: a resumed run trains the ones still missing.")
 @click.option("--batch-pairs", type=click.IntRange(1), default=6, show_default=True,
               help="Pairs per optimiser step over all workers (a multiple of --workers).")
-@click.option("--lr", type=click.FloatRange(0, min_open=True), default=1e-5, show_default=True)
-@click.option("--weight-decay", type=click.FloatRange(0), default=1e-7, show_default=True)
+@click.option("--lr", type=Number(0, min_open=True), default=1e-5, show_default=True)
+@click.option("--weight-decay", type=Number(0), default=1e-7, show_default=True)
 @click.option("--lr-step", type=click.IntRange(1), default=2, show_default=True, help="StepLR step (epochs).")
-@click.option("--lr-gamma", type=click.FloatRange(0, min_open=True), default=0.9, show_default=True)
+@click.option("--lr-gamma", type=Number(0, min_open=True), default=0.9, show_default=True)
 @click.option("--preset", type=click.Choice(list_presets()), default="dn-piqa", show_default=True,
               help="Architecture when not starting from a model directory.")
 @click.option("--init", default=None, help="Model directory (ours) or the official PIQ_model.pth.")

@@ -51,7 +51,7 @@ def write_samples(folder: Path) -> list[Path]:
 
 @click.command()
 @click.option("--out", default="demo_out", show_default=True, type=click.Path(file_okay=False))
-@click.option("--num-cpus", type=int, default=None, help="Local Ray CPUs (default: all).")
+@click.option("--num-cpus", type=click.IntRange(1), default=None, help="Local Ray CPUs (default: all).")
 def main(out: str, num_cpus: int | None) -> None:
     """Score sample photos with the Ray pipeline and print the results."""
     import pyarrow.compute as pc

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -12,6 +13,18 @@ from piqa_core.config import CROP_MODES, PRECISIONS, list_presets
 
 if TYPE_CHECKING:
     from .storage import S3Options
+
+
+class Number(click.FloatRange):
+    """``click.FloatRange`` that also refuses nan, which passes every range check, and infinities."""
+
+    name = "number"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        number = super().convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        return number
 
 
 @dataclass

@@ -295,3 +295,16 @@ def test_a_full_disk_or_read_only_mount_is_one_line_and_other_os_errors_stay_tra
     with pytest.raises(OSError, match="Input/output error"):  # an unknown failure keeps its traceback
         with _user_errors():
             raise OSError(errno.EIO, "Input/output error", "/out/part.parquet")
+
+
+@pytest.mark.parametrize("args", [
+    ["audit", "lib", "--state", "s", "--keep-deleted-days", "inf"],  # failed after a night's scoring, every night
+    ["audit", "lib", "--state", "s", "--keep-deleted-days", "1e6"],
+    ["audit", "lib", "--state", "s", "--alert-if-error-rate", "nan"],  # passed every range check: no alert, ever
+    ["train", "--labels", "l.csv", "--run-name", "r", "--storage", "s", "--lr", "nan"],
+])
+def test_numbers_out_of_range_or_not_finite_are_usage_errors(args: list[str]) -> None:
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == 2 and f"Invalid value for '{args[-2]}'" in res.output, res.output
+    assert ("is not a finite number" if args[-1] in ("inf", "nan") and args[-2] != "--keep-deleted-days"
+            else "is not in the range") in res.output
