@@ -33,15 +33,15 @@ from skimage import data as skdata
 
 from piqa_core.checkpoints import build_bundle, load_checkpoint, save_checkpoint
 from piqa_core.config import get_preset
-from piqa_core.features import FeatureCache, image_key
+from piqa_core.features import FeatureCache
 from piqa_core.training import epoch_pairs, format_val_srcc, init_bundle, train_metrics
 from ray_jobs.actors import weights_dir
 from ray_jobs.cli import main
 from ray_jobs.listing import list_images
-from ray_jobs.storage import S3Options, read_bytes
+from ray_jobs.storage import read_bytes
 from ray_jobs.labels import LabelError
 from ray_jobs.train import TrainJob, TrainSetupError, has_checkpoint, prepare_data, run_train_job
-from ray_jobs.train_worker import _save_cache, _train_epoch
+from ray_jobs.train_worker import _train_epoch
 from tests.test_checkpoints import official_layout, openai_layout, to_timm067_swin
 
 
@@ -329,39 +329,6 @@ def test_validation_without_a_rankable_group_is_said_not_shown_as_minus_one(tmp_
     assert format_val_srcc({"val_srcc_mean": -1.0, "val_srcc_median": -1.0, "val_valid_groups": 0}).startswith("n/a")
     assert format_val_srcc({"val_srcc_mean": 0.5, "val_srcc_median": 0.25, "val_valid_groups": 2}) == \
         "mean 0.5000 median 0.2500"
-
-
-def test_runs_sharing_a_feature_cache_keep_each_others_images(tmp_path: Path) -> None:
-    from piqa_core.faces import FaceResult
-
-    uri = str(tmp_path / "features-fp.npz")
-    a, b = image_key("s3://b/a.jpg", 10, '"e1"'), image_key("s3://b/b.jpg", 20, '"e2"')
-    first, second = FeatureCache("fp"), FeatureCache("fp")  # two runs that started from the same (empty) file
-    first.put(a, FaceResult((1.0, 2.0, 30.5, 40.25), 0.9, 1), np.full(3, 0.5, np.float32))
-    second.put(b, FaceResult(None, 0.0, 0), np.zeros(3, np.float32))
-    assert _save_cache(first, uri, [a], S3Options(), 0, print)
-    assert _save_cache(second, uri, [b], S3Options(), 0, print)  # the last writer used to drop a.jpg
-    back = FeatureCache("fp")
-    back.add_columns(FeatureCache.read_npz(Path(uri).read_bytes()))
-    assert sorted(back.faces) == [a, b] and back.faces[a].box == (1.0, 2.0, 30.5, 40.25)
-    assert back.aux[a].tolist() == [0.5] * 3 and back.faces[b].box is None
-
-
-def test_a_cache_write_drops_earlier_uploads_of_the_runs_images(tmp_path: Path) -> None:
-    from piqa_core.faces import FaceResult
-
-    uri, face = str(tmp_path / "features-fp.npz"), FaceResult(None, 0.0, 0)
-    old, new = image_key("s3://b/a.jpg", 10, '"e1"'), image_key("s3://b/a.jpg", 12, '"e2"')
-    other = image_key("s3://b/c.jpg", 30, '"e3"')  # another run's image: kept for it
-    theirs = FeatureCache("fp")
-    for key in (old, other, "s3://b/a.jpg"):  # the bare uri: a key of older files, which nothing matches
-        theirs.put(key, face, np.zeros(3, np.float32))
-    assert _save_cache(theirs, uri, [old, other], S3Options(), 0, print)
-    ours = FeatureCache("fp")
-    ours.put(new, face, np.ones(3, np.float32))
-    assert _save_cache(ours, uri, [new], S3Options(), 0, print)
-    assert sorted(FeatureCache.read_npz(Path(uri).read_bytes())["uri"]) == sorted([new, other])
-    assert sorted(ours.faces) == sorted([new, other])
 
 
 def _photos(root: Path, broken: int | None = None) -> Path:

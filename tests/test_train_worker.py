@@ -24,7 +24,9 @@ from PIL import Image
 
 import ray_jobs.train_worker as tw
 from piqa_core.config import get_preset
-from piqa_core.features import FeatureCache
+from piqa_core.faces import FaceResult
+from piqa_core.features import FeatureCache, image_key
+from ray_jobs.storage import S3Options
 from ray_jobs.train import TrainJob, prepare_data
 
 
@@ -225,3 +227,32 @@ def test_the_epoch_line_shows_no_placeholder_metrics(tmp_path: Path, monkeypatch
         assert "-1.0000" not in line and "PLCC" not in line
     else:
         assert "val SRCC mean " in line and "  PLCC mean " in line
+
+
+def test_runs_sharing_a_feature_cache_keep_each_others_images(tmp_path: Path) -> None:
+    uri = str(tmp_path / "features-fp.npz")
+    a, b = image_key("s3://b/a.jpg", 10, '"e1"'), image_key("s3://b/b.jpg", 20, '"e2"')
+    first, second = FeatureCache("fp"), FeatureCache("fp")  # two runs that started from the same (empty) file
+    first.put(a, FaceResult((1.0, 2.0, 30.5, 40.25), 0.9, 1), np.full(3, 0.5, np.float32))
+    second.put(b, FaceResult(None, 0.0, 0), np.zeros(3, np.float32))
+    assert tw._save_cache(first, uri, [a], S3Options(), 0, print)
+    assert tw._save_cache(second, uri, [b], S3Options(), 0, print)  # the last writer used to drop a.jpg
+    back = FeatureCache("fp")
+    back.add_columns(FeatureCache.read_npz(Path(uri).read_bytes()))
+    assert sorted(back.faces) == [a, b] and back.faces[a].box == (1.0, 2.0, 30.5, 40.25)
+    assert back.aux[a].tolist() == [0.5] * 3 and back.faces[b].box is None
+
+
+def test_a_cache_write_drops_earlier_uploads_of_the_runs_images(tmp_path: Path) -> None:
+    uri, face = str(tmp_path / "features-fp.npz"), FaceResult(None, 0.0, 0)
+    old, new = image_key("s3://b/a.jpg", 10, '"e1"'), image_key("s3://b/a.jpg", 12, '"e2"')
+    other = image_key("s3://b/c.jpg", 30, '"e3"')  # another run's image: kept for it
+    theirs = FeatureCache("fp")
+    for key in (old, other, "s3://b/a.jpg"):  # the bare uri: a key of older files, which nothing matches
+        theirs.put(key, face, np.zeros(3, np.float32))
+    assert tw._save_cache(theirs, uri, [old, other], S3Options(), 0, print)
+    ours = FeatureCache("fp")
+    ours.put(new, face, np.ones(3, np.float32))
+    assert tw._save_cache(ours, uri, [new], S3Options(), 0, print)
+    assert sorted(FeatureCache.read_npz(Path(uri).read_bytes())["uri"]) == sorted([new, other])
+    assert sorted(ours.faces) == sorted([new, other])
