@@ -102,8 +102,8 @@ class FeatureCache:
         bare-uri keys of older files. Entries of other images stay: runs on other labels share the file.
         """
         current = set(keys)
-        uris = {_uri_of(k) for k in current}
-        stale = [k for k in self.faces if k not in current and (_uri_of(k) is None or _uri_of(k) in uris)]
+        dead = {_uri_of(k) for k in current} | {None}  # None: a key that is no image_key
+        stale = [k for k in self.faces if k not in current and _uri_of(k) in dead]
         for k in stale:
             del self.faces[k], self.aux[k]
         return len(stale)

@@ -146,12 +146,10 @@ def recorded_crop_mode(pointer: dict[str, Any], previous: pa.Table) -> str:
 def _outside_state(objects: list[ObjectInfo], state: str) -> list[ObjectInfo]:
     """``objects`` minus those under the audit's state: a state kept inside the library must not audit its
     own thumbnails. Local folders compare real paths: the state may be named, or listed, through a symlink."""
-    local = local_path(state)
-    if local is None:
-        return [o for o in objects if not o.uri.startswith(state.rstrip("/") + "/")]
-    real_state = os.path.join(os.path.realpath(local), "")
+    if local_path(state) is None:
+        return [o for o in objects if not _contains(state, o.uri)]
     folders = {os.path.dirname(o.uri) for o in objects if "://" not in o.uri}  # one realpath per folder
-    inside = {f for f in folders if os.path.join(os.path.realpath(f), "").startswith(real_state)}
+    inside = {f for f in folders if _contains(state, f)}
     return [o for o in objects if os.path.dirname(o.uri) not in inside]
 
 

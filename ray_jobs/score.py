@@ -173,14 +173,19 @@ def _cpu_plan(job: ScoreJob, cpus: float, share: float, prep_pool: bool) -> Pool
     score = job.score_actors or max(1, -(-score_cores // CPU_SCORE_THREADS))
     threads = max(1, score_cores // score)
     prep = (job.prep_actors or max(1, n + 1 - score_cores)) if prep_pool else 0
-    unit = max(0.05, (cpus - 2 * IO_TASK_CPUS) / (prep + score * threads))  # logical CPUs: all actors must fit
+    unit = _cpus_per_slot(cpus, prep + score * threads)
     return PoolPlan(prep, score, 0.0, _floor3(unit * threads), prep_cpus=_floor3(unit), score_threads=threads)
 
 
+def _cpus_per_slot(cpus: float, slots: int) -> float:
+    """Logical CPUs per actor thread such that every actor and the read and write tasks fit."""
+    return max(0.05, (cpus - 2 * IO_TASK_CPUS) / slots)
+
+
 def _gpu_job_cpus(cpus: float, actors: int) -> float:
-    """Logical CPUs per actor of a GPU job: one each, less where the actors and the read and write
-    tasks would not all fit (2 CPUs and a GPU; four score actors sharing one GPU on 4 CPUs)."""
-    return min(1.0, max(0.05, _floor3((cpus - 2 * IO_TASK_CPUS) / actors)))
+    """Logical CPUs per actor of a GPU job: one each, less where they would not all fit (2 CPUs and a
+    GPU; four score actors sharing one GPU on 4 CPUs)."""
+    return min(1.0, _floor3(_cpus_per_slot(cpus, actors)))
 
 
 def _floor3(x: float) -> float:
