@@ -118,6 +118,11 @@ class PIQAConfig:
             values = {k: tuple(v) if k in ("mean", "std") else v for k, v in values.items()}
             return kind(**values)
 
+        # A section a newer piqa added would change the scores if it were dropped here.
+        sections = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - sections
+        if unknown:
+            raise ValueError(f"unknown config sections: {sorted(unknown)}")
         return cls(
             preset=d.get("preset", "custom"),
             model=build(ModelConfig, d.get("model", {})),

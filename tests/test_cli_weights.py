@@ -139,7 +139,7 @@ def model_dir(tmp_path_factory) -> Path:
     return d
 
 
-@pytest.mark.parametrize("damage", ["newer-key", "newer-format", "truncated"])
+@pytest.mark.parametrize("damage", ["newer-key", "newer-section", "newer-format", "truncated"])
 def test_info_on_a_newer_or_damaged_model_directory_is_a_one_line_error(damage, model_dir, tmp_path):
     meta, d = json.loads((model_dir / "config.json").read_text()), tmp_path / damage
     d.mkdir()
@@ -154,6 +154,9 @@ def test_info_on_a_newer_or_damaged_model_directory_is_a_one_line_error(damage, 
         if damage == "newer-key":
             meta["config"]["preprocess"]["jpeg_draft"] = True  # a setting a newer piqa added
             expected = (f"{d / 'config.json'}: ", "unknown PreprocessConfig keys", "upgrade piqa")
+        elif damage == "newer-section":
+            meta["config"]["detector"] = {"input_size": 640}  # a section a newer piqa added
+            expected = (f"{d / 'config.json'}: ", "unknown config sections: ['detector']", "upgrade piqa")
         else:
             meta["format"] = "piqa-checkpoint/2"
             expected = ("written by another piqa version", "'piqa-checkpoint/2'", "'piqa-checkpoint/1'")

@@ -33,6 +33,8 @@ def test_bad_values_are_rejected():
         PreprocessConfig(crop_mode="six")
     with pytest.raises(ValueError, match="unknown"):
         PIQAConfig.from_dict({"model": {"bogus": 1}})
+    with pytest.raises(ValueError, match=r"unknown config sections: \['detector'\]"):
+        PIQAConfig.from_dict({**get_preset("tiny").to_dict(), "detector": {"size": 640}})
     d = get_preset("tiny").to_dict()
     d["liqe"]["enabled"] = False
     with pytest.raises(ValueError, match="aux_dim"):
