@@ -141,7 +141,10 @@ def _unreadable(where: str) -> CheckpointError:
     return CheckpointError(f"{where}: not a readable torch checkpoint (truncated, or another kind of file?)")
 
 
-def load_strict(module: nn.Module, sd: Mapping[str, torch.Tensor], what: str) -> None:
+_PRESET_HINT = "Check that the file is the one this loader expects and that --preset matches it."
+
+
+def load_strict(module: nn.Module, sd: Mapping[str, torch.Tensor], what: str, hint: str = _PRESET_HINT) -> None:
     """``load_state_dict(strict=True)`` with a message that names the keys and the likely cause."""
     own = module.state_dict()
     missing = sorted(set(own) - set(sd))
@@ -157,7 +160,7 @@ def load_strict(module: nn.Module, sd: Mapping[str, torch.Tensor], what: str) ->
             if keys:
                 shown = ", ".join(keys[:6]) + (f" … (+{len(keys) - 6} more)" if len(keys) > 6 else "")
                 lines.append(f"  {label} ({len(keys)}): {shown}")
-        lines.append("  Check that the file is the one this loader expects and that --preset matches it.")
+        lines.append("  " + hint)
         raise CheckpointError("\n".join(lines))
     if any(p.is_meta for p in module.parameters()):  # built by _empty_parameters: take the tensors as they are
         module.load_state_dict({k: v.to(own[k].dtype) for k, v in sd.items()}, strict=True, assign=True)
@@ -346,7 +349,9 @@ def load_checkpoint(directory: str | os.PathLike, verify: bool = True, parts: tu
                     nets[part] = _build_part(cfg, part)
                 if nets[part] is not None:
                     sd = {k[len(part) + 1:]: f.get_tensor(k) for k in f.keys() if k.startswith(part + ".")}
-                    load_strict(nets[part], sd, part)
+                    load_strict(nets[part], sd, f"{w_path}: {part}", hint=(
+                        f"The directory's {CONFIG_FILE} describes another model than its {WEIGHTS_FILE}: one of "
+                        "the two was edited or copied from elsewhere. Write the directory again."))
     except SafetensorError as e:
         raise CheckpointError(f"{w_path}: not a readable safetensors file ({e}); truncated? "
                               "Write the model directory again") from None

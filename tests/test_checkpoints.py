@@ -1,4 +1,5 @@
 import io
+import json
 import os
 import re
 import zipfile
@@ -197,6 +198,19 @@ def test_missing_retinaface_names_where_to_put_it(tmp_path, monkeypatch):
     torch.save(openai_layout(src.liqe), tmp_path / "LIQE.pt")
     with pytest.raises(CheckpointError, match="retinaface_resnet50_2020-07-20-f168fae3c.zip"):
         import_official(tmp_path / "PIQ_model.pth", tmp_path / "LIQE.pt", config="tiny")
+
+
+def test_a_model_dir_whose_config_and_weights_disagree_says_so(tmp_path):
+    save_checkpoint(build_bundle("tiny"), tmp_path / "m")
+    meta = json.loads((tmp_path / "m" / "config.json").read_text())
+    meta["config"]["model"]["hidden_dim"] = 64  # hand-edited: still verifies, since the hash covers the weights
+    (tmp_path / "m" / "config.json").write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError) as err:
+        load_checkpoint(tmp_path / "m")
+    msg = str(err.value)
+    assert f"{tmp_path / 'm' / 'model.safetensors'}: model: the weights do not match" in msg
+    assert "shape mismatch (3): head.0.bias: file (128,) vs model (64,)" in msg
+    assert "config.json describes another model than its model.safetensors" in msg and "--preset" not in msg
 
 
 def test_corrupt_or_foreign_model_dir(tmp_path):
