@@ -41,6 +41,13 @@ def _is_sixteen_bit(mode: str, fmt: str | None) -> bool:
     return mode in _SIXTEEN_BIT_MODES or (mode == "I" and fmt in _SIXTEEN_BIT_I_FORMATS)
 
 
+def _metadata_bomb(e: Exception) -> bool:
+    """PIL's refusal of compressed PNG text or ICC profile chunks that inflate past its limits."""
+    msg = str(e)
+    return isinstance(e, ValueError) and (msg.startswith("Decompressed data too large")
+                                          or msg.startswith("Too much memory used in text chunks"))
+
+
 def _check_header(size: tuple[int, int], mode: str, cfg: PreprocessConfig, fmt: str | None) -> None:
     """Guards that need only the header: pixel count, short side, mode."""
     w, h = size
@@ -79,6 +86,8 @@ def _finish(img: Image.Image, cfg: PreprocessConfig) -> Image.Image:
     except Image.DecompressionBombError as e:
         raise ImageError("decompression_bomb", str(e)) from e
     except (OSError, SyntaxError, ValueError, EOFError, struct.error, zlib.error) as e:
+        if _metadata_bomb(e):  # text chunks after the pixels are read at the end of the load
+            raise ImageError("decompression_bomb", f"metadata: {e}") from e
         raise ImageError("truncated", f"image data is truncated or corrupt: {e}") from e
     return _to_rgb(img, fmt)
 
@@ -98,6 +107,8 @@ def decode_image(data: bytes, cfg: PreprocessConfig) -> Image.Image:
             # PIL refuses above 2 * Image.MAX_IMAGE_PIXELS (~179 MP) before we see the header.
             raise ImageError("decompression_bomb", str(e)) from e
         except (OSError, SyntaxError, ValueError, EOFError, struct.error) as e:
+            if _metadata_bomb(e):
+                raise ImageError("decompression_bomb", f"metadata: {e}") from e
             # A WEBP's RIFF size or a TIFF's index at the end fails the open, not the load, when cut short.
             if looks_decodable(data):
                 raise ImageError("truncated", f"image header unreadable, truncated or corrupt: {e}") from e

@@ -102,6 +102,10 @@ def build_corpus(dirpath: Path) -> dict[str, str | None]:
     corrupt_png[len(full_png) // 2 : len(full_png) // 2 + 64] = b"\xff" * 64  # inside IDAT: zlib/CRC error
     noise = np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes()
     deflate_tif = _encode(rgb, "TIFF", compression="tiff_deflate")
+    end_of_ihdr, start_of_iend = 8 + 25, len(full_png) - 12
+    # 8 MB of text or ICC profile in a few kB: PIL refuses to inflate metadata past 1 MB per chunk.
+    text_bomb = _png_chunk(b"zTXt", b"note\0\0" + zlib.compress(b"a" * (8 << 20)))
+    icc_bomb = _png_chunk(b"iCCP", b"icc\0\0" + zlib.compress(b"\0" * (8 << 20)))
 
     files: dict[str, tuple[bytes, str | None]] = {
         # --- errors ---
@@ -117,6 +121,10 @@ def build_corpus(dirpath: Path) -> dict[str, str | None]:
         "bomb_30000.png": (raw_png(30000, 30000, 8, 2, None), "decompression_bomb"),
         # 144 MP: above max_pixels=120M but under PIL's hard limit: our header check must fire.
         "bomb_12000.png": (raw_png(12000, 12000, 8, 2, None), "decompression_bomb"),
+        "text_bomb.png": (full_png[:end_of_ihdr] + text_bomb + full_png[end_of_ihdr:], "decompression_bomb"),
+        "text_bomb_after_pixels.png": (full_png[:start_of_iend] + text_bomb + full_png[start_of_iend:],
+                                       "decompression_bomb"),
+        "icc_bomb.png": (full_png[:end_of_ihdr] + icc_bomb + full_png[end_of_ihdr:], "decompression_bomb"),
         "one_pixel.png": (_encode(Image.new("RGB", (1, 1), (10, 20, 30)), "PNG"), "too_small"),
         "strip_20000x20.png": (_encode(Image.new("L", (20000, 20), 128), "PNG"), "too_small"),
         "float32.tif": (_encode(Image.fromarray(grey.astype(np.float32) / 255.0), "TIFF"), "unsupported_mode"),
