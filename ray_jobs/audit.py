@@ -51,6 +51,7 @@ from .resume import read_rows
 from .schema import SCORE_SCHEMA, now_utc
 from .listing import list_images
 from .storage import ObjectInfo, S3Options, join, local_path
+from .summary import RowsMissing
 
 ALERT_EXIT_CODE = 3
 ACTIONS = ("new", "changed", "retry", "unchanged", "restored")
@@ -257,7 +258,8 @@ def score_delta(job: AuditJob, plan: Plan) -> tuple[pa.Table, dict[str, int]]:
     uris = np.asarray(rows["uri"].to_pylist(), dtype=object)
     rows = rows.filter(pa.array(np.r_[True, uris[1:] != uris[:-1]] if len(uris) else np.zeros(0, bool)))
     if rows.num_rows != len(objects):
-        raise RuntimeError(f"run {plan.run_id}: {len(objects) - rows.num_rows} planned objects have no score row")
+        raise RowsMissing(f"run {plan.run_id}: {len(objects) - rows.num_rows} planned objects have no score row; "
+                          "run the audit again to score them")
     return rows, stats
 
 

@@ -19,11 +19,14 @@ def _user_errors() -> Iterator[None]:
 
     from .listing import ListingError
     from .storage import OutputUnreadable
+    from .summary import RowsMissing
 
     try:
         yield
     except FileNotFoundError as e:
         raise click.ClickException(f"not found: {e.filename or e}") from None
+    except RowsMissing as e:
+        raise click.ClickException(str(e)) from None
     except (ListingError, OutputUnreadable, IsADirectoryError, NotADirectoryError, PermissionError) as e:
         raise click.ClickException(f"{e.strerror}: {e.filename}" if e.filename and e.strerror else str(e)) from None
     except (pd.errors.EmptyDataError, pd.errors.ParserError) as e:

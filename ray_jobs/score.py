@@ -33,7 +33,7 @@ from .resume import RunFiles, already_scored, read_rows, run_file_paths
 from .schema import SCORE_SCHEMA, schema_metadata
 from .listing import list_inputs
 from .storage import ObjectInfo, S3Options, check_writable, join, resolve, write_text
-from .summary import format_summary, summarize, to_json
+from .summary import RowsMissing, format_summary, missing_uris, summarize, to_json
 
 
 @dataclass
@@ -271,12 +271,16 @@ def _run_pipeline(job: ScoreJob, objects: list[ObjectInfo], identity: dict[str, 
                          ray_remote_args={"num_cpus": IO_TASK_CPUS}, concurrency=1)
 
     table = read_rows(dest, job.s3, run_id, exclude=earlier)  # an earlier attempt's rows are not this run's
+    missing = missing_uris([o.uri for o in objects], table)
     summary = summarize(table, time.perf_counter() - t0, run_id=run_id, skipped_already_scored=skipped,
-                        listed=len(objects) + skipped, output=dest, random_weights=identity["random_init"],
-                        random_parts=identity["random_parts"], model_id=identity["model_id"],
-                        model_sha256=identity["sha256"])
+                        listed=len(objects) + skipped, missing_rows=len(missing), output=dest,
+                        random_weights=identity["random_init"], random_parts=identity["random_parts"],
+                        model_id=identity["model_id"], model_sha256=identity["sha256"])
     write_text(join(job.out, f"_summary-{run_id}.json"), to_json(summary), job.s3)
     print(format_summary(summary), file=sys.stderr)
+    if missing:  # e.g. an output file removed or damaged before it was read back
+        raise RowsMissing(f"run {run_id}: {len(missing)} of {len(objects)} inputs have no row in {dest} "
+                          f"(first: {missing[0]}); run the same command with --resume to score them")
     return summary
 
 

@@ -9,6 +9,18 @@ from typing import Any
 import pyarrow as pa
 
 
+class RowsMissing(RuntimeError):
+    """Listed inputs without an output row once the run is over: its output is incomplete."""
+
+
+def missing_uris(listed: list[str], rows: pa.Table) -> list[str]:
+    """The ``listed`` URIs that have no row in ``rows``, in listing order."""
+    import pyarrow.compute as pc
+
+    uris = pa.array(listed, pa.string())
+    return uris.filter(pc.invert(pc.is_in(uris, value_set=rows.column("uri")))).to_pylist()
+
+
 def summarize(table: pa.Table, wall_s: float, **extra: Any) -> dict[str, Any]:
     status = Counter(table.column("status").to_pylist())
     codes = Counter(c for c in table.column("error_code").to_pylist() if c)

@@ -19,6 +19,7 @@ from ray_jobs.audit import PLAN_SCHEMA, STATE_SCHEMA, AuditJob
 from ray_jobs.schema import SCORE_SCHEMA
 from ray_jobs.listing import list_images
 from ray_jobs.storage import ObjectInfo, S3Options, join, resolve, write_bytes
+from ray_jobs.summary import RowsMissing
 from tests.test_audit import TINY, read_json
 
 T0 = datetime(2024, 5, 1, 2, 0, tzinfo=timezone.utc)
@@ -389,5 +390,5 @@ def test_score_delta_takes_no_row_of_an_earlier_version(tmp_path: Path, monkeypa
     audit_state.write_parquet(join(job.state, "runs", "r1", "scores", "part-r1-x_000000.parquet"),
                               pa.Table.from_pylist([old], schema=SCORE_SCHEMA), job.s3)
     monkeypatch.setattr(score, "run_score_job", lambda _job: {"skipped_already_scored": 0})  # wrote nothing
-    with pytest.raises(RuntimeError, match="1 planned objects have no score row"):
+    with pytest.raises(RowsMissing, match="1 planned objects have no score row; run the audit again"):
         audit.score_delta(job, plan)

@@ -297,6 +297,17 @@ def test_a_full_disk_or_read_only_mount_is_one_line_and_other_os_errors_stay_tra
             raise OSError(errno.EIO, "Input/output error", "/out/part.parquet")
 
 
+def test_inputs_left_without_rows_are_a_one_line_error() -> None:
+    import click
+
+    from ray_jobs.cli import _user_errors
+    from ray_jobs.summary import RowsMissing
+
+    with pytest.raises(click.ClickException, match=r"^run r1: 1 of 3 inputs have no row"):
+        with _user_errors():
+            raise RowsMissing("run r1: 1 of 3 inputs have no row")
+
+
 @pytest.mark.parametrize("args", [
     ["audit", "lib", "--state", "s", "--keep-deleted-days", "inf"],  # failed after a night's scoring, every night
     ["audit", "lib", "--state", "s", "--keep-deleted-days", "1e6"],

@@ -1,12 +1,14 @@
 """The Ray Data scoring pipeline end to end: local folders, S3, bad files, resume, crashing actors."""
 
 import dataclasses
+import json
 import os
 import re
 import tempfile
 from pathlib import Path
 
 import boto3
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
@@ -20,6 +22,7 @@ from ray_jobs.reader import READ_THREADS
 from ray_jobs.score import ScoreJob, model_share, plan_pools, read_batch, run_score_job
 from ray_jobs.listing import IMAGE_EXTENSIONS
 from ray_jobs.storage import S3Options
+from ray_jobs.summary import RowsMissing
 from tests.corpus import astronaut_jpeg_bytes, build_corpus
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
@@ -100,6 +103,21 @@ def test_output_layout_schema_metadata_and_model_identity(ray_local, tmp_path):
     rows = read_rows(str(tmp_path / "out")).to_pylist()
     assert {r["model_sha256"] for r in rows} == {sha} and all(r["random_weights"] for r in rows)
     assert all(r["crop_mode"] == "five" and r["width"] > 0 for r in rows)
+
+
+def test_inputs_without_a_row_after_the_run_fail_it_with_the_count(ray_local, tmp_path, monkeypatch):
+    photos = _photos(tmp_path / "in", 3)
+
+    def one_file_lost(*args, **kwargs):  # e.g. removed by a lifecycle rule before it was read back
+        table = read_rows(*args, **kwargs)
+        return table.filter(pc.not_equal(table["uri"], str(photos[1])))
+
+    monkeypatch.setattr(score_mod, "read_rows", one_file_lost)
+    with pytest.raises(RowsMissing, match=re.escape(f"1 of 3 inputs have no row in {tmp_path / 'out'}")) as err:
+        run_score_job(_job([tmp_path / "in"], tmp_path / "out"))
+    assert f"(first: {photos[1]}); run the same command with --resume" in str(err.value)
+    [summary] = [json.loads(p.read_text()) for p in (tmp_path / "out").glob("_summary-*.json")]
+    assert (summary["rows"], summary["listed"], summary["missing_rows"]) == (2, 3, 1)
 
 
 def test_resume_scores_only_the_rest(ray_local, tmp_path):
