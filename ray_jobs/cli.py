@@ -169,7 +169,8 @@ def audit(library: str, state_uri: str, alert_if_mean_drops: float | None, alert
     """Nightly incremental audit of LIBRARY: score new and changed photos, keep the state, write a report.
 
     Exit status: 0 ok; 3 an --alert-if-* threshold was crossed (state and report are still committed);
-    other non-zero: the run failed, the previous state stays current and a re-run finishes the run.
+    other non-zero: the run failed and the previous state stays current; a re-run continues it (the
+    scores it kept are reused), or, after another audit committed first, audits against that state.
     """
     from .audit import ALERT_EXIT_CODE, AuditJob, run_audit
 
