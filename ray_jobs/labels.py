@@ -68,8 +68,11 @@ def read_frame(uri: str, s3: S3Options | None = None) -> pd.DataFrame:
     data = read_bytes(uri, s3)
     if uri.lower().endswith(".parquet"):
         return pd.read_parquet(io.BytesIO(data))
-    # Names and group codes as written: inferred numbers would make scenes "07" and "7" one group.
-    return pd.read_csv(io.BytesIO(data), encoding="utf-8-sig", dtype=dict.fromkeys(_TEXT_COLUMNS, str))
+    # Names and group codes as written: inferred numbers would make scenes "07" and "7" one group, and
+    # pandas' missing-value words would make a scene or file named "NA" or "None" a row without one.
+    # Only blank cells are missing; a score cell that is not a number is refused as written.
+    return pd.read_csv(io.BytesIO(data), encoding="utf-8-sig", dtype=dict.fromkeys(_TEXT_COLUMNS, str),
+                       keep_default_na=False)
 
 
 def _require(df: pd.DataFrame, columns: tuple[str, ...], uri: str, fmt: str) -> None:
@@ -121,7 +124,7 @@ def _split_names(uri: str, s3: S3Options | None) -> set[str]:
         col = "IMAGE" if "IMAGE" in df.columns else ("uri" if "uri" in df.columns else None)
         if col is None:
             raise LabelError(f"{uri}: a split file needs an 'IMAGE' (or 'uri') column; found {list(df.columns)}")
-        return {posixpath.basename(str(v).replace("\\", "/")) for v in df[col].dropna()}
+        return {posixpath.basename(v.replace("\\", "/")) for v in _text(df[col]) if v is not None}
     lines = read_bytes(uri, s3).decode("utf-8-sig").splitlines()
     return {ln.strip() for ln in lines if ln.strip() and not ln.startswith("#")}
 
@@ -342,7 +345,7 @@ def load_pairs(uri: str, table: LabelTable, s3: S3Options | None = None,
     known = list(known) if known is not None else None
     names = table.frame["name"].tolist()
     index = {n: i for i, n in enumerate(names)}
-    a, b = (df[c].fillna("<empty>").astype(str).tolist() for c in PAIR_COLUMNS)
+    a, b = ([v or "<empty>" for v in _text(df[c])] for c in PAIR_COLUMNS)
     used = set(a) | set(b)
     unknown = sorted(used - (set(known) if known is not None else set(index)) - table.unused)
     if unknown:

@@ -187,6 +187,21 @@ def test_rows_without_finite_score_group_or_uri_are_listed(tmp_path: Path) -> No
         load_labels(str(csv))
 
 
+def test_scenes_and_names_spelled_like_missing_values_are_kept_as_written(tmp_path: Path) -> None:
+    csv = _piq23(tmp_path, {"NA": 2, "None": 2, "null": 2})  # files 0_NA.jpg, …; only blank cells are missing
+    (tmp_path / "train.csv").write_text("IMAGE\n0_NA.jpg\n1_NA.jpg\n0_None.jpg\n1_None.jpg\n\n")
+    table = load_labels(str(csv), train_list=str(tmp_path / "train.csv"))
+    assert table.frame["group"].tolist() == ["NA", "NA", "None", "None"]
+    assert table.unused == {"0_null.jpg", "1_null.jpg"}
+    pd.DataFrame({"IMAGE": ["0_NA.jpg", ""], "IMAGE second": ["1_NA.jpg", "0_None.jpg"]}).to_csv(
+        tmp_path / "pairs.csv", index=False)
+    with pytest.raises(LabelError, match=r"1 image name\(s\) in the pair list are not labelled:\n  <empty>$"):
+        load_pairs(str(tmp_path / "pairs.csv"), table)
+    pd.read_csv(csv, keep_default_na=False).assign(JOD=["1", "NA", "2", "3", "4", "5"]).to_csv(csv, index=False)
+    with pytest.raises(LabelError, match=r"1 row\(s\) without a finite score .*\n  row 1: uri .*, score NA, group NA$"):
+        load_labels(str(csv))
+
+
 def test_pair_list(tmp_path: Path) -> None:
     csv = _piq23(tmp_path, {"S0": 4, "S1": 4})
     table = load_labels(str(csv), val_fraction=0.0)
