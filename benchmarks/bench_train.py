@@ -84,7 +84,7 @@ def bench(preset: str, device: torch.device, steps: int, batch_pairs: int, n_ima
                              crop_rngs(0, 0, np.arange(k * batch_pairs, (k + 1) * batch_pairs)), device)
 
     def step(cols: dict, idx: np.ndarray) -> None:
-        loss, _, _ = pair_loss(model, cols, labels[idx], cfg, device, bf16)
+        loss, *_ = pair_loss(model, cols, labels[idx], cfg, device, bf16)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

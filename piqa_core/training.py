@@ -40,7 +40,8 @@ def pair_loss(model: torch.nn.Module, cols: dict[str, np.ndarray], labels: np.nd
     """Fidelity loss of prepared pairs: rows [0, n) are the first images, [n, 2n) their partners.
 
     Returns the loss to back-propagate, the sum of this rank's valid pair losses (nan when any rank's
-    is) and their count.
+    is), their count, and the valid pairs of all ranks (0: the caller skips the optimiser step, which
+    would still move every weight through momentum and weight decay).
     ``model`` is called (not ``score_crops``) so a DDP wrapper sees the forward. Pairs with an image
     that failed to load keep their (zero) rows, so every rank runs the same forward, but weigh 0.
     With ``world`` > 1 ranks, the loss is scaled by the valid pairs of all ranks: DDP averages the
@@ -62,7 +63,7 @@ def pair_loss(model: torch.nn.Module, cols: dict[str, np.ndarray], labels: np.nd
     loss = total * world / step[1].clamp(min=1.0)
     # nan on any rank is nan on all: every rank stops before its step, none waits in the all-reduce
     local = float(total.detach()) if math.isfinite(float(step[0])) else math.nan
-    return loss, local, int(count.item())
+    return loss, local, int(count.item()), int(step[1].item())
 
 
 @torch.inference_mode()

@@ -235,11 +235,12 @@ def _train_epoch(model: torch.nn.Module, opt: torch.optim.Optimizer, data: dict[
         failed, dropped = batch_failures(cols, idx, uris)
         out["failed"].update(failed)
         out["dropped_pairs"] += dropped
-        loss, total, n = pair_loss(model, cols, labels[idx], env["cfg"], env["device"], bf16, world)
+        loss, total, n, n_all = pair_loss(model, cols, labels[idx], env["cfg"], env["device"], bf16, world)
         check_loss(total, epoch, step)  # before the step: nan would reach every weight
         opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        loss.backward()  # on every rank, whatever it lost: DDP's gradient all-reduce runs here
+        if n_all:  # every rank agrees: n_all is all-reduced
+            opt.step()
         out["loss_sum"], out["pairs"] = out["loss_sum"] + total, out["pairs"] + n
         if progress.due():
             # Floats pair_loss already brought to the host: rank 0's running loss; every rank takes b pairs a step.

@@ -85,6 +85,20 @@ def test_progress_lines_within_an_epoch_count_steps_and_features(tmp_path: Path,
     assert len(lines) == 5 and not any("features" in ln for ln in lines)
 
 
+def test_a_step_whose_pairs_all_failed_to_load_leaves_the_weights_alone(tmp_path: Path) -> None:
+    job = _job(tmp_path)
+    _, data = prepare_data(job)
+    for i in range(5):
+        (tmp_path / f"{i}.jpg").unlink()  # every training image gone after the listing
+    model = _MeanScore(1, 1)
+    before = [p.detach().clone() for p in model.parameters()]
+    opt = torch.optim.Adam(model.parameters(), lr=0.01, weight_decay=0.1)  # decay alone would move them
+    out = tw._train_epoch(model, opt, data, 0, 0, 1, False, **_env(job, tmp_path, []))
+    assert out["pairs"] == 0 and out["dropped_pairs"] == 10 and len(out["failed"]) == 5
+    for a, b in zip(before, model.parameters()):
+        assert torch.equal(a, b)
+
+
 def test_progress_lines_are_rate_limited(tmp_path: Path, monkeypatch) -> None:
     job = _job(tmp_path)
     _, data = prepare_data(job)

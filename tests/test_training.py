@@ -193,11 +193,11 @@ def _ddp_step(rank: int, world: int, init: str, out: str) -> None:
     try:
         model = torch.nn.parallel.DistributedDataParallel(_MeanScore())
         cols, labels = _pair_batch(*_RANK_BATCHES[rank])
-        loss, total, n = pair_loss(model, cols, labels, get_preset("tiny"), torch.device("cpu"), world=world)
+        loss, total, n, n_all = pair_loss(model, cols, labels, get_preset("tiny"), torch.device("cpu"), world=world)
         loss.backward()
         labels[0] = np.nan if rank == 1 else labels[0]  # one rank diverges: both must see it
         diverged = pair_loss(model, cols, labels, get_preset("tiny"), torch.device("cpu"), world=world)[1]
-        torch.save({"grad": model.module.w.grad, "diverged": diverged}, f"{out}.{rank}")
+        torch.save({"grad": model.module.w.grad, "diverged": diverged, "n_all": n_all}, f"{out}.{rank}")
     finally:
         dist.destroy_process_group()
 
@@ -213,15 +213,15 @@ def test_pair_loss_over_ranks_is_the_mean_over_all_valid_pairs(tmp_path) -> None
     labels = np.concatenate([np.concatenate([b[1][:2] for b in batches]),
                              np.concatenate([b[1][2:] for b in batches])])
     model = _MeanScore()
-    loss, total, n = pair_loss(model, joined, labels, get_preset("tiny"), torch.device("cpu"))
-    assert n == 3 and loss.item() == pytest.approx(total / 3)
+    loss, total, n, n_all = pair_loss(model, joined, labels, get_preset("tiny"), torch.device("cpu"))
+    assert n == n_all == 3 and loss.item() == pytest.approx(total / 3)
     loss.backward()
 
     torch.multiprocessing.spawn(_ddp_step, args=(2, f"file://{tmp_path / 'pg'}", str(tmp_path / "grad.pt")),
                                 nprocs=2)
     ranks = [torch.load(tmp_path / f"grad.pt.{rank}") for rank in (0, 1)]
     torch.testing.assert_close(ranks[0]["grad"], model.w.grad)
-    assert all(np.isnan(r["diverged"]) for r in ranks)
+    assert all(np.isnan(r["diverged"]) for r in ranks) and [r["n_all"] for r in ranks] == [3, 3]
 
 
 def test_an_unreadable_remote_start_file_is_named_by_its_option(tmp_path) -> None:
