@@ -21,6 +21,7 @@ import torch
 from piqa_core.checkpoints import load_checkpoint, save_checkpoint
 from piqa_core.faces import for_inference
 from piqa_core.features import FeatureCache, fingerprint, prepare_items
+from piqa_core.stages import use_tf32
 from piqa_core.training import (all_gather, batch_failures, check_loss, crop_rngs, epoch_pairs, format_val_srcc,
                                 init_bundle, make_optimizer, object_group, pair_loss, predict, prefetch, rank_batch,
                                 seed_torch, shard, train_metrics, val_metrics)
@@ -45,7 +46,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
-    bf16 = device.type == "cuda"
+    bf16 = _train_bf16(device)
+    # Features (face boxes, LIQE) and validation as the scorer computes them at its default fp32, so the
+    # checkpoint ranking and best.val_* are what `piqa eval --split val` reports for the saved model.
+    use_tf32("fp32")
     torch.set_num_threads(max(1, int(job.cpus)))
 
     log = _logger(job.run_name, rank)
@@ -89,7 +93,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     unsaved = dropped > 0
     if checkpoint is None and job.eval_before and start < job.epochs:
         before = set(cache.faces)
-        val = _predict_val(bundle.model, data["val"], data["keys"]["val"], rank, world, bf16, group,
+        val = _predict_val(bundle.model, data["val"], data["keys"]["val"], rank, world, group,
                            stage="before training: validation", **env)
         if _gather_cache(cache, before, rank, world, group):
             unsaved = not _save_cache(cache, cache_uri, keys, job.s3, rank, log)
@@ -104,7 +108,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         mine = _train_epoch(model, opt, data, epoch, rank, world, bf16, **env)
         sched.step()
         train_s = time.perf_counter() - t0
-        val = _predict_val(bundle.model, data["val"], data["keys"]["val"], rank, world, bf16, group,
+        val = _predict_val(bundle.model, data["val"], data["keys"]["val"], rank, world, group,
                            stage=f"epoch {epoch + 1}/{job.epochs} validation", **env)
         grew = _gather_cache(cache, before, rank, world, group)  # a collective: every rank, same place
         train, failed = train_metrics(all_gather(mine, world, group), train_s)
@@ -251,9 +255,14 @@ def _train_epoch(model: torch.nn.Module, opt: torch.optim.Optimizer, data: dict[
     return out
 
 
-def _predict_val(module: torch.nn.Module, val: tuple, keys: list[str], rank: int, world: int, bf16: bool,
-                 group: Any, stage: str = "validation", **env: Any) -> tuple[np.ndarray, np.ndarray] | None:
-    """Five-crop scores of the validation split and which images loaded, sharded by rank; the whole
+def _train_bf16(device: torch.device) -> bool:
+    """Training steps run under bf16 autocast on GPUs (validation never does)."""
+    return device.type == "cuda"
+
+
+def _predict_val(module: torch.nn.Module, val: tuple, keys: list[str], rank: int, world: int, group: Any,
+                 stage: str = "validation", **env: Any) -> tuple[np.ndarray, np.ndarray] | None:
+    """Five-crop fp32 scores of the validation split and which images loaded, sharded by rank; the whole
     arrays on rank 0 (a loaded image the model scored nan is not a failed one)."""
     uris, b = val[0], env["job"].eval_batch
     mine = np.arange(rank, len(uris), world)
@@ -263,7 +272,7 @@ def _predict_val(module: torch.nn.Module, val: tuple, keys: list[str], rank: int
     preds, oks = [], []
     progress = _Progress(env, rank, stage, (keys[i] for i in mine))
     for k, cols in enumerate(prefetch(prep, len(chunks), max(1, int(env["job"].cpus)))):
-        preds.append(predict(module, cols, env["cfg"], env["device"], bf16))
+        preds.append(predict(module, cols, env["cfg"], env["device"]))
         oks.append(cols["status"] == "ok")
         if progress.due():
             progress(f"{sum(map(len, chunks[:k + 1]))}/{len(mine)} images")

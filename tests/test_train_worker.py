@@ -78,7 +78,7 @@ def test_progress_lines_within_an_epoch_count_steps_and_features(tmp_path: Path,
 
     # Features already cached: no features count; validation batches report too.
     lines.clear()
-    val = tw._predict_val(model, data["val"], data["keys"]["val"], 0, 1, False, None, **env)
+    val = tw._predict_val(model, data["val"], data["keys"]["val"], 0, 1, None, **env)
     assert val is not None and lines == ["validation 1/1 images  features 1/1"]
     lines.clear()
     tw._train_epoch(model, torch.optim.SGD(model.parameters(), lr=0.01), data, 1, 0, 1, False, **env)
@@ -97,6 +97,23 @@ def test_a_step_whose_pairs_all_failed_to_load_leaves_the_weights_alone(tmp_path
     assert out["pairs"] == 0 and out["dropped_pairs"] == 10 and len(out["failed"]) == 5
     for a, b in zip(before, model.parameters()):
         assert torch.equal(a, b)
+
+
+def test_validation_and_features_are_fp32_whatever_the_training_steps_run_in(tmp_path: Path, monkeypatch) -> None:
+    """As on a GPU: bf16 autocast steps (CPU autocast here); validation as `piqa eval` scores, at fp32."""
+    _Ray(monkeypatch, [])
+    monkeypatch.setattr(tw, "_train_bf16", lambda device: True)
+    steps, vals = [], []
+    loss, predict = tw.pair_loss, tw.predict
+    monkeypatch.setattr(tw, "pair_loss", lambda *a: steps.append(a[5]) or loss(*a))  # (…, device, bf16, world)
+    monkeypatch.setattr(tw, "predict",
+                        lambda *a, **k: vals.append(k.get("bf16", a[4:5] == (True,))) or predict(*a, **k))
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)  # torch's default: the detector's convolutions
+    job = _job(tmp_path, eval_before=True)
+    _, data = prepare_data(job)
+    tw.train_loop_per_worker({"job": job, "data": data, "marker": str(tmp_path / "marker")})
+    assert steps == [True] * 5 and vals == [False, False]  # validation before training and after epoch 1
+    assert torch.backends.cudnn.allow_tf32 is False and torch.backends.cuda.matmul.allow_tf32 is False
 
 
 def test_progress_lines_are_rate_limited(tmp_path: Path, monkeypatch) -> None:
