@@ -26,8 +26,8 @@ _local = threading.local()
 def use_torch_threads(n: int) -> None:
     """Sets this thread's torch (OpenMP, MKL) thread count, once per thread.
 
-    Those counts are per thread: a new thread starts at the process default (all cores), which
-    would oversubscribe the cores when several calls run at once.
+    Those counts are per thread, but torch also keeps the count set last, on any thread, as the one
+    new threads start with: ``ordered_map`` puts the caller's back when its calls are done.
     """
     if getattr(_local, "threads", None) != n:
         torch.set_num_threads(n)
@@ -48,11 +48,15 @@ def ordered_map(fn: Callable[[T], R], items: Iterable[T], calls: int) -> Iterato
         use_torch_threads(1)
         return fn(item)
 
-    with ThreadPoolExecutor(calls, thread_name_prefix="piqa-call") as pool:
-        pending: deque[Future[R]] = deque()
-        for item in items:
-            pending.append(pool.submit(run, item))
-            if len(pending) >= calls:
+    default = torch.get_num_threads()
+    try:
+        with ThreadPoolExecutor(calls, thread_name_prefix="piqa-call") as pool:
+            pending: deque[Future[R]] = deque()
+            for item in items:
+                pending.append(pool.submit(run, item))
+                if len(pending) >= calls:
+                    yield pending.popleft().result()
+            while pending:
                 yield pending.popleft().result()
-        while pending:
-            yield pending.popleft().result()
+    finally:  # else every thread started later in the process would run torch on one thread
+        torch.set_num_threads(default)

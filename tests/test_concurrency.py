@@ -34,6 +34,23 @@ def test_calls_run_side_by_side_each_on_its_own_torch_threads():
     assert torch.get_num_threads() == before  # the caller's own count is untouched
 
 
+def test_threads_started_after_the_calls_get_the_callers_count_again():
+    def fresh_thread_count() -> int:
+        box = {}
+        t = threading.Thread(target=lambda: box.update(n=torch.get_num_threads()))
+        t.start()
+        t.join()
+        return box["n"]
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(3)  # whatever the machine: a count the calls' 1 differs from
+    try:
+        assert list(ordered_map(lambda i: torch.ones(4).sum().item() + i, range(4), calls=2)) == [4, 5, 6, 7]
+        assert fresh_thread_count() == 3
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_takes_at_most_calls_items_ahead_of_the_results():
     taken = []
 
