@@ -8,6 +8,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence, TypeVar
 
 import numpy as np
 import torch
+from PIL import Image
 
 from .checkpoints import Bundle, build_bundle, load_checkpoint
 from .config import CROP_MODES
@@ -17,6 +18,7 @@ from .faces import for_inference
 from .stages import ImageInput, Predictor, prepare_batch, rows_from_columns
 
 T = TypeVar("T")
+_ONE_IMAGE = (str, os.PathLike, bytes, bytearray, memoryview, Image.Image, np.ndarray)
 
 
 def default_device() -> torch.device:
@@ -88,6 +90,9 @@ class Scorer:
 
         ``batch_size``: images per forward pass, by default the one the Scorer was made with.
         """
+        if isinstance(images, _ONE_IMAGE):  # iterating one would score its characters, bytes or rows
+            raise TypeError(f"score() takes a list of images, got one {type(images).__name__}: "
+                            "pass [image] to score one")
         results: list[dict[str, Any]] = []
         for chunk, cols in self.score_chunks(list(images), batch_size or self.batch_size):
             results.extend(rows_from_columns(cols))

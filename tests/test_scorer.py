@@ -34,6 +34,13 @@ def test_accepts_paths_bytes_pil_and_arrays(scorer, tmp_path):
                                          "plant", "still_life", "others"}
 
 
+def test_one_image_not_in_a_list_is_refused_not_taken_apart(scorer, tmp_path):
+    img = np.asarray(astronaut())
+    for one in (str(tmp_path / "a.png"), tmp_path / "a.png", astronaut_jpeg_bytes(), Image.fromarray(img), img):
+        with pytest.raises(TypeError, match=rf"got one {type(one).__name__}: pass \[image\] to score one"):
+            scorer.score(one)
+
+
 def test_bad_inputs_become_error_rows_in_order(scorer, tmp_path):
     good = astronaut_jpeg_bytes()
     rows = scorer.score([good, b"", b"not an image", str(tmp_path / "missing.jpg"), good[: len(good) // 2], good])
