@@ -123,6 +123,7 @@ def _score_local(inputs, out, manifest, s3, max_bytes, model: ModelOptions) -> N
     from .storage import atomic_write_bytes, check_writable, is_dir, parent_uri
     from .summary import format_summary, summarize
 
+    model.check_here()
     if not out.lower().endswith(".parquet") or is_dir(out, s3):
         raise click.UsageError(f"--engine local writes one Parquet file: --out must be a *.parquet file, got {out}")
     check_writable(parent_uri(out), s3)
@@ -287,6 +288,7 @@ def eval_cmd(labels, images, fmt, train_list, test_list, val_fraction, seed, s3,
     from .labels import load_labels
     from .storage import check_writable, is_dir, parent_uri
 
+    model.check_here()
     with _user_errors():
         folder = out.endswith("/") or is_dir(out, s3)
     if folder:  # refused now, not after scoring everything

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import math
+import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -47,6 +48,20 @@ class ModelOptions:
                 "`piqa weights import-official` or `piqa train`, local or s3://), or for a smoke run "
                 "--random-weights --preset tiny|dn-piqa (random weights are not a quality model)."
             )
+        if self.device is not None and not re.fullmatch(r"cpu|cuda(:\d+)?", self.device):
+            raise click.UsageError(f"--device {self.device}: use cpu, cuda or cuda:N")
+
+    def check_here(self) -> None:
+        """For the in-process engine: a CUDA --device must name a GPU this machine has."""
+        if self.device is None or self.device == "cpu":
+            return
+        import torch
+
+        count = torch.cuda.device_count()
+        index = int(self.device.partition(":")[2] or 0)
+        if index >= count:
+            raise click.UsageError(f"--device {self.device}: this machine has "
+                                   f"{f'{count} CUDA device(s)' if count else 'no CUDA device'}")
 
     @property
     def source(self) -> str:

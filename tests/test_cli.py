@@ -268,6 +268,25 @@ def test_device_chooses_the_ray_pools_kind(photos, tmp_path, monkeypatch):
     assert jobs.pop().gpu is False
 
 
+def test_a_device_that_is_not_one_or_not_here_is_a_usage_error(photos, tmp_path, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)  # a one-GPU machine
+    local = ["score", str(photos), "--engine", "local", "--out", str(tmp_path / "o.parquet"), "--random-weights",
+             "--preset", "tiny"]
+    evaluate = ["eval", "--labels", str(tmp_path / "l.csv"), "--out", str(tmp_path / "r.json"), "--random-weights",
+                "--preset", "tiny"]
+    for args in (local, evaluate):
+        res = CliRunner().invoke(main, [*args, "--device", "gpu"])
+        assert res.exit_code == 2 and "--device gpu: use cpu, cuda or cuda:N" in res.output, res.output
+        res = CliRunner().invoke(main, [*args, "--device", "cuda:1"])
+        assert res.exit_code == 2 and "--device cuda:1: this machine has 1 CUDA device(s)" in res.output, res.output
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    res = CliRunner().invoke(main, [*local, "--device", "cuda"])
+    assert res.exit_code == 2 and "--device cuda: this machine has no CUDA device" in res.output, res.output
+    assert not (tmp_path / "o.parquet").exists()
+
+
 def test_an_unreachable_object_store_is_one_line(tmp_path, monkeypatch):
     monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")  # botocore's retries would take seconds
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "k")
