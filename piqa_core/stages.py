@@ -81,7 +81,8 @@ def prepare_batch(
     faces: dict[int, FaceResult] = {}
     if detector is not None and images:
         idx = list(images)
-        inputs = [detector_input(images[i], cfg.face.detect_long_side) for i in idx]
+        inputs = ([detector_input(images[i], cfg.face.detect_long_side) for i in idx]
+                  if getattr(detector, "needs_pixels", True) else [None] * len(idx))
         found = detector.detect_each(inputs, sizes=[images[i].size for i in idx])  # batch-independent
         faces = dict(zip(idx, found))
 

@@ -89,6 +89,19 @@ def test_an_upload_under_a_known_uri_misses_the_cache() -> None:
     assert det.seen == 3 and back.faces[new_key].box == (0.0, 0.0, 160.0, 120.0)
 
 
+def test_cached_faces_skip_the_detectors_copy_of_the_photo(monkeypatch) -> None:
+    import piqa_core.stages
+
+    cfg, cpu, det, cache = get_preset("tiny"), torch.device("cpu"), _SizeDetector(), FeatureCache("fp")
+    key, png = image_key("s3://b/a.png", 1, '"e"'), _png((320, 240))
+    first = prepare_items([png], [key], cfg, det, None, cache, "random", [np.random.default_rng(0)], cpu)
+    monkeypatch.setattr(piqa_core.stages, "detector_input", lambda *a: pytest.fail("resized for no detector"))
+    again = prepare_items([png], [key], cfg, det, None, cache, "random", [np.random.default_rng(0)], cpu)
+    assert det.seen == 1 and again["status"].tolist() == ["ok"] and again["face_found"].tolist() == [True]
+    for k in ("whole", "face", "face_box"):
+        np.testing.assert_array_equal(again[k], first[k])
+
+
 def test_drop_stale_keeps_other_images_and_the_current_upload() -> None:
     cache, face = FeatureCache("fp"), FaceResult(None, 0.0, 0)
     old, new = image_key("s3://b/a.png", 10, '"e1"'), image_key("s3://b/a.png", 10, '"e2"')
