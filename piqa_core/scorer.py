@@ -107,9 +107,9 @@ class Scorer:
         on the call's thread (reads overlap scoring).
 
         With several calls the chunks shrink so that every call gets one (scores do not depend on
-        the batch); with fewer chunks than calls, one call runs on all threads.
+        the batch); with fewer items than calls, one call runs on all threads, in full batches.
         """
-        size = max(1, min(batch_size, math.ceil(len(items) / self.calls)))
+        calls = self.calls if len(items) >= self.calls else 1
+        size = max(1, min(batch_size, math.ceil(len(items) / calls)))
         chunks = [items[start:start + size] for start in range(0, len(items), size)]
-        calls = self.calls if len(chunks) >= self.calls else 1
         yield from ordered_map(lambda chunk: (chunk, self.score_columns(load(chunk))), chunks, calls)

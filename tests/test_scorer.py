@@ -232,13 +232,14 @@ def test_cpu_batches_run_as_one_call_per_thread_with_the_same_scores(scorer):
     assert all(name.startswith("piqa-call") and threads == 1 for _, name, threads in calls)
 
 
-def test_fewer_chunks_than_calls_run_as_one_call_on_all_threads(scorer):
-    two = Scorer(scorer.bundle, device="cpu", calls=2)
-    names = []
-    score_columns = two.score_columns
-    two.score_columns = lambda items: (names.append(threading.current_thread().name), score_columns(items))[1]
-    assert two.score([astronaut()])[0]["status"] == "ok"
-    assert names == [threading.current_thread().name]
+def test_fewer_items_than_calls_run_as_one_call_on_all_threads_in_one_batch(scorer):
+    four = Scorer(scorer.bundle, device="cpu", calls=4)
+    seen = []
+    score_columns = four.score_columns
+    four.score_columns = lambda items: (seen.append((len(items), threading.current_thread().name)),
+                                        score_columns(items))[1]
+    assert [r["status"] for r in four.score([astronaut()] * 3)] == ["ok"] * 3
+    assert seen == [(3, threading.current_thread().name)]  # not three passes of one image
 
 
 def test_default_calls_follow_the_device(scorer):
