@@ -179,7 +179,7 @@ def read_bytes(uri: str, s3: S3Options | None = None, max_bytes: int | None = No
 
     The size is checked before any byte is read (one HEAD on S3, then one GET).
     """
-    if uri_scheme(uri) in S3_SCHEMES and "//" in uri.split("://", 1)[1]:
+    if _pyarrow_misnames(uri):
         return _read_bytes_fsspec(uri, s3, max_bytes)
     fs, path = resolve(uri, s3)
     try:
@@ -192,9 +192,18 @@ def read_bytes(uri: str, s3: S3Options | None = None, max_bytes: int | None = No
         return f.read()
 
 
+def _pyarrow_misnames(uri: str) -> bool:
+    """An S3 key pyarrow cannot send as written: it refuses an empty segment ("photos//a.jpg",
+    ArrowInvalid) and collapses "." and ".." segments, so "p/./a.jpg" would read "p/a.jpg". S3 keeps
+    such keys as written, listings return them, and s3fs sends them unchanged."""
+    if uri_scheme(uri) not in S3_SCHEMES:
+        return False
+    key = uri.split("://", 1)[1].partition("/")[2].rstrip("/")
+    return bool(key) and any(seg in ("", ".", "..") for seg in key.split("/"))
+
+
 def _read_bytes_fsspec(uri: str, s3: S3Options | None, max_bytes: int | None) -> bytes:
-    """``read_bytes`` through s3fs: pyarrow refuses S3 keys with an empty segment ("photos//a.jpg",
-    ArrowInvalid), which S3 allows, listings return, and s3fs reads."""
+    """``read_bytes`` through s3fs, for the keys :func:`_pyarrow_misnames`."""
     fs, path = fsspec_filesystem(uri, s3), uri.split("://", 1)[1]
     try:
         size = fs.info(path)["size"]
@@ -215,12 +224,16 @@ def read_text(uri: str, s3: S3Options | None = None, encoding: str = "utf-8") ->
 
 def exists(uri: str, s3: S3Options | None = None) -> bool:
     """True for an existing file or directory/prefix."""
+    if _pyarrow_misnames(uri):
+        return fsspec_filesystem(uri, s3).exists(uri.split("://", 1)[1])
     fs, path = resolve(uri, s3)
     return fs.get_file_info(path).type != pafs.FileType.NotFound
 
 
 def is_dir(uri: str, s3: S3Options | None = None) -> bool:
     """True for an existing directory (or, on S3, a prefix with objects under it)."""
+    if _pyarrow_misnames(uri):
+        return fsspec_filesystem(uri, s3).isdir(uri.split("://", 1)[1])
     fs, path = resolve(uri, s3)
     return fs.get_file_info(path).type == pafs.FileType.Directory
 

@@ -68,6 +68,26 @@ def test_s3_keys_with_an_empty_segment_are_listed_and_read(s3_server, s3_bucket)
         storage.read_bytes(f"s3://{s3_bucket}/photos//d.jpg", s3_server.options)
 
 
+def test_s3_keys_with_dot_segments_read_their_own_object(s3_server, s3_bucket):
+    import boto3
+
+    client = boto3.client("s3", endpoint_url=s3_server.endpoint_url, region_name="us-east-1")
+    objects = {"p/./dot.jpg": b"dot segment", "p/dot.jpg": b"other", "p/q/../up.jpg": b"dot-dot segment",
+               "p/up.jpg": b"other up", "./root.jpg": b"at the root"}
+    for key, body in objects.items():
+        client.put_object(Bucket=s3_bucket, Key=key, Body=body)
+    listed = {o.uri: o.size for o in listing.list_images(f"s3://{s3_bucket}", s3_server.options)}
+    assert listed == {f"s3://{s3_bucket}/{k}": len(b) for k, b in objects.items()}
+    for key, body in objects.items():  # pyarrow collapsed the dots: the bytes of p/dot.jpg, or not found
+        assert storage.read_bytes(f"s3://{s3_bucket}/{key}", s3_server.options) == body, key
+    assert storage.exists(f"s3://{s3_bucket}/./root.jpg", s3_server.options)
+    assert not storage.exists(f"s3://{s3_bucket}/q/../root.jpg", s3_server.options)
+    assert storage.is_dir(f"s3://{s3_bucket}/p/q/..", s3_server.options)  # a prefix: p/q/../ holds up.jpg
+    client.put_object(Bucket=s3_bucket, Key="m//manifest.txt", Body=b"x")
+    assert storage.exists(f"s3://{s3_bucket}/m//manifest.txt", s3_server.options)  # was ArrowInvalid
+    assert not storage.is_dir(f"s3://{s3_bucket}/m//manifest.txt", s3_server.options)
+
+
 def test_a_failed_read_of_an_s3_key_with_an_empty_segment_is_an_oserror(monkeypatch):
     from ray_jobs import reader
     from ray_jobs.storage import ObjectInfo
