@@ -141,6 +141,8 @@ def _remote_files(fs: fsspec.AbstractFileSystem, path: str, recursive: bool) -> 
         seen.add(folder)
         for info in fs.ls(folder, detail=True):
             name = info["name"].rstrip("/")
+            if info["type"] != "directory" and info["name"].endswith("/"):
+                continue  # an empty "folder" marker object ("lib/"), not a file named "lib"
             if info["type"] != "directory":
                 found[name] = info
             elif recursive and name not in seen:

@@ -67,6 +67,19 @@ def test_list_images(root):
             listing.list_images("s3://nope-bucket-404/x", s3)
 
 
+def test_folder_markers_are_not_files_in_a_flat_listing(s3_server, s3_bucket, capsys):
+    import boto3
+
+    client = boto3.client("s3", endpoint_url=s3_server.endpoint_url, region_name="us-east-1")
+    for key in ("lib/", "lib/a.jpg", "lib/sub/", "lib/sub/b.jpg"):  # as consoles make folders: empty "x/" objects
+        client.put_object(Bucket=s3_bucket, Key=key, Body=b"" if key.endswith("/") else b"jpg")
+    for recursive, want in ((False, ["lib/a.jpg"]), (True, ["lib/a.jpg", "lib/sub/b.jpg"])):
+        for extensions in (None, listing.IMAGE_EXTENSIONS):
+            got = listing.list_images(f"s3://{s3_bucket}/lib", s3_server.options, extensions, recursive=recursive)
+            assert [i.uri for i in got] == [f"s3://{s3_bucket}/{k}" for k in want], (recursive, extensions)
+    assert "left out" not in capsys.readouterr().err
+
+
 def test_a_file_gone_during_the_listing_keeps_its_place(tmp_path, monkeypatch):
     (tmp_path / "a.jpg").write_bytes(b"aa")
     (tmp_path / "b.jpg").write_bytes(b"b")
