@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 export NO_ALBUMENTATIONS_UPDATE := 1
 export RAY_AUTH_MODE := disabled
 
-.PHONY: venv demo test test-fast bench clean
+.PHONY: venv demo test test-fast bench gpu-wheels clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -29,6 +29,11 @@ test-fast: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_core.py
+
+# The wheels benchmarks/gpu_check.sh installs on a GPU machine without them (carry .whl there).
+gpu-wheels: $(STAMP)
+	$(PY) -m pip download -q --no-deps -d .whl open-clip-torch==3.3.0 timm==1.0.31 retinaface-pytorch==0.0.8 \
+		ftfy==6.3.1 wcwidth==0.9.4
 
 clean:
 	rm -rf $(VENV) demo_out .pytest_cache

@@ -5,12 +5,14 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" NO_ALBUMENTATIONS_UPDATE=1 PYTHONUNBUFFERED=1
 if compgen -G ".whl/*.whl" >/dev/null; then
-    # open_clip, timm 1.0.31 and retinaface-pytorch travel as wheels (installed without deps).
+    # `make gpu-wheels`: open_clip, its ftfy and wcwidth, timm 1.0.31 and retinaface-pytorch travel as
+    # wheels (installed without deps).
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
         && export PYTHONPATH="/tmp/site:$PYTHONPATH"
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
-python3 -c "import torch, timm, open_clip; print('torch', torch.__version__, 'timm', timm.__version__, 'open_clip', open_clip.__version__)"
+python3 -c "import torch, timm, open_clip, retinaface.network; print('torch', torch.__version__, 'timm', timm.__version__, 'open_clip', open_clip.__version__)" \
+    || { echo "== missing packages: run make gpu-wheels here and carry .whl"; exit 1; }
 echo "== GPU tests"
 timeout 300 python3 -m pytest -q -s -m gpu -p no:cacheprovider tests/test_scorer.py tests/test_gpu_prep.py tests/test_actors.py
 # The whole run must end within 8 minutes: the throughput step gets what is left of 470 s. Its rows are
