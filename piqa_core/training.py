@@ -36,7 +36,7 @@ def _inputs(cols: dict[str, np.ndarray], cfg: PIQAConfig, device: torch.device) 
 
 
 def pair_loss(model: torch.nn.Module, cols: dict[str, np.ndarray], labels: np.ndarray, cfg: PIQAConfig,
-              device: torch.device, bf16: bool = False, world: int = 1) -> tuple[torch.Tensor, float, int]:
+              device: torch.device, bf16: bool = False, world: int = 1) -> tuple[torch.Tensor, float, int, int]:
     """Fidelity loss of prepared pairs: rows [0, n) are the first images, [n, 2n) their partners.
 
     Returns the loss to back-propagate, the sum of this rank's valid pair losses (nan when any rank's

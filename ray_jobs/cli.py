@@ -242,7 +242,8 @@ def _label_options(fn):
 @click.option("--cache", default=None, help="Folder/prefix for the per-image face + LIQE feature cache.")
 @click.option("--max-failures", type=click.IntRange(-1), default=2, show_default=True,
               help="Worker failures survived (each restarts from the last checkpoint).")
-@click.option("--keep", type=click.IntRange(1), default=2, show_default=True, help="Checkpoints kept, the best by validation SRCC (and the latest, which Ray always keeps "
+@click.option("--keep", type=click.IntRange(1), default=2, show_default=True,
+              help="Checkpoints kept, the best by validation SRCC (and the latest, which Ray always keeps "
                    "for resuming).")
 @click.option("--address", envvar="RAY_ADDRESS", default=None, help="Ray cluster (default: start a local one).")
 @click.option("--fail-at-epoch", type=int, default=None, hidden=True)

@@ -202,9 +202,14 @@ def _pyarrow_misnames(uri: str) -> bool:
     return bool(key) and any(seg in ("", ".", "..") for seg in key.split("/"))
 
 
+def _s3fs(uri: str, s3: S3Options | None) -> tuple[fsspec.AbstractFileSystem, str]:
+    """s3fs and the key path, for the keys :func:`_pyarrow_misnames`."""
+    return fsspec_filesystem(uri, s3), uri.split("://", 1)[1]
+
+
 def _read_bytes_fsspec(uri: str, s3: S3Options | None, max_bytes: int | None) -> bytes:
     """``read_bytes`` through s3fs, for the keys :func:`_pyarrow_misnames`."""
-    fs, path = fsspec_filesystem(uri, s3), uri.split("://", 1)[1]
+    fs, path = _s3fs(uri, s3)
     try:
         size = fs.info(path)["size"]
         if max_bytes is not None and size > max_bytes:
@@ -225,7 +230,8 @@ def read_text(uri: str, s3: S3Options | None = None, encoding: str = "utf-8") ->
 def exists(uri: str, s3: S3Options | None = None) -> bool:
     """True for an existing file or directory/prefix."""
     if _pyarrow_misnames(uri):
-        return fsspec_filesystem(uri, s3).exists(uri.split("://", 1)[1])
+        fs, path = _s3fs(uri, s3)
+        return fs.exists(path)
     fs, path = resolve(uri, s3)
     return fs.get_file_info(path).type != pafs.FileType.NotFound
 
@@ -233,7 +239,8 @@ def exists(uri: str, s3: S3Options | None = None) -> bool:
 def is_dir(uri: str, s3: S3Options | None = None) -> bool:
     """True for an existing directory (or, on S3, a prefix with objects under it)."""
     if _pyarrow_misnames(uri):
-        return fsspec_filesystem(uri, s3).isdir(uri.split("://", 1)[1])
+        fs, path = _s3fs(uri, s3)
+        return fs.isdir(path)
     fs, path = resolve(uri, s3)
     return fs.get_file_info(path).type == pafs.FileType.Directory
 
