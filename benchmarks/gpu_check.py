@@ -6,8 +6,9 @@
     python benchmarks/gpu_check.py --weights DIR   # real weights: the fp32-agreement target is judged
 
 Per stage it times the shared prepare/score code; end to end it drives the Ray stage classes
-(``PrepActor``, ``ScoreActor``) directly, as Ray would: prep work in a thread pool feeding a score
-actor, and score actors that prepare on the GPU (nvJPEG), serially and with two concurrent calls.
+(``PrepActor``, ``ScoreActor``) directly, as Ray would: prep actors in their own processes feeding a
+score actor, and score actors that prepare on the GPU (nvJPEG), serially and with two concurrent
+calls. It exits 1 if any stage failed (the other stages still run and print).
 """
 
 from __future__ import annotations
@@ -15,11 +16,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import dataclasses
 import os
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -27,8 +26,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.gpu_check_tools import (attempt, ieee_fp32, keeping_torch_threads, one_torch_thread,  # noqa: E402
-                                        read_stage_batch, replicate, row, timed)
+from benchmarks.gpu_check_e2e import end_to_end  # noqa: E402
+from benchmarks.gpu_check_tools import FAILED, PEAK, attempt, ieee_fp32, replicate, row, timed  # noqa: E402
 from benchmarks.photos import graded_jpegs, synthetic_jpegs  # noqa: E402
 from piqa_core.checkpoints import build_bundle, load_checkpoint  # noqa: E402
 from piqa_core.weight_cache import resolve_weights  # noqa: E402
@@ -36,147 +35,6 @@ from piqa_core.faces import detector_input, for_inference  # noqa: E402
 from piqa_core.liqe import extract_patches  # noqa: E402
 from piqa_core.preprocess import load_image, make_crops  # noqa: E402
 from piqa_core.stages import Predictor, prepare_batch  # noqa: E402
-
-
-def end_to_end(args, base, photos: list[bytes], dev: torch.device, batch: int, detector) -> float:
-    """The Ray stage classes driven directly (no Ray on the GPU machines): prep actors' work in a
-    thread pool feeding one score actor, then score actors preparing on their device, serial and with
-    two concurrent calls (what Ray Data runs on a GPU). Returns the best end-to-end images/s."""
-    import tempfile
-
-    from piqa_core.checkpoints import save_checkpoint
-    from piqa_core.gpu_prep import prepare_batch_on_device
-    from ray_jobs.actors import PrepActor, ScoreActor, model_identity
-    from ray_jobs.options import ModelOptions
-    from ray_jobs.storage import S3Options
-
-    gpu, n, s3, best = dev.type == "cuda", len(photos), S3Options(), 0.0
-    cfg = base.config
-    reads = [read_stage_batch(photos[i:i + batch], i) for i in range(0, n, batch)]
-    with tempfile.TemporaryDirectory() as tmp:
-        save_checkpoint(base, tmp)
-        model = ModelOptions(weights=tmp, random_weights=False, preset=cfg.preset, crop_mode="five",
-                             precision="bf16", device=None, batch_size=batch, compile=args.compile)
-        identity = model_identity(model, s3)
-        threads, t0 = torch.get_num_threads(), time.perf_counter()
-        actors: dict = {}  # what loaded: a failed actor costs the rows that need it, not the rest
-
-        def load_prep() -> None:
-            actors["prep"] = keeping_torch_threads(
-                lambda: PrepActor(model, s3, face_device="gpu" if gpu else "cpu", threads=1))
-
-        def load_score() -> None:
-            actors["score"] = ScoreActor(model, s3, identity, device=dev.type, prepare_on_device=True,
-                                         calls=2 if gpu else 1)
-
-        print("End to end through the Ray stage classes (bf16):", flush=True)
-        attempt("prep actor load", load_prep)
-        attempt("score actor load", load_score)
-        print(f"  actors loaded in {time.perf_counter() - t0:.1f} s", flush=True)
-
-        def actor(name: str):
-            if name not in actors:
-                raise RuntimeError(f"no {name} actor (its load failed above)")
-            return actors[name]
-
-        attempt("score actor warm-up", lambda: actor("score")(reads[0]))  # and compile
-
-        def score(cols: dict):
-            """The same actor as a plain score stage (one model load, one compile)."""
-            device = actor("score")
-            device.prepare_on_device = False
-            try:
-                return device(cols)
-            finally:
-                device.prepare_on_device = True
-
-        def sync() -> None:
-            if gpu:
-                torch.cuda.synchronize()
-
-        def two_stage() -> None:
-            nonlocal best
-            prep, _ = actor("prep"), actor("score")
-            t0, done = time.perf_counter(), 0
-            with ThreadPoolExecutor(args.workers, initializer=one_torch_thread) as pool:
-                chunks = [pool.submit(prep, read_stage_batch(photos[i:i + 8], i)) for i in range(0, n, 8)]
-                pending: list[dict] = []
-                for f in chunks:
-                    pending.append(f.result())
-                    if sum(len(c["uri"]) for c in pending) >= batch or f is chunks[-1]:
-                        merged = {k: np.concatenate([c[k] for c in pending]) for k in pending[0]}
-                        done += sum(s == "ok" for s in score(merged).column("status").to_pylist())
-                        pending = []
-            sync()
-            rate = n / (time.perf_counter() - t0)
-            best = max(best, rate)
-            row(f"end-to-end five: {args.workers} prep threads + actor", rate, f"({done}/{n} scored)")
-
-        def two_stage_then_restore() -> None:
-            try:
-                two_stage()
-            finally:  # the pool's threads set one torch thread each; MKL's count is process-wide
-                torch.set_num_threads(threads)
-
-        attempt("prep actors + score actor", two_stage_then_restore)
-
-        def on_device(calls: int, scorer=None, mode: str = "five") -> float:
-            scorer = scorer or actor("score")
-            rounds = 1 if args.dry_run else 3  # a 64-photo pass lasts well under a second on a GPU
-            sync()
-            t0 = time.perf_counter()
-            with ThreadPoolExecutor(calls) as pool:
-                tables = pool.map(scorer, reads * rounds)
-                done = sum(sum(s == "ok" for s in t.column("status").to_pylist()) for t in tables)
-            sync()
-            rate = rounds * n / (time.perf_counter() - t0)
-            row(f"end-to-end {mode}: {dev.type} prep in actor, {calls} call(s)", rate,
-                f"({done}/{rounds * n} scored)")
-            return rate
-
-        def five(calls: int) -> None:
-            nonlocal best
-            best = max(best, on_device(calls))
-
-        attempt("device prep, serial", lambda: five(1))
-        attempt("device prep, overlapped", lambda: five(2))
-
-        def center() -> None:
-            """Center-crop mode through its own actor (bf16, not compiled: preparation bounds it)."""
-            opts = dataclasses.replace(model, crop_mode="center", compile=False)
-            scorer = ScoreActor(opts, s3, model_identity(opts, s3), device=dev.type, prepare_on_device=True,
-                                calls=2 if gpu else 1)
-            scorer(reads[0])
-            # One call is what the pipeline runs (score_calls); two show whether overlap pays here.
-            rate = max(on_device(calls, scorer, "center") for calls in ((1, 2) if gpu else (1,)))
-            print(f"  center-crop / best five-crop end to end: {rate / max(best, 1e-9):.1f}x", flush=True)
-
-        attempt("center-crop end to end", center)
-
-        def prep_alone() -> None:
-            sync()
-            t0 = time.perf_counter()
-            for i in range(0, n, batch):
-                prepare_batch_on_device(photos[i:i + batch], cfg, detector, dev, "five")
-            sync()
-            row(f"  of which preparation on {dev.type} alone", n / (time.perf_counter() - t0))
-            from piqa_core.gpu_prep import _decode, decoder_broken
-
-            decode = lambda: [_decode(photos[i:i + batch], dev) for i in range(0, n, batch)]  # noqa: E731
-            per = timed(decode, 1, gpu)
-            broken = decoder_broken(dev)
-            row(f"  of which JPEG decode on {dev.type} alone", n / per,
-                f"(decoder OFF, {broken}: every JPEG went to PIL)" if broken else "")
-            predictor = actor("score").predictor
-            a = predictor(prepare_batch(photos[:batch], cfg, detector, "five"))["score"]
-            b = predictor(prepare_batch_on_device(photos[:batch], cfg, detector, dev, "five"))["score"]
-            from scipy.stats import spearmanr
-
-            print(f"  device prep vs PIL prep (bf16 model)          SRCC {spearmanr(a, b).statistic:.5f}  "
-                  f"max|Δ| {np.abs(a - b).max():.5f}", flush=True)
-
-        attempt("device prep alone", prep_alone)
-    return best
 
 
 SRCC_MIN, MAX_DEVIATION = 0.999, 0.02  # the precision target, on the JOD scale
@@ -299,6 +157,7 @@ def main() -> None:
     variants = [("fp32", {})] + ([("tf32", {})] if gpu else []) + [("bf16", {})]
     variants += [("bf16", {"compile": True})] if args.compile else []
     results: dict[str, np.ndarray] = {}
+    compiled: list[Predictor] = []  # the end-to-end score actor reuses it: one compile fewer
     for precision, extra in variants:
         label = precision + (" + compile" if extra else "") + (" + fused attn" if gpu else "")
 
@@ -317,12 +176,23 @@ def main() -> None:
                 cols = replicate(columns("center"), batch)
                 row(f"model center-crop {label}", batch / timed(lambda: pred(cols), 1 if dry else 3, gpu))
 
+            def liqe() -> None:
+                """LIQE's share of the five-crop row: its CLIP tower over 15 patches per image."""
+                patches = pred.stage(replicate(columns("five"), batch))[0][1]["patches"]
+                with torch.inference_mode():
+                    per = timed(lambda: pred.liqe(patches), 1 if dry else 3, gpu)
+                row(f"  of which LIQE {label}", batch / per, "(15 patches per image)")
+
             def agree_scores() -> None:
                 results[label] = pred(columns("agree"))["score"]
 
             attempt(f"model five-crop {label}", five)
+            if not extra:  # the eager tower: compiling it for this row alone would cost a compile
+                attempt(f"LIQE {label}", liqe)
             attempt(f"model center-crop {label}", center)
             attempt(f"agreement scores {label}", agree_scores)
+            if extra:
+                compiled.append(pred)
 
         attempt(label, measure)
         if gpu:
@@ -333,7 +203,7 @@ def main() -> None:
     for line in agreement(results, judged=args.weights is not None) if has_ref else ["fp32 failed: no reference"]:
         print("  " + line, flush=True)
 
-    e2e = end_to_end(args, base, photos, dev, batch, detector)
+    e2e = end_to_end(args, base, photos, dev, batch, detector, compiled[0] if compiled else None)
 
     from benchmarks.official_style import official_style_score
 
@@ -348,8 +218,11 @@ def main() -> None:
 
     attempt("official-style loop", official)
     if gpu:
-        print(f"GPU memory: max allocated {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
+        print(f"GPU memory: max allocated {max(PEAK[0], torch.cuda.max_memory_allocated()) / 2**30:.1f} GiB")
     print(f"gpu_check: done (torch threads {torch.get_num_threads()})")
+    if FAILED:
+        print(f"gpu_check: {len(FAILED)} stage(s) FAILED: {', '.join(FAILED)}")
+        sys.exit(1)
 
 
 if __name__ == "__main__":

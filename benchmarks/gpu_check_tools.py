@@ -28,16 +28,28 @@ def timed(fn, repeat: int = 1, sync: bool = False) -> float:
 START = time.perf_counter()
 
 
+FAILED: list[str] = []  # the stages that failed, for the exit status
+PEAK = [0]  # bytes: the largest per-row peak, what the whole check needed at most
+
+
 def row(stage: str, per_s: float, note: str = "") -> None:
-    """One figure, stamped with the seconds since the check began (device time is budgeted)."""
+    """One figure, stamped with the seconds since the check began (device time is budgeted); on a GPU
+    with the peak memory allocated since the previous row, so each stage shows its own."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        peak = torch.cuda.max_memory_allocated()
+        PEAK[0] = max(PEAK[0], peak)
+        note += f"  peak {peak / 2**30:.1f} GiB"
+        torch.cuda.reset_peak_memory_stats()
     print(f"  {stage:<44} {per_s:>10.1f} /s  {note}  [t+{time.perf_counter() - START:.0f} s]", flush=True)
 
 
 def attempt(stage: str, fn) -> None:
-    """Run one measurement; a failure is printed and the check goes on (device time is scarce)."""
+    """Run one measurement; a failure is printed and counted, and the check goes on (device time is
+    scarce)."""
     try:
         fn()
     except Exception as e:  # noqa: BLE001
+        FAILED.append(stage)
         print(f"  {stage:<44} FAILED: {type(e).__name__}: {str(e).splitlines()[0][:200]}", flush=True)
 
 
@@ -61,11 +73,6 @@ def keeping_torch_threads(make):
         return make()
     finally:
         torch.set_num_threads(threads)
-
-
-def one_torch_thread() -> None:
-    """Pool initializer: each prep thread runs with one torch thread, as one Ray prep actor does."""
-    torch.set_num_threads(1)
 
 
 def replicate(cols: dict, n: int) -> dict:

@@ -13,26 +13,45 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.mark.slow
-def test_gpu_check_dry_run_prints_every_stage(tmp_path):
+def test_gpu_check_script_dry_run_prints_every_stage_and_keeps_its_log(tmp_path):
     from piqa_core.checkpoints import build_bundle, save_checkpoint
 
     save_checkpoint(build_bundle("tiny", seed=3), tmp_path / "model")  # a model directory, as --weights takes
-    out = subprocess.run([sys.executable, "benchmarks/gpu_check.py", "--dry-run", "--images", "4",
-                          "--weights", str(tmp_path / "model")], cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stderr[-2000:]
+    (tmp_path / "out").mkdir()
+    env = {**os.environ, "OUT": str(tmp_path / "out"), "PIQA_WHEELS": str(tmp_path / "no-wheels"),
+           "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}  # the script runs python3
+    out = subprocess.run(["bash", "benchmarks/gpu_check.sh", "--dry-run", "--images", "4", "--weights",
+                          str(tmp_path / "model")], cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-2000:]
+    assert "== GPU tests" in out.stdout and "== gpu_check.sh exit 0" in out.stdout
+    assert (tmp_path / "out" / "gpu_check.log").read_text() == out.stdout + out.stderr  # all of it, in order
     assert f"model: weights {tmp_path / 'model'}, tiny, sha256 {build_bundle('tiny', seed=3).sha256[:12]}" in out.stdout
     assert "Agreement with the fp32 reference over 6 graded photos" in out.stdout
     assert "the target (SRCC >= 0.999" in out.stdout, out.stdout  # real weights get a verdict
     for stage in ("decode (PIL", "RetinaFace fp32", "RetinaFace network alone", "model five-crop fp32",
-                  "model center-crop bf16", "SRCC", "five: 1 prep threads + actor",
+                  "of which LIQE fp32", "model center-crop bf16", "SRCC", "Parquet write",
+                  "1 prep process(es) loaded and warmed up", "five: 1 prep process(es) + actor",
                   "five: cpu prep in actor, 1 call(s)", "center: cpu prep in actor", "center-crop / best five-crop",
                   "JPEG decode on cpu alone", "official-style loop",
                   "gpu_check: done"):
         assert stage in out.stdout, stage
+    # Prep processes get 3 batches each past the warm-up: 4 photos make one batch, streamed 3 times.
+    assert re.search(r"five: 1 prep process\(es\) \+ actor .*\(12/12 scored", out.stdout), out.stdout
     assert "FAILED" not in out.stdout, out.stdout
     # PrepActor(threads=1) must not leave the script's later CPU timings on one torch thread.
     threads = re.findall(r"torch threads (\d+)", out.stdout)
     assert len(threads) == 2 and threads[0] == threads[1], threads
+
+
+def test_a_failed_stage_is_printed_counted_and_the_check_goes_on(capsys, monkeypatch):
+    from benchmarks import gpu_check_tools as tools
+
+    monkeypatch.setattr(tools, "FAILED", [])
+    ran = []
+    tools.attempt("broken stage", lambda: 1 / 0)
+    tools.attempt("next stage", lambda: ran.append(1))
+    assert tools.FAILED == ["broken stage"] and ran == [1]
+    assert "broken stage" in capsys.readouterr().out.split("FAILED: ZeroDivisionError")[0]
 
 
 def test_synthetic_photos_are_distinct_and_reproducible():
