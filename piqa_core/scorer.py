@@ -33,11 +33,14 @@ class Scorer:
 
     ``calls``: batches scored at once. Default: on a CPU one per torch thread, each call on one
     thread (see ``piqa_core.concurrency``); on a GPU one.
+
+    The bundle's networks stay as they were (Scorers on two devices can share one bundle), unless
+    ``own_bundle``: then they are moved and cast in place, with no copy (``from_pretrained``'s own).
     """
 
     def __init__(self, bundle: Bundle, device: str | torch.device | None = None,
                  precision: str = "fp32", crop_mode: str | None = None, compile: bool = False,
-                 batch_size: int = 8, calls: int | None = None) -> None:
+                 batch_size: int = 8, calls: int | None = None, own_bundle: bool = False) -> None:
         self.bundle = bundle
         self.config = bundle.config
         self.device = torch.device(device) if device is not None else default_device()
@@ -48,7 +51,7 @@ class Scorer:
         self.calls = calls or (torch.get_num_threads() if self.device.type == "cpu" else 1)
         self.detector = for_inference(bundle.detector, self.device)
         self.predictor = Predictor(self.config, bundle.model, bundle.liqe, self.device, precision,
-                                   compile=compile, batch_size=batch_size)
+                                   compile=compile, batch_size=batch_size, own=own_bundle)
 
     @property
     def model(self) -> torch.nn.Module:
@@ -77,7 +80,7 @@ class Scorer:
         else:
             bundle = load_checkpoint(resolve_weights(source, fetch=fetch, read=read))
         return cls(bundle, device=device, precision=precision, crop_mode=crop_mode, compile=compile,
-                   batch_size=batch_size, calls=calls)
+                   batch_size=batch_size, calls=calls, own_bundle=True)
 
     def score_columns(self, items: Sequence[ImageInput]) -> dict[str, np.ndarray]:
         """Prepared + scored columns for one batch (pixel columns included)."""

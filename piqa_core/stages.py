@@ -122,18 +122,21 @@ class Predictor:
     """Device-side scoring of prepared columns: normalise, LIQE, dual-branch model, crop mean.
 
     Precision: ``fp32`` (the reference), ``tf32`` (fp32 weights, TF32 matmuls on CUDA) or ``bf16``
-    (backbones and CLIP towers cast to bfloat16, on copies of the networks given; the head, LIQE's
-    logit scale and prompt embeddings stay fp32; fp32 and tf32 move those networks to the device in
-    place; scores returned as float32); on CUDA it sets torch's
-    process-global TF32 flags (:func:`use_tf32`). ``compile`` wraps the
-    networks in ``torch.compile`` and pads every batch to ``batch_size`` rows so shapes stay static.
-    ``fused_attn`` switches timm's Swin window attention to ``scaled_dot_product_attention``
-    (default: on for CUDA).
+    (backbones and CLIP towers cast to bfloat16; the head, LIQE's logit scale and prompt embeddings
+    stay fp32; scores returned as float32); on CUDA it sets torch's process-global TF32 flags
+    (:func:`use_tf32`). ``compile`` wraps the networks in ``torch.compile`` and pads every batch to
+    ``batch_size`` rows so shapes stay static. ``fused_attn`` switches timm's Swin window attention
+    to ``scaled_dot_product_attention`` (default: on for CUDA).
+
+    The networks given are left as they are (device, dtype, training mode, attention): a network the
+    Predictor must change is copied first, so two Predictors can share one bundle. ``own=True``
+    hands fp32 and tf32 networks over instead, moved in place (no copy: for a caller that keeps no
+    other use); bf16 casts copies either way.
     """
 
     def __init__(self, cfg: PIQAConfig, model: DualBranchPIQA, liqe: LIQE | None, device: torch.device,
                  precision: str = "fp32", compile: bool = False, fused_attn: bool | None = None,
-                 batch_size: int | None = None) -> None:
+                 batch_size: int | None = None, own: bool = False) -> None:
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
         if compile and not batch_size:
@@ -143,15 +146,21 @@ class Predictor:
         self.batch_size = batch_size if compile else None
         if self.device.type == "cuda":
             use_tf32(precision)
-        if self.dtype != torch.float32:  # cast copies: the caller's networks (and their sha256) stay fp32
-            model, liqe = copy.deepcopy(model), copy.deepcopy(liqe)
+        fused = fused_attn if fused_attn is not None else self.device.type == "cuda"
+        # The caller's networks (and their sha256) stay as they were; bf16 always casts copies, so
+        # whatever is handed over stays an fp32 model that saves and hashes as loaded.
+        fp32 = self.dtype == torch.float32
+        if not (fp32 and (own or _as_wanted(model, self.device, fused))):
+            model = copy.deepcopy(model)
+        if not (fp32 and (own or _as_wanted(liqe, self.device))):
+            liqe = copy.deepcopy(liqe)
         # Only the backbones are cast. The head stays fp32 (a few thousand FLOPs; bf16 would round LIQE
         # features of 16-32 to 0.125), never rounded through bf16 on the way.
         self.model = model.to(self.device).eval()
         for branch in (self.model.backbone, self.model.backbone_face):
             branch.to(self.dtype)
         self.liqe = liqe.to_compute(self.device, self.dtype).eval() if liqe is not None else None
-        if fused_attn if fused_attn is not None else self.device.type == "cuda":
+        if fused:
             for m in self.model.modules():
                 if hasattr(m, "fused_attn"):
                     m.fused_attn = True
@@ -226,6 +235,16 @@ class Predictor:
         scores = self._model_fn(whole, face, aux, chunk=self.crops_per_pass)
         scenes = top_scene(aux) if aux is not None else [""] * len(whole)  # after the model: .tolist() syncs
         return scores.float().cpu().numpy(), scenes
+
+
+def _as_wanted(net: torch.nn.Module | None, device: torch.device, fused: bool = False) -> bool:
+    """Whether ``net`` is already in eval mode on ``device`` (with fused attention if ``fused``)."""
+    if net is None:
+        return True
+    on = lambda t: t.device.type == device.type and device.index in (None, t.device.index)  # noqa: E731
+    return (not any(m.training for m in net.modules())
+            and all(on(t) for t in (*net.parameters(), *net.buffers()))
+            and not (fused and any(getattr(m, "fused_attn", True) is False for m in net.modules())))
 
 
 def use_tf32(precision: str) -> None:

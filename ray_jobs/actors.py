@@ -189,7 +189,7 @@ class ScoreActor:
         self.device = torch.device(device)
         self.identity, self.crop_mode, self.cfg = identity, identity["crop_mode"], bundle.config
         self.predictor = Predictor(bundle.config, bundle.model, bundle.liqe, self.device, model.precision,
-                                   compile=model.compile, batch_size=model.batch_size)
+                                   compile=model.compile, batch_size=model.batch_size, own=True)
         self.detector = for_inference(bundle.detector, self.device) if prepare_on_device else None
         self.prepare_on_device = prepare_on_device
         self.crash_marker = crash_marker

@@ -301,7 +301,8 @@ def eval_cmd(labels, images, fmt, train_list, test_list, val_fraction, seed, s3,
         table = load_labels(labels, images, fmt, train_list, test_list, val_fraction, seed, s3, check_images=False)
         table, split = select_split(table, split)
         scorer = Scorer(load_bundle(model, s3), device=model.device, precision=model.precision,
-                        crop_mode=model.crop_mode, compile=model.compile, batch_size=model.batch_size)
+                        crop_mode=model.crop_mode, compile=model.compile, batch_size=model.batch_size,
+                        own_bundle=True)
     with tqdm(total=len(table), unit="img", file=sys.stderr) as bar:
         result = evaluate_table(scorer, table, split, s3, model.batch_size, progress=bar.update)
     click.echo(result.format())

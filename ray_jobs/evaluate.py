@@ -136,7 +136,7 @@ def evaluate_remote(model_dir: str, frame: pd.DataFrame, s3: S3Options, out: str
     """Evaluate a (remote) model directory, ``sha256`` its expected weights, on a label frame; writes ``out``."""
     from piqa_core.checkpoints import load_checkpoint
 
-    scorer = Scorer(load_checkpoint(weights_dir(model_dir, s3, sha256)))
+    scorer = Scorer(load_checkpoint(weights_dir(model_dir, s3, sha256)), own_bundle=True)
     result = evaluate_table(scorer, LabelTable(frame), "test", s3, batch_size)
     write_eval(result, out, s3)
     return result.to_dict()

@@ -245,3 +245,25 @@ def test_fewer_items_than_calls_run_as_one_call_on_all_threads_in_one_batch(scor
 def test_default_calls_follow_the_device(scorer):
     assert Scorer(scorer.bundle, device="cpu").calls == torch.get_num_threads()
     assert Scorer(scorer.bundle, device="cpu", calls=3).calls == 3
+
+
+def test_scorers_sharing_a_bundle_leave_its_networks_as_they_were():
+    from piqa_core.stages import Predictor
+
+    bundle = build_bundle("tiny", seed=5)
+    bundle.model.train()  # e.g. a model in the middle of training
+    attention = lambda: [m.fused_attn for m in bundle.model.modules() if hasattr(m, "fused_attn")]  # noqa: E731
+    before = attention()
+    first = Scorer(bundle, device="cpu")
+    assert bundle.model.training and not first.model.training
+    elsewhere = Predictor(bundle.config, bundle.model, bundle.liqe, torch.device("meta"), fused_attn=True)
+    assert next(elsewhere.model.parameters()).device.type == "meta"
+    assert all(m.fused_attn for m in elsewhere.model.modules() if hasattr(m, "fused_attn"))
+    networks = (bundle.model, bundle.liqe)
+    assert all(t.device.type == "cpu" for n in networks for t in (*n.parameters(), *n.buffers()))
+    assert attention() == before and False in before  # timm's Swin default, left alone
+    assert first.score([astronaut_jpeg_bytes()])[0]["status"] == "ok"  # the first one still runs on the CPU
+    bundle.model.eval()  # already as a CPU scorer wants it: used as is, no copy
+    assert Scorer(bundle, device="cpu").model is bundle.model
+    handed = Predictor(bundle.config, bundle.model, bundle.liqe, torch.device("meta"), own=True)
+    assert handed.model is bundle.model and next(bundle.model.parameters()).device.type == "meta"
