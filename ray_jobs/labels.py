@@ -87,6 +87,11 @@ def _text(col: pd.Series) -> list[str | None]:
     return [None if pd.isna(v) or not str(v).strip() else str(v) for v in col]
 
 
+def _groups(col: pd.Series) -> list[str | None]:
+    """Scene/group cells without surrounding blanks: ``"s1 "`` and ``"s1"`` are one scene, whose photos pair."""
+    return [v and v.strip() for v in _text(col)]
+
+
 def _blank(col: pd.Series) -> np.ndarray:
     # pandas 3 keeps NaN through astype(str), pandas 2 does not: test isna first.
     return (col.isna() | col.astype(str).str.strip().eq("")).to_numpy(bool)
@@ -249,7 +254,7 @@ def from_piq23(csv_uri: str, images: str | None = None, train_list: str | None =
     root = (local_path(images) or images) if images else resolve_relative(".", csv_uri)
     rel = [p and p.replace("\\", "/").lstrip("/") for p in _text(df["IMAGE PATH"])]
     out = pd.DataFrame({"uri": [p and join(root, p) for p in rel],
-                        "score": df["JOD"], "group": _text(df["SCENE"]),
+                        "score": df["JOD"], "group": _groups(df["SCENE"]),
                         "name": [n or (p and posixpath.basename(p)) for n, p in zip(_text(df["IMAGE"]), rel)]})
     unused: frozenset[str] = frozenset()
     if train_list or test_list:
@@ -292,7 +297,7 @@ def from_table(uri: str, s3: S3Options | None = None) -> LabelTable:
     _require(df, TABLE_REQUIRED, uri, "table")
     uris = [u and resolve_relative(u, uri) for u in _text(df["uri"])]
     out = pd.DataFrame({"uri": uris, "score": df["score"],
-                        "group": _text(df["group"]), "name": [u and posixpath.basename(u) for u in uris],
+                        "group": _groups(df["group"]), "name": [u and posixpath.basename(u) for u in uris],
                         "split": _split_column(df)})
     return LabelTable(out, uri)
 

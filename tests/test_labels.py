@@ -202,6 +202,17 @@ def test_scenes_and_names_spelled_like_missing_values_are_kept_as_written(tmp_pa
         load_labels(str(csv))
 
 
+def test_scene_cells_with_surrounding_blanks_name_one_scene(tmp_path: Path) -> None:
+    csv = _piq23(tmp_path, {"s1": 2, "s2": 1})
+    pd.read_csv(csv).assign(SCENE=["s1 ", " s1", "s2\t"]).to_csv(csv, index=False)
+    assert load_labels(str(csv)).groups == ["s1", "s1", "s2"]
+    for name in ("a.png", "b.png"):
+        (tmp_path / name).write_bytes(b"x")
+    pd.DataFrame({"uri": ["a.png", "b.png"], "score": [1.0, 2.0], "group": ["g", "g  "]}).to_csv(
+        tmp_path / "t.csv", index=False)
+    assert load_labels(str(tmp_path / "t.csv")).groups == ["g", "g"]
+
+
 def test_pair_list(tmp_path: Path) -> None:
     csv = _piq23(tmp_path, {"S0": 4, "S1": 4})
     table = load_labels(str(csv), val_fraction=0.0)
