@@ -118,10 +118,16 @@ class FeatureCache:
             self.put(str(uri), face, cols["liqe"][i].copy() if cols["liqe"].shape[1] else None)
 
 
+# How the cached features are computed, part of the fingerprint. 2: IEEE fp32 with TF32 off, as
+# `piqa eval` scores (files of 1 may hold features computed under TF32 on GPUs, not what eval sees).
+FEATURES_VERSION = 2
+
+
 def fingerprint(bundle: Bundle) -> str:
-    """sha256 over the frozen parts (LIQE, detector) and their config: a cache key for their outputs."""
+    """sha256 over the frozen parts (LIQE, detector), their config and :data:`FEATURES_VERSION`: a cache
+    key for their outputs."""
     cfg = bundle.config.to_dict()
-    h = hashlib.sha256(json.dumps([cfg["face"], cfg["liqe"]], sort_keys=True).encode())
+    h = hashlib.sha256(json.dumps([cfg["face"], cfg["liqe"], FEATURES_VERSION], sort_keys=True).encode())
     for module in (bundle.liqe, bundle.detector):
         for k, v in sorted(module.state_dict().items()) if module is not None else []:
             h.update(k.encode())

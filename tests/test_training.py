@@ -102,6 +102,19 @@ def test_cached_faces_skip_the_detectors_copy_of_the_photo(monkeypatch) -> None:
         np.testing.assert_array_equal(again[k], first[k])
 
 
+def test_the_cache_fingerprint_names_the_weights_and_how_features_were_computed(monkeypatch) -> None:
+    from piqa_core import features
+    from piqa_core.checkpoints import build_bundle
+
+    bundle = build_bundle("tiny", seed=1)
+    first = features.fingerprint(bundle)
+    assert features.fingerprint(build_bundle("tiny", seed=1)) == first
+    assert features.fingerprint(build_bundle("tiny", seed=2)) != first  # other frozen weights
+    # a file computed another way (TF32 features of version 1) is another file, never reused
+    monkeypatch.setattr(features, "FEATURES_VERSION", features.FEATURES_VERSION - 1)
+    assert features.fingerprint(bundle) != first
+
+
 def test_drop_stale_keeps_other_images_and_the_current_upload() -> None:
     cache, face = FeatureCache("fp"), FaceResult(None, 0.0, 0)
     old, new = image_key("s3://b/a.png", 10, '"e1"'), image_key("s3://b/a.png", 10, '"e2"')
