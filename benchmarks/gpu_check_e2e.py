@@ -21,10 +21,14 @@ _prep = None  # this pool process's PrepActor
 def _start_prep(model, s3, face_device: str, warm: dict, ready) -> None:
     """Pool initializer: one prep actor per process, as Ray runs them, warmed up on one batch."""
     global _prep
-    from ray_jobs.actors import PrepActor
+    try:
+        from ray_jobs.actors import PrepActor
 
-    _prep = PrepActor(model, s3, face_device=face_device, threads=1)
-    _prep(warm)
+        _prep = PrepActor(model, s3, face_device=face_device, threads=1)
+        _prep(warm)
+    except BaseException as e:  # the parent waits for every process: tell it at once, not at its timeout
+        ready.put(f"{type(e).__name__}: {e}")
+        raise
     ready.put(None)
 
 
@@ -49,10 +53,13 @@ def prep_processes(workers: int, model, s3, face_device: str, photos: list[bytes
     with (ProcessPoolExecutor(workers, mp_context=ctx, initializer=_start_prep,
                               initargs=(model, s3, face_device, chunks[0], ready)) as pool,
           ThreadPoolExecutor(2) as calls):
-        for f in [pool.submit(int) for _ in range(workers)]:  # a process per submission: all start now
-            f.result()
+        starts = [pool.submit(int) for _ in range(workers)]  # a process per submission: all start now
         for _ in range(workers):
-            ready.get(timeout=600)
+            failed = ready.get(timeout=300)
+            if failed is not None:
+                raise RuntimeError(f"a prep process failed to start: {failed}")
+        for f in starts:
+            f.result()
         print(f"  {workers} prep process(es) loaded and warmed up in {time.perf_counter() - t0:.1f} s", flush=True)
         t0, moved, pending, scored = time.perf_counter(), 0, [], []
         prepared = [pool.submit(_run_prep, c) for c in stream]

@@ -54,6 +54,22 @@ def test_a_failed_stage_is_printed_counted_and_the_check_goes_on(capsys, monkeyp
     assert "broken stage" in capsys.readouterr().out.split("FAILED: ZeroDivisionError")[0]
 
 
+def test_a_prep_process_that_cannot_start_fails_the_row_at_once(tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from benchmarks.gpu_check_e2e import prep_processes
+    from benchmarks.photos import synthetic_jpegs
+    from ray_jobs.options import ModelOptions
+    from ray_jobs.storage import S3Options
+
+    model = ModelOptions(weights=str(tmp_path / "no-model"), random_weights=False, preset="tiny", crop_mode="five",
+                         precision="bf16", device=None, batch_size=4)
+    with ThreadPoolExecutor(1) as pool:  # bounded: a check that waits out its timeout burns device time
+        row = pool.submit(prep_processes, 1, model, S3Options(), "cpu", synthetic_jpegs(2, 320, 240), 4, None)
+        with pytest.raises(RuntimeError, match=r"a prep process failed to start: .*no-model"):
+            row.result(timeout=120)
+
+
 def test_synthetic_photos_are_distinct_and_reproducible():
     import io
 
