@@ -96,8 +96,13 @@ class Scorer:
         if isinstance(images, _ONE_IMAGE):  # iterating one would score its characters, bytes or rows
             raise TypeError(f"score() takes a list of images, got one {type(images).__name__}: "
                             "pass [image] to score one")
+        items = list(images)
+        bad = next((i for i, item in enumerate(items) if not isinstance(item, _ONE_IMAGE)), None)
+        if bad is not None:  # a programming error, not a bad photo: refused before any work
+            raise TypeError(f"score() item {bad} is a {type(items[bad]).__name__}: pass paths, encoded bytes, "
+                            "PIL images or uint8 arrays")
         results: list[dict[str, Any]] = []
-        for chunk, cols in self.score_chunks(list(images), batch_size or self.batch_size):
+        for chunk, cols in self.score_chunks(items, batch_size or self.batch_size):
             results.extend(rows_from_columns(cols))
             if progress is not None:
                 progress(len(chunk))

@@ -41,6 +41,13 @@ def test_one_image_not_in_a_list_is_refused_not_taken_apart(scorer, tmp_path):
             scorer.score(one)
 
 
+def test_an_item_that_is_no_image_is_refused_before_any_work(scorer, monkeypatch):
+    monkeypatch.setattr(scorer, "score_chunks", lambda *a: pytest.fail("scored before checking the items"))
+    for bad in (5, None, {"uri": "a.jpg"}):
+        with pytest.raises(TypeError, match=rf"item 1 is a {type(bad).__name__}: pass paths, encoded bytes"):
+            scorer.score([astronaut_jpeg_bytes(), bad])
+
+
 def test_bad_inputs_become_error_rows_in_order(scorer, tmp_path):
     good = astronaut_jpeg_bytes()
     rows = scorer.score([good, b"", b"not an image", str(tmp_path / "missing.jpg"), good[: len(good) // 2], good])
