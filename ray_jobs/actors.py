@@ -46,18 +46,28 @@ def _fetcher(s3: S3Options):
     return copy
 
 
-def weights_dir(uri: str, s3: S3Options, sha256: str | None = None) -> Path:
+def weights_dir(uri: str, s3: S3Options, sha256: str | None = None, config: dict | None = None) -> Path:
     """A local copy of a model directory, a remote one read with our storage layer (custom endpoints)."""
-    return resolve_weights(uri, fetch=_fetcher(s3), sha256=sha256, read=lambda where: read_bytes(where, s3))
+    return resolve_weights(uri, fetch=_fetcher(s3), sha256=sha256, read=lambda where: read_bytes(where, s3),
+                           config=config)
 
 
 def load_bundle(model: ModelOptions, s3: S3Options, parts: tuple[str, ...] = PARTS,
-                sha256: str | None = None) -> Bundle:
-    """The model's networks (``parts``); ``sha256``: the weights the job's identity names (a node's
-    cached copy of other weights is fetched again)."""
+                identity: dict[str, Any] | None = None) -> Bundle:
+    """The model's networks (``parts``). ``identity``: the job's ``model_identity``; a node's cached
+    copy of another model is fetched again, and a model directory that no longer holds that model
+    (written again or edited while the job ran) is refused, so one run never mixes two models."""
     if model.random_weights:
         return build_bundle(model.preset, parts=parts)
-    return load_checkpoint(weights_dir(model.weights, s3, sha256), parts=parts)
+    if identity is None:
+        return load_checkpoint(weights_dir(model.weights, s3), parts=parts)
+    config = identity["config"].to_dict()
+    bundle = load_checkpoint(weights_dir(model.weights, s3, identity["sha256"], config), parts=parts)
+    if bundle.sha256 != identity["sha256"] or bundle.config != identity["config"]:
+        what = f"sha256 {bundle.sha256}" if bundle.sha256 != identity["sha256"] else "another model config"
+        raise CheckpointError(f"{model.weights} changed while the job ran: {what} where the job started with "
+                              f"sha256 {identity['sha256']}; re-run the job")
+    return bundle
 
 
 def model_identity(model: ModelOptions, s3: S3Options) -> dict[str, Any]:
@@ -127,10 +137,11 @@ class PrepActor:
     """CPU stage: decode, batched face detection, crops, LIQE patches (pixel columns are uint8)."""
 
     def __init__(self, model: ModelOptions, s3: S3Options, face_device: str = "cpu",
-                 crash_marker: str | None = None, threads: int | None = None, sha256: str | None = None) -> None:
+                 crash_marker: str | None = None, threads: int | None = None,
+                 identity: dict[str, Any] | None = None) -> None:
         # Planned with one torch thread, so libgomp's count (see TorchThread) cannot mislead it.
         torch.set_num_threads(threads or max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
-        bundle = load_bundle(model, s3, parts=("face",), sha256=sha256)
+        bundle = load_bundle(model, s3, parts=("face",), identity=identity)
         self.cfg, self.crop_mode = bundle.config, model.crop_mode
         device = torch.device("cuda" if face_device == "gpu" and torch.cuda.is_available() else "cpu")
         if device.type == "cuda":  # as the score actors' Predictor does: fp32 means IEEE convolutions here too
@@ -181,11 +192,7 @@ class ScoreActor:
                crash_marker: str | None, threads: int | None, prepare_on_device: bool) -> None:
         if threads:
             torch.set_num_threads(threads)
-        bundle = load_bundle(model, s3, parts=PARTS if prepare_on_device else ("model", "liqe"),
-                             sha256=identity["sha256"] if model.weights else None)
-        if model.weights and bundle.sha256 != identity["sha256"]:
-            raise CheckpointError(f"{model.weights} changed while the job ran: sha256 {bundle.sha256} "
-                                  f"!= {identity['sha256']} at job start; re-run the job")
+        bundle = load_bundle(model, s3, parts=PARTS if prepare_on_device else ("model", "liqe"), identity=identity)
         self.device = torch.device(device)
         self.identity, self.crop_mode, self.cfg = identity, identity["crop_mode"], bundle.config
         self.predictor = Predictor(bundle.config, bundle.model, bundle.liqe, self.device, model.precision,

@@ -297,7 +297,7 @@ def _stage_args(job: ScoreJob, plan: PoolPlan, run_id: str,
         fn_constructor_kwargs={**common, "face_device": "gpu" if plan.prep_gpus else "cpu",
                                "crash_marker": crash_marker("prep"),
                                "threads": plan.prep_threads,
-                               "sha256": identity["sha256"] if job.model.weights else None},
+                               "identity": identity},
         compute=ActorPoolStrategy(size=plan.prep_actors), num_cpus=plan.prep_cpus, num_gpus=plan.prep_gpus,
     )
     calls = score_calls(plan)

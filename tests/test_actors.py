@@ -68,13 +68,45 @@ def test_a_node_holding_an_older_copy_of_the_weights_loads_the_ones_the_job_name
     identity = model_identity(model, s3_server.options)
     assert identity["sha256"] == new  # read from the source, not from the node's cache
     actor = ScoreActor(model, s3_server.options, identity)  # used to stop: "changed while the job ran"
-    assert actor.predictor is not None and load_bundle(model, s3_server.options, sha256=new).sha256 == new
-    publish(4)  # without a sha256 (local engine, eval, start weights) the source's config.json decides
+    assert actor.predictor is not None and load_bundle(model, s3_server.options, identity=identity).sha256 == new
+    publish(4)  # without an identity (local engine, eval, start weights) the source's config.json decides
     assert load_bundle(model, s3_server.options).sha256 == load_checkpoint(tmp_path / "m4").sha256
     publish(3)  # written again while the job runs: refused, not mixed into the run
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "node2" / "hub"))  # a node yet to fetch
     with pytest.raises(CheckpointError, match="other weights than the sha256"):
-        PrepActor(model, s3_server.options, threads=1, sha256=new)
+        PrepActor(model, s3_server.options, threads=1, identity=identity)
+
+
+def test_a_config_edited_at_the_source_is_fetched_again_and_never_mixed_into_a_run(s3_server, s3_bucket, tmp_path,
+                                                                                  monkeypatch):
+    import json
+
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    save_checkpoint(build_bundle("tiny", seed=1), tmp_path / "m")
+    uri = f"s3://{s3_bucket}/models/e"
+
+    def publish(**preprocess) -> None:
+        meta = json.loads((tmp_path / "m" / "config.json").read_text())
+        meta["config"]["preprocess"].update(preprocess)
+        (tmp_path / "m" / "config.json").write_text(json.dumps(meta))
+        for f in (tmp_path / "m").iterdir():
+            write_bytes(f"{uri}/{f.name}", f.read_bytes(), s3_server.options)
+
+    model = ModelOptions(weights=uri, random_weights=False, preset="tiny", crop_mode=None, precision="fp32",
+                         device=None, batch_size=4)
+    publish()
+    assert load_bundle(model, s3_server.options).config.preprocess.crop_mode == "five"  # cached on this node
+    publish(crop_mode="center")  # the same weights, the config edited
+    identity = model_identity(model, s3_server.options)
+    assert identity["crop_mode"] == "center"
+    for actor in (PrepActor(model, s3_server.options, threads=1, identity=identity),
+                  ScoreActor(model, s3_server.options, identity)):  # the node's copy was the old config
+        assert actor.cfg.preprocess.crop_mode == "center"
+    assert load_bundle(model, s3_server.options).config.preprocess.crop_mode == "center"
+    publish(crop_mode="five")  # edited again while the job runs: refused
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "node2" / "hub"))
+    with pytest.raises(CheckpointError, match="holds another model config than the one expected"):
+        PrepActor(model, s3_server.options, threads=1, identity=identity)
 
 
 def test_an_unreachable_source_is_named_by_the_nodes_cached_copy(tmp_path, s3_server, s3_bucket, monkeypatch):
@@ -96,14 +128,18 @@ def test_an_unreachable_source_is_named_by_the_nodes_cached_copy(tmp_path, s3_se
     assert identity["cached_copy"] is not None and model_identity(model, s3_server.options)["cached_copy"] is None
 
 
-def test_score_actor_refuses_weights_replaced_during_the_job(tmp_path):
+@pytest.mark.parametrize("stage", ["prep", "score"])
+def test_actors_refuse_weights_replaced_during_the_job(tmp_path, stage):
     save_checkpoint(build_bundle("tiny", seed=1), tmp_path / "m")
     model = ModelOptions(weights=str(tmp_path / "m"), random_weights=False, preset="tiny", crop_mode=None,
                          precision="fp32", device=None, batch_size=4)
     identity = model_identity(model, S3Options())
     save_checkpoint(build_bundle("tiny", seed=2), tmp_path / "m")  # replaced after the driver looked
-    with pytest.raises(CheckpointError, match="changed while the job ran"):
-        ScoreActor(model, S3Options(), identity)
+    with pytest.raises(CheckpointError, match=r"changed while the job ran: sha256 [0-9a-f]{64} where the job started"):
+        if stage == "prep":  # a restarted prep actor must not bring another detector into the run
+            PrepActor(model, S3Options(), threads=1, identity=identity)
+        else:
+            ScoreActor(model, S3Options(), identity)
 
 
 def test_score_actor_prepares_on_its_device_like_the_prep_stage():
