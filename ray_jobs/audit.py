@@ -246,7 +246,11 @@ def score_delta(job: AuditJob, plan: Plan) -> tuple[pa.Table, dict[str, int]]:
     if objects:
         res = run_score_job(ScoreJob(inputs=[job.library], out=out, model=job.model, s3=job.s3, objects=objects,
                                      resume=True, run_id=plan.run_id, max_bytes=job.max_bytes,
-                                     face_device=job.face_device, address=job.address, gpu=job.gpu))
+                                     face_device=job.face_device, address=job.address, gpu=job.gpu,
+                                     # an unfinished run's transient errors (say of the outage that ended
+                                     # it) are retried, as the next night would
+                                     retry_error_codes=TRANSIENT_ERROR_CODES,
+                                     rerun_hint="run the audit again to score them"))
         skipped = res["skipped_already_scored"]
         stats.update(scored_now=len(objects) - skipped, reused_from_unfinished_run=skipped)
     rows = read_rows(out, job.s3)

@@ -181,9 +181,14 @@ def commit(state: str, s3: S3Options, pointer: dict[str, Any], previous_run_id: 
     run_id = pointer["run_id"]
     check_current(state, s3, run_id, previous_run_id)  # S3 has no compare-and-swap here: the window is this gap
     write_json(join(state, CURRENT), pointer, s3)
+    # Committed: a failure from here on must not report the run as failed (its alerts unsaid). The next
+    # run deletes a marker naming the run CURRENT names.
     try:
         marker = read_json(join(state, IN_PROGRESS), s3)
+        if isinstance(marker, dict) and marker.get("run_id") == run_id:
+            delete(join(state, IN_PROGRESS), s3)
     except ValueError:  # not parseable: not this run's, and the next run abandons it
-        marker = None
-    if isinstance(marker, dict) and marker.get("run_id") == run_id:
-        delete(join(state, IN_PROGRESS), s3)
+        pass
+    except OSError as e:
+        print(f"piqa audit: WARNING run {run_id} is committed, but {join(state, IN_PROGRESS)} could not be removed "
+              f"({type(e).__name__}: {e}); the next run removes it", file=sys.stderr)

@@ -68,12 +68,14 @@ def _read(fs: pafs.FileSystem, path: str, columns: list[str] | None = None) -> p
         return None
 
 
-RESUME_COLUMNS = ("uri", "etag_or_mtime", "model_sha256", "crop_mode")
+RESUME_COLUMNS = ("uri", "etag_or_mtime", "model_sha256", "crop_mode", "error_code")
 
 
-def already_scored(out: str, sha256: str, crop_mode: str, s3: S3Options | None = None) -> set[tuple[str, str]]:
+def already_scored(out: str, sha256: str, crop_mode: str, s3: S3Options | None = None,
+                   retry: frozenset[str] = frozenset()) -> set[tuple[str, str]]:
     """(uri, etag_or_mtime) of every object version with a row under ``out`` written by the model with
-    this sha256 in this crop mode: an object replaced under the same name is not done.
+    this sha256 in this crop mode: an object replaced under the same name is not done, nor one whose
+    row holds an error code in ``retry``.
 
     One of our files whose footer cannot be read (a local write cut short by a crash) is moved aside
     to ``_unreadable-<name>``: its inputs are scored again, and dataset readers, which skip names
@@ -84,8 +86,8 @@ def already_scored(out: str, sha256: str, crop_mode: str, s3: S3Options | None =
     for path in files:
         t = _resume_columns(fs, path)
         if t is not None:
-            done.update((u, e) for u, e, s, c in zip(*(t.column(k).to_pylist() for k in RESUME_COLUMNS))
-                        if s == sha256 and c == crop_mode)
+            done.update((u, e) for u, e, s, c, code in zip(*(t.column(k).to_pylist() for k in RESUME_COLUMNS))
+                        if s == sha256 and c == crop_mode and code not in retry)
     return done
 
 

@@ -72,6 +72,10 @@ class ScoreJob:
     inject_crash: str | None = None
     # Score exactly these objects instead of listing ``inputs`` (the audit passes its planned delta).
     objects: list[ObjectInfo] | None = None
+    # With resume: rows holding these error codes are not done (the audit retries transient errors).
+    retry_error_codes: frozenset[str] = frozenset()
+    # What a run that leaves inputs without a row tells its user to do.
+    rerun_hint: str = "run the same command with --resume to score them"
 
 
 @dataclass
@@ -233,7 +237,7 @@ def run_score_job(job: ScoreJob) -> dict[str, Any]:
     identity = model_identity(job.model, job.s3)
     skipped = 0
     if job.resume:
-        done = already_scored(job.out, identity["sha256"], identity["crop_mode"], job.s3)
+        done = already_scored(job.out, identity["sha256"], identity["crop_mode"], job.s3, job.retry_error_codes)
         before = len(objects)
         objects = [o for o in objects if (o.uri, o.etag_or_mtime) not in done]
         skipped = before - len(objects)
@@ -280,7 +284,7 @@ def _run_pipeline(job: ScoreJob, objects: list[ObjectInfo], identity: dict[str, 
     print(format_summary(summary), file=sys.stderr)
     if missing:  # e.g. an output file removed or damaged before it was read back
         raise RowsMissing(f"run {run_id}: {len(missing)} of {len(objects)} inputs have no row in {dest} "
-                          f"(first: {missing[0]}); run the same command with --resume to score them")
+                          f"(first: {missing[0]}); {job.rerun_hint}")
     return summary
 
 

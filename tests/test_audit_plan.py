@@ -233,6 +233,25 @@ def test_score_delta_keeps_only_rows_of_the_runs_crop_mode(tmp_path: Path, monke
     assert stats == {"to_score": 1, "scored_now": 0, "reused_from_unfinished_run": 1}
 
 
+def test_a_continued_run_retries_its_transient_errors_and_names_the_audit_to_rerun(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from ray_jobs import score
+
+    job = AuditJob(library=str(tmp_path / "lib"), state=str(tmp_path / "state"), model=TINY)
+    listing = pa.Table.from_pylist([{**row("/lib/a.jpg"), "action": "new", "to_score": True}], schema=PLAN_SCHEMA)
+    plan = audit.Plan("r1", T0, "/lib", SHA, "tiny", "five", None, None, listing, resumed=True)
+    jobs: list = []
+
+    def pipeline(score_job):
+        jobs.append(score_job)
+        raise score.RowsMissing(f"run r1: 1 of 1 inputs have no row in x (first: /lib/a.jpg); {score_job.rerun_hint}")
+
+    monkeypatch.setattr(score, "run_score_job", pipeline)
+    with pytest.raises(score.RowsMissing, match=r"; run the audit again to score them$"):  # no --resume in audit
+        audit.score_delta(job, plan)
+    assert jobs[0].resume and jobs[0].retry_error_codes == audit.TRANSIENT_ERROR_CODES
+
+
 FIVE = {"sha256": SHA, "model_id": "tiny", "crop_mode": "five"}
 
 

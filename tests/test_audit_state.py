@@ -41,6 +41,21 @@ def test_commit_refuses_when_current_moved_and_keeps_other_runs_markers(tmp_path
     assert read_json(join(state, "IN_PROGRESS"), s3) is None
 
 
+def test_a_commit_whose_marker_cannot_be_removed_stands_with_a_warning(tmp_path: Path, capsys,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    state, s3 = str(tmp_path / "state"), None
+    audit_state.write_json(join(state, "IN_PROGRESS"), {"run_id": "r1"}, s3)
+
+    def throttled(uri: str, s3: Any) -> None:
+        raise OSError("AWS Error NETWORK_CONNECTION during DeleteObject")
+
+    monkeypatch.setattr(audit_state, "delete", throttled)
+    commit(state, s3, _pointer("r1"), None)  # committed: no failure reported (it would hide the run's alerts)
+    assert read_json(join(state, "CURRENT"), s3)["run_id"] == "r1"
+    err = capsys.readouterr().err
+    assert "WARNING run r1 is committed, but" in err and "NETWORK_CONNECTION" in err and "the next run removes it" in err
+
+
 def _fake_pipeline(sha: str, during_first: Callable[[], None]) -> Callable[[Any], dict[str, Any]]:
     """Writes an ok row per planned object into the run's scores folder; the first call runs
     ``during_first`` before it returns, as a second audit started meanwhile would."""

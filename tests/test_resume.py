@@ -40,6 +40,16 @@ def test_a_row_counts_only_for_the_same_object_version_model_and_crop_mode(tmp_p
     assert already_scored(str(tmp_path / "nothing-yet"), "sha1", "five") == set()
 
 
+def test_rows_with_an_error_code_to_retry_are_not_done(tmp_path: Path) -> None:
+    rows = _rows(["a", "b", "c"], "sha1", "five")
+    rows = rows.set_column(rows.schema.get_field_index("error_code"), "error_code",
+                           pa.array([None, "read_failed", "not_an_image"]))
+    _write(tmp_path / "out" / "part-r1-u_000000.parquet", rows)
+    out = str(tmp_path / "out")
+    assert already_scored(out, "sha1", "five") == {("a", "e1"), ("b", "e1"), ("c", "e1")}  # `piqa score --resume`
+    assert already_scored(out, "sha1", "five", retry=frozenset({"read_failed"})) == {("a", "e1"), ("c", "e1")}
+
+
 def test_a_file_cut_short_is_moved_aside_and_the_folder_reads_again(tmp_path: Path, capsys) -> None:
     part = tmp_path / "out" / "run_date=2026-01-02"
     _write(part / "part-r1-u_000000.parquet", _rows(["a", "b"], "sha1", "five"))
