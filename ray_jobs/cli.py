@@ -148,7 +148,8 @@ def _score_local(inputs, out, manifest, s3, max_bytes, model: ModelOptions) -> N
 @click.option("--state", "state_uri", required=True,
               help="Audit state folder/prefix (CURRENT pointer, states/, runs/, reports/).")
 @click.option("--alert-if-mean-drops", type=Number(0), default=None,
-              help="Exit 3 when the library's mean score fell by more than this vs the previous run.")
+              help="Exit 3 when the library's mean score fell by more than this vs the previous run, "
+                   "or no photo has an ok score any more.")
 @click.option("--alert-if-error-rate", type=Number(0, 1), default=None,
               help="Exit 3 when more than this fraction of the objects scored in this run are errors.")
 @click.option("--alert-if-deleted", type=Number(0, 1), default=None,

@@ -125,10 +125,16 @@ def check_alerts(summary: dict[str, Any], mean_drop: float | None, error_rate: f
                                   f"({gone / before:.4f} > {deleted}): is every folder of the library mounted? "
                                   "They are marked deleted; listed again unchanged, they are restored unscored"})
     shift = summary.get("mean_shift")
+    before_mean = (summary.get("previous") or {}).get("mean")
     if mean_drop is not None and shift is not None and -shift > mean_drop:
         alerts.append({"kind": "mean_drop", "threshold": mean_drop, "value": -shift,
                        "message": f"mean score dropped by {-shift:.4f} (> {mean_drop}) vs run "
                                   f"{summary.get('previous_run_id')}"})
+    elif mean_drop is not None and before_mean is not None and (summary.get("tonight") or {}).get("mean") is None:
+        # the worst drop there is (say new weights that score every photo NaN): no mean to compare
+        alerts.append({"kind": "mean_drop", "threshold": mean_drop, "value": None,
+                       "message": f"no photo of the library has an ok score now (run "
+                                  f"{summary.get('previous_run_id')}'s mean was {before_mean:.4f})"})
     rate = summary["scored_this_run"]["error_rate"]
     if error_rate is not None and rate > error_rate:
         alerts.append({"kind": "error_rate", "threshold": error_rate, "value": rate,

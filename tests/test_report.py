@@ -109,6 +109,10 @@ def test_alert_rules() -> None:
     assert check_alerts({**base, "mean_shift": -0.1}, 0.2, None) == []
     assert check_alerts({**base, "mean_shift": +0.5}, 0.2, None) == []
     assert check_alerts({**base, "mean_shift": None}, 0.2, None) == []  # first run: nothing to compare
+    none_ok = {**base, "mean_shift": None, "previous": {"objects": 100, "mean": 0.5}, "tonight": {"mean": None}}
+    [alert] = check_alerts(none_ok, 0.2, None)  # e.g. every photo non_finite_score under new weights
+    assert alert["kind"] == "mean_drop" and "no photo of the library has an ok score now" in alert["message"]
+    assert check_alerts(none_ok, None, None) == []
     assert [a["kind"] for a in check_alerts({**base, "mean_shift": 0.0}, None, 0.01)] == ["error_rate"]
     assert check_alerts({**base, "mean_shift": -1.0}, None, None) == []
     gone = {**base, "mean_shift": None, "counts": {"deleted": 30}, "previous": {"objects": 100}}
