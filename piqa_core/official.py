@@ -59,18 +59,30 @@ def official_to_ours(sd: Mapping[str, torch.Tensor], model: DualBranchPIQA) -> d
     return out
 
 
-def backbone_from_official(sd: Mapping[str, torch.Tensor], backbone: nn.Module) -> dict[str, torch.Tensor]:
+def backbone_from_official(sd: Mapping[str, torch.Tensor], backbone: nn.Module,
+                           face: bool = False) -> dict[str, torch.Tensor]:
     """Swin weights from the official pre-training files, their regression heads discarded.
 
     LSVQ (``Swin_b_384_in22k``): ``feature_extraction.*`` + ``quality.*``.
     GFIQA (a wrapper of that): ``feature_extraction.feature_extraction.*`` + ``quality.*``.
+    A whole DN-PIQA model (``PIQ_model.pth``) holds both branches: ``face`` picks the face branch's.
     """
     sd = clean_state_dict(sd)
-    prefix = _WHOLE if any(k.startswith(_WHOLE) for k in sd) else "feature_extraction."
+    if any(k.startswith(_FACE) for k in sd):
+        prefix = _FACE if face else _WHOLE
+    else:
+        prefix = _WHOLE if any(k.startswith(_WHOLE) for k in sd) else "feature_extraction."
     body = strip_prefix(sd, prefix)
     if not body:
         raise CheckpointError("no Swin weights found: expected keys under 'feature_extraction.'")
     return _swin_filter_exact(body, backbone)
+
+
+def load_retinaface(net: nn.Module, sd: Mapping[str, torch.Tensor], source: object = None) -> None:
+    """RetinaFace-R50 weights, strictly; an error names the file and the release every preset expects."""
+    load_strict(net, clean_state_dict(sd), f"RetinaFace {source}" if source is not None else "RetinaFace",
+                hint=f"Expected retinaface-pytorch's ResNet-50 release ({RETINAFACE_FILE}), the detector of "
+                     "every preset.")
 
 
 def clip_cfg_from_openai(sd: Mapping[str, torch.Tensor]) -> dict[str, Any]:
@@ -172,7 +184,7 @@ def import_official(
     with _blame("LIQE", liqe_weights, swapped):
         load_liqe_openai(bundle.liqe, liqe_sd)
     if bundle.detector is not None:
-        face_sd = retinaface if isinstance(retinaface, Mapping) else torch_load(find_retinaface(retinaface))
-        load_strict(bundle.detector.net, clean_state_dict(face_sd), "RetinaFace")
+        path = None if isinstance(retinaface, Mapping) else find_retinaface(retinaface)
+        load_retinaface(bundle.detector.net, retinaface if path is None else torch_load(path), path)
     bundle.model_id, bundle.random_init, bundle.meta = model_id, False, {}
     return bundle

@@ -19,7 +19,8 @@ import numpy as np
 import torch
 
 from .checkpoints import Bundle, build_bundle, clean_state_dict, load_checkpoint, load_strict, torch_load
-from .official import backbone_from_official, clip_cfg_from_openai, load_liqe_openai, official_to_ours
+from .official import (backbone_from_official, clip_cfg_from_openai, load_liqe_openai, load_retinaface,
+                       official_to_ours)
 from .config import PIQAConfig, get_preset
 from .losses import fidelity_loss, sample_pairs
 from .metrics import evaluate
@@ -247,7 +248,8 @@ def init_bundle(preset: str = "dn-piqa", seed: int = 0, init: Source | None = No
         if liqe_sd is not None:
             load_liqe_openai(bundle.liqe, liqe_sd)
         if retinaface is not None and bundle.detector is not None:
-            load_strict(bundle.detector.net, clean_state_dict(_state(retinaface, "--retinaface")), "RetinaFace")
+            where = "(remote file)" if isinstance(retinaface, bytes) else os.fspath(retinaface)
+            load_retinaface(bundle.detector.net, _state(retinaface, "--retinaface"), f"--retinaface {where}")
         if init is not None:
             load_strict(bundle.model, official_to_ours(_state(init, "--init"), bundle.model), "DN-PIQA model")
         bundle.random_parts = _frozen_parts(bundle, liqe=liqe, face=retinaface)
@@ -256,5 +258,6 @@ def init_bundle(preset: str = "dn-piqa", seed: int = 0, init: Source | None = No
     for branch, src, option in (("backbone", init_whole, "--init-whole"), ("backbone_face", init_face, "--init-face")):
         if src is not None:
             module = getattr(bundle.model, branch)
-            load_strict(module, backbone_from_official(_state(src, option), module), f"{branch} pre-training")
+            weights = backbone_from_official(_state(src, option), module, face=branch == "backbone_face")
+            load_strict(module, weights, f"{branch} pre-training")
     return bundle, warnings

@@ -151,6 +151,17 @@ def test_official_backbones_lsvq_and_gfiqa():
             assert torch.equal(fresh.backbone.eval()(x), model.backbone.eval()(x))
 
 
+def test_a_whole_model_as_a_backbone_file_gives_each_branch_its_own_weights():
+    model = DualBranchPIQA(get_preset("tiny").model)
+    sd = official_layout(model)  # PIQ_model.pth, say as --init-face: the face branch, not the whole one
+    for branch, face in (("backbone", False), ("backbone_face", True)):
+        fresh = DualBranchPIQA(get_preset("tiny").model)
+        module = getattr(fresh, branch)
+        load_strict(module, backbone_from_official(sd, module, face=face), branch)
+        want = getattr(model, branch).state_dict()
+        assert all(torch.equal(v, want[k]) for k, v in module.state_dict().items())
+
+
 def test_pickled_code_is_refused(tmp_path):
     path = tmp_path / "evil.pth"
     torch.save({"w": torch.zeros(1), "hook": os.system}, path)

@@ -132,6 +132,18 @@ def test_swapped_official_files_are_named(official, tmp_path):
                     "did you swap PIQ_MODEL and LIQE?")
 
 
+def test_a_wrong_retinaface_file_is_named_with_the_release_expected(official, tmp_path):
+    from piqa_core.official import RETINAFACE_FILE
+
+    sd = build_bundle("tiny", seed=5, text_features=False).detector.net.state_dict()
+    key = next(iter(sd))
+    (tmp_path / "r.zip").write_bytes(legacy_zip({**{k: v for k, v in sd.items() if k != key}, "x." + key: sd[key]}))
+    res = _weights("import-official", official["piq"], official["liqe"], "--retinaface", tmp_path / "r.zip",
+                   "--preset", "tiny", "-o", tmp_path / "out")
+    assert res.exit_code == 1 and f"RetinaFace {tmp_path / 'r.zip'}: the weights do not match" in res.output
+    assert f"missing (1): {key}" in res.output and RETINAFACE_FILE in res.output and "--preset" not in res.output
+
+
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
     d = tmp_path_factory.mktemp("model") / "m"

@@ -245,6 +245,11 @@ def test_start_weights_from_each_kind_of_source(tmp_path: Path) -> None:
     assert _same(bundle.model.backbone_face, src.model.backbone_face)
     assert _same(bundle.model.head, build_bundle("tiny", seed=0).model.head)  # the head stays random (seed 0)
     assert len(warnings) == 2
+    # PIQ_model.pth as both backbone files: each branch gets its own (the face one took the whole's)
+    bundle, _ = init_bundle("tiny", seed=0, init_whole=str(tmp_path / "PIQ_model.pth"),
+                            init_face=str(tmp_path / "PIQ_model.pth"))
+    assert _same(bundle.model.backbone, src.model.backbone)
+    assert _same(bundle.model.backbone_face, src.model.backbone_face)
 
 
 # ----------------------------------------------------------------------- refused before any worker starts
