@@ -75,6 +75,9 @@ def _write_dir(out: Path, force: bool, write: Callable[[Path], str]) -> str:
     try:
         digest = write(tmp)
         if force and target.is_dir() and any(target.iterdir()):
+            if not _is_model_dir(target):  # checked at the start; files may have appeared since
+                raise click.ClickException(f"-o {out}: files appeared in it while it was being written, and "
+                                           "--force replaces only a piqa model directory; name a new folder")
             old = tmp.with_name(f".{target.name}.{secrets.token_hex(4)}.old")
             os.rename(target, old)
         try:

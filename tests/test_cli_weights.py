@@ -98,6 +98,19 @@ def test_a_crash_while_writing_never_leaves_half_a_directory(tmp_path, monkeypat
     assert f"1 folder(s) beside {out} left by an interrupted run: .m.1234abcd.tmp;" in res.output
 
 
+def test_force_leaves_files_that_appear_in_out_while_it_writes(tmp_path, monkeypatch):
+    out, real_save = tmp_path / "m", checkpoints.save_checkpoint
+
+    def someone_writes_meanwhile(bundle, directory, extra=None):
+        (out / "notes.txt").write_text("mine")
+        return real_save(bundle, directory, extra)
+
+    monkeypatch.setattr(checkpoints, "save_checkpoint", someone_writes_meanwhile)
+    out.mkdir()  # empty when checked
+    _one_line_error(_weights("random", "--preset", "tiny", "-o", out, "--force"), "files appeared in it")
+    assert [p.name for p in out.iterdir()] == ["notes.txt"] and (out / "notes.txt").read_text() == "mine"
+
+
 def test_out_with_a_scheme_or_a_symlink_is_refused(official, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     _one_line_error(_weights("random", "--preset", "tiny", "-o", "s3://models/piqa/m"),
