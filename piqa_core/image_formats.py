@@ -29,7 +29,8 @@ def open_image(data: bytes) -> Image.Image:
 
 
 # Unambiguous leading bytes of the formats above (BMP's "BM" and PPM's "P6" are too short to tell).
-_SIGNATURES = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a", b"II*\x00", b"MM\x00*")
+TIFF_SIGNATURES = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")  # classic TIFF, BigTIFF
+_SIGNATURES = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a", *TIFF_SIGNATURES)
 
 
 def looks_decodable(data: bytes) -> bool:

@@ -8,6 +8,7 @@ official DN-PIQA path: ``PIL -> convert('RGB') -> Resize(448) -> FiveCrop/Random
 from __future__ import annotations
 
 import functools
+import io
 import os
 import struct
 import warnings
@@ -18,12 +19,12 @@ from typing import Sequence, Union
 import numpy as np
 import torch
 import torchvision.transforms.functional as TF
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, TiffImagePlugin, UnidentifiedImageError
 from torchvision.transforms import InterpolationMode
 
 from piqa_core.config import PreprocessConfig
 from piqa_core.errors import ERROR_CODES, ImageError  # noqa: F401  (re-exported)
-from piqa_core.image_formats import DECODABLE_FORMATS, looks_decodable, open_image
+from piqa_core.image_formats import DECODABLE_FORMATS, TIFF_SIGNATURES, looks_decodable, open_image
 
 
 # Modes whose official `img.convert('RGB')` is faithful (alpha is dropped, as officially).
@@ -69,6 +70,8 @@ def _to_rgb(img: Image.Image, fmt: str | None) -> Image.Image:
         if arr.min(initial=0) < 0 or arr.max(initial=0) > 0xFFFF:
             raise ImageError("unsupported_mode", f"mode {mode!r} holds values outside 16 bits")
         grey = (arr.astype(np.uint32) >> 8).astype(np.uint8)
+        if fmt == "TIFF" and img.tag_v2.get(262) == 0:  # "white is zero": Pillow inverts 8-bit ones only
+            grey = 255 - grey
         return Image.fromarray(grey, mode="L").convert("RGB")
     raise ImageError("unsupported_mode", f"image mode {mode!r} (format {fmt}) cannot be mapped to 8-bit RGB")
 
@@ -92,6 +95,23 @@ def _finish(img: Image.Image, cfg: PreprocessConfig) -> Image.Image:
     return _to_rgb(img, fmt)
 
 
+def _unsupported_tiff_layout(data: bytes) -> str | None:
+    """Why a well-formed TIFF that failed to open is one Pillow has no mode for (float RGB, 16-bit grey
+    with alpha, …), else None: Image.open hides that reason behind "cannot identify"."""
+    if not data.startswith(TIFF_SIGNATURES):
+        return None
+    try:
+        with warnings.catch_warnings(record=True) as damaged:
+            warnings.simplefilter("always")
+            TiffImagePlugin.TiffImageFile(io.BytesIO(data))
+    except SyntaxError as e:
+        # A directory cut short ("Truncated File Read") can name no mode either: that file is damaged.
+        return str(e) if str(e) == "unknown pixel mode" and not damaged else None
+    except Exception:  # noqa: BLE001 — damaged in another way: the caller's verdict stands
+        return None
+    return None
+
+
 def decode_image(data: bytes, cfg: PreprocessConfig) -> Image.Image:
     """Decode encoded bytes into a fully loaded RGB image (frame 0), or raise ImageError.
 
@@ -109,6 +129,8 @@ def decode_image(data: bytes, cfg: PreprocessConfig) -> Image.Image:
         except (OSError, SyntaxError, ValueError, EOFError, struct.error) as e:
             if _metadata_bomb(e):
                 raise ImageError("decompression_bomb", f"metadata: {e}") from e
+            if (layout := _unsupported_tiff_layout(data)) is not None:
+                raise ImageError("unsupported_mode", f"a TIFF layout that cannot be decoded: {layout}") from e
             # A WEBP's RIFF size or a TIFF's index at the end fails the open, not the load, when cut short.
             if looks_decodable(data):
                 raise ImageError("truncated", f"image header unreadable, truncated or corrupt: {e}") from e

@@ -43,6 +43,15 @@ def _encode(img: Image.Image, fmt: str, **kw: object) -> bytes:
     return buf.getvalue()
 
 
+def _tifffile(arr: np.ndarray, **kw: object) -> bytes:
+    """TIFF layouts Pillow cannot write (float RGB, extra samples, BigTIFF)."""
+    import tifffile  # scikit-image's dependency
+
+    buf = io.BytesIO()
+    tifffile.imwrite(buf, arr, **kw)
+    return buf.getvalue()
+
+
 def _png_chunk(kind: bytes, payload: bytes) -> bytes:
     return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
 
@@ -102,6 +111,7 @@ def build_corpus(dirpath: Path) -> dict[str, str | None]:
     corrupt_png[len(full_png) // 2 : len(full_png) // 2 + 64] = b"\xff" * 64  # inside IDAT: zlib/CRC error
     noise = np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes()
     deflate_tif = _encode(rgb, "TIFF", compression="tiff_deflate")
+    big_tif = _tifffile(np.asarray(rgb), bigtiff=True, compression="zlib")
     end_of_ihdr, start_of_iend = 8 + 25, len(full_png) - 12
     # 8 MB of text or ICC profile in a few kB: PIL refuses to inflate metadata past 1 MB per chunk.
     text_bomb = _png_chunk(b"zTXt", b"note\0\0" + zlib.compress(b"a" * (8 << 20)))
@@ -117,6 +127,7 @@ def build_corpus(dirpath: Path) -> dict[str, str | None]:
         "corrupt_idat.png": (bytes(corrupt_png), "truncated"),
         # The index of a compressed TIFF sits at its end: cut short, the file fails to open, not to load.
         "truncated_deflate.tif": (deflate_tif[: len(deflate_tif) * 19 // 20], "truncated"),
+        "truncated_bigtiff.tif": (big_tif[:200], "truncated"),
         # 900 MP: above PIL's own hard limit too (PIL raises before our header check).
         "bomb_30000.png": (raw_png(30000, 30000, 8, 2, None), "decompression_bomb"),
         # 144 MP: above max_pixels=120M but under PIL's hard limit: our header check must fire.
@@ -129,6 +140,10 @@ def build_corpus(dirpath: Path) -> dict[str, str | None]:
         "strip_20000x20.png": (_encode(Image.new("L", (20000, 20), 128), "PNG"), "too_small"),
         "float32.tif": (_encode(Image.fromarray(grey.astype(np.float32) / 255.0), "TIFF"), "unsupported_mode"),
         "int32.tif": (_encode(Image.fromarray(grey.astype(np.int32) * 1000), "TIFF"), "unsupported_mode"),
+        # Layouts Pillow has no mode for: the open fails ("cannot identify"), though nothing is damaged.
+        "float32_rgb.tif": (_tifffile(np.asarray(rgb, np.float32) / 255, photometric="rgb"), "unsupported_mode"),
+        "grey16_alpha.tif": (_tifffile(np.stack([grey.astype(np.uint16) * 257] * 2, -1), photometric="minisblack",
+                                       extrasamples=["unassalpha"]), "unsupported_mode"),
         # --- must decode ---
         "rgb.jpg": (astronaut_jpeg_bytes(90, 320, 256), None),
         "cmyk.jpg": (_encode(rgb.convert("CMYK"), "JPEG", quality=95), None),

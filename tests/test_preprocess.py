@@ -95,6 +95,18 @@ def test_16bit_grey_is_scaled_not_clipped(corpus, name: str) -> None:
     assert (arr < 255).mean() > 0.9  # clipping would make nearly everything 255
 
 
+def test_16bit_white_is_zero_tiff_is_not_a_negative() -> None:
+    import tifffile
+
+    decoded = {}
+    for bits, value in ((8, 78), (16, 20000)):  # 20000 >> 8 == 78
+        buf = io.BytesIO()
+        tifffile.imwrite(buf, np.full((256, 256), value, np.uint8 if bits == 8 else np.uint16), photometric="miniswhite")
+        decoded[bits] = np.asarray(decode_image(buf.getvalue(), CFG))[0, 0]
+    assert tuple(decoded[8]) == (177,) * 3  # Pillow's own inversion of 8-bit files
+    assert tuple(decoded[16]) == tuple(decoded[8])
+
+
 def test_16bit_rgb_png_keeps_high_byte(corpus) -> None:
     arr = np.asarray(_decode(corpus, "rgb16.png"))
     assert tuple(arr[0, 0]) == (SIXTEEN_BIT_MARK >> 8,) * 3
