@@ -113,7 +113,7 @@ def checked_job(job: TrainJob) -> TrainJob:
         rank_batch(job.batch_pairs, job.workers)
     except ValueError as e:
         raise TrainSetupError(str(e)) from None
-    paths, init_is_dir = {}, False
+    paths, init_is_dir, resumes = {}, False, None
     for name in (*WEIGHT_SOURCES, "cache", "storage", "labels", "images", "train_list", "test_list", "pairs"):
         uri = getattr(job, name)
         if uri is None:
@@ -124,8 +124,14 @@ def checked_job(job: TrainJob) -> TrainJob:
         if name in WEIGHT_SOURCES:
             found = os.path.exists(path) if path is not None else _remote_exists(name, uri, job.s3)
             if not found:
-                raise TrainSetupError(f"--{name.replace('_', '-')} {uri}: no such file or directory")
-            if name == "init":
+                if resumes is None:
+                    resumes = has_checkpoint(job)
+                if not resumes:
+                    raise TrainSetupError(f"--{name.replace('_', '-')} {uri}: no such file or directory")
+                # The workers restore the checkpoint and never read it; the recipe still names it.
+                print(f"piqa train: --{name.replace('_', '-')} {uri} is gone; run {job.run_name} resumes from "
+                      "its checkpoint, which does not need it", file=sys.stderr)
+            elif name == "init":
                 init_is_dir = os.path.isdir(path) if path is not None else is_dir(uri, job.s3)
     if init_is_dir and (job.liqe or job.retinaface):
         raise TrainSetupError("--init is a model directory, which already holds LIQE and RetinaFace: "

@@ -40,6 +40,15 @@ def test_start_weights_on_s3_are_checked_on_the_driver(s3_server, s3_bucket: str
     assert pytest.raises(TrainSetupError, checked_job, replace(job, workers=4)).match("^--batch-pairs 6 does not split")
 
 
+def test_a_run_with_a_checkpoint_resumes_after_its_start_weights_are_gone(tmp_path: Path, capsys) -> None:
+    job = TrainJob(labels="l.csv", run_name="r", storage=str(tmp_path / "runs"), init=str(tmp_path / "gone.pth"))
+    with pytest.raises(TrainSetupError, match="gone.pth: no such file or directory"):
+        checked_job(job)  # a new run needs them
+    (tmp_path / "runs" / "r" / "epoch_0003").mkdir(parents=True)
+    assert checked_job(job).init == str(tmp_path / "gone.pth")  # the recipe still names it: resumable
+    assert f"--init {tmp_path / 'gone.pth'} is gone; run r resumes from its checkpoint" in capsys.readouterr().err
+
+
 def test_a_run_resumes_only_with_its_own_recipe(tmp_path: Path) -> None:
     (tmp_path / "l.csv").write_text("uri,score,group\na.png,1,g\n")
     job = TrainJob(labels=str(tmp_path / "l.csv"), run_name="r", storage=str(tmp_path), lr=3e-4, seed=1)
