@@ -287,11 +287,13 @@ def _predict_val(module: torch.nn.Module, val: tuple, keys: list[str], rank: int
 
 
 def _gather_cache(cache: FeatureCache, before: set[str], rank: int, world: int, group: Any) -> bool:
-    """Give every rank the features the others computed (a collective); whether any rank computed some."""
+    """Give every rank the features the others computed (a collective); whether any rank computed some.
+
+    An image two ranks computed (in pairs on both) keeps the lowest rank's features on every rank: batch
+    composition moves them by float rounding, and the ranks must not train on different boxes for it."""
     parts = all_gather(cache.to_columns([u for u in cache.faces if u not in before]), world, group)
-    for r, p in enumerate(parts):
-        if r != rank:
-            cache.add_columns(p)
+    for p in reversed(parts):  # the lowest rank's last, so its values stand
+        cache.add_columns(p)
     return bool(sum(len(p["uri"]) for p in parts))
 
 

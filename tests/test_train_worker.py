@@ -214,6 +214,20 @@ def _npz(cols: dict) -> bytes:
     return buf.getvalue()
 
 
+def test_an_image_two_ranks_computed_keeps_the_lowest_ranks_features_on_both(monkeypatch) -> None:
+    caches = [FeatureCache(), FeatureCache()]
+    for rank, cache in enumerate(caches):  # the same image, one box a rounding apart, plus one of its own
+        cache.put("shared", FaceResult((10.0, 10.0, 50.0 + rank * 1e-3, 60.0), 0.9, 1), np.full(3, rank, np.float32))
+        cache.put(f"only{rank}", FaceResult(None, 0.0, 0), np.zeros(3, np.float32))
+    parts = [c.to_columns() for c in caches]
+    monkeypatch.setattr(tw, "all_gather", lambda obj, world, group: parts)
+    for rank, cache in enumerate(caches):
+        assert tw._gather_cache(cache, set(), rank, 2, None)
+    for cache in caches:
+        assert cache.faces["shared"].box == (10.0, 10.0, 50.0, 60.0) and cache.aux["shared"].tolist() == [0, 0, 0]
+        assert set(cache.faces) == {"shared", "only0", "only1"}
+
+
 def test_every_rank_enters_the_same_collectives_when_the_cache_write_fails(tmp_path: Path, monkeypatch) -> None:
     """Two ranks, run one after the other with the collectives recorded (they do not meet): rank 0's
     failing write must not change the order in which it enters them."""
