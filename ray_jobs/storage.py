@@ -180,7 +180,11 @@ def read_bytes(uri: str, s3: S3Options | None = None, max_bytes: int | None = No
     The size is checked before any byte is read (one HEAD on S3, then one GET).
     """
     if _pyarrow_misnames(uri):
-        return _read_bytes_fsspec(uri, s3, max_bytes)
+        return _read_bytes_fsspec(uri, *_s3fs(uri, s3), max_bytes)
+    if local_path(uri) is None and uri_scheme(uri) not in S3_SCHEMES:
+        # pyarrow's wrapper of an fsspec store (gs://, az://, https://) reports every failure, a 503 or
+        # a timeout too, as a missing file: read through fsspec, whose errors say what happened.
+        return _read_bytes_fsspec(uri, *fsspec.core.url_to_fs(uri), max_bytes)
     fs, path = resolve(uri, s3)
     try:
         f = fs.open_input_file(path)
@@ -207,14 +211,22 @@ def _s3fs(uri: str, s3: S3Options | None) -> tuple[fsspec.AbstractFileSystem, st
     return fsspec_filesystem(uri, s3), uri.split("://", 1)[1]
 
 
-def _read_bytes_fsspec(uri: str, s3: S3Options | None, max_bytes: int | None) -> bytes:
-    """``read_bytes`` through s3fs, for the keys :func:`_pyarrow_misnames`."""
-    fs, path = _s3fs(uri, s3)
+def _read_bytes_fsspec(uri: str, fs: fsspec.AbstractFileSystem, path: str, max_bytes: int | None) -> bytes:
+    """``read_bytes`` through fsspec: s3fs for the keys :func:`_pyarrow_misnames`, other remote stores."""
     try:
-        size = fs.info(path)["size"]
-        if max_bytes is not None and size > max_bytes:
+        try:
+            info = fs.info(path)
+        except FileNotFoundError:  # fsspec's HTTP store says so for any failed HEAD (a 503 too): the GET tells
+            info = {}
+        if info.get("type") == "directory":
+            raise IsADirectoryError(errno.EISDIR, "Is a directory", uri)
+        size = info.get("size")  # None where a server does not say (HTTP without Content-Length)
+        if max_bytes is not None and size is not None and size > max_bytes:
             raise ObjectTooLarge(uri, size, max_bytes)
-        return fs.cat_file(path)
+        data = fs.cat_file(path)
+        if max_bytes is not None and len(data) > max_bytes:
+            raise ObjectTooLarge(uri, len(data), max_bytes)
+        return data
     except FileNotFoundError as e:
         raise FileNotFoundError(errno.ENOENT, "No such object", uri) from e
     except (OSError, ObjectTooLarge):

@@ -172,3 +172,38 @@ def test_a_named_pipe_among_the_photos_is_an_error_row_not_a_job_that_never_ends
     assert list(out["read_error_code"]) == ["", "read_failed"] and list(out["data"]) == [b"ok", b""]
     assert out["read_error_message"][1] == f"{tmp_path / 'pipe.jpg'} is a named pipe (FIFO), not a regular file: " \
                                            "it is not read"
+
+
+def test_a_failing_http_store_is_a_read_failure_not_a_missing_file(monkeypatch):
+    """fsspec stores other than S3 (gs://, az://, https://): pyarrow's wrapper of them reported any
+    failure as a missing file, final and never retried."""
+    import http.server
+
+    class Store(http.server.BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def do_HEAD(self):
+            self.do_GET(body=False)
+
+        def do_GET(self, body=True):
+            code = 200 if "ok" in self.path else 404 if "gone" in self.path else 503
+            self.send_response(code)
+            self.send_header("Content-Length", "3" if code == 200 else "0")
+            self.end_headers()
+            if body and code == 200:
+                self.wfile.write(b"abc")
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Store)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setattr(reader, "RETRY_PAUSES_S", (0.0, 0.0))
+    base = f"http://127.0.0.1:{server.server_port}"
+    try:
+        got = {name: reader.fetch(ObjectInfo(f"{base}/{name}", 3, "e"), None, 100) for name in ("ok.jpg", "gone.jpg",
+                                                                                                 "busy.jpg")}
+        too_big = reader.fetch(ObjectInfo(f"{base}/ok.jpg", 3, "e"), None, 2)
+    finally:
+        server.shutdown()
+    assert got["ok.jpg"] == b"abc" and got["gone.jpg"].code == "not_found"
+    assert got["busy.jpg"].code == "read_failed" and "503" in got["busy.jpg"].message
+    assert "(3 attempts)" in got["busy.jpg"].message and too_big.code == "too_large"
