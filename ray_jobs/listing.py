@@ -324,9 +324,11 @@ def _manifest_entries(uri: str, s3: S3Options | None) -> list[str]:
             raise ValueError(f"{uri}: not a readable CSV manifest ({e})") from None
         if not rows:
             return []
-        # Row 1 is a header only when it names the URI column: a guess would drop an entry like IMG_0001.
+        # Row 1 is a header only when it names the URI column and holds nothing like an entry: a guess
+        # would drop an entry like IMG_0001, and "shots/a.jpg,image" is a photo with a label.
         header = [c.strip().lower() for c in rows[0]]
-        names = [n for n in URI_COLUMNS if n in header]
+        entry_like = any("://" in c or c.endswith(IMAGE_EXTENSIONS) for c in header)
+        names = [n for n in URI_COLUMNS if n in header] if not entry_like else []
         col = header.index(names[0]) if names else 0
         return [r[col].strip() for r in rows[1 if names else 0 :] if len(r) > col and r[col].strip()]
     lines = (ln.strip() for ln in text.splitlines())

@@ -61,6 +61,9 @@ def test_a_csv_manifest_row_is_a_header_only_when_it_names_the_uri_column(tmp_pa
     assert entries("Path,label\nIMG_0001,good\n") == ["IMG_0001"]
     assert entries("id,image_path\n7,x.jpg\n8,y.jpg\n") == ["x.jpg", "y.jpg"]
     assert entries("path,uri\nx.jpg,y.jpg\n") == ["y.jpg"]
+    # a headerless manifest whose second column holds a word that names a URI column elsewhere
+    assert entries("shots/a.jpg,image\nshots/b.jpg,image\nc.JPG,video\n") == ["shots/a.jpg", "shots/b.jpg", "c.JPG"]
+    assert entries("uri,w/h\nx.jpg,4/3\n") == ["x.jpg"]  # a header may hold a slash
 
 
 def test_an_unreadable_manifest_is_a_value_error_naming_it(tmp_path):
