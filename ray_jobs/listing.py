@@ -339,7 +339,8 @@ def read_manifest(uri: str, s3: S3Options | None = None) -> list[str]:
     """URIs from a .txt (one per line, ``#`` comments), .csv or .parquet manifest.
 
     Parquet uses column ``uri``; CSV the column a header row names (``uri``, else one of
-    :data:`URI_COLUMNS`), without such a header the first column of every row. Relative entries are
+    :data:`URI_COLUMNS`; a row holding a photo name or URI is no header), without such a header the
+    first column of every row. Relative entries are
     resolved against the manifest's directory, ``file:`` entries become plain paths, duplicates are
     dropped keeping the first occurrence. Use :func:`stat_objects` on the result. Entries written a
     slash short (``s3:/b/x.jpg``) refuse the manifest: taken as relative paths they would all be
