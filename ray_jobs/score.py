@@ -241,13 +241,19 @@ def run_score_job(job: ScoreJob) -> dict[str, Any]:
         before = len(objects)
         objects = [o for o in objects if (o.uri, o.etag_or_mtime) not in done]
         skipped = before - len(objects)
+    local = not ray.is_initialized() and not (job.address or os.environ.get("RAY_ADDRESS"))
     with ray_session(job.address):
-        return _run_pipeline(job, objects, identity, skipped, t0)
+        resources = ray.cluster_resources()
+        if local and job.gpu and not resources.get("GPU"):
+            # A local Ray has no autoscaler: the GPU actors would wait for ever.
+            raise PlanError("GPUs requested (--gpu or --device cuda), but the local Ray this job started sees "
+                            "none; drop the flag, or pass --address of a cluster whose GPU nodes can start")
+        return _run_pipeline(job, objects, identity, skipped, t0, resources)
 
 
 def _run_pipeline(job: ScoreJob, objects: list[ObjectInfo], identity: dict[str, Any], skipped: int,
-                  t0: float) -> dict[str, Any]:
-    plan = job_plan(job, ray.cluster_resources(), identity["config"], len(objects))
+                  t0: float, resources: dict[str, float]) -> dict[str, Any]:
+    plan = job_plan(job, resources, identity["config"], len(objects))
     run_id = job.run_id or _run_id(job, objects)
     dest = join(job.out, f"run_date={job.run_date}")
     earlier = run_file_paths(dest, run_id, job.s3) if job.run_id else set()  # the audit reuses its run ids

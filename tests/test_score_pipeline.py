@@ -261,3 +261,20 @@ def test_pool_plans():
     assert wait.score_gpus * 4 + wait.prep_gpus * wait.prep_actors == pytest.approx(4, abs=1e-3)
     with pytest.raises(ValueError, match="needs GPUs"):
         plan_pools(_job([], "x", face_device="gpu"), {"CPU": 8.0})
+
+
+def test_gpus_requested_from_a_local_ray_without_any_are_refused_not_waited_for(tmp_path, monkeypatch):
+    import contextlib
+
+    import ray
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(score_mod, "ray_session", lambda address: contextlib.nullcontext())
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 2.0})  # what a GPU-less laptop's Ray sees
+    monkeypatch.setattr(score_mod, "_run_pipeline", lambda *a: pytest.fail("the pools would wait for ever"))
+    job = _job(_photos(tmp_path / "in", 1), tmp_path / "out", gpu=True)
+    with pytest.raises(score_mod.PlanError, match="the local Ray this job started sees none"):
+        run_score_job(job)
+    monkeypatch.setattr(score_mod, "_run_pipeline", lambda *a: {"ran": True})
+    assert run_score_job(dataclasses.replace(job, address="ray://head:10001")) == {"ran": True}  # may autoscale
