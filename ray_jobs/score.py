@@ -145,13 +145,15 @@ def plan_pools(job: ScoreJob, resources: dict[str, float], cfg: PIQAConfig | Non
     if use_gpu:
         per = job.gpus_per_score_actor
         score = job.score_actors or max(1, int(max(gpus, per) / per))
+        # --gpu before the GPU nodes are up: today's CPUs say nothing of theirs, so one CPU each.
+        room = cpus if gpus else math.inf
         if place == "device":
             if job.face_device == "cpu":
                 raise PlanError("--face-device cpu does not apply with --prep device on GPUs (the score actors "
                                 "prepare on their GPU, faces included): use --prep actors for CPU detection")
-            return PoolPlan(0, score, per, _gpu_job_cpus(cpus, score))
+            return PoolPlan(0, score, per, _gpu_job_cpus(room, score))
         prep = job.prep_actors or max(1, int(cpus - score - 1))
-        unit = _gpu_job_cpus(cpus, prep + score)
+        unit = _gpu_job_cpus(room, prep + score)
         if face != "gpu":
             return PoolPlan(prep, score, per, unit, prep_cpus=unit)
         # Detection on the GPU: prep actors take half of each score actor's share, split evenly,
@@ -189,7 +191,7 @@ def _cpus_per_slot(cpus: float, slots: int) -> float:
 def _gpu_job_cpus(cpus: float, actors: int) -> float:
     """Logical CPUs per actor of a GPU job: one each, less where they would not all fit (2 CPUs and a
     GPU; four score actors sharing one GPU on 4 CPUs)."""
-    return min(1.0, _floor3(_cpus_per_slot(cpus, actors)))
+    return _floor3(min(1.0, _cpus_per_slot(cpus, actors)))
 
 
 def _floor3(x: float) -> float:

@@ -224,6 +224,11 @@ def test_pool_plans():
     for plan, cpus in ((tiny, 2.0), (dn, 2.0), (big, 16.0), (auto, 2.0), (auto16, 16.0)):  # all fit, with IO room
         assert plan.prep_actors * plan.prep_cpus + plan.score_actors * plan.score_cpus + 0.2 <= cpus + 1e-6
     assert plan_pools(_job([], "x", prep_actors=3, score_actors=1), {"CPU": 2.0}).prep_actors == 3
+    # --gpu with explicit pools before any GPU node is up (the head alone): one CPU per actor, as on
+    # the GPU nodes the autoscaler will start, not the head's CPUs shared out (0.05 each)
+    for head in ({}, {"CPU": 2.0}):
+        early = plan_pools(_job([], "x", gpu=True, score_actors=4, prep_actors=40, face_device="cpu"), head)
+        assert (early.prep_actors, early.prep_cpus, early.score_actors, early.score_cpus) == (40, 1.0, 4, 1.0)
     # --prep device: no prep pool; the score actors prepare on their GPU (or here, CPU)
     dev_gpu = plan_pools(_job([], "x", prep="device"), {"CPU": 16.0, "GPU": 2.0}, get_preset("dn-piqa"))
     assert (dev_gpu.prep_actors, dev_gpu.score_actors, dev_gpu.score_gpus) == (0, 2, 1.0)
