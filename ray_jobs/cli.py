@@ -66,8 +66,6 @@ def score(inputs: tuple[str, ...], out: str, engine: str, manifest: bool, s3: S3
     """Score images under INPUTS (files, folders, s3:// prefixes); one output row per input."""
     if prep == "device" and prep_actors:
         raise click.UsageError("--prep-actors has no effect with --prep device (the score actors prepare)")
-    if face_device == "gpu" and gpu is False:
-        raise click.UsageError("--face-device gpu needs GPUs; it contradicts --no-gpu")
     if engine == "local":
         ctx = click.get_current_context()
         given = [f"--{name.replace('_', '-')}" for name in RAY_ONLY
@@ -79,10 +77,14 @@ def score(inputs: tuple[str, ...], out: str, engine: str, manifest: bool, s3: S3
     else:
         from .score import PlanError, ScoreJob, run_score_job
 
+        use_gpu = _ray_gpu(model.device, gpu)
+        if face_device == "gpu" and use_gpu is False:  # refused before the listing, which may take minutes
+            raise click.UsageError("--face-device gpu needs GPUs; it contradicts "
+                                   + ("--no-gpu" if gpu is False else "--device cpu"))
         job = ScoreJob(inputs=list(inputs), out=out, manifest=manifest, s3=s3, max_bytes=max_bytes,
                        model=model, resume=resume, face_device=face_device, prep=prep, prep_actors=prep_actors,
                        score_actors=score_actors, prep_batch_size=prep_batch_size,
-                       gpus_per_score_actor=gpus_per_actor, gpu=_ray_gpu(model.device, gpu), address=address,
+                       gpus_per_score_actor=gpus_per_actor, gpu=use_gpu, address=address,
                        inject_crash=inject_crash)
         if run_date:
             job.run_date = run_date

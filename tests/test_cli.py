@@ -68,6 +68,9 @@ def test_local_engine_refuses_before_any_work(photos, tmp_path):
     res = runner.invoke(main, ["score", str(photos), "--out", str(tmp_path / "o"), "--face-device", "gpu",
                                "--no-gpu", "--random-weights"])
     assert res.exit_code == 2 and "contradicts --no-gpu" in res.output
+    res = runner.invoke(main, ["score", str(photos), "--out", str(tmp_path / "o"), "--face-device", "gpu",
+                               "--device", "cpu", "--random-weights"])
+    assert res.exit_code == 2 and "contradicts --device cpu" in res.output, res.output
     for bad in ("2026/11/26", "20261126", "2026-13-01"):  # "a/b/c" would nest partitions read as run_date=2026
         res = runner.invoke(main, ["score", str(photos), "--out", str(tmp_path / "o"), "--run-date", bad,
                                    "--random-weights"])
