@@ -118,7 +118,14 @@ def load_state(state: str, s3: S3Options) -> tuple[dict[str, Any] | None, pa.Tab
     pointer = read_pointer(state, s3)
     if pointer is None:
         return None, STATE_SCHEMA.empty_table()
-    return pointer, normalise(read_parquet(join(state, pointer["state"]), s3, STATE_SCHEMA))
+    uri = join(state, pointer["state"])
+    try:
+        table = read_parquet(uri, s3, STATE_SCHEMA)
+    except FileNotFoundError:
+        raise AuditRefused(f"{uri}, the state {join(state, CURRENT)} names (run {pointer['run_id']}), is missing: "
+                           "restore it (a bucket's versioning or backup), or audit into a new --state, which "
+                           "scores the whole library again") from None
+    return pointer, normalise(table)
 
 
 def read_marker(state: str, s3: S3Options) -> dict[str, Any] | None:

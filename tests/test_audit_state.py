@@ -56,6 +56,14 @@ def test_a_commit_whose_marker_cannot_be_removed_stands_with_a_warning(tmp_path:
     assert "WARNING run r1 is committed, but" in err and "NETWORK_CONNECTION" in err and "the next run removes it" in err
 
 
+def test_a_missing_state_file_is_refused_with_what_to_do(tmp_path: Path) -> None:
+    state, s3 = str(tmp_path / "state"), None
+    commit(state, s3, _pointer("r1"), None)  # CURRENT names states/r1.parquet, which was never written
+    with pytest.raises(AuditRefused, match=r"states/r1.parquet, the state .*CURRENT names \(run r1\), is missing: "
+                                           r"restore it .* or audit into a new --state"):
+        audit_state.load_state(state, s3)
+
+
 def _fake_pipeline(sha: str, during_first: Callable[[], None]) -> Callable[[Any], dict[str, Any]]:
     """Writes an ok row per planned object into the run's scores folder; the first call runs
     ``during_first`` before it returns, as a second audit started meanwhile would."""
