@@ -15,6 +15,7 @@ from .config import CROP_MODES
 from .weight_cache import Fetcher, Reader, resolve_weights
 from .concurrency import ordered_map
 from .faces import for_inference
+from .errors import ImageError
 from .stages import ImageInput, Predictor, prepare_batch, rows_from_columns
 
 T = TypeVar("T")
@@ -35,7 +36,8 @@ class Scorer:
     thread (see ``piqa_core.concurrency``); on a GPU one.
 
     The bundle's networks stay as they were (Scorers on two devices can share one bundle), unless
-    ``own_bundle``: then they are moved and cast in place, with no copy (``from_pretrained``'s own).
+    ``own_bundle``: then fp32/tf32 ones are moved in place, with no copy (``from_pretrained``'s own);
+    bf16 casts copies either way.
     """
 
     def __init__(self, bundle: Bundle, device: str | torch.device | None = None,
@@ -97,7 +99,7 @@ class Scorer:
             raise TypeError(f"score() takes a list of images, got one {type(images).__name__}: "
                             "pass [image] to score one")
         items = list(images)
-        bad = next((i for i, item in enumerate(items) if not isinstance(item, _ONE_IMAGE)), None)
+        bad = next((i for i, item in enumerate(items) if not isinstance(item, (*_ONE_IMAGE, ImageError))), None)
         if bad is not None:  # a programming error, not a bad photo: refused before any work
             raise TypeError(f"score() item {bad} is a {type(items[bad]).__name__}: pass paths, encoded bytes, "
                             "PIL images or uint8 arrays")

@@ -48,6 +48,13 @@ def test_an_item_that_is_no_image_is_refused_before_any_work(scorer, monkeypatch
             scorer.score([astronaut_jpeg_bytes(), bad])
 
 
+def test_a_read_that_failed_upstream_becomes_its_error_row(scorer):
+    from piqa_core.errors import ImageError
+
+    [row] = scorer.score([ImageError("not_found", "gone")])
+    assert (row["status"], row["error_code"], row["error_message"]) == ("error", "not_found", "gone")
+
+
 def test_bad_inputs_become_error_rows_in_order(scorer, tmp_path):
     good = astronaut_jpeg_bytes()
     rows = scorer.score([good, b"", b"not an image", str(tmp_path / "missing.jpg"), good[: len(good) // 2], good])
