@@ -148,8 +148,8 @@ def _same_config(a: object, b: dict) -> bool:
     """Whether two config.json ``config`` sections name the same config (omitted fields: defaults)."""
     try:
         return PIQAConfig.from_dict(a) == PIQAConfig.from_dict(b)  # type: ignore[arg-type]
-    except (TypeError, ValueError, AttributeError):
-        return False
+    except (TypeError, ValueError, AttributeError):  # e.g. a newer piqa's config: loading it says so
+        return a == b
 
 
 @contextlib.contextmanager

@@ -152,3 +152,26 @@ def test_weights_that_are_not_the_ones_the_config_names_are_not_cached(tmp_path)
     save_checkpoint(build_bundle("tiny", seed=5), tmp_path / "src")  # the upload completes: fetched again
     assert load_checkpoint(resolve_weights("s3://b/m", cache_dir=cache, fetch=fetch, read=read)).sha256 == new_sha
     assert len(calls) == 2
+
+
+def test_a_config_edit_refetches_and_a_newer_piqa_config_is_left_to_the_loader(tmp_path):
+    import json
+
+    save_checkpoint(build_bundle("tiny"), tmp_path / "src")
+    fetch, read, calls, _ = _source(tmp_path)
+
+    def get():
+        return resolve_weights("s3://bucket/m", cache_dir=tmp_path / "cache", fetch=fetch, read=read)
+
+    def edit(section: str, **values) -> None:
+        meta = json.loads((tmp_path / "src" / "config.json").read_text())
+        meta["config"][section].update(values)
+        (tmp_path / "src" / "config.json").write_text(json.dumps(meta))
+
+    get()
+    edit("preprocess", crop_mode="center")  # the same weights, another config: fetched again
+    assert load_checkpoint(get()).config.preprocess.crop_mode == "center" and len(calls) == 2
+    edit("model", new_field=1)  # written by a newer piqa: served, and the loader says what to do
+    with pytest.raises(CheckpointError, match="upgrade piqa"):
+        load_checkpoint(get())
+    assert len(calls) == 3
