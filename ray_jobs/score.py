@@ -229,6 +229,19 @@ def ray_session(address: str | None) -> Iterator[None]:
             ray.shutdown()
 
 
+def _starts_local_ray(address: str | None) -> bool:
+    """Whether ``ray.init(address)`` starts a new Ray here rather than joining one (a ``ray start``
+    head, a cluster-launcher node, RAY_ADDRESS): only such a Ray has no autoscaler to add GPUs."""
+    if address or os.environ.get("RAY_ADDRESS"):
+        return False
+    try:  # Ray's own lookup (running instances on this machine included); private, so guarded
+        from ray._private.services import canonicalize_bootstrap_address
+
+        return canonicalize_bootstrap_address(None) is None
+    except Exception:  # noqa: BLE001 — unknown: never refuse a job on a guess
+        return False
+
+
 def run_score_job(job: ScoreJob) -> dict[str, Any]:
     """Run the pipeline to completion; returns the summary (also written as JSON next to the output)."""
     t0 = time.perf_counter()
@@ -243,7 +256,7 @@ def run_score_job(job: ScoreJob) -> dict[str, Any]:
         before = len(objects)
         objects = [o for o in objects if (o.uri, o.etag_or_mtime) not in done]
         skipped = before - len(objects)
-    local = not ray.is_initialized() and not (job.address or os.environ.get("RAY_ADDRESS"))
+    local = not ray.is_initialized() and _starts_local_ray(job.address)
     with ray_session(job.address):
         resources = ray.cluster_resources()
         if local and job.gpu and not resources.get("GPU"):

@@ -273,8 +273,11 @@ def test_gpus_requested_from_a_local_ray_without_any_are_refused_not_waited_for(
 
     import ray
 
+    from ray._private import services
+
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(services, "find_bootstrap_address", lambda temp_dir=None: None)  # no `ray start` here
     monkeypatch.setattr(score_mod, "ray_session", lambda address: contextlib.nullcontext())
     monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 2.0})  # what a GPU-less laptop's Ray sees
     monkeypatch.setattr(score_mod, "_run_pipeline", lambda *a: pytest.fail("the pools would wait for ever"))
@@ -283,3 +286,6 @@ def test_gpus_requested_from_a_local_ray_without_any_are_refused_not_waited_for(
         run_score_job(job)
     monkeypatch.setattr(score_mod, "_run_pipeline", lambda *a: {"ran": True})
     assert run_score_job(dataclasses.replace(job, address="ray://head:10001")) == {"ran": True}  # may autoscale
+    # a `ray start` head on this machine (a cluster-launcher node) is joined, not started: it may autoscale
+    monkeypatch.setattr(services, "find_bootstrap_address", lambda temp_dir=None: "10.0.0.1:6379")
+    assert run_score_job(job) == {"ran": True}
