@@ -36,6 +36,26 @@ def _run_prep(cols: dict) -> dict:
     return _prep(cols)
 
 
+def wait_ready(ready, workers: int, starts: list, limit_s: float = 300.0) -> None:
+    """Until every prep process has reported ready; raises at once when one reports a failure or the
+    pool breaks (a process killed before it could report), rather than waiting out ``limit_s``."""
+    import queue
+
+    deadline, done = time.monotonic() + limit_s, 0
+    while done < workers:
+        try:
+            failed = ready.get(timeout=1.0)
+        except queue.Empty:
+            if broken := next((f.exception() for f in starts if f.done() and f.exception()), None):
+                raise RuntimeError(f"a prep process died while starting: {type(broken).__name__}: {broken}") from None
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{workers - done} of {workers} prep processes not ready after {limit_s:.0f} s")
+            continue
+        if failed is not None:
+            raise RuntimeError(f"a prep process failed to start: {failed}")
+        done += 1
+
+
 def ok_count(table) -> int:
     return sum(s == "ok" for s in table.column("status").to_pylist())
 
@@ -54,12 +74,7 @@ def prep_processes(workers: int, model, s3, face_device: str, photos: list[bytes
                               initargs=(model, s3, face_device, chunks[0], ready)) as pool,
           ThreadPoolExecutor(2) as calls):
         starts = [pool.submit(int) for _ in range(workers)]  # a process per submission: all start now
-        for _ in range(workers):
-            failed = ready.get(timeout=300)
-            if failed is not None:
-                raise RuntimeError(f"a prep process failed to start: {failed}")
-        for f in starts:
-            f.result()
+        wait_ready(ready, workers, starts)
         print(f"  {workers} prep process(es) loaded and warmed up in {time.perf_counter() - t0:.1f} s", flush=True)
         t0, moved, pending, scored = time.perf_counter(), 0, [], []
         prepared = [pool.submit(_run_prep, c) for c in stream]

@@ -70,6 +70,24 @@ def test_a_prep_process_that_cannot_start_fails_the_row_at_once(tmp_path):
             row.result(timeout=120)
 
 
+def test_waiting_for_prep_processes_stops_at_once_when_one_died():
+    import queue
+    from concurrent.futures import Future
+    from concurrent.futures.process import BrokenProcessPool
+
+    from benchmarks.gpu_check_e2e import wait_ready
+
+    ready, died = queue.Queue(), Future()
+    ready.put(None)  # one process started; the other was killed before it could say anything
+    died.set_exception(BrokenProcessPool("A process in the process pool was terminated abruptly"))
+    t0 = time.monotonic()
+    with pytest.raises(RuntimeError, match="a prep process died while starting: BrokenProcessPool"):
+        wait_ready(ready, 2, [died], limit_s=60)
+    assert time.monotonic() - t0 < 10
+    with pytest.raises(RuntimeError, match="1 of 1 prep processes not ready after 0 s"):
+        wait_ready(queue.Queue(), 1, [], limit_s=0.1)
+
+
 def test_synthetic_photos_are_distinct_and_reproducible():
     import io
 
