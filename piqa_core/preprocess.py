@@ -91,6 +91,8 @@ def _finish(img: Image.Image, cfg: PreprocessConfig) -> Image.Image:
     except (OSError, SyntaxError, ValueError, EOFError, struct.error, zlib.error) as e:
         if _metadata_bomb(e):  # text chunks after the pixels are read at the end of the load
             raise ImageError("decompression_bomb", f"metadata: {e}") from e
+        if "out of memory" in str(e):  # Pillow's decoders say so as an OSError: the machine's state, not the file's
+            raise ImageError("internal", f"decoding ran out of memory: {e}") from e
         raise ImageError("truncated", f"image data is truncated or corrupt: {e}") from e
     return _to_rgb(img, fmt)
 

@@ -95,6 +95,18 @@ def test_16bit_grey_is_scaled_not_clipped(corpus, name: str) -> None:
     assert (arr < 255).mean() > 0.9  # clipping would make nearly everything 255
 
 
+def test_a_decoder_out_of_memory_is_internal_not_a_damaged_file(monkeypatch) -> None:
+    from PIL import ImageFile
+
+    def no_memory(self, *args, **kwargs):
+        raise OSError("out of memory error when reading image file")  # what Pillow's decoders raise
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", no_memory)
+    with pytest.raises(ImageError) as err:
+        decode_image(astronaut_jpeg_bytes(90, 320, 256), CFG)
+    assert err.value.code == "internal"  # transient: the audit retries it; "truncated" never would be
+
+
 def test_16bit_white_is_zero_tiff_is_not_a_negative() -> None:
     import tifffile
 
