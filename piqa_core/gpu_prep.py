@@ -38,7 +38,7 @@ from .config import PIQAConfig
 from .faces import FaceDetector, FaceResult, face_crop_box, per_canvas
 from .liqe import patch_positions
 from .image_formats import open_image
-from .preprocess import ImageError, _check_header, crop_positions, load_image
+from .preprocess import ImageError, _check_header, check_jpeg_scans, crop_positions, load_image
 from .stages import ImageInput, _describe, empty_columns
 
 # torchvision 0.29 deprecates its image codecs, still the nvJPEG entry point. Filtered by message
@@ -71,6 +71,7 @@ def _sof_marker(data: bytes) -> int | None:
 def nvjpeg_candidate(data: bytes, cfg: PIQAConfig) -> bool:
     """Header-only: may ``data`` go to nvJPEG? False sends it to the PIL path, which owns every error code."""
     try:
+        check_jpeg_scans(data)
         img = open_image(data)
         _check_header(img.size, img.mode, cfg.preprocess, img.format)  # bombs never reach a decoder
         if img.format != "JPEG" or img.mode not in ("RGB", "L"):

@@ -112,6 +112,9 @@ def build_corpus(dirpath: Path) -> dict[str, str | None]:
     noise = np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes()
     deflate_tif = _encode(rgb, "TIFF", compression="tiff_deflate")
     big_tif = _tifffile(np.asarray(rgb), bigtiff=True, compression="zlib")
+    progressive = _encode(Image.new("RGB", (640, 480), (120, 130, 140)), "JPEG", quality=90, progressive=True)
+    last_scan = progressive.rindex(b"\xff\xda")  # repeated: a few bytes each, a pass over the image each
+    scan_bomb = progressive[:-2] + progressive[last_scan:-2] * 150 + b"\xff\xd9"
     end_of_ihdr, start_of_iend = 8 + 25, len(full_png) - 12
     # 8 MB of text or ICC profile in a few kB: PIL refuses to inflate metadata past 1 MB per chunk.
     text_bomb = _png_chunk(b"zTXt", b"note\0\0" + zlib.compress(b"a" * (8 << 20)))
@@ -136,6 +139,7 @@ def build_corpus(dirpath: Path) -> dict[str, str | None]:
         "text_bomb_after_pixels.png": (full_png[:start_of_iend] + text_bomb + full_png[start_of_iend:],
                                        "decompression_bomb"),
         "icc_bomb.png": (full_png[:end_of_ihdr] + icc_bomb + full_png[end_of_ihdr:], "decompression_bomb"),
+        "scan_bomb.jpg": (scan_bomb, "decompression_bomb"),
         "one_pixel.png": (_encode(Image.new("RGB", (1, 1), (10, 20, 30)), "PNG"), "too_small"),
         "strip_20000x20.png": (_encode(Image.new("L", (20000, 20), 128), "PNG"), "too_small"),
         "float32.tif": (_encode(Image.fromarray(grey.astype(np.float32) / 255.0), "TIFF"), "unsupported_mode"),
@@ -147,6 +151,7 @@ def build_corpus(dirpath: Path) -> dict[str, str | None]:
         # --- must decode ---
         "rgb.jpg": (astronaut_jpeg_bytes(90, 320, 256), None),
         "cmyk.jpg": (_encode(rgb.convert("CMYK"), "JPEG", quality=95), None),
+        "progressive.jpg": (_encode(rgb, "JPEG", quality=90, progressive=True), None),  # ~10 scans: fine
         "grey.jpg": (_encode(rgb.convert("L"), "JPEG", quality=90), None),
         "rgba.png": (_encode(rgb.convert("RGBA"), "PNG"), None),
         "la.png": (_encode(rgb.convert("LA"), "PNG"), None),
