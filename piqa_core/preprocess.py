@@ -7,14 +7,16 @@ official DN-PIQA path: ``PIL -> convert('RGB') -> Resize(448) -> FiveCrop/Random
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import io
 import os
 import struct
+import threading
 import warnings
 import zlib
 from pathlib import Path
-from typing import Sequence, Union
+from typing import Iterator, Sequence, Union
 
 import numpy as np
 import torch
@@ -174,16 +176,39 @@ def _from_array(arr: np.ndarray, cfg: PreprocessConfig) -> Image.Image:
     return img.convert("RGB") if arr.ndim == 2 else img
 
 
+# One lock per caller image object being prepared: a list may hold one lazily opened image several
+# times, and Pillow's load/seek are not thread-safe (two calls loading one image gave `internal` rows
+# and wrong scores). Keyed by id, counted so the entry goes when the last user leaves.
+_caller_locks: dict[int, list] = {}
+_caller_locks_guard = threading.Lock()
+
+
+@contextlib.contextmanager
+def _caller_image_lock(img: Image.Image) -> Iterator[None]:
+    with _caller_locks_guard:
+        entry = _caller_locks.setdefault(id(img), [threading.Lock(), 0])
+        entry[1] += 1
+    try:
+        with entry[0]:
+            yield
+    finally:
+        with _caller_locks_guard:
+            entry[1] -= 1
+            if not entry[1]:
+                del _caller_locks[id(img)]
+
+
 def _finish_caller_image(img: Image.Image, cfg: PreprocessConfig) -> Image.Image:
     """``_finish`` for a caller's image, which is left on the frame it was on."""
-    frame = img.tell()
-    if frame == 0:
-        return _finish(img, cfg)
-    try:
-        out = _finish(img, cfg)
-        return out.copy() if out is img else out  # frame 0's pixels, before seeking back replaces them
-    finally:
-        img.seek(frame)
+    with _caller_image_lock(img):
+        frame = img.tell()
+        if frame == 0:
+            return _finish(img, cfg)
+        try:
+            out = _finish(img, cfg)
+            return out.copy() if out is img else out  # frame 0's pixels, before seeking back replaces them
+        finally:
+            img.seek(frame)
 
 
 def load_image(src: ImageSource, cfg: PreprocessConfig) -> Image.Image:

@@ -281,3 +281,15 @@ def test_scorers_sharing_a_bundle_leave_its_networks_as_they_were():
     assert Scorer(bundle, device="cpu").model is bundle.model
     handed = Predictor(bundle.config, bundle.model, bundle.liqe, torch.device("meta"), own=True)
     assert handed.model is bundle.model and next(bundle.model.parameters()).device.type == "meta"
+
+
+def test_one_lazily_opened_image_given_several_times_scores_alike_on_every_call():
+    import io
+
+    data = astronaut_jpeg_bytes(90, 1024, 768)
+    two_calls = Scorer.from_pretrained("tiny", random_weights=True, device="cpu", calls=2)
+    want = two_calls.score([data])[0]["score"]
+    for _ in range(3):  # Pillow's load is not thread-safe: both calls loading it gave internal rows, other scores
+        rows = two_calls.score([Image.open(io.BytesIO(data))] * 8, batch_size=2)
+        assert [r["status"] for r in rows] == ["ok"] * 8
+        assert np.allclose([r["score"] for r in rows], want, atol=1e-5)
