@@ -24,6 +24,8 @@ values (astronaut/coffee photo) to 0.40 % (uniform noise), 11.5 % with a float b
 
 from __future__ import annotations
 
+import functools
+import io
 import threading
 import warnings
 from typing import Sequence
@@ -31,6 +33,7 @@ from typing import Sequence
 import numpy as np
 import PIL
 import torch
+from PIL import Image
 import torch.nn.functional as F
 from torchvision.io import ImageReadMode, decode_jpeg
 
@@ -104,8 +107,9 @@ def _decode(blobs: list[bytes], device: torch.device) -> list[torch.Tensor | Non
     """uint8 (3, H, W) per blob on ``device``, None where the PIL path must decide.
 
     One batched call, then one by one to isolate a bad file. When the batch and every single-file
-    retry (two files or more) fail with the same error, the decoder itself is broken: it is switched
-    off for ``device.type`` in this process (one warning) and every later blob returns None.
+    retry (two files or more) fail with the same error and a known-good JPEG fails too, the decoder
+    itself is broken: it is switched off for ``device.type`` in this process (one warning) and every
+    later blob returns None. (Files damaged alike fail alike: the probe tells them from a broken decoder.)
     """
     def run(batch: list[bytes]) -> list[torch.Tensor]:
         # bytearray: torch warns on read-only buffers (the copy costs ~1 ms per 12 MP JPEG)
@@ -127,7 +131,7 @@ def _decode(blobs: list[bytes], device: torch.device) -> list[torch.Tensor | Non
                 out.append(None)
                 kinds.add(_error_kind(e))
         if len(blobs) >= 2 and all(t is None for t in out) and len(kinds) == 1 \
-                and next(iter(kinds))[0] is type(batch_error):
+                and next(iter(kinds))[0] is type(batch_error) and not _probe_decodes(run):
             kind, msg = next(iter(kinds))
             with _decoder_lock:
                 first = device.type not in _decoder_broken
@@ -137,6 +141,22 @@ def _decode(blobs: list[bytes], device: torch.device) -> list[torch.Tensor | Non
                               f"batch, each alone too, with the same error ({kind.__name__}: {msg[:200]}); "
                               "JPEGs are decoded by PIL from now on in this process", RuntimeWarning, stacklevel=2)
         return out
+
+
+@functools.lru_cache(maxsize=1)
+def _probe_jpeg() -> bytes:
+    """A small sound JPEG: decodes wherever a decoder works."""
+    buf = io.BytesIO()
+    Image.new("RGB", (16, 16), (90, 120, 150)).save(buf, "JPEG", quality=90)
+    return buf.getvalue()
+
+
+def _probe_decodes(run) -> bool:
+    try:
+        run([_probe_jpeg()])
+        return True
+    except Exception:  # noqa: BLE001 — whatever it is, the decoder cannot decode a sound file
+        return False
 
 
 def _round_u8(x: torch.Tensor) -> torch.Tensor:
@@ -167,6 +187,12 @@ def _reduce_multipliers(n: int) -> np.ndarray:
     return (np.float32(2.0**32) / (np.float32(256) * k)).astype(np.int64)
 
 
+@functools.lru_cache(maxsize=64)
+def _reduce_multipliers_on(n: int, device: torch.device) -> torch.Tensor:
+    """:func:`_reduce_multipliers` on ``device``, uploaded once: a pageable copy per image waits for the stream."""
+    return torch.from_numpy(_reduce_multipliers(n)).to(device)
+
+
 def _block_counts(size: int, factor: int, device: torch.device) -> torch.Tensor:
     """Pixels per block along one axis: ``factor`` each, the last block the remainder (if any)."""
     counts = torch.full((-(-size // factor),), factor, dtype=torch.int64, device=device)
@@ -187,7 +213,7 @@ def reduce_tensor(x: torch.Tensor, fx: int, fy: int) -> torch.Tensor:
     h, w = x.shape[-2:]
     sums = F.avg_pool2d(x, (fy, fx), ceil_mode=True, divisor_override=1)  # padding-free: edge blocks are partial
     n = _block_counts(h, fy, x.device)[:, None] * _block_counts(w, fx, x.device)[None, :]
-    mult = torch.from_numpy(_reduce_multipliers(fx * fy)).to(x.device)[n - 1]
+    mult = _reduce_multipliers_on(fx * fy, x.device)[n - 1]
     out = ((sums.round().to(torch.int64) + n // 2) * mult) >> 24
     return out.to(x.dtype)
 

@@ -231,7 +231,7 @@ def test_broken_decoder_is_switched_off_once_per_process(bundle, monkeypatch):
     with pytest.warns(RuntimeWarning, match="decoded by PIL from now on") as record:
         got = gp.prepare_batch_on_device(items, cfg, None, "cpu")
     assert len([w for w in record if issubclass(w.category, RuntimeWarning)]) == 1
-    assert calls == [3, 1, 1, 1]
+    assert calls == [3, 1, 1, 1, 1]  # the batch, each file alone, then a sound probe JPEG: broken
     assert gp.decoder_broken("cpu") == "RuntimeError: nvjpegCreateSimple failed: 7"
     assert gp.decoder_broken("cuda") is None  # per device type
     ref = prepare_batch(items, cfg, None)
@@ -241,7 +241,7 @@ def test_broken_decoder_is_switched_off_once_per_process(bundle, monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)  # no second warning
         again = gp.prepare_batch_on_device(items, cfg, None, "cpu")
-    assert calls == [3, 1, 1, 1]  # no more decoder calls
+    assert calls == [3, 1, 1, 1, 1]  # no more decoder calls
     assert list(again["status"]) == ["ok"] * 3
 
 
@@ -265,6 +265,32 @@ def test_failures_that_do_not_switch_the_decoder_off(case, monkeypatch):
         got = gp._decode(blobs[:1] if case == "one_file" else blobs, torch.device("cpu"))
     assert (got[0] is not None) == (case == "one_decodes") and got[-1] is None
     assert gp.decoder_broken("cpu") is None
+
+
+def test_files_damaged_alike_leave_the_decoder_on(bundle, monkeypatch):
+    def damaged(data: bytes) -> bytes:  # the first scan names a component the frame lacks
+        sos = data.index(b"\xff\xda")
+        return data[:sos + 5] + b"\x09" + data[sos + 6:]
+
+    bad = [damaged(astronaut_jpeg_bytes(90)), damaged(astronaut_jpeg_bytes(80, 600, 400))]
+    monkeypatch.setattr(gp, "_decoder_broken", {})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # no switch-off warning
+        got = gp.prepare_batch_on_device(bad, bundle.config, None, "cpu")
+    assert list(got["error_code"]) == list(prepare_batch(bad, bundle.config, None)["error_code"]) == ["truncated"] * 2
+    assert gp.decoder_broken("cpu") is None
+    calls, real = [], gp.decode_jpeg
+    monkeypatch.setattr(gp, "decode_jpeg", lambda data, **kw: calls.append(len(data)) or real(data, **kw))
+    assert gp._decode([astronaut_jpeg_bytes(90)], torch.device("cpu"))[0] is not None and calls == [1]
+
+
+def test_reduce_multipliers_are_uploaded_once_per_block_size_and_device():
+    gp._reduce_multipliers_on.cache_clear()
+    x = torch.rand(1, 3, 61, 83) * 255
+    first = gp.reduce_tensor(x.round(), 2, 2)
+    assert torch.equal(gp.reduce_tensor(x.round(), 2, 2), first)
+    info = gp._reduce_multipliers_on.cache_info()
+    assert (info.misses, info.hits) == (1, 1)
 
 
 @pytest.mark.parametrize("mode", ["center", "random"])
