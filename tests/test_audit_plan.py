@@ -19,7 +19,6 @@ from ray_jobs.audit import PLAN_SCHEMA, STATE_SCHEMA, AuditJob
 from ray_jobs.schema import SCORE_SCHEMA
 from ray_jobs.listing import list_images
 from ray_jobs.storage import ObjectInfo, S3Options, join, resolve, write_bytes
-from ray_jobs.summary import RowsMissing
 from tests.test_audit import TINY, read_json
 
 T0 = datetime(2024, 5, 1, 2, 0, tzinfo=timezone.utc)
@@ -217,41 +216,6 @@ def test_an_unfinished_run_continues_only_under_the_same_crop_mode(tmp_path: Pat
     assert not legacy.resumed and legacy.run_id != other.run_id
 
 
-def test_score_delta_keeps_only_rows_of_the_runs_crop_mode(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from ray_jobs import score
-
-    job = AuditJob(library=str(tmp_path / "lib"), state=str(tmp_path / "state"), model=TINY)
-    listing = pa.Table.from_pylist([{**row("/lib/a.jpg"), "action": "new", "to_score": True}], schema=PLAN_SCHEMA)
-    plan = audit.Plan("r1", T0, "/lib", SHA, "tiny", "center", None, None, listing, resumed=True)
-    rows = [{**row("/lib/a.jpg", score=s), "model_sha256": SHA, "crop_mode": m, "scored_at": T0 + timedelta(hours=h)}
-            for s, m, h in ((1.0, "center", 0), (2.0, "five", 1))]  # the other protocol's row is the later one
-    audit_state.write_parquet(join(job.state, "runs", "r1", "scores", "part-r1-x_000000.parquet"),
-                         pa.Table.from_pylist(rows, schema=SCORE_SCHEMA), job.s3)
-    monkeypatch.setattr(score, "run_score_job", lambda _job: {"skipped_already_scored": 1})
-    scored, stats = audit.score_delta(job, plan)
-    assert (scored["score"].to_pylist(), scored["crop_mode"].to_pylist()) == ([1.0], ["center"])
-    assert stats == {"to_score": 1, "scored_now": 0, "reused_from_unfinished_run": 1}
-
-
-def test_a_continued_run_retries_its_transient_errors_and_names_the_audit_to_rerun(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from ray_jobs import score
-
-    job = AuditJob(library=str(tmp_path / "lib"), state=str(tmp_path / "state"), model=TINY)
-    listing = pa.Table.from_pylist([{**row("/lib/a.jpg"), "action": "new", "to_score": True}], schema=PLAN_SCHEMA)
-    plan = audit.Plan("r1", T0, "/lib", SHA, "tiny", "five", None, None, listing, resumed=True)
-    jobs: list = []
-
-    def pipeline(score_job):
-        jobs.append(score_job)
-        raise score.RowsMissing(f"run r1: 1 of 1 inputs have no row in x (first: /lib/a.jpg); {score_job.rerun_hint}")
-
-    monkeypatch.setattr(score, "run_score_job", pipeline)
-    with pytest.raises(score.RowsMissing, match=r"; run the audit again to score them$"):  # no --resume in audit
-        audit.score_delta(job, plan)
-    assert jobs[0].resume and jobs[0].retry_error_codes == audit.TRANSIENT_ERROR_CODES
-
-
 FIVE = {"sha256": SHA, "model_id": "tiny", "crop_mode": "five"}
 
 
@@ -396,18 +360,3 @@ def test_a_continued_run_lists_the_library_again(tmp_path: Path) -> None:
     assert actions == {str(lib / "p1.jpg"): "changed", str(lib / "p2.jpg"): "unchanged", str(lib / "p9.jpg"): "new"}
     on_disk = audit_state.read_parquet(join(job.state, "runs", first.run_id, "plan.parquet"), None, PLAN_SCHEMA)
     assert on_disk.equals(again.listing)
-
-
-def test_score_delta_takes_no_row_of_an_earlier_version(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from ray_jobs import score
-
-    job = AuditJob(library=str(tmp_path / "lib"), state=str(tmp_path / "state"), model=TINY)
-    listing = pa.Table.from_pylist([{**row("/lib/a.jpg", "e2"), "action": "changed", "to_score": True}],
-                                   schema=PLAN_SCHEMA)
-    plan = audit.Plan("r1", T0, "/lib", SHA, "tiny", "five", None, None, listing, resumed=True)
-    old = {**row("/lib/a.jpg", "e1", score=1.0), "model_sha256": SHA, "crop_mode": "five", "scored_at": T0}
-    audit_state.write_parquet(join(job.state, "runs", "r1", "scores", "part-r1-x_000000.parquet"),
-                              pa.Table.from_pylist([old], schema=SCORE_SCHEMA), job.s3)
-    monkeypatch.setattr(score, "run_score_job", lambda _job: {"skipped_already_scored": 0})  # wrote nothing
-    with pytest.raises(RowsMissing, match="1 planned objects have no score row; run the audit again"):
-        audit.score_delta(job, plan)
