@@ -28,6 +28,20 @@ def main() -> None:
 main.add_command(weights)  # `piqa weights …`, in cli_weights.py
 
 
+def _iso_date(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """A calendar date as YYYY-MM-DD: "2026/11/26" would write nested folders that read as run_date=2026."""
+    if value is None:
+        return None
+    from datetime import date
+
+    try:
+        written = date.fromisoformat(value).isoformat() == value  # 3.11 also reads 20261126
+    except ValueError:
+        written = False
+    if not written:
+        raise click.BadParameter(f"{value!r} is not a date as YYYY-MM-DD", param_hint="--run-date")
+    return value
+
 @main.command()
 @click.argument("inputs", nargs=-1, required=True)
 @click.option("--out", required=True, help="Output: a .parquet file (local engine) or a folder/prefix (ray).")
@@ -39,7 +53,7 @@ main.add_command(weights)  # `piqa weights …`, in cli_weights.py
               help="Objects larger than this become error rows.")
 @click.option("--resume", is_flag=True,
               help="Skip inputs this model (same sha256) already scored in this crop mode under --out.")
-@click.option("--run-date", default=None, callback=lambda ctx, param, value: _iso_date(value),
+@click.option("--run-date", default=None, callback=_iso_date,
               help="Partition value run_date=YYYY-MM-DD (default: today).")
 @click.option("--face-device", type=click.Choice(["auto", "cpu", "gpu"]), default="auto", show_default=True,
               help="Where prep actors run RetinaFace; auto = gpu when scoring on GPUs (CPU detection cannot "
@@ -94,21 +108,6 @@ def score(inputs: tuple[str, ...], out: str, engine: str, manifest: bool, s3: S3
             except PlanError as e:
                 raise click.UsageError(str(e)) from None
         click.echo(f"wrote {summary['rows']} rows to {summary['output']}")
-
-
-def _iso_date(value: str | None) -> str | None:
-    """A calendar date as YYYY-MM-DD: "2026/11/26" would write nested folders that read as run_date=2026."""
-    if value is None:
-        return None
-    from datetime import date
-
-    try:
-        written = date.fromisoformat(value).isoformat() == value  # 3.11 also reads 20261126
-    except ValueError:
-        written = False
-    if not written:
-        raise click.BadParameter(f"{value!r} is not a date as YYYY-MM-DD", param_hint="--run-date")
-    return value
 
 
 def _ray_gpu(device: str | None, gpu: bool | None) -> bool | None:

@@ -95,7 +95,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         before = set(cache.faces)
         val = _predict_val(bundle.model, data["val"], data["keys"]["val"], rank, world, group,
                            stage="before training: validation", **env)
-        if _gather_cache(cache, before, rank, world, group):
+        if _gather_cache(cache, before, world, group):
             unsaved = not _save_cache(cache, cache_uri, keys, job.s3, rank, log)
         if rank == 0:
             record["before"] = val_metrics(val[0], *data["val"][1:], val[1])
@@ -110,7 +110,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         train_s = time.perf_counter() - t0
         val = _predict_val(bundle.model, data["val"], data["keys"]["val"], rank, world, group,
                            stage=f"epoch {epoch + 1}/{job.epochs} validation", **env)
-        grew = _gather_cache(cache, before, rank, world, group)  # a collective: every rank, same place
+        grew = _gather_cache(cache, before, world, group)  # a collective: every rank, same place
         train, failed = train_metrics(all_gather(mine, world, group), train_s)
         metrics = {"epoch": epoch, **train, "lr": lr, "session_start_epoch": start,
                    "features_loaded": loaded, "epoch_time_s": time.perf_counter() - t0}
@@ -286,7 +286,7 @@ def _predict_val(module: torch.nn.Module, val: tuple, keys: list[str], rank: int
     return out, loaded
 
 
-def _gather_cache(cache: FeatureCache, before: set[str], rank: int, world: int, group: Any) -> bool:
+def _gather_cache(cache: FeatureCache, before: set[str], world: int, group: Any) -> bool:
     """Give every rank the features the others computed (a collective); whether any rank computed some.
 
     An image two ranks computed (in pairs on both) keeps the lowest rank's features on every rank: batch

@@ -221,8 +221,8 @@ def test_an_image_two_ranks_computed_keeps_the_lowest_ranks_features_on_both(mon
         cache.put(f"only{rank}", FaceResult(None, 0.0, 0), np.zeros(3, np.float32))
     parts = [c.to_columns() for c in caches]
     monkeypatch.setattr(tw, "all_gather", lambda obj, world, group: parts)
-    for rank, cache in enumerate(caches):
-        assert tw._gather_cache(cache, set(), rank, 2, None)
+    for cache in caches:
+        assert tw._gather_cache(cache, set(), 2, None)
     for cache in caches:
         assert cache.faces["shared"].box == (10.0, 10.0, 50.0, 60.0) and cache.aux["shared"].tolist() == [0, 0, 0]
         assert set(cache.faces) == {"shared", "only0", "only1"}
