@@ -15,6 +15,7 @@ ERROR_CODES = (
     "too_small",
     "too_large",
     "read_failed",
+    "not_a_file",
     "invalid_name",
     "non_finite_score",
     "internal",

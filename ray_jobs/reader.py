@@ -35,7 +35,7 @@ def fetch(info: ObjectInfo, s3: S3Options | None, max_bytes: int) -> bytes | Ima
     if info.size < 0 and info.etag_or_mtime == NAME_NOT_UTF8:  # the URI is a printable stand-in, not a path
         return ImageError("invalid_name", f"{info.uri}: the file name is not valid UTF-8; rename it to score it")
     if kind := _special_file(info.uri):
-        return ImageError("read_failed", f"{info.uri} is a {kind}, not a regular file: it is not read")
+        return ImageError("not_a_file", f"{info.uri} is a {kind}, not a regular file: it is not read")
     try:
         return _read(info, s3, max_bytes)
     except FileNotFoundError:
@@ -44,7 +44,7 @@ def fetch(info: ObjectInfo, s3: S3Options | None, max_bytes: int) -> bytes | Ima
     except ObjectTooLarge as e:
         return ImageError("too_large", str(e))
     except IsADirectoryError:
-        return ImageError("read_failed", f"{info.uri} is a directory, not a file")
+        return ImageError("not_a_file", f"{info.uri} is a directory, not a file")
     except _FINAL as e:
         return ImageError("read_failed", f"{type(e).__name__}: {e}")
     except OSError as e:

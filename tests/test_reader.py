@@ -139,7 +139,7 @@ def test_a_manifest_entry_that_is_a_directory_fails_at_once(tmp_path, monkeypatc
     t0 = time.perf_counter()
     out = read_objects(_batch(objects), s3=None, max_bytes=50)
     assert time.perf_counter() - t0 < 0.5 and pauses == []
-    assert list(out["read_error_code"]) == ["read_failed", ""] and list(out["data"]) == [b"", b"ok"]
+    assert list(out["read_error_code"]) == ["not_a_file", ""] and list(out["data"]) == [b"", b"ok"]
     assert out["read_error_message"][0] == f"{tmp_path / 'album.jpg'} is a directory, not a file"
 
 
@@ -169,7 +169,7 @@ def test_a_named_pipe_among_the_photos_is_an_error_row_not_a_job_that_never_ends
     t.start()
     t.join(10)
     assert not t.is_alive(), "the read blocked on the FIFO"
-    assert list(out["read_error_code"]) == ["", "read_failed"] and list(out["data"]) == [b"ok", b""]
+    assert list(out["read_error_code"]) == ["", "not_a_file"] and list(out["data"]) == [b"ok", b""]
     assert out["read_error_message"][1] == f"{tmp_path / 'pipe.jpg'} is a named pipe (FIFO), not a regular file: " \
                                            "it is not read"
 
