@@ -81,8 +81,9 @@ class ObjectInfo:
 class ObjectTooLarge(ValueError):
     """The object is larger than the caller's ``max_bytes``."""
 
-    def __init__(self, uri: str, size: int, max_bytes: int):
-        super().__init__(f"{uri}: {size} bytes exceeds the limit of {max_bytes} bytes")
+    def __init__(self, uri: str, size: int, max_bytes: int, size_known: bool = True):
+        said = f"{size} bytes exceeds" if size_known else f"more than {max_bytes} bytes (size not announced) exceeds"
+        super().__init__(f"{uri}: {said} the limit of {max_bytes} bytes")
         self.uri, self.size, self.max_bytes = uri, size, max_bytes
 
 
@@ -223,6 +224,8 @@ def _read_bytes_fsspec(uri: str, fs: fsspec.AbstractFileSystem, path: str, max_b
         size = info.get("size")  # None where a server does not say (HTTP without Content-Length)
         if max_bytes is not None and size is not None and size > max_bytes:
             raise ObjectTooLarge(uri, size, max_bytes)
+        if max_bytes is not None and size is None and info:  # a failed HEAD (info {}) leaves the GET to say why
+            return _read_at_most(uri, fs, path, max_bytes)
         data = fs.cat_file(path)
         if max_bytes is not None and len(data) > max_bytes:
             raise ObjectTooLarge(uri, len(data), max_bytes)
@@ -233,6 +236,23 @@ def _read_bytes_fsspec(uri: str, fs: fsspec.AbstractFileSystem, path: str, max_b
         raise
     except Exception as e:  # botocore's own (no endpoint, no credentials): an I/O failure, as pyarrow says it
         raise OSError(f"{uri}: {type(e).__name__}: {e}") from e
+
+
+def _read_at_most(uri: str, fs: fsspec.AbstractFileSystem, path: str, max_bytes: int) -> bytes:
+    """A body of unannounced size, streamed and cut off past ``max_bytes``: a whole download first would
+    hold an endless or huge body in memory before the limit applied."""
+    chunks, got = [], 0
+    with fs.open(path, "rb") as f:
+        while got <= max_bytes:
+            chunk = f.read(min(_STREAM_CHUNK, max_bytes + 1 - got))
+            if not chunk:
+                return b"".join(chunks)
+            chunks.append(chunk)
+            got += len(chunk)
+    raise ObjectTooLarge(uri, got, max_bytes, size_known=False)
+
+
+_STREAM_CHUNK = 4 * 1024 * 1024
 
 
 def read_text(uri: str, s3: S3Options | None = None, encoding: str = "utf-8") -> str:

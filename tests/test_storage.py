@@ -155,6 +155,48 @@ class _ContainerCredentials(BaseHTTPRequestHandler):
         pass
 
 
+class _UnsizedStore(BaseHTTPRequestHandler):
+    """A store that announces no size: ``big.jpg`` streams 64 MiB, ``small.jpg`` 3 bytes; sent bytes are counted."""
+
+    sent: list[int] = []
+
+    def do_HEAD(self) -> None:  # noqa: N802 - the handler's API
+        self.send_response(200)
+        self.end_headers()
+
+    def do_GET(self) -> None:  # noqa: N802
+        self.send_response(200)
+        self.end_headers()  # HTTP/1.0 without Content-Length: the body ends when the connection closes
+        chunks = 1024 if "big" in self.path else 0
+        try:
+            for _ in range(chunks):
+                self.wfile.write(b"\xff" * 65536)
+                self.sent[0] += 65536
+            if not chunks:
+                self.wfile.write(b"abc")
+        except OSError:  # the reader hung up: what it needed had come
+            pass
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+def test_a_body_of_unannounced_size_stops_at_the_limit():
+    """Without Content-Length the whole body was downloaded before the size check: an endless or
+    huge body would have filled the read task's memory."""
+    server = HTTPServer(("127.0.0.1", 0), _UnsizedStore)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    base, _UnsizedStore.sent[:] = f"http://127.0.0.1:{server.server_port}", [0]
+    try:
+        assert storage.read_bytes(f"{base}/small.jpg", max_bytes=1000) == b"abc"
+        with pytest.raises(ObjectTooLarge, match="more than 1000000 bytes .size not announced"):
+            storage.read_bytes(f"{base}/big.jpg", max_bytes=1_000_000)
+        time.sleep(0.5)
+        assert _UnsizedStore.sent[0] < 32 * 1024 * 1024, "the body was read past the limit"
+    finally:
+        server.shutdown()
+
+
 def test_reads_share_one_credential_chain(s3_server, s3_bucket, monkeypatch):
     """A filesystem per read fetched the credentials once per photo (STS on EKS, metadata on EC2)."""
     server = HTTPServer(("127.0.0.1", 0), _ContainerCredentials)
