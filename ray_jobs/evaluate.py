@@ -132,11 +132,12 @@ def write_eval(result: EvalResult, out: str, s3: S3Options | None = None) -> str
 
 @ray.remote
 def evaluate_remote(model_dir: str, frame: pd.DataFrame, s3: S3Options, out: str, batch_size: int = 8,
-                    sha256: str | None = None) -> dict:
-    """Evaluate a (remote) model directory, ``sha256`` its expected weights, on a label frame; writes ``out``."""
+                    sha256: str | None = None, config: dict | None = None) -> dict:
+    """Evaluate a (remote) model directory on a label frame; writes ``out``. ``sha256`` and ``config``: the
+    model expected there (a node's cached copy of another is fetched again)."""
     from piqa_core.checkpoints import load_checkpoint
 
-    scorer = Scorer(load_checkpoint(weights_dir(model_dir, s3, sha256)), own_bundle=True)
+    scorer = Scorer(load_checkpoint(weights_dir(model_dir, s3, sha256, config)), own_bundle=True)
     result = evaluate_table(scorer, LabelTable(frame), "test", s3, batch_size)
     write_eval(result, out, s3)
     return result.to_dict()

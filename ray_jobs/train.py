@@ -287,7 +287,7 @@ def _train(job: TrainJob, table: LabelTable, data: dict[str, Any]) -> dict[str, 
         raise RuntimeError(f"run {job.run_name} has no checkpoint (0 epochs trained?)")
     best, best_metrics = best_checkpoint(result.best_checkpoints)
     model_dir = export_model(best, job)
-    model_sha256 = json.loads(_read_checkpoint_file(best, "config.json"))["sha256"]
+    exported = json.loads(_read_checkpoint_file(best, "config.json"))
     record = json.loads(_read_checkpoint_file(result.checkpoint, HISTORY_FILE))
     history = record["epochs"]
     summary = {
@@ -298,7 +298,7 @@ def _train(job: TrainJob, table: LabelTable, data: dict[str, Any]) -> dict[str, 
         "job": {k: v for k, v in asdict(job).items() if k not in ("s3", "address")},
     }
     test = table.subset("test")
-    summary["test"] = _evaluate_test(job, model_dir, model_sha256, test) if len(test) else None
+    summary["test"] = _evaluate_test(job, model_dir, exported, test) if len(test) else None
     atomic_write_bytes(join(job.run_dir, "summary.json"), json.dumps(summary, indent=2, default=str).encode(), job.s3)
     _print_summary(summary)
     return summary
@@ -356,17 +356,17 @@ def export_model(checkpoint: Any, job: TrainJob) -> str:
     return dest
 
 
-def _evaluate_test(job: TrainJob, model_dir: str, sha256: str, test: LabelTable) -> dict[str, Any]:
+def _evaluate_test(job: TrainJob, model_dir: str, exported: dict[str, Any], test: LabelTable) -> dict[str, Any]:
     """Five-crop evaluation of the exported (best-by-val) model on the test split, in a Ray task.
 
-    ``sha256`` names the exported weights: a node that cached an earlier export of the same
-    ``model/`` fetches it again instead of evaluating the old model.
+    ``exported``: the export's config.json, whose weights sha256 and model config a node's cached copy
+    of an earlier export of the same ``model/`` must match, or it is fetched again.
     """
     from .evaluate import evaluate_remote
 
     task = evaluate_remote.options(num_cpus=1, num_gpus=1 if job.gpu else 0)
     report = ray.get(task.remote(model_dir, test.frame, job.s3, join(job.run_dir, "test_report.json"),
-                                 job.eval_batch, sha256))
+                                 job.eval_batch, exported["sha256"], exported["config"]))
     return {"mean": report["mean"], "median": report["median"], "pooled": report["pooled"],
             "items": report["items"], "failed": report["failed"], "model_sha256": report["model_sha256"]}
 

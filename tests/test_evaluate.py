@@ -81,3 +81,33 @@ def test_a_group_whose_every_image_failed_is_listed(monkeypatch: pytest.MonkeyPa
     lines = result.format().splitlines()
     assert any(line.split()[:3] == ["b", "0", "nan"] for line in lines)
     assert any(line.split()[:2] == ["mean", "1/2g"] for line in lines)
+
+
+def test_the_test_split_is_scored_with_the_exported_weights_and_config(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A node's cached copy of an earlier export was checked against the weights' sha256 only: an export
+    with the same weights and another config (crop mode, preset fields) would have been evaluated stale."""
+    import ray_jobs.train as train
+
+    asked: list[tuple] = []
+
+    class Stop(Exception):
+        pass
+
+    def weights_dir(*args):
+        asked.append(args)
+        raise Stop
+
+    run_here = ev.evaluate_remote._function
+
+    class Task:  # evaluate_remote without Ray
+        def options(self, **kwargs):
+            return SimpleNamespace(remote=run_here)
+
+    monkeypatch.setattr(ev, "weights_dir", weights_dir)
+    monkeypatch.setattr(ev, "evaluate_remote", Task())
+    job = train.TrainJob(labels="l.csv", run_name="r", storage="/runs")
+    exported = {"sha256": "a" * 64, "config": {"crop_mode": "center"}}
+    test = LabelTable(pd.DataFrame([{"uri": "/d/a.jpg", "score": 1.0, "group": "g", "split": "test", "name": "a.jpg"}]))
+    with pytest.raises(Stop):
+        train._evaluate_test(job, "s3://models/r/model", exported, test)
+    assert asked == [("s3://models/r/model", job.s3, "a" * 64, {"crop_mode": "center"})]
