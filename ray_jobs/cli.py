@@ -224,6 +224,10 @@ def _label_options(fn):
         click.option("--val-fraction", type=Number(0, 1, max_open=True), default=0.2, show_default=True,
                      help="Share of each group's train images held out for validation when no val split exists."),
         click.option("--seed", type=int, default=0, show_default=True),
+        click.option("--holdout-key", type=click.Choice(["path", "uri"]), default="path", show_default=True,
+                     help="What the validation hold-out hashes: path = each label's image path as written "
+                          "(the same split wherever the images are stored); uri = the resolved uri, as runs "
+                          "started before this option did."),
     ]
     for opt in reversed(opts):
         fn = opt(fn)
@@ -265,7 +269,7 @@ def _label_options(fn):
                    "for resuming).")
 @click.option("--address", envvar="RAY_ADDRESS", default=None, help="Ray cluster (default: start a local one).")
 @click.option("--fail-at-epoch", type=int, default=None, hidden=True)
-def train(labels, images, fmt, train_list, test_list, val_fraction, seed, s3, **kw) -> None:
+def train(labels, images, fmt, train_list, test_list, val_fraction, seed, holdout_key, s3, **kw) -> None:
     """Train DN-PIQA on labelled images (fidelity loss on pairs within a group) with Ray Train."""
     import ray.train as ray_train
 
@@ -274,7 +278,7 @@ def train(labels, images, fmt, train_list, test_list, val_fraction, seed, s3, **
     from .train import TrainJob, run_train_job
 
     job = TrainJob(labels=labels, images=images, format=fmt, train_list=train_list, test_list=test_list,
-                   val_fraction=val_fraction, seed=seed, s3=s3, **kw)
+                   val_fraction=val_fraction, seed=seed, holdout_key=holdout_key, s3=s3, **kw)
     try:
         with _user_errors():
             summary = run_train_job(job)
@@ -293,10 +297,10 @@ def train(labels, images, fmt, train_list, test_list, val_fraction, seed, s3, **
 @s3_options
 @click.option("--split", type=click.Choice(["train", "val", "test", "all"]), default=None,
               help="Default: test when the labels have a test split, else all. val is a training run's "
-                   "validation split when --val-fraction and --seed match the run's.")
+                   "validation split when --val-fraction, --seed and --holdout-key match the run's.")
 @click.option("--out", required=True, help="JSON report; per-image predictions go next to it (.parquet).")
 @model_options
-def eval_cmd(labels, images, fmt, train_list, test_list, val_fraction, seed, s3, split, out,
+def eval_cmd(labels, images, fmt, train_list, test_list, val_fraction, seed, holdout_key, s3, split, out,
              model: ModelOptions) -> None:
     """Score labelled images with a model and report per-group SRCC/KRCC/PLCC/RMSE/MAE."""
     from tqdm import tqdm
@@ -316,7 +320,8 @@ def eval_cmd(labels, images, fmt, train_list, test_list, val_fraction, seed, s3,
     with _user_errors():
         check_eval_outputs(out, [labels, train_list, test_list])
         check_writable(parent_uri(out), s3)
-        table = load_labels(labels, images, fmt, train_list, test_list, val_fraction, seed, s3, check_images=False)
+        table = load_labels(labels, images, fmt, train_list, test_list, val_fraction, seed, s3, check_images=False,
+                            holdout_key=holdout_key)
         table, split = select_split(table, split)
         scorer = Scorer(load_bundle(model, s3), device=model.device, precision=model.precision,
                         crop_mode=model.crop_mode, compile=model.compile, batch_size=model.batch_size,

@@ -18,8 +18,9 @@ Pair lists (``load_pairs``) name images by file name: a name that matches severa
 pairs across groups are dropped with a warning, since JOD labels compare only within a scene.
 
 Validation split: when the labels name none, ``with_validation`` holds out a deterministic fraction of
-the items **within every group** of the train split (by a hash of seed and uri, so the choice does
-not depend on row order). Within-group rather than whole-group hold-out keeps every scene represented
+the items **within every group** of the train split, by a hash of the seed and each label's ``key``: its
+image path as the label file writes it (PIQ23's ``IMAGE PATH``, a table's ``uri`` cell), so the choice
+depends neither on row order nor on where the images are stored (``--images``, a copied bucket). Within-group rather than whole-group hold-out keeps every scene represented
 in validation; JOD labels are only comparable inside a scene, so a held-out scene would test a
 different thing (use a split file for that). Groups that would keep fewer than 2 training items stay
 all-train.
@@ -46,6 +47,9 @@ from .listing import MISSING, stat_each
 from .storage import S3Options, join, local_path, read_bytes
 
 SPLITS = ("train", "val", "test")
+# What the validation hold-out hashes: "path", the label's own image path; "uri", the resolved uri (an
+# image root moved elsewhere yields another split), which runs recorded before the choice existed used.
+HOLDOUT_KEYS = ("path", "uri")
 PIQ23_REQUIRED = ("IMAGE PATH", "IMAGE", "JOD", "SCENE")
 TABLE_REQUIRED = ("uri", "score", "group")
 _TEXT_COLUMNS = ("IMAGE", "IMAGE second", "IMAGE PATH", "SCENE", "uri", "group", "split")
@@ -143,8 +147,9 @@ def _row(f: pd.DataFrame, k: int) -> str:
 
 @dataclass
 class LabelTable:
-    """Columns ``uri, score, group, split, name`` (name = image file name, used by pair lists), plus
-    ``size, version`` once :meth:`check_images` has run.
+    """Columns ``uri, score, group, split, name`` (name = image file name, used by pair lists), ``key``
+    (the image path as the label file writes it, which the validation hold-out hashes), plus ``size,
+    version`` once :meth:`check_images` has run.
 
     ``unused``: names of labelled images that the official split lists left out of the table.
     """
@@ -202,12 +207,16 @@ class LabelTable:
     def subset(self, split: str) -> "LabelTable":
         return LabelTable(self.frame[self.frame["split"] == split].copy(), self.source, self.unused)
 
-    def with_validation(self, fraction: float = 0.2, seed: int = 0) -> "LabelTable":
-        """Hold out ``fraction`` of each group's train items as ``val`` (no-op if a val split exists)."""
+    def with_validation(self, fraction: float = 0.2, seed: int = 0, holdout_key: str = "path") -> "LabelTable":
+        """Hold out ``fraction`` of each group's train items as ``val`` (no-op if a val split exists), chosen
+        by the hash of ``holdout_key`` (one of :data:`HOLDOUT_KEYS`; a frame without ``key`` uses the uri)."""
+        if holdout_key not in HOLDOUT_KEYS:
+            raise LabelError(f"unknown hold-out key {holdout_key!r}; use one of {list(HOLDOUT_KEYS)}")
         if (self.frame["split"] == "val").any() or fraction <= 0:
             return self
         df = self.frame.copy()
-        key = df["uri"].map(lambda u: hashlib.sha1(f"{seed}:{u}".encode()).hexdigest())
+        named = df["key"] if holdout_key == "path" and "key" in df else df["uri"]
+        key = named.map(lambda u: hashlib.sha1(f"{seed}:{u}".encode()).hexdigest())
         for _, members in df[df["split"] == "train"].groupby("group", sort=False):
             n = len(members)
             k = min(int(np.floor(fraction * n + 0.5)), n - 2)
@@ -253,7 +262,7 @@ def from_piq23(csv_uri: str, images: str | None = None, train_list: str | None =
     _require(df, PIQ23_REQUIRED, csv_uri, "PIQ23")
     root = (local_path(images) or images) if images else resolve_relative(".", csv_uri)
     rel = [p and p.replace("\\", "/").lstrip("/") for p in _text(df["IMAGE PATH"])]
-    out = pd.DataFrame({"uri": [p and join(root, p) for p in rel],
+    out = pd.DataFrame({"uri": [p and join(root, p) for p in rel], "key": rel,
                         "score": df["JOD"], "group": _groups(df["SCENE"]),
                         "name": [n or (p and posixpath.basename(p)) for n, p in zip(_text(df["IMAGE"]), rel)]})
     unused: frozenset[str] = frozenset()
@@ -295,8 +304,9 @@ def from_table(uri: str, s3: S3Options | None = None) -> LabelTable:
     """A generic ``uri, score, group[, split]`` CSV/Parquet; relative uris resolve against its folder."""
     df = read_frame(uri, s3)
     _require(df, TABLE_REQUIRED, uri, "table")
-    uris = [u and resolve_relative(u, uri) for u in _text(df["uri"])]
-    out = pd.DataFrame({"uri": uris, "score": df["score"],
+    cells = _text(df["uri"])
+    uris = [u and resolve_relative(u, uri) for u in cells]
+    out = pd.DataFrame({"uri": uris, "key": cells, "score": df["score"],
                         "group": _groups(df["group"]), "name": [u and posixpath.basename(u) for u in uris],
                         "split": _split_column(df)})
     return LabelTable(out, uri)
@@ -304,7 +314,7 @@ def from_table(uri: str, s3: S3Options | None = None) -> LabelTable:
 
 def load_labels(labels: str, images: str | None = None, fmt: str = "auto", train_list: str | None = None,
                 test_list: str | None = None, val_fraction: float = 0.2, seed: int = 0,
-                s3: S3Options | None = None, check_images: bool = True) -> LabelTable:
+                s3: S3Options | None = None, check_images: bool = True, holdout_key: str = "path") -> LabelTable:
     """Read labels in either format (``auto`` detects PIQ23 by its columns), add val, check images.
 
     A local ``labels`` is taken as one absolute path first (``file:`` URI, ``~``, relative): the
@@ -329,7 +339,7 @@ def load_labels(labels: str, images: str | None = None, fmt: str = "auto", train
         raise LabelError(f"unknown label format {fmt!r}; use piq23, table or auto")
     if len(table) == 0:
         raise LabelError(f"{labels}: no labelled images (after applying the split lists)")
-    table = table.with_validation(val_fraction, seed)
+    table = table.with_validation(val_fraction, seed, holdout_key)
     if check_images:
         table.check_images(s3)
     return table

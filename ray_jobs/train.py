@@ -72,6 +72,7 @@ class TrainJob:
     max_failures: int = 2
     keep: int = 2
     seed: int = 0
+    holdout_key: str = "path"
     eval_batch: int = 8
     # Validate the starting weights too (history "before"): the baseline training must beat.
     eval_before: bool = True
@@ -148,10 +149,11 @@ def _remote_exists(name: str, uri: str, s3: S3Options) -> bool:
 
 # What defines a run: resuming it with other values would mix two experiments in one set of checkpoints
 # (a new split moves trained images into validation; the optimiser state would override a new --lr).
-RECIPE = ("labels", "images", "format", "train_list", "test_list", "pairs", "val_fraction", "seed", "preset",
+RECIPE = ("labels", "images", "format", "train_list", "test_list", "pairs", "val_fraction", "seed", "holdout_key",
+          "preset",
           *WEIGHT_SOURCES, "batch_pairs", "pairs_per_image", "lr", "weight_decay", "lr_step", "lr_gamma")
 # Recipe values of runs recorded before the option existed: what those runs used.
-RECIPE_BEFORE = {"pairs_per_image": 1}
+RECIPE_BEFORE = {"pairs_per_image": 1, "holdout_key": "uri"}
 RECIPE_FILE = "recipe.json"
 # The recipe's data files: the same path with other content is another experiment too.
 RECIPE_FILES = ("labels", "train_list", "test_list", "pairs")
@@ -207,7 +209,7 @@ def has_checkpoint(job: TrainJob) -> bool:
 def prepare_data(job: TrainJob) -> tuple[LabelTable, dict[str, Any]]:
     """Labels (checked: columns, scores, images exist) and the arrays each worker needs."""
     table = load_labels(job.labels, job.images, job.format, job.train_list, job.test_list,
-                        job.val_fraction, job.seed, job.s3)
+                        job.val_fraction, job.seed, job.s3, holdout_key=job.holdout_key)
     train, val = table.subset("train"), table.subset("val")
     if len(train) < 2:
         raise LabelError(f"need at least 2 train images; {table.describe()}")

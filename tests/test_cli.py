@@ -345,3 +345,11 @@ def test_numbers_out_of_range_or_not_finite_are_usage_errors(args: list[str]) ->
     assert res.exit_code == 2 and f"Invalid value for '{args[-2]}'" in res.output, res.output
     assert ("is not a finite number" if args[-1] in ("inf", "nan") and args[-2] != "--keep-deleted-days"
             else "is not in the range") in res.output
+
+
+def test_train_and_eval_offer_every_hold_out_key_and_default_to_the_path() -> None:
+    from ray_jobs.labels import HOLDOUT_KEYS
+
+    for command in ("train", "eval"):
+        [opt] = [p for p in main.commands[command].params if p.name == "holdout_key"]
+        assert tuple(opt.type.choices) == HOLDOUT_KEYS and opt.default == "path"

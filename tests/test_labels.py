@@ -342,3 +342,29 @@ def test_images_that_cannot_be_checked_are_not_reported_missing(s3_server, s3_bu
         load_labels(str(tmp_path / "t.csv"), s3=opts)
     assert str(e.value) == (f"{tmp_path / 't.csv'}: cannot check 1 of 4 labelled images: PermissionError: "
                             f"[Errno 13] Access Denied (for {uris[3]})\n1 of 4 labelled images not found:\n  {uris[2]}")
+
+
+def test_the_validation_split_does_not_move_with_the_images(tmp_path: Path) -> None:
+    """The hold-out hashed each resolved uri: ``piqa eval --split val`` on a copy of the images under
+    another root (a local download of the bucket trained on) scored images the run had trained on."""
+    csv = _piq23(tmp_path / "a", {"S0": 20, "S1": 9})
+    copy = tmp_path / "b"
+    copy.mkdir()
+    (tmp_path / "a" / "Overall").rename(copy / "Overall")
+    table = (pd.DataFrame({"uri": [f"imgs/{i}.jpg" for i in range(20)], "score": range(20), "group": "g"}))
+    for root in ("t1", "t2"):
+        (tmp_path / root).mkdir()
+        table.to_csv(tmp_path / root / "t.csv", index=False)
+
+    def val(labels: Path, **kw) -> list[str]:
+        f = load_labels(str(labels), check_images=False, **kw).frame
+        return sorted(f["name"][f["split"] == "val"])
+
+    here, there = val(csv, images=str(copy)), val(csv, images="s3://bucket/piq23")
+    assert len(here) == 4 + 2 and here == there
+    assert val(tmp_path / "t1" / "t.csv") == val(tmp_path / "t2" / "t.csv")
+    # runs recorded before keep their split with --holdout-key uri, which does move with the root
+    old = [val(csv, images=root, holdout_key="uri") for root in (str(copy), "s3://bucket/piq23", str(copy))]
+    assert old[0] == old[2] and old[0] != old[1]
+    with pytest.raises(LabelError, match=r"unknown hold-out key 'name'; use one of \['path', 'uri'\]"):
+        load_labels(str(csv), check_images=False, holdout_key="name")

@@ -79,18 +79,22 @@ def test_a_run_refuses_data_files_edited_in_place(tmp_path: Path) -> None:
     claim_run(job)
 
 
-def test_a_run_recorded_before_pairs_per_image_resumes_with_the_one_partner_it_used(tmp_path: Path) -> None:
+@pytest.mark.parametrize(("option", "now", "before", "said"), [
+    ("pairs_per_image", 2, 1, r"--pairs-per-image 1 -> 2\)"),  # now 2 as the official exp.csv; one partner before
+    ("holdout_key", "path", "uri", r"--holdout-key 'uri' -> 'path'\)"),  # the hold-out hashed resolved uris before
+])
+def test_a_run_recorded_before_an_option_resumes_with_what_it_used(tmp_path: Path, option, now, before, said) -> None:
     (tmp_path / "l.csv").write_text("uri,score,group\na.png,1,g\n")
     job = TrainJob(labels=str(tmp_path / "l.csv"), run_name="r", storage=str(tmp_path))
     claim_run(job)
     (tmp_path / "r" / "epoch_0003").mkdir()
     recipe_file = tmp_path / "r" / "recipe.json"
     recipe = json.loads(recipe_file.read_text())
-    assert recipe.pop("pairs_per_image") == 2  # the default: as the official exp.csv
+    assert recipe.pop(option) == now
     recipe_file.write_text(json.dumps(recipe))
-    with pytest.raises(TrainSetupError, match=r"--pairs-per-image 1 -> 2\)"):
+    with pytest.raises(TrainSetupError, match=said):
         claim_run(job)
-    claim_run(replace(job, pairs_per_image=1))
+    claim_run(replace(job, **{option: before}))
 
 
 def test_a_run_without_a_checkpoint_takes_corrected_options(tmp_path: Path, capsys, s3_server, s3_bucket) -> None:
