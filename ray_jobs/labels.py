@@ -75,8 +75,17 @@ def read_frame(uri: str, s3: S3Options | None = None) -> pd.DataFrame:
     # Names and group codes as written: inferred numbers would make scenes "07" and "7" one group, and
     # pandas' missing-value words would make a scene or file named "NA" or "None" a row without one.
     # Only blank cells are missing; a score cell that is not a number is refused as written.
-    return pd.read_csv(io.BytesIO(data), encoding="utf-8-sig", dtype=dict.fromkeys(_TEXT_COLUMNS, str),
-                       keep_default_na=False)
+    return pd.read_csv(io.StringIO(_utf8(data, uri)), dtype=dict.fromkeys(_TEXT_COLUMNS, str), keep_default_na=False)
+
+
+def _utf8(data: bytes, uri: str) -> str:
+    """A label or list file's text (a BOM tolerated); another encoding is refused naming the file."""
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        utf16 = " (it is UTF-16, e.g. Excel's \"Unicode Text\")" if data[:2] in (b"\xff\xfe", b"\xfe\xff") else ""
+        raise LabelError(f"{uri}: not UTF-8 text{utf16}: byte {e.start} ({data[e.start:e.start + 1]!r}) is "
+                         "invalid; save the file as UTF-8 (Excel: \"CSV UTF-8\")") from None
 
 
 def _require(df: pd.DataFrame, columns: tuple[str, ...], uri: str, fmt: str) -> None:
@@ -133,9 +142,12 @@ def _split_names(uri: str, s3: S3Options | None) -> set[str]:
         col = "IMAGE" if "IMAGE" in df.columns else ("uri" if "uri" in df.columns else None)
         if col is None:
             raise LabelError(f"{uri}: a split file needs an 'IMAGE' (or 'uri') column; found {list(df.columns)}")
-        return {posixpath.basename(v.replace("\\", "/")) for v in _text(df[col]) if v is not None}
-    lines = read_bytes(uri, s3).decode("utf-8-sig").splitlines()
-    return {ln.strip() for ln in lines if ln.strip() and not ln.startswith("#")}
+        entries = [v for v in _text(df[col]) if v is not None]
+    else:
+        entries = [ln for ln in map(str.strip, _utf8(read_bytes(uri, s3), uri).splitlines())
+                   if ln and not ln.startswith("#")]
+    # By file name, as the official split files list images ("S1\\a.jpg" is a.jpg), however the list is written.
+    return {posixpath.basename(v.strip().replace("\\", "/")) for v in entries}
 
 
 def _row(f: pd.DataFrame, k: int) -> str:
@@ -284,6 +296,12 @@ def _split_from_lists(names: pd.Series, train_list: str | None, test_list: str |
         if unknown:
             raise LabelError(f"{train_list if s == 'train' else test_list}: " +
                              _listing(unknown, "listed image(s) not in the labels"))
+    counts = Counter(names.dropna())
+    several = sorted({f"{n} ({counts[n]} labelled images)" for listed in lists.values() for n in listed if counts[n] > 1})
+    if several:  # a list names images by file name: it cannot say which of them it meant
+        raise LabelError(_listing(several, "split-list name(s) matching several labelled images") + "\nsplit lists "
+                         "name images by file name: give the labels unique IMAGE names, or use a table with a "
+                         "split column")
     both = sorted(lists.get("train", set()) & lists.get("test", set()))
     if both:
         raise LabelError(_listing(both, "image(s) listed in both the train and the test split"))

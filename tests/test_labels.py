@@ -368,3 +368,31 @@ def test_the_validation_split_does_not_move_with_the_images(tmp_path: Path) -> N
     assert old[0] == old[2] and old[0] != old[1]
     with pytest.raises(LabelError, match=r"unknown hold-out key 'name'; use one of \['path', 'uri'\]"):
         load_labels(str(csv), check_images=False, holdout_key="name")
+
+
+def test_split_lists_are_read_alike_and_refuse_names_they_cannot_place(tmp_path: Path) -> None:
+    csv = _piq23(tmp_path, {"S0": 3, "S1": 3})
+    (tmp_path / "test.txt").write_text("  # held-out images\nOverall\\0_S1.jpg\n  1_S1.jpg  \n")
+    f = load_labels(str(csv), str(tmp_path), test_list=str(tmp_path / "test.txt"), val_fraction=0).frame
+    assert sorted(f["name"][f["split"] == "test"]) == ["0_S1.jpg", "1_S1.jpg"]  # as a CSV list would read them
+    # two labelled images named a.jpg: a list naming a.jpg cannot say which (both went to test)
+    df = pd.read_csv(csv, encoding="utf-8-sig")
+    df.loc[:1, "IMAGE"] = "a.jpg"
+    df.to_csv(tmp_path / "same.csv", index=False)
+    (tmp_path / "a.txt").write_text("a.jpg\n")
+    with pytest.raises(LabelError, match=r"1 split-list name\(s\) matching several labelled images:\n  a.jpg \(2 "):
+        load_labels(str(tmp_path / "same.csv"), str(tmp_path), test_list=str(tmp_path / "a.txt"))
+
+
+@pytest.mark.parametrize("which", ["labels", "list"])
+def test_a_file_in_another_encoding_is_named(tmp_path: Path, which: str) -> None:
+    csv = _piq23(tmp_path, {"S0": 3})
+    latin = tmp_path / ("labels.csv" if which == "labels" else "test.txt")
+    if which == "labels":
+        latin.write_bytes(csv.read_text(encoding="utf-8-sig").replace("0_S0.jpg", "café.jpg").encode("cp1252"))
+    else:
+        latin.write_bytes("café.jpg\n".encode("utf-16"))
+    test_list = str(latin) if which == "list" else None
+    said = re.escape(f"{latin}: not UTF-8 text") + (r" \(it is UTF-16" if which == "list" else ": byte")
+    with pytest.raises(LabelError, match=said):
+        load_labels(str(csv), str(tmp_path), test_list=test_list, check_images=False)
