@@ -349,9 +349,9 @@ def run_audit(job: AuditJob) -> AuditResult:
 
 def main(argv: list[str] | None = None) -> None:
     """``python -m ray_jobs.audit`` = ``piqa audit`` (the form ``ray job submit`` runs)."""
-    from .cli import main as cli
+    from .cli import run_module
 
-    cli.main(args=["audit", *(argv if argv is not None else sys.argv[1:])], prog_name="ray_jobs.audit")
+    run_module("audit", argv)
 
 
 if __name__ == "__main__":

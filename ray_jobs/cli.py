@@ -28,6 +28,12 @@ def main() -> None:
 main.add_command(weights)  # `piqa weights …`, in cli_weights.py
 
 
+def run_module(command: str, argv: list[str] | None = None) -> None:
+    """``python -m ray_jobs.<command>`` (the form ``ray job submit`` runs) = ``piqa <command>``, its usage
+    and errors naming the module as it was run, not ``ray_jobs.<command> <command>``."""
+    main.commands[command].main(args=argv if argv is not None else sys.argv[1:], prog_name=f"ray_jobs.{command}")
+
+
 def _iso_date(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
     """A calendar date as YYYY-MM-DD: "2026/11/26" would write nested folders that read as run_date=2026."""
     if value is None:

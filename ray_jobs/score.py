@@ -382,9 +382,9 @@ def _prep_batch(job: ScoreJob) -> int:
 
 def main(argv: list[str] | None = None) -> None:
     """``python -m ray_jobs.score`` = ``piqa score`` (the form ``ray job submit`` runs)."""
-    from .cli import main as cli
+    from .cli import run_module
 
-    cli.main(args=["score", *(argv if argv is not None else sys.argv[1:])], prog_name="ray_jobs.score")
+    run_module("score", argv)
 
 
 if __name__ == "__main__":

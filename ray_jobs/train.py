@@ -386,9 +386,9 @@ def _print_summary(s: dict[str, Any]) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     """``python -m ray_jobs.train`` = ``piqa train`` (the form ``ray job submit`` runs)."""
-    from .cli import main as cli
+    from .cli import run_module
 
-    cli.main(args=["train", *(argv if argv is not None else sys.argv[1:])], prog_name="ray_jobs.train")
+    run_module("train", argv)
 
 
 if __name__ == "__main__":

@@ -181,6 +181,16 @@ def test_module_entrypoint_for_ray_job_submit():
     out = subprocess.run([sys.executable, "-m", "ray_jobs.score", "--help"], capture_output=True, text=True,
                          timeout=120)
     assert out.returncode == 0 and "--resume" in out.stdout and "--face-device" in out.stdout
+    assert out.stdout.startswith("Usage: ray_jobs.score [OPTIONS] INPUTS...")  # was "ray_jobs.score score"
+
+
+@pytest.mark.parametrize("command", ["score", "audit", "train"])
+def test_a_module_entrypoints_usage_error_names_the_module_as_run(command, capsys):
+    module = __import__(f"ray_jobs.{command}", fromlist=["main"])
+    with pytest.raises(SystemExit) as exit_:
+        module.main(["--no-such-flag"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and f"Try 'ray_jobs.{command} --help'" in err, err
 
 
 def _labels(tmp_path, photos) -> str:
