@@ -73,7 +73,8 @@ def _iso_date(ctx: click.Context, param: click.Parameter, value: str | None) -> 
 @click.option("--score-actors", type=click.IntRange(1), default=None, help="Model actor pool size.")
 @click.option("--prep-batch-size", type=click.IntRange(1), default=None,
               help="Images per prep call (default: the score batch size, at most 8).")
-@click.option("--gpus-per-actor", type=Number(0, 1, min_open=True), default=1.0, show_default=True)
+@click.option("--gpus-per-actor", type=Number(0.01, 1), default=1.0, show_default=True,
+              help="GPU share of each score actor (0.5: two per GPU).")
 @click.option("--gpu/--no-gpu", default=None,
               help="Score on GPUs (default: if the cluster has GPUs now; --gpu waits for autoscaled GPU nodes).")
 @click.option("--address", envvar="RAY_ADDRESS", default=None, help="Ray cluster (default: start a local one).")
@@ -98,9 +99,7 @@ def score(inputs: tuple[str, ...], out: str, engine: str, manifest: bool, s3: S3
         from .score import PlanError, ScoreJob, run_score_job
 
         use_gpu = _ray_gpu(model.device, gpu)
-        if face_device == "gpu" and use_gpu is False:  # refused before the listing, which may take minutes
-            raise click.UsageError("--face-device gpu needs GPUs; it contradicts "
-                                   + ("--no-gpu" if gpu is False else "--device cpu"))
+        _check_ray_places(use_gpu, gpu, face_device, prep)
         job = ScoreJob(inputs=list(inputs), out=out, manifest=manifest, s3=s3, max_bytes=max_bytes,
                        model=model, resume=resume, face_device=face_device, prep=prep, prep_actors=prep_actors,
                        score_actors=score_actors, prep_batch_size=prep_batch_size,
@@ -126,6 +125,19 @@ def _ray_gpu(device: str | None, gpu: bool | None) -> bool | None:
     if gpu is not None and gpu != want:
         raise click.UsageError(f"--device {device} contradicts --{'' if gpu else 'no-'}gpu")
     return want
+
+
+def _check_ray_places(use_gpu: bool | None, gpu: bool | None, face_device: str, prep: str) -> None:
+    """Refuses, before the listing (which may take minutes), what the flags alone show cannot run."""
+    cpu_flag = "--no-gpu" if gpu is False else "--device cpu"
+    if face_device == "gpu" and use_gpu is False:
+        raise click.UsageError(f"--face-device gpu needs GPUs; it contradicts {cpu_flag}")
+    if use_gpu and prep == "device" and face_device == "cpu":
+        raise click.UsageError("--face-device cpu does not apply with --prep device on GPUs (the score actors "
+                               "prepare on their GPU, faces included): use --prep actors for CPU detection")
+    if use_gpu is False and click.get_current_context().get_parameter_source("gpus_per_actor") \
+            == ParameterSource.COMMANDLINE:
+        raise click.UsageError(f"--gpus-per-actor has no effect with {cpu_flag}")
 
 
 # Options that shape the Ray pipeline; the in-process engine refuses them rather than ignore them.

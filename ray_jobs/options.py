@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
 
 import click
+from click.core import ParameterSource
 
 from piqa_core.config import CROP_MODES, PRECISIONS, list_presets
 
@@ -79,7 +80,9 @@ def model_options(fn: Callable[..., Any]) -> Callable[..., Any]:
                      help="five = official test protocol (default; 10 backbone passes per image), center = one "
                           "crop per branch (2 passes; decode, face detection and LIQE cost the same)."),
         click.option("--precision", type=click.Choice(PRECISIONS), default="fp32", show_default=True),
-        click.option("--device", default=None, help="cpu, cuda, cuda:1 … (default: cuda if available)."),
+        click.option("--device", default=None,
+                     help="cpu, cuda or cuda:N in this process (eval, --engine local; default: cuda if available); "
+                          "a Ray job takes cpu or cuda (default: GPUs when the cluster has them)."),
         click.option("--batch-size", type=click.IntRange(1), default=8, show_default=True),
         click.option("--compile", "compile_", is_flag=True,
                      help="torch.compile the networks (static batch shapes; minutes of warm-up, then faster)."),
@@ -90,6 +93,9 @@ def model_options(fn: Callable[..., Any]) -> Callable[..., Any]:
                 precision: str, device: str | None, batch_size: int, compile_: bool, **kwargs: Any) -> Any:
         model = ModelOptions(weights, random_weights, preset, crop_mode, precision, device, batch_size, compile_)
         model.check()
+        if weights and click.get_current_context().get_parameter_source("preset") == ParameterSource.COMMANDLINE:
+            raise click.UsageError("--preset applies to --random-weights only: the model directory given by "
+                                   "--weights carries its own architecture")
         return fn(*args, model=model, **kwargs)
 
     for opt in reversed(opts):
