@@ -112,7 +112,9 @@ def score(inputs: tuple[str, ...], out: str, engine: str, manifest: bool, s3: S3
                 summary = run_score_job(job)
             except PlanError as e:
                 raise click.UsageError(str(e)) from None
-        click.echo(f"wrote {summary['rows']} rows to {summary['output']}")
+        click.echo(f"wrote {summary['rows']} rows to {summary['output']}" if summary["rows"] else
+                   f"nothing to score: {summary['listed']} inputs listed, {summary['skipped_already_scored']} "
+                   "already scored")
 
 
 def _ray_gpu(device: str | None, gpu: bool | None) -> bool | None:

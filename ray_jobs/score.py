@@ -256,6 +256,8 @@ def run_score_job(job: ScoreJob) -> dict[str, Any]:
         before = len(objects)
         objects = [o for o in objects if (o.uri, o.etag_or_mtime) not in done]
         skipped = before - len(objects)
+    if not objects:  # nothing to score (an empty prefix, a resumed run already done): no cluster, no pools
+        return _run_pipeline(job, objects, identity, skipped, t0, resources=None)
     local = not ray.is_initialized() and _starts_local_ray(job.address)
     with ray_session(job.address):
         resources = ray.cluster_resources()
@@ -267,15 +269,15 @@ def run_score_job(job: ScoreJob) -> dict[str, Any]:
 
 
 def _run_pipeline(job: ScoreJob, objects: list[ObjectInfo], identity: dict[str, Any], skipped: int,
-                  t0: float, resources: dict[str, float]) -> dict[str, Any]:
-    plan = job_plan(job, resources, identity["config"], len(objects))
+                  t0: float, resources: dict[str, float] | None) -> dict[str, Any]:
+    """The Ray Data chain over ``objects`` (none: only the summary, ``resources`` None), then the summary."""
     run_id = job.run_id or _run_id(job, objects)
     dest = join(job.out, f"run_date={job.run_date}")
     earlier = run_file_paths(dest, run_id, job.s3) if job.run_id else set()  # the audit reuses its run ids
-    print(f"piqa: {len(objects)} inputs to score ({skipped} already scored), "
-          f"{plan.prep_actors} prep + {plan.score_actors} score actors, run {run_id}", file=sys.stderr)
-
-    if objects:
+    if resources is not None:
+        plan = job_plan(job, resources, identity["config"], len(objects))
+        print(f"piqa: {len(objects)} inputs to score ({skipped} already scored), "
+              f"{plan.prep_actors} prep + {plan.score_actors} score actors, run {run_id}", file=sys.stderr)
         prep, score = _stage_args(job, plan, run_id, identity)
         ds = (
             ray.data.from_items([{"uri": o.uri, "etag_or_mtime": o.etag_or_mtime, "bytes": o.size}
@@ -294,6 +296,8 @@ def _run_pipeline(job: ScoreJob, objects: list[ObjectInfo], identity: dict[str, 
                          schema=SCORE_SCHEMA.with_metadata(meta),
                          min_rows_per_file=job.rows_per_file,
                          ray_remote_args={"num_cpus": IO_TASK_CPUS}, concurrency=1)
+    else:
+        print(f"piqa: nothing to score ({skipped} already scored), run {run_id}", file=sys.stderr)
 
     table = read_rows(dest, job.s3, run_id, exclude=earlier)  # an earlier attempt's rows are not this run's
     missing = missing_uris([o.uri for o in objects], table)

@@ -266,7 +266,7 @@ def test_device_chooses_the_ray_pools_kind(photos, tmp_path, monkeypatch):
     import ray_jobs.score
 
     jobs = []
-    monkeypatch.setattr(ray_jobs.score, "run_score_job", lambda job: jobs.append(job) or {"rows": 0, "output": "o"})
+    monkeypatch.setattr(ray_jobs.score, "run_score_job", lambda job: jobs.append(job) or {"rows": 1, "output": "o"})
     def audit(job):
         jobs.append(job)
         raise RuntimeError("stop: only the job's arguments are under test")
@@ -369,7 +369,7 @@ def test_flags_that_cannot_run_together_are_refused_before_the_listing(photos, t
     import ray_jobs.score
 
     jobs: list = []
-    monkeypatch.setattr(ray_jobs.score, "run_score_job", lambda job: jobs.append(job) or {"rows": 0, "output": "o"})
+    monkeypatch.setattr(ray_jobs.score, "run_score_job", lambda job: jobs.append(job) or {"rows": 1, "output": "o"})
     score = ["score", str(photos), "--out", str(tmp_path / "o"), "--random-weights", "--preset", "tiny"]
     refused = {
         ("--face-device", "gpu", "--no-gpu"): "--face-device gpu needs GPUs; it contradicts --no-gpu",

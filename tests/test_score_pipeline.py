@@ -289,3 +289,22 @@ def test_gpus_requested_from_a_local_ray_without_any_are_refused_not_waited_for(
     # a `ray start` head on this machine (a cluster-launcher node) is joined, not started: it may autoscale
     monkeypatch.setattr(services, "find_bootstrap_address", lambda temp_dir=None: "10.0.0.1:6379")
     assert run_score_job(job) == {"ran": True}
+
+
+def test_a_run_with_nothing_to_score_starts_no_cluster(tmp_path, monkeypatch):
+    """An empty prefix, or a resumed run with every input done, started Ray and planned pools: on a
+    cluster whose GPU workers had scaled away, such a run failed where it had nothing to do."""
+    import ray
+
+    (tmp_path / "empty").mkdir()
+    monkeypatch.setattr(score_mod, "ray_session", lambda address: pytest.fail("Ray was started"))
+    summary = run_score_job(_job([tmp_path / "empty"], tmp_path / "out", gpu=True, face_device="gpu"))
+    assert (summary["rows"], summary["listed"], summary["skipped_already_scored"]) == (0, 0, 0)
+    assert not ray.is_initialized() and list((tmp_path / "out").glob("_summary-*.json"))
+    from click.testing import CliRunner
+
+    from ray_jobs.cli import main
+
+    res = CliRunner().invoke(main, ["score", str(tmp_path / "empty"), "--out", str(tmp_path / "out"), "--gpu",
+                                    "--random-weights", "--preset", "tiny"])
+    assert res.exit_code == 0 and "nothing to score: 0 inputs listed, 0 already scored" in res.output, res.output
