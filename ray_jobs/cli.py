@@ -100,6 +100,7 @@ def score(inputs: tuple[str, ...], out: str, engine: str, manifest: bool, s3: S3
 
         use_gpu = _ray_gpu(model.device, gpu)
         _check_ray_places(use_gpu, gpu, face_device, prep)
+        _check_ray_out(out, s3)
         job = ScoreJob(inputs=list(inputs), out=out, manifest=manifest, s3=s3, max_bytes=max_bytes,
                        model=model, resume=resume, face_device=face_device, prep=prep, prep_actors=prep_actors,
                        score_actors=score_actors, prep_batch_size=prep_batch_size,
@@ -140,6 +141,17 @@ def _check_ray_places(use_gpu: bool | None, gpu: bool | None, face_device: str, 
     if use_gpu is False and click.get_current_context().get_parameter_source("gpus_per_actor") \
             == ParameterSource.COMMANDLINE:
         raise click.UsageError(f"--gpus-per-actor has no effect with {cpu_flag}")
+
+
+def _check_ray_out(out: str, s3: S3Options) -> None:
+    """A new ``--out x.parquet`` for a Ray job would be a folder of that name, which readers take for a file."""
+    from .storage import is_dir
+
+    with _user_errors():
+        folder = is_dir(out, s3)
+    if out.lower().rstrip("/").endswith(".parquet") and not folder:
+        raise click.UsageError(f"--out {out}: a Ray job writes a folder of run_date=… partitions; name a folder "
+                               "(or use --engine local for one Parquet file)")
 
 
 # Options that shape the Ray pipeline; the in-process engine refuses them rather than ignore them.
