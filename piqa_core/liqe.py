@@ -131,8 +131,10 @@ class LIQE(nn.Module):
         """CLIP-normalised float patches (B, num, 3, p, p) -> (B, 495) float32."""
         b, n = x.shape[:2]
         feats = self.clip.encode_image(x.flatten(0, 1).to(self.clip.visual.conv1.weight.dtype))
-        feats = F.normalize(feats.float(), dim=-1)
-        logits = self.clip.logit_scale.exp().float() * feats @ self.text_features.float().T
+        # fp32 also under a caller's autocast: a bf16 product would move logits of ~10 by up to 0.1.
+        with torch.autocast(x.device.type, enabled=False):
+            feats = F.normalize(feats.float(), dim=-1)
+            logits = self.clip.logit_scale.exp().float() * feats @ self.text_features.float().T
         # Per-image mean (the official view(1, 15, -1) is only right for batch 1).
         return logits.view(b, n, -1).mean(1)
 

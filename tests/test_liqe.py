@@ -188,3 +188,16 @@ def test_pil_input_gives_the_same_patches():
     cfg = get_preset("tiny").liqe
     arr = np.random.default_rng(3).integers(0, 256, (301, 517, 3), dtype=np.uint8)
     assert np.array_equal(extract_patches(Image.fromarray(arr), cfg), extract_patches(arr, cfg))
+
+
+def test_the_logits_stay_fp32_under_a_callers_autocast(tiny_liqe, monkeypatch):
+    """The towers follow a caller's autocast; the cosine logits did too, moving by up to ~0.1 in bf16."""
+    feats = torch.randn(2 * 15, tiny_liqe.text_features.shape[1], generator=torch.Generator().manual_seed(0))
+    monkeypatch.setattr(tiny_liqe.clip, "encode_image", lambda x: feats)  # the towers' part held fixed
+    x = torch.zeros(2, 15, 3, 4, 4)
+    with torch.no_grad():
+        plain = tiny_liqe.forward_float(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            under = tiny_liqe.forward_float(x)
+    assert under.dtype == torch.float32 and plain.abs().max() > 1
+    torch.testing.assert_close(under, plain, atol=1e-5, rtol=0)
