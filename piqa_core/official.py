@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import os
 from pathlib import Path
 from typing import Any, Iterator, Mapping
@@ -171,12 +172,19 @@ def import_official(
     model_id: str = "dn-piqa-official",
 ) -> Bundle:
     """Bundle the official ``PIQ_model.pth`` + ``LIQE.pt`` + RetinaFace release, all loaded strictly."""
-    cfg = get_preset(config) if isinstance(config, str) else config  # an unknown preset fails before any read
+    # An unknown preset fails before any read; a caller's config is copied, not given LIQE.pt's CLIP.
+    cfg = get_preset(config) if isinstance(config, str) else copy.deepcopy(config)
+    if not cfg.liqe.enabled:
+        raise ValueError("the official model takes LIQE features (495 of its head's inputs): the config has "
+                         "LIQE disabled")
     load = lambda src: src if isinstance(src, Mapping) else torch_load(src)  # noqa: E731
     liqe_sd, piq_sd = load(liqe_weights), load(piq_model)
     swapped = _kind(piq_sd) == "LIQE" or _kind(liqe_sd) == "PIQ_MODEL"
     with _blame("LIQE", liqe_weights, swapped):
         cfg.liqe.clip_cfg = clip_cfg_from_openai(liqe_sd)
+        if (side := cfg.liqe.clip_cfg["vision_cfg"]["image_size"]) != cfg.liqe.patch:
+            raise CheckpointError(f"its CLIP takes {side}-px images, but the config cuts {cfg.liqe.patch}-px "
+                                  "LIQE patches")
     bundle = build_bundle(cfg, text_features=False)
     with _blame("PIQ_MODEL", piq_model, swapped):
         load_strict(bundle.model, official_to_ours(piq_sd, bundle.model), "DN-PIQA model")
