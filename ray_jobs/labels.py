@@ -20,7 +20,8 @@ pairs across groups are dropped with a warning, since JOD labels compare only wi
 Validation split: when the labels name none, ``with_validation`` holds out a deterministic fraction of
 the items **within every group** of the train split, by a hash of the seed and each label's ``key``: its
 image path as the label file writes it (PIQ23's ``IMAGE PATH``, a table's ``uri`` cell), so the choice
-depends neither on row order nor on where the images are stored (``--images``, a copied bucket). Within-group rather than whole-group hold-out keeps every scene represented
+depends neither on row order nor on where the images are stored (``--images``, a copied bucket).
+Within-group rather than whole-group hold-out keeps every scene represented
 in validation; JOD labels are only comparable inside a scene, so a held-out scene would test a
 different thing (use a split file for that). Groups that would keep fewer than 2 training items stay
 all-train.
@@ -131,7 +132,11 @@ def resolve_relative(entry: str, base_uri: str) -> str:
         return entry
     if "://" in base_uri:
         scheme, key = base_uri.split("://", 1)
-        return f"{scheme}://{posixpath.normpath(posixpath.join(posixpath.dirname(key), entry))}"
+        bucket, _, path = key.partition("/")
+        rel = posixpath.normpath(posixpath.join(posixpath.dirname(path), entry))
+        if rel == ".." or rel.startswith("../"):  # a bucket is no folder: "../x" must not name another bucket
+            raise LabelError(f"{entry!r} leads out of the bucket of {base_uri}: write it as a full URI")
+        return f"{scheme}://{bucket}" + ("" if rel == "." else f"/{rel}")
     return os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(base_uri)), entry))
 
 
@@ -297,7 +302,8 @@ def _split_from_lists(names: pd.Series, train_list: str | None, test_list: str |
             raise LabelError(f"{train_list if s == 'train' else test_list}: " +
                              _listing(unknown, "listed image(s) not in the labels"))
     counts = Counter(names.dropna())
-    several = sorted({f"{n} ({counts[n]} labelled images)" for listed in lists.values() for n in listed if counts[n] > 1})
+    several = sorted({f"{n} ({counts[n]} labelled images)"
+                      for listed in lists.values() for n in listed if counts[n] > 1})
     if several:  # a list names images by file name: it cannot say which of them it meant
         raise LabelError(_listing(several, "split-list name(s) matching several labelled images") + "\nsplit lists "
                          "name images by file name: give the labels unique IMAGE names, or use a table with a "
