@@ -44,7 +44,7 @@ import pandas as pd
 
 from piqa_core.losses import pairs_from_names
 
-from .listing import MISSING, stat_each
+from .listing import MISSING, object_key, stat_each
 from .storage import S3Options, join, local_path, read_bytes
 
 SPLITS = ("train", "val", "test")
@@ -132,11 +132,10 @@ def resolve_relative(entry: str, base_uri: str) -> str:
         return entry
     if "://" in base_uri:
         scheme, key = base_uri.split("://", 1)
-        bucket, _, path = key.partition("/")
-        rel = posixpath.normpath(posixpath.join(posixpath.dirname(path), entry))
-        if rel == ".." or rel.startswith("../"):  # a bucket is no folder: "../x" must not name another bucket
-            raise LabelError(f"{entry!r} leads out of the bucket of {base_uri}: write it as a full URI")
-        return f"{scheme}://{bucket}" + ("" if rel == "." else f"/{rel}")
+        try:  # as a manifest's entries: "../x" never names another bucket, "a//b.jpg" stays that key
+            return f"{scheme}://{object_key(key.rsplit('/', 1)[0], entry, base_uri).rstrip('/')}"
+        except ValueError as e:
+            raise LabelError(str(e)) from None
     return os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(base_uri)), entry))
 
 

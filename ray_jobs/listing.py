@@ -362,16 +362,17 @@ def read_manifest(uri: str, s3: S3Options | None = None) -> list[str]:
             resolved = os.path.normpath(os.path.join(os.path.dirname(local_manifest), entry))
         else:
             scheme, key = uri.split("://", 1)
-            resolved = f"{scheme}://{_object_key(key.rsplit('/', 1)[0], entry, uri)}"
+            resolved = f"{scheme}://{object_key(key.rsplit('/', 1)[0], entry, uri)}"
         if resolved not in seen:
             seen.add(resolved)
             out.append(resolved)
     return out
 
 
-def _object_key(folder: str, entry: str, manifest: str) -> str:
-    """``entry`` (relative) under ``folder`` (``bucket/prefix``): ``.`` and ``..`` resolved, other segments
-    kept as written, empty ones too (an S3 key may hold ``//``: collapsing it names another object)."""
+def object_key(folder: str, entry: str, manifest: str) -> str:
+    """``entry`` (relative, written in the file ``manifest``) under ``folder`` (``bucket/prefix``): ``.`` and
+    ``..`` resolved, other segments kept as written, empty ones too (an S3 key may hold ``//``: collapsing it
+    names another object); ValueError for an entry that climbs above the bucket."""
     parts = folder.split("/")
     for segment in entry.split("/"):
         if segment == "..":
