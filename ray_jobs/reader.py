@@ -39,6 +39,8 @@ def fetch(info: ObjectInfo, s3: S3Options | None, max_bytes: int) -> bytes | Ima
     try:
         return _read(info, s3, max_bytes)
     except FileNotFoundError:
+        if info.size < 0 and _is_directory(info.uri, s3):  # a manifest naming an S3 prefix: no object, objects below
+            return ImageError("not_a_file", f"{info.uri} is a prefix (folder) with objects under it, not an object")
         when = "was not found when listed" if info.size < 0 else "does not exist (deleted after listing?)"
         return ImageError("not_found", f"{info.uri} {when}")
     except ObjectTooLarge as e:

@@ -10,7 +10,7 @@ from piqa_core.errors import ImageError
 from ray_jobs import reader
 from ray_jobs.reader import read_objects
 from ray_jobs.listing import NAME_NOT_UTF8, list_inputs
-from ray_jobs.storage import ObjectInfo
+from ray_jobs.storage import ObjectInfo, write_bytes
 
 
 def _batch(objects):
@@ -207,3 +207,11 @@ def test_a_failing_http_store_is_a_read_failure_not_a_missing_file(monkeypatch):
     assert got["ok.jpg"] == b"abc" and got["gone.jpg"].code == "not_found"
     assert got["busy.jpg"].code == "read_failed" and "503" in got["busy.jpg"].message
     assert "(3 attempts)" in got["busy.jpg"].message and too_big.code == "too_large"
+
+
+def test_a_manifest_entry_naming_an_s3_prefix_is_not_a_file(s3_server, s3_bucket):
+    s3 = s3_server.options
+    write_bytes(f"s3://{s3_bucket}/album/a.jpg", b"x", s3)
+    got = {name: reader.fetch(ObjectInfo(f"s3://{s3_bucket}/{name}", -1, ""), s3, 50) for name in ("album", "gone")}
+    assert (got["album"].code, got["gone"].code) == ("not_a_file", "not_found")  # album was not_found
+    assert got["album"].message == f"s3://{s3_bucket}/album is a prefix (folder) with objects under it, not an object"
