@@ -252,7 +252,8 @@ class LabelTable:
         checked += stat_each(uris[1:], s3)
         infos = [o for o, _ in checked]
         failed = [(o.uri, e) for o, e in checked if e is not None and not isinstance(e, MISSING)]
-        missing = [o.uri for o, e in checked if isinstance(e, MISSING)]
+        # Quoted where blanks start or end it: "imgs/b.jpg " shown bare reads as a file that exists.
+        missing = [repr(o.uri) if o.uri != o.uri.strip() else o.uri for o, e in checked if isinstance(e, MISSING)]
         problems = [f"cannot check {len(failed)} of {len(self)} labelled images: {type(e).__name__}: {e} "
                     f"(for {uri})" for uri, e in failed[:1]]
         if missing:

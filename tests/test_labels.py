@@ -131,13 +131,15 @@ def test_generic_table_relative_uris(tmp_path: Path) -> None:
 def test_missing_images_and_columns_are_listed(tmp_path: Path) -> None:
     df = pd.DataFrame({"uri": [f"img{i}.png" for i in range(15)], "score": range(15), "group": "g"})
     (tmp_path / "img3.png").write_bytes(b"x")
+    df.loc[0, "uri"] = "img0.png "
     df.to_csv(tmp_path / "t.csv", index=False)
     with pytest.raises(LabelError) as e:
         load_labels(str(tmp_path / "t.csv"))
     msg = str(e.value)
-    assert "14 of 15 labelled images not found" in msg and str(tmp_path / "img0.png") in msg
+    assert "14 of 15 labelled images not found" in msg and repr(str(tmp_path / "img0.png ")) in msg
     assert "… and 4 more" in msg and "img3.png" not in msg
     assert len(from_table(str(tmp_path / "t.csv"))) == 15  # listing only happens on load_labels
+    df.loc[0, "uri"] = "img0.png"
 
     df.drop(columns=["group"]).rename(columns={"score": "mos"}).to_csv(tmp_path / "u.csv", index=False)
     with pytest.raises(LabelError, match=r"missing column\(s\) \['score', 'group'\] for the table format"):
