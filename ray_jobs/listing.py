@@ -202,7 +202,9 @@ def list_images(
 
     local = local_path(prefix_uri)
     if local is not None:
-        if os.path.isfile(local):
+        # A file, or a path that is there but no folder (a FIFO, a dangling or looping link): one row,
+        # whose read says what it is. Only a path that is not there at all is refused (a typo).
+        if os.path.isfile(local) or (os.path.lexists(local) and not os.path.isdir(local)):
             return [_local_info(local)]
         if not os.path.isdir(local):
             raise FileNotFoundError(errno.ENOENT, "No such file or directory", prefix_uri)

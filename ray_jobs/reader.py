@@ -82,7 +82,9 @@ def _special_file(uri: str) -> str | None:
     try:
         path = local_path(uri)
         mode = os.stat(path).st_mode if path is not None else None
-    except (OSError, ValueError):  # missing, unreadable, a mistyped scheme: the read reports it
+    except OSError as e:  # missing or unreadable: the read reports it; a link loop would be read_failed, retried
+        return "symbolic link loop" if e.errno == errno.ELOOP else None
+    except ValueError:  # a mistyped scheme
         return None
     return next((kind for test, kind in _SPECIAL if mode is not None and test(mode)), None)
 

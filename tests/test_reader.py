@@ -5,6 +5,7 @@ import threading
 import time
 
 import numpy as np
+import pytest
 
 from piqa_core.errors import ImageError
 from ray_jobs import reader
@@ -172,6 +173,23 @@ def test_a_named_pipe_among_the_photos_is_an_error_row_not_a_job_that_never_ends
     assert list(out["read_error_code"]) == ["", "not_a_file"] and list(out["data"]) == [b"ok", b""]
     assert out["read_error_message"][1] == f"{tmp_path / 'pipe.jpg'} is a named pipe (FIFO), not a regular file: " \
                                            "it is not read"
+
+
+def test_named_special_paths_and_link_loops_are_rows_not_a_stopped_run(tmp_path, monkeypatch):
+    """Named on the command line, a FIFO or a link loop stopped the run as "not found"; in a folder, a
+    link loop was read_failed after its retries, which the audit retries every night."""
+    os.mkfifo(tmp_path / "pipe.jpg")
+    (tmp_path / "loop.jpg").symlink_to(tmp_path / "loop.jpg")
+    (tmp_path / "dangling.jpg").symlink_to(tmp_path / "gone.jpg")
+    pauses: list[float] = []
+    monkeypatch.setattr(reader.time, "sleep", pauses.append)
+    for inputs in ([str(tmp_path)], [str(tmp_path / n) for n in ("dangling.jpg", "loop.jpg", "pipe.jpg")]):
+        out = read_objects(_batch(list_inputs(inputs)), s3=None, max_bytes=50)
+        assert list(out["read_error_code"]) == ["not_found", "not_a_file", "not_a_file"] and pauses == []
+        assert out["read_error_message"][1] == f"{tmp_path / 'loop.jpg'} is a symbolic link loop, not a regular " \
+                                               "file: it is not read"
+    with pytest.raises(FileNotFoundError):  # a path not there at all is still a typo that stops the run
+        list_inputs([str(tmp_path / "nope.jpg")])
 
 
 def test_a_failing_http_store_is_a_read_failure_not_a_missing_file(monkeypatch):
