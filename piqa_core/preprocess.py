@@ -11,6 +11,7 @@ import contextlib
 import functools
 import io
 import os
+import re
 import struct
 import threading
 import warnings
@@ -51,6 +52,19 @@ def _metadata_bomb(e: Exception) -> bool:
                                           or msg.startswith("Too much memory used in text chunks"))
 
 
+def _said(e: BaseException) -> str:
+    """PIL's message without the address of our BytesIO ("cannot identify image file <_io.BytesIO object at
+    0x7f…>"), which made every such row's error_message unique."""
+    return re.sub(r"<_io\.BytesIO object at 0x[0-9a-fA-F]+>", "the data", str(e))
+
+
+def _bomb(e: Image.DecompressionBombError, cfg: PreprocessConfig) -> ImageError:
+    """PIL's own refusal (above twice its limit, before our header check) in the header check's words."""
+    pixels = re.search(r"\((\d+) pixels\)", str(e))
+    said = f"{pixels[1]} pixels" if pixels else _said(e)
+    return ImageError("decompression_bomb", f"{said} exceeds max_pixels={cfg.max_pixels} (refused from the header)")
+
+
 def _check_header(size: tuple[int, int], mode: str, cfg: PreprocessConfig, fmt: str | None) -> None:
     """Guards that need only the header: pixel count, short side, mode."""
     w, h = size
@@ -89,13 +103,13 @@ def _finish(img: Image.Image, cfg: PreprocessConfig) -> Image.Image:
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             img.load()
     except Image.DecompressionBombError as e:
-        raise ImageError("decompression_bomb", str(e)) from e
+        raise _bomb(e, cfg) from e
     except (OSError, SyntaxError, ValueError, EOFError, struct.error, zlib.error) as e:
         if _metadata_bomb(e):  # text chunks after the pixels are read at the end of the load
             raise ImageError("decompression_bomb", f"metadata: {e}") from e
         if "out of memory" in str(e):  # Pillow's decoders say so as an OSError: the machine's state, not the file's
             raise ImageError("internal", f"decoding ran out of memory: {e}") from e
-        raise ImageError("truncated", f"image data is truncated or corrupt: {e}") from e
+        raise ImageError("truncated", f"image data is truncated or corrupt: {_said(e)}") from e
     return _to_rgb(img, fmt)
 
 
@@ -146,7 +160,7 @@ def decode_image(data: bytes, cfg: PreprocessConfig) -> Image.Image:
             img = open_image(data)
         except Image.DecompressionBombError as e:
             # PIL refuses above 2 * Image.MAX_IMAGE_PIXELS (~179 MP) before we see the header.
-            raise ImageError("decompression_bomb", str(e)) from e
+            raise _bomb(e, cfg) from e
         except (OSError, SyntaxError, ValueError, EOFError, struct.error) as e:
             if _metadata_bomb(e):
                 raise ImageError("decompression_bomb", f"metadata: {e}") from e
@@ -154,11 +168,11 @@ def decode_image(data: bytes, cfg: PreprocessConfig) -> Image.Image:
                 raise ImageError("unsupported_mode", f"a TIFF layout that cannot be decoded: {layout}") from e
             # A WEBP's RIFF size or a TIFF's index at the end fails the open, not the load, when cut short.
             if looks_decodable(data):
-                raise ImageError("truncated", f"image header unreadable, truncated or corrupt: {e}") from e
+                raise ImageError("truncated", f"image header unreadable, truncated or corrupt: {_said(e)}") from e
             if isinstance(e, UnidentifiedImageError):
                 supported = ", ".join(DECODABLE_FORMATS)
                 raise ImageError("not_an_image", f"not an image in a supported format ({supported})") from e
-            raise ImageError("not_an_image", f"unreadable image header: {e}") from e
+            raise ImageError("not_an_image", f"unreadable image header: {_said(e)}") from e
         # No `with img:` — closing would free the pixels we return; the source is a BytesIO.
         return _finish(img, cfg)
     except ImageError:

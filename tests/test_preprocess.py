@@ -252,7 +252,7 @@ def _encode_grey_jpeg() -> bytes:
 def test_image_error_contract() -> None:
     e = ImageError("too_small", "3x3 is tiny")
     assert (e.code, e.message, str(e)) == ("too_small", "3x3 is tiny", "too_small: 3x3 is tiny")
-    assert len(ERROR_CODES) == 12 and {"too_large", "invalid_name"} <= set(ERROR_CODES)
+    assert len(ERROR_CODES) == 13 and {"too_large", "invalid_name", "not_a_file"} <= set(ERROR_CODES)
     with pytest.raises(ValueError):
         ImageError("nope", "x")
 
@@ -294,3 +294,19 @@ def test_load_image_errors(tmp_path: Path, src, code: str) -> None:
 def test_load_image_rejects_unknown_type() -> None:
     with pytest.raises(TypeError):
         load_image(12345, CFG)  # type: ignore[arg-type]
+
+
+def test_error_messages_are_stable_and_name_the_limit_in_force(corpus) -> None:
+    """PIL's texts carried our BytesIO's address (every row's message unique, so none could be grouped)
+    and, above twice PIL's own limit, quoted that limit (~179 MP) instead of max_pixels."""
+    fake = b"\xff\xd8\xff\xe0" + b"\x00" * 64  # a JPEG signature and nothing a decoder can use
+    said = set()
+    for _ in range(2):
+        with pytest.raises(ImageError) as ei:
+            decode_image(fake, CFG)
+        said.add(ei.value.message)
+    [message] = said
+    assert "0x" not in message and "BytesIO" not in message, message
+    with pytest.raises(ImageError) as ei:
+        _decode(corpus, "bomb_30000.png")
+    assert ei.value.message == f"{30000 * 30000} pixels exceeds max_pixels={CFG.max_pixels} (refused from the header)"
