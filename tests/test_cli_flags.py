@@ -1,10 +1,21 @@
 """The score, train and eval commands' flag checks: what they refuse before any listing or Ray start."""
 
+import pytest
 from click.testing import CliRunner
 
 from piqa_core.checkpoints import build_bundle, save_checkpoint
 from ray_jobs.cli import main
 from tests.test_cli import photos  # noqa: F401  (the fixture)
+
+
+@pytest.fixture
+def jobs(monkeypatch) -> list:
+    """The score jobs the CLI would run (none is: a refusal missed fails fast instead of starting Ray)."""
+    import ray_jobs.score
+
+    started: list = []
+    monkeypatch.setattr(ray_jobs.score, "run_score_job", lambda job: started.append(job) or {"rows": 1, "output": "o"})
+    return started
 
 
 def test_train_and_eval_offer_every_hold_out_key_and_default_to_the_path() -> None:
@@ -15,18 +26,16 @@ def test_train_and_eval_offer_every_hold_out_key_and_default_to_the_path() -> No
         assert tuple(opt.type.choices) == HOLDOUT_KEYS and opt.default == "path"
 
 
-def test_flags_that_cannot_run_together_are_refused_before_the_listing(photos, tmp_path, monkeypatch):
-    import ray_jobs.score
-
-    jobs: list = []
-    monkeypatch.setattr(ray_jobs.score, "run_score_job", lambda job: jobs.append(job) or {"rows": 1, "output": "o"})
+def test_flags_that_cannot_run_together_are_refused_before_the_listing(photos, tmp_path, jobs):
     score = ["score", str(photos), "--out", str(tmp_path / "o"), "--random-weights", "--preset", "tiny"]
     refused = {
         ("--face-device", "gpu", "--no-gpu"): "--face-device gpu needs GPUs; it contradicts --no-gpu",
         ("--face-device", "gpu", "--device", "cpu"): "--face-device gpu needs GPUs; it contradicts --device cpu",
         ("--prep", "device", "--face-device", "cpu", "--gpu"): "--face-device cpu does not apply with --prep device",
         ("--gpus-per-actor", "0.5", "--no-gpu"): "--gpus-per-actor has no effect with --no-gpu",
-        ("--gpus-per-actor", "0.001", "--gpu"): "0.001 is not in the range",  # Ray counts GPUs in 1e-4 steps
+        # the floor is ours: a hundred actors per GPU is a typo, and half of a smaller share (GPU face
+        # detection) would drop below Ray's 1e-4 step
+        ("--gpus-per-actor", "0.001", "--gpu"): "0.001 is not in the range",
     }
     for extra, said in refused.items():
         res = CliRunner().invoke(main, [*score, *extra])
@@ -37,16 +46,19 @@ def test_flags_that_cannot_run_together_are_refused_before_the_listing(photos, t
     assert [j.gpus_per_score_actor for j in jobs] == [0.5, 1.0]
 
 
-def test_a_preset_beside_a_model_directory_is_refused_not_ignored(tmp_path):
+def test_a_preset_beside_a_model_directory_is_refused_not_ignored(tmp_path, jobs):
     save_checkpoint(build_bundle("tiny"), tmp_path / "m")
     for command in (["score", str(tmp_path), "--out", str(tmp_path / "o")],
                     ["eval", "--labels", str(tmp_path / "l.csv"), "--out", str(tmp_path / "r.json")]):
         res = CliRunner().invoke(main, [*command, "--weights", str(tmp_path / "m"), "--preset", "tiny"])
         assert res.exit_code == 2 and "--preset applies to --random-weights only" in res.output, res.output
+    assert jobs == []
 
 
-def test_a_ray_job_refuses_a_parquet_file_name_for_its_output_folder(photos, tmp_path):
+def test_a_ray_job_refuses_a_parquet_file_name_for_its_output_folder(photos, tmp_path, jobs):
     score = ["score", str(photos), "--random-weights", "--preset", "tiny", "--out"]
     res = CliRunner().invoke(main, [*score, str(tmp_path / "scores.parquet")])
     assert res.exit_code == 2 and "a Ray job writes a folder of run_date=… partitions" in res.output, res.output
-    assert not (tmp_path / "scores.parquet").exists()
+    assert not (tmp_path / "scores.parquet").exists() and jobs == []
+    (tmp_path / "kept.parquet").mkdir()  # a folder of that name from earlier runs: resumed into as before
+    assert CliRunner().invoke(main, [*score, str(tmp_path / "kept.parquet")]).exit_code == 0 and len(jobs) == 1

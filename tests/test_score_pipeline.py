@@ -294,13 +294,11 @@ def test_gpus_requested_from_a_local_ray_without_any_are_refused_not_waited_for(
 def test_a_run_with_nothing_to_score_starts_no_cluster(tmp_path, monkeypatch):
     """An empty prefix, or a resumed run with every input done, started Ray and planned pools: on a
     cluster whose GPU workers had scaled away, such a run failed where it had nothing to do."""
-    import ray
-
     (tmp_path / "empty").mkdir()
     monkeypatch.setattr(score_mod, "ray_session", lambda address: pytest.fail("Ray was started"))
     summary = run_score_job(_job([tmp_path / "empty"], tmp_path / "out", gpu=True, face_device="gpu"))
     assert (summary["rows"], summary["listed"], summary["skipped_already_scored"]) == (0, 0, 0)
-    assert not ray.is_initialized() and list((tmp_path / "out").glob("_summary-*.json"))
+    assert list((tmp_path / "out").glob("_summary-*.json"))  # Ray: the patched ray_session would have failed
     from click.testing import CliRunner
 
     from ray_jobs.cli import main
