@@ -191,6 +191,8 @@ def plan_run(job: AuditJob, identity: dict[str, Any], pointer: dict[str, Any] | 
                            "taken for one of the state's own files and nothing audited: keep the state in a "
                            "folder of its own, inside the library or outside it")
     objects = _outside_state(list_images(job.library, job.s3), job.state)
+    if len(objects) == 1 and objects[0].uri.rstrip("/") == root.rstrip("/"):
+        raise AuditRefused(f"{job.library} is a file, not a folder or prefix: audit the folder that holds the photos")
     n_live = live(previous).num_rows
     if not objects and n_live:  # an unmounted volume or a wrong prefix, far likelier than a library emptied
         raise AuditRefused(f"{job.library} lists no images, but the previous state holds {n_live} live objects: "

@@ -87,6 +87,14 @@ def _local_info(path: str) -> ObjectInfo:
     return ObjectInfo(path, st.st_size, str(st.st_mtime_ns))
 
 
+def _loops(path: str) -> bool:
+    try:
+        os.stat(path)
+    except OSError as e:
+        return e.errno == errno.ELOOP
+    return False
+
+
 def _remote_info(fs: fsspec.AbstractFileSystem, scheme: str, path: str, info: dict) -> ObjectInfo:
     uri = f"{scheme}://{path}" if scheme in S3_SCHEMES else fs.unstrip_protocol(path)
     return ObjectInfo(uri, int(info.get("size") or 0), _remote_version(info))
@@ -202,11 +210,13 @@ def list_images(
 
     local = local_path(prefix_uri)
     if local is not None:
-        # A file, or a path that is there but no folder (a FIFO, a dangling or looping link): one row,
-        # whose read says what it is. Only a path that is not there at all is refused (a typo).
-        if os.path.isfile(local) or (os.path.lexists(local) and not os.path.isdir(local)):
+        # A file, or one that is there but no folder (a FIFO, a socket): one row, whose read says what
+        # it is. A path that leads nowhere (a typo, a dangling link to an unmounted volume) is refused.
+        if os.path.isfile(local) or (os.path.exists(local) and not os.path.isdir(local)):
             return [_local_info(local)]
         if not os.path.isdir(local):
+            if _loops(local):
+                raise ListingError(errno.ELOOP, "a symbolic link that leads back to itself", prefix_uri)
             raise FileNotFoundError(errno.ENOENT, "No such file or directory", prefix_uri)
         out = [_local_info(p) for p in _walk_files(local, recursive)
                if keep(os.path.basename(p), lambda p=p: os.path.relpath(p, local).replace(os.sep, "/"))]

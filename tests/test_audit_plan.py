@@ -360,3 +360,17 @@ def test_a_continued_run_lists_the_library_again(tmp_path: Path) -> None:
     assert actions == {str(lib / "p1.jpg"): "changed", str(lib / "p2.jpg"): "unchanged", str(lib / "p9.jpg"): "new"}
     on_disk = audit_state.read_parquet(join(job.state, "runs", first.run_id, "plan.parquet"), None, PLAN_SCHEMA)
     assert on_disk.equals(again.listing)
+
+
+def test_a_library_that_is_a_file_or_leads_nowhere_is_refused(tmp_path: Path) -> None:
+    """A library named through a link to an unmounted volume listed as one row, and the audit would
+    have taken every photo of the previous state for deleted."""
+    write_bytes(str(tmp_path / "lib" / "p.jpg"), b"x")
+    (tmp_path / "gone").symlink_to(tmp_path / "unmounted")
+    state = str(tmp_path / "state")
+    with pytest.raises(audit.AuditRefused, match=r"p.jpg is a file, not a folder or prefix"):
+        audit.plan_run(AuditJob(library=str(tmp_path / "lib" / "p.jpg"), state=state, model=TINY), FIVE, None,
+                       STATE_SCHEMA.empty_table())
+    with pytest.raises(FileNotFoundError):
+        audit.plan_run(AuditJob(library=str(tmp_path / "gone"), state=state, model=TINY), FIVE, None,
+                       STATE_SCHEMA.empty_table())

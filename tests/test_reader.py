@@ -10,7 +10,7 @@ import pytest
 from piqa_core.errors import ImageError
 from ray_jobs import reader
 from ray_jobs.reader import read_objects
-from ray_jobs.listing import NAME_NOT_UTF8, list_inputs
+from ray_jobs.listing import NAME_NOT_UTF8, ListingError, list_inputs
 from ray_jobs.storage import ObjectInfo, write_bytes
 
 
@@ -176,20 +176,27 @@ def test_a_named_pipe_among_the_photos_is_an_error_row_not_a_job_that_never_ends
 
 
 def test_named_special_paths_and_link_loops_are_rows_not_a_stopped_run(tmp_path, monkeypatch):
-    """Named on the command line, a FIFO or a link loop stopped the run as "not found"; in a folder, a
-    link loop was read_failed after its retries, which the audit retries every night."""
+    """Named on the command line, a FIFO stopped the run as "not found"; in a folder, a link loop was
+    read_failed after its retries, which the audit retries every night."""
     os.mkfifo(tmp_path / "pipe.jpg")
     (tmp_path / "loop.jpg").symlink_to(tmp_path / "loop.jpg")
     (tmp_path / "dangling.jpg").symlink_to(tmp_path / "gone.jpg")
     pauses: list[float] = []
     monkeypatch.setattr(reader.time, "sleep", pauses.append)
-    for inputs in ([str(tmp_path)], [str(tmp_path / n) for n in ("dangling.jpg", "loop.jpg", "pipe.jpg")]):
-        out = read_objects(_batch(list_inputs(inputs)), s3=None, max_bytes=50)
-        assert list(out["read_error_code"]) == ["not_found", "not_a_file", "not_a_file"] and pauses == []
-        assert out["read_error_message"][1] == f"{tmp_path / 'loop.jpg'} is a symbolic link loop, not a regular " \
-                                               "file: it is not read"
-    with pytest.raises(FileNotFoundError):  # a path not there at all is still a typo that stops the run
+    out = read_objects(_batch(list_inputs([str(tmp_path)])), s3=None, max_bytes=50)
+    assert list(out["read_error_code"]) == ["not_found", "not_a_file", "not_a_file"] and pauses == []
+    assert out["read_error_message"][1] == f"{tmp_path / 'loop.jpg'} is a symbolic link loop, not a regular " \
+                                           "file: it is not read"
+    named = read_objects(_batch(list_inputs([str(tmp_path / "pipe.jpg")])), s3=None, max_bytes=50)
+    assert list(named["read_error_code"]) == ["not_a_file"]
+    # A named path that leads nowhere stops the run: a typo, or a link to a volume not mounted (an audit
+    # would otherwise take every photo of the library for deleted).
+    with pytest.raises(FileNotFoundError):
         list_inputs([str(tmp_path / "nope.jpg")])
+    with pytest.raises(FileNotFoundError):
+        list_inputs([str(tmp_path / "dangling.jpg")])
+    with pytest.raises(ListingError, match="leads back to itself"):
+        list_inputs([str(tmp_path / "loop.jpg")])
 
 
 def test_a_failing_http_store_is_a_read_failure_not_a_missing_file(monkeypatch):
