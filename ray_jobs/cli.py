@@ -132,24 +132,31 @@ def _ray_gpu(device: str | None, gpu: bool | None) -> bool | None:
 
 def _check_ray_places(use_gpu: bool | None, gpu: bool | None, face_device: str, prep: str) -> None:
     """Refuses, before the listing (which may take minutes), what the flags alone show cannot run."""
+    from .score import FACE_CPU_WITH_DEVICE_PREP
+
     cpu_flag = "--no-gpu" if gpu is False else "--device cpu"
     if face_device == "gpu" and use_gpu is False:
         raise click.UsageError(f"--face-device gpu needs GPUs; it contradicts {cpu_flag}")
     if use_gpu and prep == "device" and face_device == "cpu":
-        raise click.UsageError("--face-device cpu does not apply with --prep device on GPUs (the score actors "
-                               "prepare on their GPU, faces included): use --prep actors for CPU detection")
+        raise click.UsageError(FACE_CPU_WITH_DEVICE_PREP)
     if use_gpu is False and click.get_current_context().get_parameter_source("gpus_per_actor") \
             == ParameterSource.COMMANDLINE:
         raise click.UsageError(f"--gpus-per-actor has no effect with {cpu_flag}")
 
 
-def _check_ray_out(out: str, s3: S3Options) -> None:
-    """A new ``--out x.parquet`` for a Ray job would be a folder of that name, which readers take for a file."""
+def _parquet_file(out: str, s3: S3Options) -> bool:
+    """Whether ``--out`` names a Parquet file (``*.parquet``, not an existing folder of that name)."""
     from .storage import is_dir
 
+    if not out.lower().endswith(".parquet"):
+        return False
     with _user_errors():
-        folder = is_dir(out, s3)
-    if out.lower().rstrip("/").endswith(".parquet") and not folder:
+        return not is_dir(out, s3)
+
+
+def _check_ray_out(out: str, s3: S3Options) -> None:
+    """A new ``--out x.parquet`` for a Ray job would be a folder of that name, which readers take for a file."""
+    if _parquet_file(out, s3):
         raise click.UsageError(f"--out {out}: a Ray job writes a folder of run_date=… partitions; name a folder "
                                "(or use --engine local for one Parquet file)")
 
@@ -169,11 +176,11 @@ def _score_local(inputs, out, manifest, s3, max_bytes, model: ModelOptions) -> N
     from .actors import weights_dir
     from .inprocess import score_objects
     from .listing import list_inputs
-    from .storage import atomic_write_bytes, check_writable, is_dir, parent_uri
+    from .storage import atomic_write_bytes, check_writable, parent_uri
     from .summary import format_summary, summarize
 
     model.check_here()
-    if not out.lower().endswith(".parquet") or is_dir(out, s3):
+    if not _parquet_file(out, s3):
         raise click.UsageError(f"--engine local writes one Parquet file: --out must be a *.parquet file, got {out}")
     check_writable(parent_uri(out), s3)
     objects = list_inputs(inputs, s3, manifest=manifest)

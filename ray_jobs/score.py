@@ -90,6 +90,10 @@ class PoolPlan:
     score_threads: int = 1
 
 
+FACE_CPU_WITH_DEVICE_PREP = ("--face-device cpu does not apply with --prep device on GPUs (the score actors prepare "
+                             "on their GPU, faces included): use --prep actors for CPU detection")
+
+
 class PlanError(ValueError):
     """Options that contradict each other or the cluster (a usage error, not a failure)."""
 
@@ -149,8 +153,7 @@ def plan_pools(job: ScoreJob, resources: dict[str, float], cfg: PIQAConfig | Non
         room = cpus if gpus else math.inf
         if place == "device":
             if job.face_device == "cpu":
-                raise PlanError("--face-device cpu does not apply with --prep device on GPUs (the score actors "
-                                "prepare on their GPU, faces included): use --prep actors for CPU detection")
+                raise PlanError(FACE_CPU_WITH_DEVICE_PREP)
             return PoolPlan(0, score, per, _gpu_job_cpus(room, score))
         prep = job.prep_actors or max(1, int(cpus - score - 1))
         unit = _gpu_job_cpus(room, prep + score)
