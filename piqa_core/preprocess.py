@@ -8,10 +8,12 @@ official DN-PIQA path: ``PIL -> convert('RGB') -> Resize(448) -> FiveCrop/Random
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import io
 import os
 import re
+import stat
 import struct
 import threading
 import warnings
@@ -55,14 +57,14 @@ def _metadata_bomb(e: Exception) -> bool:
 def _said(e: BaseException) -> str:
     """PIL's message without the address of our BytesIO ("cannot identify image file <_io.BytesIO object at
     0x7f…>"), which made every such row's error_message unique."""
-    return re.sub(r"<_io\.BytesIO object at 0x[0-9a-fA-F]+>", "the data", str(e))
+    return re.sub(r" ?<_io\.BytesIO object at 0x[0-9a-fA-F]+>", "", str(e))
 
 
 def _bomb(e: Image.DecompressionBombError, cfg: PreprocessConfig) -> ImageError:
     """PIL's own refusal (above twice its limit, before our header check) in the header check's words."""
     pixels = re.search(r"\((\d+) pixels\)", str(e))
     said = f"{pixels[1]} pixels" if pixels else _said(e)
-    return ImageError("decompression_bomb", f"{said} exceeds max_pixels={cfg.max_pixels} (refused from the header)")
+    return ImageError("decompression_bomb", f"{said} exceeds max_pixels={cfg.max_pixels}")
 
 
 def _check_header(size: tuple[int, int], mode: str, cfg: PreprocessConfig, fmt: str | None) -> None:
@@ -106,7 +108,7 @@ def _finish(img: Image.Image, cfg: PreprocessConfig) -> Image.Image:
         raise _bomb(e, cfg) from e
     except (OSError, SyntaxError, ValueError, EOFError, struct.error, zlib.error) as e:
         if _metadata_bomb(e):  # text chunks after the pixels are read at the end of the load
-            raise ImageError("decompression_bomb", f"metadata: {e}") from e
+            raise ImageError("decompression_bomb", f"metadata: {_said(e)}") from e
         if "out of memory" in str(e):  # Pillow's decoders say so as an OSError: the machine's state, not the file's
             raise ImageError("internal", f"decoding ran out of memory: {e}") from e
         raise ImageError("truncated", f"image data is truncated or corrupt: {_said(e)}") from e
@@ -163,7 +165,7 @@ def decode_image(data: bytes, cfg: PreprocessConfig) -> Image.Image:
             raise _bomb(e, cfg) from e
         except (OSError, SyntaxError, ValueError, EOFError, struct.error) as e:
             if _metadata_bomb(e):
-                raise ImageError("decompression_bomb", f"metadata: {e}") from e
+                raise ImageError("decompression_bomb", f"metadata: {_said(e)}") from e
             if (layout := _unsupported_tiff_layout(data)) is not None:
                 raise ImageError("unsupported_mode", f"a TIFF layout that cannot be decoded: {layout}") from e
             # A WEBP's RIFF size or a TIFF's index at the end fails the open, not the load, when cut short.
@@ -178,7 +180,7 @@ def decode_image(data: bytes, cfg: PreprocessConfig) -> Image.Image:
     except ImageError:
         raise
     except Exception as e:  # a bad input must never fail the job: report it as a row
-        raise ImageError("internal", f"{type(e).__name__}: {e}") from e
+        raise ImageError("internal", f"{type(e).__name__}: {_said(e)}") from e
 
 
 def _from_array(arr: np.ndarray, cfg: PreprocessConfig) -> Image.Image:
@@ -230,10 +232,14 @@ def load_image(src: ImageSource, cfg: PreprocessConfig) -> Image.Image:
     if isinstance(src, (str, os.PathLike)):
         path = Path(src)
         try:
+            if not stat.S_ISREG(path.stat().st_mode):  # reading a FIFO would wait for a writer for ever
+                raise ImageError("not_a_file", f"{path} is not a regular file (a directory, FIFO, socket or device)")
             data = path.read_bytes()
         except FileNotFoundError as e:
             raise ImageError("not_found", f"no such file: {path}") from e
         except OSError as e:
+            if e.errno == errno.ELOOP:
+                raise ImageError("not_a_file", f"{path} is a symbolic link loop, not a regular file") from e
             raise ImageError("read_failed", f"cannot read {path}: {e}") from e
         return decode_image(data, cfg)
     if isinstance(src, (bytes, bytearray, memoryview)):
@@ -246,7 +252,7 @@ def load_image(src: ImageSource, cfg: PreprocessConfig) -> Image.Image:
     except ImageError:
         raise
     except Exception as e:
-        raise ImageError("internal", f"{type(e).__name__}: {e}") from e
+        raise ImageError("internal", f"{type(e).__name__}: {_said(e)}") from e
     raise TypeError(f"unsupported image source type {type(src).__name__}")
 
 

@@ -342,8 +342,8 @@ def load_labels(labels: str, images: str | None = None, fmt: str = "auto", train
     """Read labels in either format (``auto`` detects PIQ23 by its columns), add val, check images.
 
     A local ``labels`` is taken as one absolute path first (``file:`` URI, ``~``, relative): the
-    uris resolved against its folder, which the validation hold-out hashes, are then the same however
-    it is spelled (``piqa train`` and ``piqa eval --split val`` must agree on the split).
+    uris resolved against its folder, which ``holdout_key="uri"`` hashes, are then the same however it
+    is spelled (``piqa train`` and ``piqa eval --split val`` must agree on the split).
     """
     try:
         labels = local_path(labels) or labels

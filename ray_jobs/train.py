@@ -150,8 +150,7 @@ def _remote_exists(name: str, uri: str, s3: S3Options) -> bool:
 # What defines a run: resuming it with other values would mix two experiments in one set of checkpoints
 # (a new split moves trained images into validation; the optimiser state would override a new --lr).
 RECIPE = ("labels", "images", "format", "train_list", "test_list", "pairs", "val_fraction", "seed", "holdout_key",
-          "preset",
-          *WEIGHT_SOURCES, "batch_pairs", "pairs_per_image", "lr", "weight_decay", "lr_step", "lr_gamma")
+          "preset", *WEIGHT_SOURCES, "batch_pairs", "pairs_per_image", "lr", "weight_decay", "lr_step", "lr_gamma")
 # Recipe values of runs recorded before the option existed: what those runs used.
 RECIPE_BEFORE = {"pairs_per_image": 1, "holdout_key": "uri"}
 RECIPE_FILE = "recipe.json"

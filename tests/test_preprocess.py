@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 import time
 import warnings
 from pathlib import Path
@@ -276,7 +277,9 @@ def test_load_image_sources(tmp_path: Path) -> None:
 @pytest.mark.parametrize("src,code", [
     (lambda p: p / "missing.jpg", "not_found"),
     (lambda p: str(p / "missing.jpg"), "not_found"),
-    (lambda p: p, "read_failed"),  # a directory
+    (lambda p: p, "not_a_file"),  # a directory: as the Ray reader says it (read_failed would be retried)
+    (lambda p: os.mkfifo(p / "pipe.jpg") or p / "pipe.jpg", "not_a_file"),  # read, it would block for ever
+    (lambda p: (p / "loop.jpg").symlink_to(p / "loop.jpg") or p / "loop.jpg", "not_a_file"),
     (lambda p: np.zeros((300, 300, 3), np.float32), "unsupported_mode"),
     (lambda p: np.zeros((300, 300, 4), np.uint8), "unsupported_mode"),
     (lambda p: np.zeros((100, 300, 3), np.uint8), "too_small"),
@@ -309,4 +312,5 @@ def test_error_messages_are_stable_and_name_the_limit_in_force(corpus) -> None:
     assert "0x" not in message and "BytesIO" not in message, message
     with pytest.raises(ImageError) as ei:
         _decode(corpus, "bomb_30000.png")
-    assert ei.value.message == f"{30000 * 30000} pixels exceeds max_pixels={CFG.max_pixels} (refused from the header)"
+    assert ei.value.message == f"{30000 * 30000} pixels exceeds max_pixels={CFG.max_pixels}"
+    assert message == "image header unreadable, truncated or corrupt: cannot identify image file"
