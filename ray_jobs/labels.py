@@ -14,8 +14,9 @@ Local image paths are absolute after loading (Ray Train workers run in another w
 Every row needs a uri, a finite score and a non-empty group; ``LabelError`` lists the offending rows
 (0-based data rows of the label file).
 
-Pair lists (``load_pairs``) name images by file name: a name that matches several images is an error;
-pairs across groups are dropped with a warning, since JOD labels compare only within a scene.
+Pair lists (``ray_jobs.pairs.load_pairs``) name images by file name: a name that matches several
+images is an error; pairs across groups are dropped with a warning, since JOD labels compare only
+within a scene.
 
 Validation split: when the labels name none, ``with_validation`` holds out a deterministic fraction of
 the items **within every group** of the train split, by a hash of the seed and each label's ``key``: its
@@ -33,16 +34,11 @@ import hashlib
 import io
 import os
 import posixpath
-import sys
 from collections import Counter
-from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import pandas as pd
-
-from piqa_core.losses import pairs_from_names
 
 from .listing import MISSING, object_key, stat_each
 from .storage import S3Options, join, local_path, read_bytes
@@ -54,7 +50,6 @@ HOLDOUT_KEYS = ("path", "uri")
 PIQ23_REQUIRED = ("IMAGE PATH", "IMAGE", "JOD", "SCENE")
 TABLE_REQUIRED = ("uri", "score", "group")
 _TEXT_COLUMNS = ("IMAGE", "IMAGE second", "IMAGE PATH", "SCENE", "uri", "group", "split")
-PAIR_COLUMNS = ("IMAGE", "IMAGE second")
 _SPLIT_ALIASES = {"training": "train", "validation": "val", "valid": "val", "testing": "test"}
 
 
@@ -62,7 +57,7 @@ class LabelError(ValueError):
     """Labels are malformed or reference images that do not exist; the message lists what."""
 
 
-def _listing(items: list[str], what: str, limit: int = 10) -> str:
+def listing(items: list[str], what: str, limit: int = 10) -> str:
     shown = "\n  ".join(items[:limit])
     more = f"\n  … and {len(items) - limit} more" if len(items) > limit else ""
     return f"{len(items)} {what}:\n  {shown}{more}"
@@ -89,21 +84,21 @@ def _utf8(data: bytes, uri: str) -> str:
                          "invalid; save the file as UTF-8 (Excel: \"CSV UTF-8\")") from None
 
 
-def _require(df: pd.DataFrame, columns: tuple[str, ...], uri: str, fmt: str) -> None:
+def require_columns(df: pd.DataFrame, columns: tuple[str, ...], uri: str, fmt: str) -> None:
     missing = [c for c in columns if c not in df.columns]
     if missing:
         raise LabelError(f"{uri}: missing column(s) {missing} for the {fmt} format "
                          f"(needs {list(columns)}; found {list(df.columns)})")
 
 
-def _text(col: pd.Series) -> list[str | None]:
+def text_cells(col: pd.Series) -> list[str | None]:
     """Cells as strings; missing or blank ones as ``None`` (pandas 2 turns NaN into "nan" in ``astype(str)``)."""
     return [None if pd.isna(v) or not str(v).strip() else str(v) for v in col]
 
 
 def _groups(col: pd.Series) -> list[str | None]:
     """Scene/group cells without surrounding blanks: ``"s1 "`` and ``"s1"`` are one scene, whose photos pair."""
-    return [v and v.strip() for v in _text(col)]
+    return [v and v.strip() for v in text_cells(col)]
 
 
 def _blank(col: pd.Series) -> np.ndarray:
@@ -146,7 +141,7 @@ def _split_names(uri: str, s3: S3Options | None) -> set[str]:
         col = "IMAGE" if "IMAGE" in df.columns else ("uri" if "uri" in df.columns else None)
         if col is None:
             raise LabelError(f"{uri}: a split file needs an 'IMAGE' (or 'uri') column; found {list(df.columns)}")
-        entries = [v for v in _text(df[col]) if v is not None]
+        entries = [v for v in text_cells(df[col]) if v is not None]
     else:
         entries = [ln for ln in map(str.strip, _utf8(read_bytes(uri, s3), uri).splitlines())
                    if ln and not ln.startswith("#")]
@@ -186,9 +181,9 @@ class LabelTable:
         checks = ((no_uri, "row(s) without an image uri"),
                   (~np.isfinite(score), "row(s) without a finite score (missing, inf or -inf)"),
                   (_blank(f["group"]), "row(s) without a group (scene)"))
-        problems = [_listing([_row(f, k) for k in np.flatnonzero(mask)], what) for mask, what in checks if mask.any()]
+        problems = [listing([_row(f, k) for k in np.flatnonzero(mask)], what) for mask, what in checks if mask.any()]
         if no_split.any():  # not defaulted: a blank cell may be a test image that must not train
-            problems.append("blank split value in " + _listing([_row(f, k) for k in np.flatnonzero(no_split)],
+            problems.append("blank split value in " + listing([_row(f, k) for k in np.flatnonzero(no_split)],
                                                               f"row(s) (use {list(SPLITS)})"))
         # Compared normalised, listed as written: "/d/a.jpg" and "file:///d/a.jpg" hash apart in the hold-out.
         first: dict[str, str] = {}
@@ -199,7 +194,7 @@ class LabelTable:
                 dup.append(u if first[k] == u else f"{u} (the same file as {first[k]})")
             first.setdefault(k, u)
         if dup:
-            problems.append(_listing(dup, "duplicated image uri(s)"))
+            problems.append(listing(dup, "duplicated image uri(s)"))
         if problems:
             raise LabelError(f"{self.source}: " + "\n".join(problems))
         # Converted only now, so the rows listed above show a score cell as written ("3,5", not nan).
@@ -257,7 +252,7 @@ class LabelTable:
         problems = [f"cannot check {len(failed)} of {len(self)} labelled images: {type(e).__name__}: {e} "
                     f"(for {uri})" for uri, e in failed[:1]]
         if missing:
-            problems.append(_listing(missing, f"of {len(self)} labelled images not found"))
+            problems.append(listing(missing, f"of {len(self)} labelled images not found"))
         if problems:
             raise LabelError(f"{self.source}: " + "\n".join(problems))
         self.frame["size"] = np.array([o.size for o in infos], np.int64)
@@ -276,12 +271,12 @@ def from_piq23(csv_uri: str, images: str | None = None, train_list: str | None =
                test_list: str | None = None, s3: S3Options | None = None) -> LabelTable:
     """PIQ23 CSV + image root (default: the CSV's directory) + optional official split files."""
     df = read_frame(csv_uri, s3)
-    _require(df, PIQ23_REQUIRED, csv_uri, "PIQ23")
+    require_columns(df, PIQ23_REQUIRED, csv_uri, "PIQ23")
     root = (local_path(images) or images) if images else resolve_relative(".", csv_uri)
-    rel = [p and p.replace("\\", "/").lstrip("/") for p in _text(df["IMAGE PATH"])]
+    rel = [p and p.replace("\\", "/").lstrip("/") for p in text_cells(df["IMAGE PATH"])]
     out = pd.DataFrame({"uri": [p and join(root, p) for p in rel], "key": rel,
                         "score": df["JOD"], "group": _groups(df["SCENE"]),
-                        "name": [n or (p and posixpath.basename(p)) for n, p in zip(_text(df["IMAGE"]), rel)]})
+                        "name": [n or (p and posixpath.basename(p)) for n, p in zip(text_cells(df["IMAGE"]), rel)]})
     unused: frozenset[str] = frozenset()
     if train_list or test_list:
         out["split"] = _split_from_lists(out["name"], train_list, test_list, s3)
@@ -300,17 +295,17 @@ def _split_from_lists(names: pd.Series, train_list: str | None, test_list: str |
         unknown = sorted(listed - known)
         if unknown:
             raise LabelError(f"{train_list if s == 'train' else test_list}: " +
-                             _listing(unknown, "listed image(s) not in the labels"))
+                             listing(unknown, "listed image(s) not in the labels"))
     counts = Counter(names.dropna())
     several = sorted({f"{n} ({counts[n]} labelled images)"
                       for listed in lists.values() for n in listed if counts[n] > 1})
     if several:  # a list names images by file name: it cannot say which of them it meant
-        raise LabelError(_listing(several, "split-list name(s) matching several labelled images") + "\nsplit lists "
+        raise LabelError(listing(several, "split-list name(s) matching several labelled images") + "\nsplit lists "
                          "name images by file name: give the labels unique IMAGE names, or use a table with a "
                          "split column")
     both = sorted(lists.get("train", set()) & lists.get("test", set()))
     if both:
-        raise LabelError(_listing(both, "image(s) listed in both the train and the test split"))
+        raise LabelError(listing(both, "image(s) listed in both the train and the test split"))
     # With only a test list, everything else trains (and vice versa: unlisted images are unused).
     default = "train" if "train" not in lists else ""
     return ["train" if n in lists.get("train", ()) else "test" if n in lists.get("test", ()) else default
@@ -321,14 +316,14 @@ def _split_column(df: pd.DataFrame) -> list[str] | str:
     col = next((c for c in df.columns if c.lower() == "split"), None)
     if col is None:
         return "train"
-    return [v and _SPLIT_ALIASES.get(v.strip().lower(), v.strip().lower()) for v in _text(df[col])]
+    return [v and _SPLIT_ALIASES.get(v.strip().lower(), v.strip().lower()) for v in text_cells(df[col])]
 
 
 def from_table(uri: str, s3: S3Options | None = None) -> LabelTable:
     """A generic ``uri, score, group[, split]`` CSV/Parquet; relative uris resolve against its folder."""
     df = read_frame(uri, s3)
-    _require(df, TABLE_REQUIRED, uri, "table")
-    cells = _text(df["uri"])
+    require_columns(df, TABLE_REQUIRED, uri, "table")
+    cells = text_cells(df["uri"])
     uris = [u and resolve_relative(u, uri) for u in cells]
     out = pd.DataFrame({"uri": uris, "key": cells, "score": df["score"],
                         "group": _groups(df["group"]), "name": [u and posixpath.basename(u) for u in uris],
@@ -367,43 +362,3 @@ def load_labels(labels: str, images: str | None = None, fmt: str = "auto", train
     if check_images:
         table.check_images(s3)
     return table
-
-
-def load_pairs(uri: str, table: LabelTable, s3: S3Options | None = None,
-               known: Iterable[str] | None = None) -> tuple[np.ndarray, dict[str, Any]]:
-    """An official-style pair list (``IMAGE``, ``IMAGE second``, self-pairs kept) as indices into ``table``.
-
-    Names outside ``known`` (all labelled names; default: the table's) and ``table.unused`` raise
-    ``LabelError``, as does a name matching several images of ``table`` or ``known`` (a set cannot
-    show repeats: pass the full table's name column). Dropped with one stderr warning, and counted in
-    the returned stats: pairs with an image that is labelled but not in ``table`` (another split, or
-    left out by a split list), and pairs across groups (JOD labels compare only within a scene).
-    """
-    df = read_frame(uri, s3)
-    _require(df, PAIR_COLUMNS, uri, "pair list")
-    known = list(known) if known is not None else None
-    names = table.frame["name"].tolist()
-    index = {n: i for i, n in enumerate(names)}
-    a, b = ([v or "<empty>" for v in _text(df[c])] for c in PAIR_COLUMNS)
-    used = set(a) | set(b)
-    unknown = sorted(used - (set(known) if known is not None else set(index)) - table.unused)
-    if unknown:
-        raise LabelError(f"{uri}: " + _listing(unknown, "image name(s) in the pair list are not labelled"))
-    repeats = Counter(names) | Counter(known if known is not None else ())
-    ambiguous = [f"{n}: " + ", ".join(u for u, m in zip(table.uris, names) if m == n)
-                 for n in sorted(used) if repeats[n] > 1]
-    if ambiguous:
-        raise LabelError(f"{uri}: " + _listing(ambiguous, "image name(s) in the pair list match several "
-                                               "labelled images (pairs name images by file name)"))
-    inside = [i for i in range(len(a)) if a[i] in index and b[i] in index]
-    pairs = pairs_from_names([a[i] for i in inside], [b[i] for i in inside], index)
-    groups = np.asarray(table.groups, dtype=object)
-    same = groups[pairs[:, 0]] == groups[pairs[:, 1]]
-    stats = {"rows": len(a), "kept": int(same.sum()), "dropped": len(a) - int(same.sum()),
-             "outside_split": len(a) - len(inside), "cross_group": int((~same).sum())}
-    if stats["dropped"]:
-        print(f"warning: pair list {uri}: dropped {stats['dropped']} of {len(a)} pair(s): "
-              f"{stats['outside_split']} with an image outside this split (another split, or left out by the "
-              f"split lists), {stats['cross_group']} across groups (JOD labels compare only within a scene)",
-              file=sys.stderr)
-    return pairs[same], stats

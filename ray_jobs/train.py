@@ -33,7 +33,8 @@ from piqa_core.metrics import MIN_GROUP
 from piqa_core.features import image_key
 from piqa_core.training import format_val_srcc, rank_batch
 
-from .labels import LabelError, LabelTable, load_labels, load_pairs
+from .labels import LabelError, LabelTable, load_labels
+from .pairs import load_pairs
 from .score import ray_session
 from .storage import S3Options, atomic_write_bytes, exists, is_dir, join, local_path, read_bytes, resolve
 from .train_worker import HISTORY_FILE, start_bundle, train_loop_per_worker

@@ -10,7 +10,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from ray_jobs.labels import LabelError, LabelTable, from_table, load_labels, load_pairs, resolve_relative
+from ray_jobs.labels import LabelError, LabelTable, from_table, load_labels, resolve_relative
+from ray_jobs.pairs import load_pairs
 from ray_jobs.storage import S3Options, write_bytes
 
 PIQ23_COLUMNS = ["IMAGE PATH", "IMAGE", "JOD", "JOD STD", "CI LOW", "CI HIGH", "CI RANGE", "QUALITY LEVEL",
@@ -219,23 +220,6 @@ def test_scene_cells_with_surrounding_blanks_name_one_scene(tmp_path: Path) -> N
     assert load_labels(str(tmp_path / "t.csv")).groups == ["g", "g"]
 
 
-def test_pair_list(tmp_path: Path) -> None:
-    csv = _piq23(tmp_path, {"S0": 4, "S1": 4})
-    table = load_labels(str(csv), val_fraction=0.0)
-    train = LabelTable(table.frame[table.frame["name"] != "3_S1.jpg"])
-    pairs = pd.DataFrame({"IMAGE": ["0_S0.jpg", "1_S0.jpg", "0_S1.jpg", "3_S1.jpg"],
-                          "IMAGE second": ["1_S0.jpg", "1_S0.jpg", "2_S1.jpg", "0_S1.jpg"], "JOD": 0.0})
-    pairs.to_csv(tmp_path / "exp.csv", index=False)
-    got, stats = load_pairs(str(tmp_path / "exp.csv"), train, known=set(table.frame["name"]))
-    names = train.frame["name"].tolist()
-    assert [(names[a], names[b]) for a, b in got] == [("0_S0.jpg", "1_S0.jpg"), ("1_S0.jpg", "1_S0.jpg"),
-                                                      ("0_S1.jpg", "2_S1.jpg")]  # self-pair kept
-    assert stats == {"rows": 4, "kept": 3, "dropped": 1, "outside_split": 1, "cross_group": 0}
-    pairs.assign(IMAGE=["nope.jpg"] * 4).to_csv(tmp_path / "bad.csv", index=False)
-    with pytest.raises(LabelError, match="1 image name\\(s\\) in the pair list are not labelled"):
-        load_pairs(str(tmp_path / "bad.csv"), train, known=set(table.frame["name"]))
-
-
 def test_labels_and_images_on_s3(s3_server, s3_bucket: str) -> None:
     opts = s3_server.options
     for i in range(4):
@@ -261,50 +245,6 @@ def test_checked_images_carry_what_tells_one_upload_from_the_next(root) -> None:
     again = load_labels(f"{base}/t.csv", val_fraction=0, s3=opts).frame
     assert again["version"][0] != first["version"][0] and again["version"][1] == first["version"][1]
     assert "size" not in load_labels(f"{base}/t.csv", s3=opts, check_images=False).frame
-
-
-def test_pair_list_drops_cross_group_pairs_and_unlisted_images(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    csv = _piq23(tmp_path, {"S0": 3, "S1": 3})
-    (tmp_path / "train.txt").write_text("0_S0.jpg\n1_S0.jpg\n0_S1.jpg\n1_S1.jpg\n2_S1.jpg\n")  # 2_S0 unused
-    table = load_labels(str(csv), train_list=str(tmp_path / "train.txt"), val_fraction=0.0)
-    assert table.unused == {"2_S0.jpg"} and table.subset("train").unused == {"2_S0.jpg"}
-    pd.DataFrame({"IMAGE": ["0_S0.jpg", "0_S0.jpg", "1_S1.jpg", "2_S0.jpg", "1_S0.jpg"],
-                  "IMAGE second": ["1_S0.jpg", "0_S1.jpg", "2_S1.jpg", "0_S0.jpg", "2_S1.jpg"]}) \
-        .to_csv(tmp_path / "exp.csv", index=False)
-    train = table.subset("train")
-    got, stats = load_pairs(str(tmp_path / "exp.csv"), train, known=set(table.frame["name"]))
-    names = train.frame["name"].tolist()
-    assert [(names[a], names[b]) for a, b in got] == [("0_S0.jpg", "1_S0.jpg"), ("1_S1.jpg", "2_S1.jpg")]
-    assert stats == {"rows": 5, "kept": 2, "dropped": 3, "outside_split": 1, "cross_group": 2}
-    assert capsys.readouterr().err == (
-        f"warning: pair list {tmp_path / 'exp.csv'}: dropped 3 of 5 pair(s): 1 with an image outside this split "
-        "(another split, or left out by the split lists), 2 across groups (JOD labels compare only within a scene)\n")
-    # nothing dropped: no warning
-    pd.DataFrame({"IMAGE": ["0_S0.jpg"], "IMAGE second": ["1_S0.jpg"]}).to_csv(tmp_path / "ok.csv", index=False)
-    assert load_pairs(str(tmp_path / "ok.csv"), train)[1]["dropped"] == 0 and capsys.readouterr().err == ""
-
-
-def test_pair_list_refuses_names_of_several_images(tmp_path: Path) -> None:
-    for d in ("s1", "s2"):
-        (tmp_path / d).mkdir()
-    df = pd.DataFrame({"uri": ["s1/x.jpg", "s1/a.jpg", "s2/x.jpg", "s2/b.jpg"], "score": [1, 2, 3, 4],
-                       "group": ["A", "A", "C", "C"], "split": ["train", "train", "train", "test"]})
-    df.to_csv(tmp_path / "t.csv", index=False)
-    table = from_table(str(tmp_path / "t.csv"))
-    pd.DataFrame({"IMAGE": ["x.jpg", "a.jpg"], "IMAGE second": ["a.jpg", "a.jpg"]}) \
-        .to_csv(tmp_path / "exp.csv", index=False)
-    with pytest.raises(LabelError, match=r"1 image name\(s\) in the pair list match several labelled images "
-                                         rf"\(pairs name images by file name\):\n  x.jpg: {tmp_path / 's1' / 'x.jpg'}, "
-                                         rf"{tmp_path / 's2' / 'x.jpg'}$"):
-        load_pairs(str(tmp_path / "exp.csv"), table)
-    # repeated only in the full labels (its other copy in another split): still ambiguous, given the names
-    df.assign(split=["train", "train", "test", "test"]).to_csv(tmp_path / "t.csv", index=False)
-    full = from_table(str(tmp_path / "t.csv"))
-    with pytest.raises(LabelError, match=rf"match several .*\n  x.jpg: {tmp_path / 's1' / 'x.jpg'}$"):
-        load_pairs(str(tmp_path / "exp.csv"), full.subset("train"), known=full.frame["name"])
-    # a repeated name that no pair uses is fine
-    pd.DataFrame({"IMAGE": ["a.jpg"], "IMAGE second": ["a.jpg"]}).to_csv(tmp_path / "ok.csv", index=False)
-    assert load_pairs(str(tmp_path / "ok.csv"), table)[0].tolist() == [[1, 1]]
 
 
 def test_a_blank_split_cell_names_its_rows(tmp_path: Path) -> None:

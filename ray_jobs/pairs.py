@@ -1,0 +1,58 @@
+"""Official-style pair lists (``IMAGE``, ``IMAGE second``, e.g. the DN-PIQA ``exp.csv``) as index pairs
+into a :class:`~ray_jobs.labels.LabelTable`; images are named by file name."""
+
+from __future__ import annotations
+
+import sys
+from collections import Counter
+from collections.abc import Iterable
+from typing import Any
+
+import numpy as np
+
+from piqa_core.losses import pairs_from_names
+
+from .labels import LabelError, LabelTable, listing, read_frame, require_columns, text_cells
+from .storage import S3Options
+
+PAIR_COLUMNS = ("IMAGE", "IMAGE second")
+
+
+def load_pairs(uri: str, table: LabelTable, s3: S3Options | None = None,
+               known: Iterable[str] | None = None) -> tuple[np.ndarray, dict[str, Any]]:
+    """An official-style pair list (``IMAGE``, ``IMAGE second``, self-pairs kept) as indices into ``table``.
+
+    Names outside ``known`` (all labelled names; default: the table's) and ``table.unused`` raise
+    ``LabelError``, as does a name matching several images of ``table`` or ``known`` (a set cannot
+    show repeats: pass the full table's name column). Dropped with one stderr warning, and counted in
+    the returned stats: pairs with an image that is labelled but not in ``table`` (another split, or
+    left out by a split list), and pairs across groups (JOD labels compare only within a scene).
+    """
+    df = read_frame(uri, s3)
+    require_columns(df, PAIR_COLUMNS, uri, "pair list")
+    known = list(known) if known is not None else None
+    names = table.frame["name"].tolist()
+    index = {n: i for i, n in enumerate(names)}
+    a, b = ([v or "<empty>" for v in text_cells(df[c])] for c in PAIR_COLUMNS)
+    used = set(a) | set(b)
+    unknown = sorted(used - (set(known) if known is not None else set(index)) - table.unused)
+    if unknown:
+        raise LabelError(f"{uri}: " + listing(unknown, "image name(s) in the pair list are not labelled"))
+    repeats = Counter(names) | Counter(known if known is not None else ())
+    ambiguous = [f"{n}: " + ", ".join(u for u, m in zip(table.uris, names) if m == n)
+                 for n in sorted(used) if repeats[n] > 1]
+    if ambiguous:
+        raise LabelError(f"{uri}: " + listing(ambiguous, "image name(s) in the pair list match several "
+                                               "labelled images (pairs name images by file name)"))
+    inside = [i for i in range(len(a)) if a[i] in index and b[i] in index]
+    pairs = pairs_from_names([a[i] for i in inside], [b[i] for i in inside], index)
+    groups = np.asarray(table.groups, dtype=object)
+    same = groups[pairs[:, 0]] == groups[pairs[:, 1]]
+    stats = {"rows": len(a), "kept": int(same.sum()), "dropped": len(a) - int(same.sum()),
+             "outside_split": len(a) - len(inside), "cross_group": int((~same).sum())}
+    if stats["dropped"]:
+        print(f"warning: pair list {uri}: dropped {stats['dropped']} of {len(a)} pair(s): "
+              f"{stats['outside_split']} with an image outside this split (another split, or left out by the "
+              f"split lists), {stats['cross_group']} across groups (JOD labels compare only within a scene)",
+              file=sys.stderr)
+    return pairs[same], stats
