@@ -347,7 +347,7 @@ def eval_cmd(labels, images, fmt, train_list, test_list, val_fraction, seed, hol
     from piqa_core.scorer import Scorer
 
     from .actors import load_bundle
-    from .evaluate import check_eval_outputs, evaluate_table, select_split, write_eval
+    from .evaluate import check_eval_outputs, check_run_holdout, evaluate_table, select_split, write_eval
     from .labels import load_labels
     from .storage import check_writable, is_dir, parent_uri
 
@@ -362,6 +362,8 @@ def eval_cmd(labels, images, fmt, train_list, test_list, val_fraction, seed, hol
         table = load_labels(labels, images, fmt, train_list, test_list, val_fraction, seed, s3, check_images=False,
                             holdout_key=holdout_key)
         table, split = select_split(table, split)
+        if split == "val" and model.weights:
+            check_run_holdout(model.weights, val_fraction, seed, holdout_key, s3)
         scorer = Scorer(load_bundle(model, s3), device=model.device, precision=model.precision,
                         crop_mode=model.crop_mode, compile=model.compile, batch_size=model.batch_size,
                         own_bundle=True)

@@ -24,7 +24,7 @@ from .actors import weights_dir
 from .inprocess import score_objects
 from .labels import LabelTable
 from .listing import stat_objects
-from .storage import S3_SCHEMES, S3Options, atomic_write_bytes, local_path
+from .storage import S3_SCHEMES, S3Options, atomic_write_bytes, join, local_path, parent_uri, read_bytes
 
 
 @dataclass
@@ -71,6 +71,22 @@ def select_split(table: LabelTable, split: str | None) -> tuple[LabelTable, str]
     if len(sub) == 0:
         raise ValueError(f"the {split!r} split is empty ({table.describe()})")
     return sub, split
+
+
+def check_run_holdout(weights: str, val_fraction: float, seed: int, holdout_key: str, s3: S3Options | None) -> None:
+    """For ``--split val`` of a training run's export (``<run>/model``): refuse hold-out settings other than
+    the run's recipe, which would score images the run trained on as validation."""
+    from .train import RECIPE_BEFORE, RECIPE_FILE
+
+    run = parent_uri(weights)
+    try:
+        recipe = {**RECIPE_BEFORE, **json.loads(read_bytes(join(run, RECIPE_FILE), s3))}
+    except FileNotFoundError:  # not a training run's export: nothing to hold the flags to
+        return
+    given = {"val_fraction": val_fraction, "seed": seed, "holdout_key": holdout_key}
+    if differ := [f"--{k.replace('_', '-')} {recipe[k]}" for k, v in given.items() if k in recipe and recipe[k] != v]:
+        raise ValueError(f"--weights {weights} is the export of training run {run}, whose validation split was held "
+                         f"out with {' '.join(differ)}: pass the same to score that split")
 
 
 def predictions_uri(out: str) -> str:

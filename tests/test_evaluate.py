@@ -111,3 +111,32 @@ def test_the_test_split_is_scored_with_the_exported_weights_and_config(monkeypat
     with pytest.raises(Stop):
         train._evaluate_test(job, "s3://models/r/model", exported, test)
     assert asked == [("s3://models/r/model", job.s3, "a" * 64, {"crop_mode": "center"})]
+
+
+def test_the_validation_split_of_a_training_runs_export_takes_the_runs_hold_out(tmp_path: Path) -> None:
+    """Runs recorded before --holdout-key held out by uri: evaluating their export with the new default
+    would score images they trained on as validation."""
+    from ray_jobs.train import TrainJob, claim_run
+
+    (tmp_path / "l.csv").write_text("uri,score,group\na.png,1,g\n")
+    claim_run(TrainJob(labels=str(tmp_path / "l.csv"), run_name="r", storage=str(tmp_path), seed=3))
+    recipe = json.loads((tmp_path / "r" / "recipe.json").read_text())
+    del recipe["holdout_key"]  # as written before the option
+    (tmp_path / "r" / "recipe.json").write_text(json.dumps(recipe))
+    model = str(tmp_path / "r" / "model")
+    with pytest.raises(ValueError, match=r"export of training run .*/r, whose validation split was held out with "
+                                         r"--seed 3 --holdout-key uri: pass the same"):
+        ev.check_run_holdout(model, 0.2, 0, "path", None)
+    ev.check_run_holdout(model + "/", 0.2, 3, "uri", None)
+    ev.check_run_holdout(str(tmp_path / "elsewhere" / "model"), 0.5, 0, "path", None)  # not a run's export
+    from click.testing import CliRunner
+
+    from piqa_core.checkpoints import build_bundle, save_checkpoint
+    from ray_jobs.cli import main
+
+    save_checkpoint(build_bundle("tiny"), model)
+    (tmp_path / "l.csv").write_text("uri,score,group\n" + "".join(f"{i}.png,{i},g\n" for i in range(10)))
+    args = ["eval", "--labels", str(tmp_path / "l.csv"), "--split", "val", "--weights", model, "--out",
+            str(tmp_path / "e.json")]
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == 1 and "--seed 3 --holdout-key uri: pass the same" in res.output, res.output
