@@ -40,5 +40,5 @@ def score_objects(objects: list[ObjectInfo], scorer: Scorer, batch_size: int = 8
         if progress is not None:
             progress(len(chunk))
     meta = schema_metadata(scorer.model_id, scorer.sha256, scorer.crop_mode,
-                           scorer.bundle.random_init, scorer.config.preset)
+                           scorer.bundle.random_init, scorer.config.preset, scorer.bundle.random_parts)
     return to_table(rows, meta)

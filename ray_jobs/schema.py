@@ -42,13 +42,15 @@ def package_version() -> str:
 
 
 def schema_metadata(model_id: str, sha256: str, crop_mode: str, random_weights: bool,
-                    preset: str) -> dict[bytes, bytes]:
-    """Parquet key/value metadata: which model wrote the scores and how to read them."""
+                    preset: str, random_parts: Sequence[str] = ()) -> dict[bytes, bytes]:
+    """Parquet key/value metadata: which model wrote the scores and how to read them. ``random_parts``:
+    the frozen networks (liqe, face) a trained model was trained with at random init, not the paper's."""
     meta = {
         "model_id": model_id,
         "model_sha256": sha256,
         "crop_mode": crop_mode,
         "random_weights": json.dumps(random_weights),
+        "random_parts": json.dumps(list(random_parts)),
         "preset": preset,
         "piqa_version": package_version(),
         # Like pyiqa's metric metadata: direction and scale of the score.

@@ -294,7 +294,7 @@ def _run_pipeline(job: ScoreJob, objects: list[ObjectInfo], identity: dict[str, 
         ds = ds.map_batches(ScoreActor, batch_size=job.model.batch_size, batch_format="numpy", **score)
         fs, path = resolve(dest, job.s3)
         meta = schema_metadata(identity["model_id"], identity["sha256"], identity["crop_mode"],
-                               identity["random_init"], identity["preset"])
+                               identity["random_init"], identity["preset"], identity["random_parts"])
         ds.write_parquet(path, filesystem=fs, filename_provider=RunFiles(run_id),
                          schema=SCORE_SCHEMA.with_metadata(meta),
                          min_rows_per_file=job.rows_per_file,

@@ -154,6 +154,7 @@ def test_a_model_trained_with_random_frozen_parts_says_so(photos, tmp_path):
                                "--engine", "local", "--weights", str(tmp_path / "m")])
     assert res.exit_code == 0, res.output
     assert "trained with random LIQE and RetinaFace weights" in res.output and "NOTE: random weights" not in res.output
+    assert pq.read_schema(tmp_path / "o.parquet").metadata[b"random_parts"] == b'["liqe", "face"]'  # the file says so
     opts = ModelOptions(str(tmp_path / "m"), False, "tiny", None, "fp32", "cpu", 2)
     assert model_identity(opts, S3Options())["random_parts"] == ["liqe", "face"]
 

@@ -100,6 +100,7 @@ def test_output_layout_schema_metadata_and_model_identity(ray_local, tmp_path):
     meta = pq.read_schema(files[0]).metadata
     sha = build_bundle("tiny").sha256
     assert meta[b"model_sha256"].decode() == sha and meta[b"random_weights"] == b"true"
+    assert meta[b"random_parts"] == b"[]"
     rows = read_rows(str(tmp_path / "out")).to_pylist()
     assert {r["model_sha256"] for r in rows} == {sha} and all(r["random_weights"] for r in rows)
     assert all(r["crop_mode"] == "five" and r["width"] > 0 for r in rows)
