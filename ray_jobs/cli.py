@@ -164,6 +164,9 @@ def _check_ray_out(out: str, s3: S3Options) -> None:
 # Options that shape the Ray pipeline; the in-process engine refuses them rather than ignore them.
 RAY_ONLY = ("resume", "run_date", "face_device", "prep", "prep_actors", "score_actors", "prep_batch_size",
             "gpus_per_actor", "gpu", "address")
+for _param in score.params:
+    if _param.name in RAY_ONLY:
+        _param.help = f"{_param.help or ''} [Ray engine only]".lstrip()
 
 
 def _score_local(inputs, out, manifest, s3, max_bytes, model: ModelOptions) -> None:

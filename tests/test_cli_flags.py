@@ -62,3 +62,10 @@ def test_a_ray_job_refuses_a_parquet_file_name_for_its_output_folder(photos, tmp
     assert not (tmp_path / "scores.parquet").exists() and jobs == []
     (tmp_path / "kept.parquet").mkdir()  # a folder of that name from earlier runs: resumed into as before
     assert CliRunner().invoke(main, [*score, str(tmp_path / "kept.parquet")]).exit_code == 0 and len(jobs) == 1
+
+
+def test_the_ray_only_options_say_so_in_the_help() -> None:
+    from ray_jobs.cli import RAY_ONLY
+
+    marked = {p.name for p in main.commands["score"].params if (p.help or "").endswith("[Ray engine only]")}
+    assert marked == set(RAY_ONLY)  # --engine local refuses each of them
