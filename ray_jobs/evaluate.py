@@ -133,13 +133,24 @@ def check_eval_outputs(out: str, inputs: Sequence[str | None]) -> None:
                                  "choose another --out")
 
 
+PREDICTION_META = ("model_id", "model_sha256", "random_weights", "random_parts", "crop_mode", "split")
+
+
 def write_eval(result: EvalResult, out: str, s3: S3Options | None = None) -> str:
     """JSON report at ``out`` and per-image predictions as Parquet next to it; returns the Parquet URI.
 
     Each file is replaced whole (a killed run leaves the previous one), the report last.
     """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.Table.from_pandas(result.predictions, preserve_index=False)
+    # Which model made the predictions, in the file itself (as the score outputs record it).
+    said = {k: v if isinstance(v, str) else json.dumps(v) for k, v in result.info.items() if k in PREDICTION_META}
+    table = table.replace_schema_metadata({**(table.schema.metadata or {}), **{k.encode(): v.encode()
+                                                                              for k, v in said.items()}})
     buf = io.BytesIO()
-    result.predictions.to_parquet(buf, index=False)
+    pq.write_table(table, buf)
     dest = predictions_uri(out)
     atomic_write_bytes(dest, buf.getvalue(), s3)
     atomic_write_bytes(out, json.dumps(result.to_dict(), indent=2).encode(), s3)

@@ -259,7 +259,11 @@ def test_eval_refuses_a_folder_out_before_scoring_and_fails_when_nothing_scored(
     assert res.exit_code == 1 and "every image failed to score" in res.output, res.output
     assert built[-1]["compile"] is True and built[-1]["batch_size"] == 2  # --compile reaches the scorer
     assert json.loads((tmp_path / "r.json").read_text())["failed"] == 4
-    assert pq.read_table(tmp_path / "r.parquet").num_rows == 4
+    predictions = pq.read_table(tmp_path / "r.parquet")
+    assert predictions.num_rows == 4 and predictions.column("uri").to_pylist()[0].endswith(".jpg")
+    meta = predictions.schema.metadata  # the file names its model, as score outputs do
+    assert (meta[b"model_sha256"].decode(), meta[b"random_weights"], meta[b"split"]) == (
+        build_bundle("tiny").sha256, b"true", b"all")
 
 
 def test_device_chooses_the_ray_pools_kind(photos, tmp_path, monkeypatch):
