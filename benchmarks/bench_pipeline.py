@@ -103,7 +103,7 @@ def main() -> None:
     from ray_jobs.options import ModelOptions
     from ray_jobs.resume import read_rows
     from ray_jobs.score import ScoreJob, job_plan, run_score_job, score_calls
-    from ray_jobs.listing import list_inputs
+    from ray_jobs.inputs import list_inputs
     from ray_jobs.storage import S3Options
 
     w, h = (int(v) for v in args.size.split("x"))

@@ -178,7 +178,7 @@ def _score_local(inputs, out, manifest, s3, max_bytes, model: ModelOptions) -> N
 
     from .actors import weights_dir
     from .inprocess import score_objects
-    from .listing import list_inputs
+    from .inputs import list_inputs
     from .storage import atomic_write_bytes, check_writable, parent_uri
     from .summary import format_summary, summarize
 

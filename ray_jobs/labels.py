@@ -40,7 +40,8 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from .listing import MISSING, object_key, stat_each
+from .inputs import object_key
+from .listing import MISSING, stat_each
 from .storage import S3Options, join, local_path, read_bytes
 
 SPLITS = ("train", "val", "test")

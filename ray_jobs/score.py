@@ -31,7 +31,7 @@ from .options import ModelOptions
 from .reader import READ_THREADS, read_objects
 from .resume import RunFiles, already_scored, read_rows, run_file_paths
 from .schema import SCORE_SCHEMA, schema_metadata
-from .listing import list_inputs
+from .inputs import list_inputs
 from .storage import ObjectInfo, S3Options, check_writable, join, resolve, write_text
 from .summary import RowsMissing, format_summary, missing_uris, summarize, to_json
 

@@ -13,7 +13,7 @@ from PIL import Image
 
 from piqa_core.config import PreprocessConfig
 from piqa_core.preprocess import decode_image
-from ray_jobs import listing, storage
+from ray_jobs import inputs, listing, storage
 from ray_jobs.storage import S3Options
 
 TREE = {
@@ -103,13 +103,13 @@ def test_list_inputs(root):
     base, s3 = root
     populate(base, s3)
     sub, top = storage.join(base, "sub"), storage.join(base, "b.png")
-    infos = listing.list_inputs([sub, top, base], s3)
+    infos = inputs.list_inputs([sub, top, base], s3)
     uris = [i.uri for i in infos]
     assert uris[:3] == [storage.join(sub, "c.webp"), storage.join(sub, "deeper/d.TIFF"), top]
     assert sorted(uris) == sorted(storage.join(base, p) for p in IMAGES)  # each URI once
     manifest = storage.join(base, "m.txt")
     storage.write_text(manifest, "b.png\nnothing.jpg\n", s3)
-    got = [(i.uri, i.size) for i in listing.list_inputs(manifest, s3, manifest=True)]
+    got = [(i.uri, i.size) for i in inputs.list_inputs(manifest, s3, manifest=True)]
     assert got == [(top, 2), (storage.join(base, "nothing.jpg"), -1)]
 
 def _make_bad_name(folder, name: bytes = b"bad\xff.jpg", data: bytes = b"xyz") -> None:

@@ -10,7 +10,8 @@ import pytest
 from piqa_core.errors import ImageError
 from ray_jobs import reader
 from ray_jobs.reader import read_objects
-from ray_jobs.listing import NAME_NOT_UTF8, ListingError, list_inputs
+from ray_jobs.inputs import list_inputs
+from ray_jobs.listing import NAME_NOT_UTF8, ListingError
 from ray_jobs.storage import ObjectInfo, write_bytes
 
 
