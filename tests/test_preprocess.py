@@ -272,6 +272,9 @@ def test_load_image_sources(tmp_path: Path) -> None:
     grey = np.asarray(load_image(ref[..., 0].copy(), CFG))
     assert grey.shape == ref.shape and (grey[..., 1] == ref[..., 0]).all()
     assert load_image(Image.fromarray(ref).convert("RGBA"), CFG).mode == "RGB"
+    wide = ref.astype(np.uint16) << 8 | 200  # 16 bits (a raw converter's output): its high byte, as for 16-bit files
+    np.testing.assert_array_equal(np.asarray(load_image(wide, CFG)), ref)
+    np.testing.assert_array_equal(np.asarray(load_image(wide[..., 1], CFG))[..., 0], ref[..., 1])
 
 
 @pytest.mark.parametrize("src,code", [
