@@ -53,7 +53,8 @@ def _manifest_entries(uri: str, s3: S3Options | None) -> list[str]:
                 raise ValueError(f"{uri}: not a readable Parquet manifest ({e})") from None
             if "uri" not in pf.schema_arrow.names:
                 raise ValueError(f"{uri}: parquet manifest has no 'uri' column")
-            return _kept(uri, [str(v) if v is not None else "" for v in pf.read(columns=["uri"]).column("uri").to_pylist()])
+            cells = ["" if v is None else str(v) for v in pf.read(columns=["uri"]).column("uri").to_pylist()]
+            return _kept(uri, cells, strip=False)  # as written: a key may start or end with a space
     try:
         text = read_bytes(uri, s3).decode("utf-8-sig")
     except UnicodeDecodeError as e:
@@ -76,9 +77,10 @@ def _manifest_entries(uri: str, s3: S3Options | None) -> list[str]:
     return [ln for ln in lines if ln and not ln.startswith("#")]
 
 
-def _kept(uri: str, cells: list[str]) -> list[str]:
-    """A table manifest's URI cells, stripped; blank ones (a row with other cells filled) are counted in a warning."""
-    kept = [c.strip() for c in cells if c.strip()]
+def _kept(uri: str, cells: list[str], strip: bool = True) -> list[str]:
+    """A table manifest's URI cells (stripped, unless ``strip`` is False); empty ones (a row with other cells
+    filled) are counted in a warning."""
+    kept = [c.strip() if strip else c for c in cells if (c.strip() if strip else c)]
     if len(kept) < len(cells):
         log.warning("%s: %d row(s) with an empty URI cell skipped", uri, len(cells) - len(kept))
     return kept

@@ -118,3 +118,12 @@ def test_entries_listed_once_or_without_a_uri_are_said_not_dropped_silently(tmp_
         assert len(inputs.list_inputs([str(tmp_path), str(tmp_path / "a.jpg")])) == 2
     assert any("1 of the 3 objects the inputs list were listed by more than one input" in r.getMessage()
                for r in caplog.records), caplog.records
+
+
+def test_a_parquet_manifest_keeps_each_uri_exactly(tmp_path, caplog):
+    (tmp_path / "b.jpg ").write_bytes(b"x")  # a name ending in a space: only Parquet can name it
+    pq.write_table(pa.table({"uri": [str(tmp_path / "b.jpg "), None]}), tmp_path / "m.parquet")
+    with caplog.at_level("WARNING"):
+        assert inputs.read_manifest(str(tmp_path / "m.parquet")) == [str(tmp_path / "b.jpg ")]
+    said = [r.getMessage() for r in caplog.records]
+    assert f"{tmp_path / 'm.parquet'}: 1 row(s) with an empty URI cell skipped" in said
