@@ -198,7 +198,7 @@ def _score_local(inputs, out, manifest, s3, max_bytes, model: ModelOptions) -> N
     atomic_write_bytes(out, sink.getvalue().to_pybytes(), s3)  # a killed run never leaves half a file
     summary = summarize(table, time.perf_counter() - t0, random_weights=scorer.bundle.random_init,
                         random_parts=list(scorer.bundle.random_parts))
-    click.echo(format_summary(summary))
+    click.echo(format_summary(summary), err=True)  # as the Ray engine prints it: stdout keeps the one result line
     click.echo(f"wrote {table.num_rows} rows to {out}")
 
 

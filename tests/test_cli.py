@@ -40,7 +40,7 @@ def test_local_engine_writes_one_row_per_image(photos, tmp_path):
     res = CliRunner().invoke(main, ["score", str(photos), "--out", str(out), "--engine", "local",
                                     "--random-weights", "--preset", "tiny", "--crop-mode", "center"])
     assert res.exit_code == 0, res.output
-    assert "random weights" in res.output and "wrote 4 rows" in res.output
+    assert "random weights" in res.stderr and res.stdout == f"wrote 4 rows to {out}\n"  # the summary on stderr
     table = pq.read_table(out)
     rows = {r["uri"].rsplit("/", 1)[-1]: r for r in table.to_pylist()}
     assert set(rows) == {"p0.jpg", "p1.jpg", "p2.jpg", "broken.png"}
