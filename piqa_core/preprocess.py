@@ -184,13 +184,13 @@ def decode_image(data: bytes, cfg: PreprocessConfig) -> Image.Image:
 
 
 def _from_array(arr: np.ndarray, cfg: PreprocessConfig) -> Image.Image:
-    if arr.dtype not in (np.uint8, np.uint16) or not (arr.ndim == 2 or (arr.ndim == 3 and arr.shape[2] == 3)):
+    if arr.dtype.kind != "u" or arr.dtype.itemsize > 2 or not (arr.ndim == 2 or (arr.ndim == 3 and arr.shape[2] == 3)):
         raise ImageError("unsupported_mode",
                          f"array must be uint8 or uint16, HxWx3 or HxW, got {arr.dtype} {arr.shape}")
     h, w = arr.shape[:2]
     _check_header((w, h), "RGB", cfg, None)
-    if arr.dtype == np.uint16:  # to 8 bits as a 16-bit file is (its high byte)
-        arr = (arr >> 8).astype(np.uint8)
+    if arr.dtype.itemsize == 2:  # to 8 bits as a 16-bit file is (its high byte), either byte order
+        arr = (arr.astype(np.uint16) >> 8).astype(np.uint8)
     img = Image.fromarray(np.ascontiguousarray(arr), mode="L" if arr.ndim == 2 else "RGB")
     return img.convert("RGB") if arr.ndim == 2 else img
 

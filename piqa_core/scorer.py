@@ -102,7 +102,7 @@ class Scorer:
         bad = next((i for i, item in enumerate(items) if not isinstance(item, (*_ONE_IMAGE, ImageError))), None)
         if bad is not None:  # a programming error, not a bad photo: refused before any work
             raise TypeError(f"score() item {bad} is a {type(items[bad]).__name__}: pass paths, encoded bytes, "
-                            "PIL images or uint8 arrays")
+                            "PIL images or uint8/uint16 arrays")
         results: list[dict[str, Any]] = []
         for chunk, cols in self.score_chunks(items, batch_size or self.batch_size):
             results.extend(rows_from_columns(cols))

@@ -155,8 +155,9 @@ def _parquet_file(out: str, s3: S3Options) -> bool:
 
 
 def _check_ray_out(out: str, s3: S3Options) -> None:
-    """A new ``--out x.parquet`` for a Ray job would be a folder of that name, which readers take for a file."""
-    if _parquet_file(out, s3):
+    """A new ``--out x.parquet`` (``x.parquet/`` too) for a Ray job would be a folder of that name, which
+    readers take for a file."""
+    if _parquet_file(out.rstrip("/"), s3):
         raise click.UsageError(f"--out {out}: a Ray job writes a folder of run_date=… partitions; name a folder "
                                "(or use --engine local for one Parquet file)")
 
@@ -362,11 +363,11 @@ def eval_cmd(labels, images, fmt, train_list, test_list, val_fraction, seed, hol
     with _user_errors():
         check_eval_outputs(out, [labels, train_list, test_list])
         check_writable(parent_uri(out), s3)
+        if split == "val" and model.weights:  # before the labels: other flags may leave no val split at all
+            check_run_holdout(model.weights, val_fraction, seed, holdout_key, s3)
         table = load_labels(labels, images, fmt, train_list, test_list, val_fraction, seed, s3, check_images=False,
                             holdout_key=holdout_key)
         table, split = select_split(table, split)
-        if split == "val" and model.weights:
-            check_run_holdout(model.weights, val_fraction, seed, holdout_key, s3)
         scorer = Scorer(load_bundle(model, s3), device=model.device, precision=model.precision,
                         crop_mode=model.crop_mode, compile=model.compile, batch_size=model.batch_size,
                         own_bundle=True)

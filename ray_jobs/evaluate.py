@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -24,7 +25,8 @@ from .actors import weights_dir
 from .inprocess import score_objects
 from .labels import LabelTable
 from .listing import stat_objects
-from .storage import S3_SCHEMES, S3Options, atomic_write_bytes, join, local_path, parent_uri, read_bytes
+from .schema import schema_metadata
+from .storage import S3_SCHEMES, S3Options, atomic_write_bytes, local_path, parent_uri
 
 
 @dataclass
@@ -58,7 +60,7 @@ def evaluate_table(scorer: Scorer, table: LabelTable, split: str = "all", s3: S3
     report = evaluate(pred.loc[ok, "score"].to_numpy(float), pred.loc[ok, "label"].to_numpy(float),
                       pred.loc[ok, "group"].tolist(), all_groups=pred["group"].tolist())
     info = {"model_id": scorer.model_id, "model_sha256": scorer.sha256, "random_weights": scorer.bundle.random_init,
-            "random_parts": list(scorer.bundle.random_parts),
+            "random_parts": list(scorer.bundle.random_parts), "preset": scorer.config.preset,
             "crop_mode": scorer.crop_mode, "split": split, "items": len(pred), "failed": int((~ok).sum())}
     return EvalResult(report, pred, info)
 
@@ -76,12 +78,17 @@ def select_split(table: LabelTable, split: str | None) -> tuple[LabelTable, str]
 def check_run_holdout(weights: str, val_fraction: float, seed: int, holdout_key: str, s3: S3Options | None) -> None:
     """For ``--split val`` of a training run's export (``<run>/model``): refuse hold-out settings other than
     the run's recipe, which would score images the run trained on as validation."""
-    from .train import RECIPE_BEFORE, RECIPE_FILE
+    from .train import read_recipe
 
     run = parent_uri(weights)
     try:
-        recipe = {**RECIPE_BEFORE, **json.loads(read_bytes(join(run, RECIPE_FILE), s3))}
+        recipe = read_recipe(run, s3)
     except FileNotFoundError:  # not a training run's export: nothing to hold the flags to
+        return
+    except (OSError, ValueError) as e:  # no read access beside model/, a damaged file: said, not fatal
+        print(f"warning: --split val: cannot read {run}'s recipe to check the hold-out flags against it "
+              f"({type(e).__name__}: {e}); make sure --val-fraction, --seed and --holdout-key are the run's",
+              file=sys.stderr)
         return
     given = {"val_fraction": val_fraction, "seed": seed, "holdout_key": holdout_key}
     if differ := [f"--{k.replace('_', '-')} {recipe[k]}" for k, v in given.items() if k in recipe and recipe[k] != v]:
@@ -133,9 +140,6 @@ def check_eval_outputs(out: str, inputs: Sequence[str | None]) -> None:
                                  "choose another --out")
 
 
-PREDICTION_META = ("model_id", "model_sha256", "random_weights", "random_parts", "crop_mode", "split")
-
-
 def write_eval(result: EvalResult, out: str, s3: S3Options | None = None) -> str:
     """JSON report at ``out`` and per-image predictions as Parquet next to it; returns the Parquet URI.
 
@@ -144,11 +148,12 @@ def write_eval(result: EvalResult, out: str, s3: S3Options | None = None) -> str
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    i = result.info
     table = pa.Table.from_pandas(result.predictions, preserve_index=False)
-    # Which model made the predictions, in the file itself (as the score outputs record it).
-    said = {k: v if isinstance(v, str) else json.dumps(v) for k, v in result.info.items() if k in PREDICTION_META}
-    table = table.replace_schema_metadata({**(table.schema.metadata or {}), **{k.encode(): v.encode()
-                                                                              for k, v in said.items()}})
+    # Which model made the predictions, in the file itself, as the score outputs record it.
+    meta = schema_metadata(i["model_id"], i["model_sha256"], i["crop_mode"], i["random_weights"], i["preset"],
+                           i["random_parts"])
+    table = table.replace_schema_metadata({**(table.schema.metadata or {}), **meta, b"split": i["split"].encode()})
     buf = io.BytesIO()
     pq.write_table(table, buf)
     dest = predictions_uri(out)

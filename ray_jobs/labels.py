@@ -58,7 +58,7 @@ class LabelError(ValueError):
     """Labels are malformed or reference images that do not exist; the message lists what."""
 
 
-def listing(items: list[str], what: str, limit: int = 10) -> str:
+def listed_items(items: list[str], what: str, limit: int = 10) -> str:
     shown = "\n  ".join(items[:limit])
     more = f"\n  … and {len(items) - limit} more" if len(items) > limit else ""
     return f"{len(items)} {what}:\n  {shown}{more}"
@@ -182,9 +182,10 @@ class LabelTable:
         checks = ((no_uri, "row(s) without an image uri"),
                   (~np.isfinite(score), "row(s) without a finite score (missing, inf or -inf)"),
                   (_blank(f["group"]), "row(s) without a group (scene)"))
-        problems = [listing([_row(f, k) for k in np.flatnonzero(mask)], what) for mask, what in checks if mask.any()]
+        problems = [listed_items([_row(f, k) for k in np.flatnonzero(mask)], what)
+                    for mask, what in checks if mask.any()]
         if no_split.any():  # not defaulted: a blank cell may be a test image that must not train
-            problems.append("blank split value in " + listing([_row(f, k) for k in np.flatnonzero(no_split)],
+            problems.append("blank split value in " + listed_items([_row(f, k) for k in np.flatnonzero(no_split)],
                                                               f"row(s) (use {list(SPLITS)})"))
         # Compared normalised, listed as written: "/d/a.jpg" and "file:///d/a.jpg" hash apart in the hold-out.
         first: dict[str, str] = {}
@@ -195,7 +196,7 @@ class LabelTable:
                 dup.append(u if first[k] == u else f"{u} (the same file as {first[k]})")
             first.setdefault(k, u)
         if dup:
-            problems.append(listing(dup, "duplicated image uri(s)"))
+            problems.append(listed_items(dup, "duplicated image uri(s)"))
         if problems:
             raise LabelError(f"{self.source}: " + "\n".join(problems))
         # Converted only now, so the rows listed above show a score cell as written ("3,5", not nan).
@@ -253,7 +254,7 @@ class LabelTable:
         problems = [f"cannot check {len(failed)} of {len(self)} labelled images: {type(e).__name__}: {e} "
                     f"(for {uri})" for uri, e in failed[:1]]
         if missing:
-            problems.append(listing(missing, f"of {len(self)} labelled images not found"))
+            problems.append(listed_items(missing, f"of {len(self)} labelled images not found"))
         if problems:
             raise LabelError(f"{self.source}: " + "\n".join(problems))
         self.frame["size"] = np.array([o.size for o in infos], np.int64)
@@ -296,17 +297,17 @@ def _split_from_lists(names: pd.Series, train_list: str | None, test_list: str |
         unknown = sorted(listed - known)
         if unknown:
             raise LabelError(f"{train_list if s == 'train' else test_list}: " +
-                             listing(unknown, "listed image(s) not in the labels"))
+                             listed_items(unknown, "listed image(s) not in the labels"))
     counts = Counter(names.dropna())
     several = sorted({f"{n} ({counts[n]} labelled images)"
                       for listed in lists.values() for n in listed if counts[n] > 1})
     if several:  # a list names images by file name: it cannot say which of them it meant
-        raise LabelError(listing(several, "split-list name(s) matching several labelled images") + "\nsplit lists "
-                         "name images by file name: give the labels unique IMAGE names, or use a table with a "
-                         "split column")
+        raise LabelError(listed_items(several, "split-list name(s) matching several labelled images")
+                         + "\nsplit lists name images by file name: give the labels unique IMAGE names, or use a "
+                         "table with a split column")
     both = sorted(lists.get("train", set()) & lists.get("test", set()))
     if both:
-        raise LabelError(listing(both, "image(s) listed in both the train and the test split"))
+        raise LabelError(listed_items(both, "image(s) listed in both the train and the test split"))
     # With only a test list, everything else trains (and vice versa: unlisted images are unused).
     default = "train" if "train" not in lists else ""
     return ["train" if n in lists.get("train", ()) else "test" if n in lists.get("test", ()) else default

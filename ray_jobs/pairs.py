@@ -12,7 +12,7 @@ import numpy as np
 
 from piqa_core.losses import pairs_from_names
 
-from .labels import LabelError, LabelTable, listing, read_frame, require_columns, text_cells
+from .labels import LabelError, LabelTable, listed_items, read_frame, require_columns, text_cells
 from .storage import S3Options
 
 PAIR_COLUMNS = ("IMAGE", "IMAGE second")
@@ -37,12 +37,12 @@ def load_pairs(uri: str, table: LabelTable, s3: S3Options | None = None,
     used = set(a) | set(b)
     unknown = sorted(used - (set(known) if known is not None else set(index)) - table.unused)
     if unknown:
-        raise LabelError(f"{uri}: " + listing(unknown, "image name(s) in the pair list are not labelled"))
+        raise LabelError(f"{uri}: " + listed_items(unknown, "image name(s) in the pair list are not labelled"))
     repeats = Counter(names) | Counter(known if known is not None else ())
     ambiguous = [f"{n}: " + ", ".join(u for u, m in zip(table.uris, names) if m == n)
                  for n in sorted(used) if repeats[n] > 1]
     if ambiguous:
-        raise LabelError(f"{uri}: " + listing(ambiguous, "image name(s) in the pair list match several "
+        raise LabelError(f"{uri}: " + listed_items(ambiguous, "image name(s) in the pair list match several "
                                                "labelled images (pairs name images by file name)"))
     inside = [i for i in range(len(a)) if a[i] in index and b[i] in index]
     pairs = pairs_from_names([a[i] for i in inside], [b[i] for i in inside], index)

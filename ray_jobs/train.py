@@ -164,6 +164,11 @@ def recipe_digests(job: TrainJob) -> dict[str, str]:
     return {k: hashlib.sha256(read_bytes(getattr(job, k), job.s3)).hexdigest() for k in RECIPE_FILES if getattr(job, k)}
 
 
+def read_recipe(run_dir: str, s3: S3Options | None) -> dict[str, Any]:
+    """A run's recorded recipe, options recorded before they existed filled in as those runs used them."""
+    return {**RECIPE_BEFORE, **json.loads(read_bytes(join(run_dir, RECIPE_FILE), s3))}
+
+
 def claim_run(job: TrainJob) -> None:
     """Record the run's recipe when it starts; refuse to resume it with another one.
 
@@ -175,8 +180,7 @@ def claim_run(job: TrainJob) -> None:
     if not exists(uri, job.s3):
         atomic_write_bytes(uri, json.dumps({**recipe, "sha256": digests}, indent=2).encode(), job.s3)
         return
-    saved = json.loads(read_bytes(uri, job.s3))
-    saved = {**RECIPE_BEFORE, **saved}
+    saved = read_recipe(job.run_dir, job.s3)
     changed = [f"--{k.replace('_', '-')} {saved.get(k)!r} -> {v!r}" for k, v in recipe.items() if saved.get(k) != v]
     edited = [f"--{k.replace('_', '-')} {getattr(job, k)} (sha256 {old[:12]}… -> {digests[k][:12]}…)"
               for k, old in saved.get("sha256", {}).items() if k in digests and digests[k] != old]

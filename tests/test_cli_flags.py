@@ -57,8 +57,9 @@ def test_a_preset_beside_a_model_directory_is_refused_not_ignored(tmp_path, jobs
 
 def test_a_ray_job_refuses_a_parquet_file_name_for_its_output_folder(photos, tmp_path, jobs):
     score = ["score", str(photos), "--random-weights", "--preset", "tiny", "--out"]
-    res = CliRunner().invoke(main, [*score, str(tmp_path / "scores.parquet")])
-    assert res.exit_code == 2 and "a Ray job writes a folder of run_date=… partitions" in res.output, res.output
+    for out in ("scores.parquet", "scores.parquet/"):
+        res = CliRunner().invoke(main, [*score, str(tmp_path / out)])
+        assert res.exit_code == 2 and "a Ray job writes a folder of run_date=… partitions" in res.output, res.output
     assert not (tmp_path / "scores.parquet").exists() and jobs == []
     (tmp_path / "kept.parquet").mkdir()  # a folder of that name from earlier runs: resumed into as before
     assert CliRunner().invoke(main, [*score, str(tmp_path / "kept.parquet")]).exit_code == 0 and len(jobs) == 1

@@ -69,7 +69,7 @@ def test_a_group_whose_every_image_failed_is_listed(monkeypatch: pytest.MonkeyPa
                            "face_found": False, "n_faces": 0, "width": 8, "height": 8})
     monkeypatch.setattr(ev, "stat_objects", lambda uris, s3: uris)
     monkeypatch.setattr(ev, "score_objects", lambda objects, *a, **kw: pa.Table.from_pandas(scored))
-    scorer = SimpleNamespace(model_id="m", sha256="0" * 64, crop_mode="five",
+    scorer = SimpleNamespace(model_id="m", sha256="0" * 64, crop_mode="five", config=SimpleNamespace(preset="tiny"),
                              bundle=SimpleNamespace(random_init=False, random_parts=()))
     result = evaluate_table(scorer, table, "test")
     rep = result.report
@@ -113,7 +113,7 @@ def test_the_test_split_is_scored_with_the_exported_weights_and_config(monkeypat
     assert asked == [("s3://models/r/model", job.s3, "a" * 64, {"crop_mode": "center"})]
 
 
-def test_the_validation_split_of_a_training_runs_export_takes_the_runs_hold_out(tmp_path: Path) -> None:
+def test_the_validation_split_of_a_training_runs_export_takes_the_runs_hold_out(tmp_path: Path, capsys) -> None:
     """Runs recorded before --holdout-key held out by uri: evaluating their export with the new default
     would score images they trained on as validation."""
     from ray_jobs.train import TrainJob, claim_run
@@ -129,6 +129,10 @@ def test_the_validation_split_of_a_training_runs_export_takes_the_runs_hold_out(
         ev.check_run_holdout(model, 0.2, 0, "path", None)
     ev.check_run_holdout(model + "/", 0.2, 3, "uri", None)
     ev.check_run_holdout(str(tmp_path / "elsewhere" / "model"), 0.5, 0, "path", None)  # not a run's export
+    (tmp_path / "d" / "recipe.json").parent.mkdir()
+    (tmp_path / "d" / "recipe.json").write_text("{not json")  # unreadable: said, and the eval goes on
+    ev.check_run_holdout(str(tmp_path / "d" / "model"), 0.2, 0, "path", None)
+    assert "cannot read" in capsys.readouterr().err
     from click.testing import CliRunner
 
     from piqa_core.checkpoints import build_bundle, save_checkpoint

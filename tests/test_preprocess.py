@@ -275,6 +275,7 @@ def test_load_image_sources(tmp_path: Path) -> None:
     wide = ref.astype(np.uint16) << 8 | 200  # 16 bits (a raw converter's output): its high byte, as for 16-bit files
     np.testing.assert_array_equal(np.asarray(load_image(wide, CFG)), ref)
     np.testing.assert_array_equal(np.asarray(load_image(wide[..., 1], CFG))[..., 0], ref[..., 1])
+    np.testing.assert_array_equal(np.asarray(load_image(wide.astype(">u2"), CFG)), ref)
 
 
 @pytest.mark.parametrize("src,code", [
@@ -291,6 +292,7 @@ def test_load_image_sources(tmp_path: Path) -> None:
     (lambda p: Image.new("La", (300, 300)), "unsupported_mode"),  # Pillow cannot convert it to RGB
     (lambda p: b"", "empty_file"),
 ])
+@pytest.mark.timeout(60)  # the FIFO case would block for ever, were the read not refused
 def test_load_image_errors(tmp_path: Path, src, code: str) -> None:
     with pytest.raises(ImageError) as ei:
         load_image(src(tmp_path), CFG)

@@ -176,7 +176,7 @@ def test_a_named_pipe_among_the_photos_is_an_error_row_not_a_job_that_never_ends
                                            "it is not read"
 
 
-def test_named_special_paths_and_link_loops_are_rows_not_a_stopped_run(tmp_path, monkeypatch):
+def test_fifos_are_rows_and_named_dangling_links_and_loops_stop_the_run(tmp_path, monkeypatch):
     """Named on the command line, a FIFO stopped the run as "not found"; in a folder, a link loop was
     read_failed after its retries, which the audit retries every night."""
     os.mkfifo(tmp_path / "pipe.jpg")
