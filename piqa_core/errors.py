@@ -5,6 +5,10 @@ Torch-free on purpose: the Ray read stage imports it without paying for torch.
 
 from __future__ import annotations
 
+import errno
+import os
+import stat
+
 ERROR_CODES = (
     "not_found",
     "empty_file",
@@ -34,3 +38,25 @@ class ImageError(Exception):
 
     def __str__(self) -> str:
         return f"{self.code}: {self.message}"
+
+
+_NOT_FILES = ((stat.S_ISFIFO, "named pipe (FIFO)"), (stat.S_ISSOCK, "socket"), (stat.S_ISCHR, "character device"),
+              (stat.S_ISBLK, "block device"))
+
+
+def not_a_file(path: str, name: str | None = None) -> ImageError | None:
+    """The ``not_a_file`` error of a local path that is there but is no regular file (a directory, a FIFO,
+    whose read would wait for a writer for ever, a socket, a device) or is a link loop; None for a regular
+    file and for a path that cannot be stat'ed (missing, no access: reading it says why). ``name``: the
+    path as the row shows it."""
+    name = name or path
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as e:
+        if e.errno == errno.ELOOP:  # else read_failed, retried every night
+            return ImageError("not_a_file", f"{name} is a symbolic link loop, not a regular file: it is not read")
+        return None
+    if stat.S_ISDIR(mode):
+        return ImageError("not_a_file", f"{name} is a directory, not a file")
+    kind = next((kind for test, kind in _NOT_FILES if test(mode)), None)
+    return ImageError("not_a_file", f"{name} is a {kind}, not a regular file: it is not read") if kind else None

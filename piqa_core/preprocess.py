@@ -8,12 +8,10 @@ official DN-PIQA path: ``PIL -> convert('RGB') -> Resize(448) -> FiveCrop/Random
 from __future__ import annotations
 
 import contextlib
-import errno
 import functools
 import io
 import os
 import re
-import stat
 import struct
 import threading
 import warnings
@@ -28,7 +26,7 @@ from PIL import Image, TiffImagePlugin, UnidentifiedImageError
 from torchvision.transforms import InterpolationMode
 
 from piqa_core.config import PreprocessConfig
-from piqa_core.errors import ERROR_CODES, ImageError  # noqa: F401  (re-exported)
+from piqa_core.errors import ERROR_CODES, ImageError, not_a_file  # noqa: F401  (ERROR_CODES re-exported)
 from piqa_core.image_formats import DECODABLE_FORMATS, TIFF_SIGNATURES, looks_decodable, open_image
 
 
@@ -234,15 +232,13 @@ def load_image(src: ImageSource, cfg: PreprocessConfig) -> Image.Image:
     """RGB image from a local path, encoded bytes, a PIL image or a uint8/uint16 array (HxWx3 or HxW)."""
     if isinstance(src, (str, os.PathLike)):
         path = Path(src)
+        if (not_file := not_a_file(str(path))) is not None:  # reading a FIFO would wait for ever
+            raise not_file
         try:
-            if not stat.S_ISREG(path.stat().st_mode):  # reading a FIFO would wait for a writer for ever
-                raise ImageError("not_a_file", f"{path} is not a regular file (a directory, FIFO, socket or device)")
             data = path.read_bytes()
         except FileNotFoundError as e:
             raise ImageError("not_found", f"no such file: {path}") from e
         except OSError as e:
-            if e.errno == errno.ELOOP:
-                raise ImageError("not_a_file", f"{path} is a symbolic link loop, not a regular file") from e
             raise ImageError("read_failed", f"cannot read {path}: {e}") from e
         return decode_image(data, cfg)
     if isinstance(src, (bytes, bytearray, memoryview)):

@@ -48,6 +48,7 @@ def _iso_date(ctx: click.Context, param: click.Parameter, value: str | None) -> 
         raise click.BadParameter(f"{value!r} is not a date as YYYY-MM-DD", param_hint="--run-date")
     return value
 
+
 @main.command()
 @click.argument("inputs", nargs=-1, required=True)
 @click.option("--out", required=True, help="Output: a .parquet file (local engine) or a folder/prefix (ray).")

@@ -12,6 +12,7 @@ import errno
 import logging
 import os
 import posixpath
+import stat
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from typing import Any, Callable, Iterable, Iterator
@@ -79,14 +80,6 @@ def _local_info(path: str) -> ObjectInfo:
     except OSError:
         return ObjectInfo(path, -1, "")
     return ObjectInfo(path, st.st_size, str(st.st_mtime_ns))
-
-
-def _loops(path: str) -> bool:
-    try:
-        os.stat(path)
-    except OSError as e:
-        return e.errno == errno.ELOOP
-    return False
 
 
 def _remote_info(fs: fsspec.AbstractFileSystem, scheme: str, path: str, info: dict) -> ObjectInfo:
@@ -206,12 +199,14 @@ def list_images(
     if local is not None:
         # A file, or one that is there but no folder (a FIFO, a socket): one row, whose read says what
         # it is. A path that leads nowhere (a typo, a dangling link to an unmounted volume) is refused.
-        if os.path.isfile(local) or (os.path.exists(local) and not os.path.isdir(local)):
+        try:
+            is_folder = stat.S_ISDIR(os.stat(local).st_mode)
+        except OSError as e:
+            if e.errno == errno.ELOOP:
+                raise ListingError(errno.ELOOP, "a symbolic link that leads back to itself", prefix_uri) from None
+            raise FileNotFoundError(errno.ENOENT, "No such file or directory", prefix_uri) from None
+        if not is_folder:
             return [_local_info(local)]
-        if not os.path.isdir(local):
-            if _loops(local):
-                raise ListingError(errno.ELOOP, "a symbolic link that leads back to itself", prefix_uri)
-            raise FileNotFoundError(errno.ENOENT, "No such file or directory", prefix_uri)
         out = [_local_info(p) for p in _walk_files(local, recursive)
                if keep(os.path.basename(p), lambda p=p: os.path.relpath(p, local).replace(os.sep, "/"))]
     else:

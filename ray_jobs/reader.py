@@ -7,15 +7,13 @@ cost seconds of CPU per worker.
 from __future__ import annotations
 
 import errno
-import os
-import stat
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Sequence
 
 import numpy as np
 
-from piqa_core.errors import ImageError
+from piqa_core.errors import ImageError, not_a_file
 
 from .listing import NAME_NOT_UTF8
 from .storage import ObjectInfo, ObjectTooLarge, S3Options, is_dir, local_path, read_bytes
@@ -34,8 +32,8 @@ def fetch(info: ObjectInfo, s3: S3Options | None, max_bytes: int) -> bytes | Ima
     """The object's bytes, or the error its row will carry."""
     if info.size < 0 and info.etag_or_mtime == NAME_NOT_UTF8:  # the URI is a printable stand-in, not a path
         return ImageError("invalid_name", f"{info.uri}: the file name is not valid UTF-8; rename it to score it")
-    if kind := _special_file(info.uri):
-        return ImageError("not_a_file", f"{info.uri} is a {kind}, not a regular file: it is not read")
+    if (not_file := _not_a_file(info.uri)) is not None:
+        return not_file
     try:
         return _read(info, s3, max_bytes)
     except FileNotFoundError:
@@ -73,20 +71,13 @@ def _read(info: ObjectInfo, s3: S3Options | None, max_bytes: int) -> bytes:
     return read_bytes(info.uri, s3, max_bytes=max_bytes)
 
 
-_SPECIAL = ((stat.S_ISFIFO, "named pipe (FIFO)"), (stat.S_ISSOCK, "socket"), (stat.S_ISCHR, "character device"),
-            (stat.S_ISBLK, "block device"))
-
-
-def _special_file(uri: str) -> str | None:
-    """What a local path names when it is no file or folder: opening a FIFO would wait for a writer for ever."""
+def _not_a_file(uri: str) -> ImageError | None:
+    """:func:`~piqa_core.errors.not_a_file` for a local path; None for other URIs."""
     try:
         path = local_path(uri)
-        mode = os.stat(path).st_mode if path is not None else None
-    except OSError as e:  # missing or unreadable: the read reports it; a link loop would be read_failed, retried
-        return "symbolic link loop" if e.errno == errno.ELOOP else None
-    except ValueError:  # a mistyped scheme
+    except ValueError:  # a mistyped scheme: the read reports it
         return None
-    return next((kind for test, kind in _SPECIAL if mode is not None and test(mode)), None)
+    return not_a_file(path, uri) if path is not None else None
 
 
 def _is_directory(uri: str, s3: S3Options | None) -> bool:
