@@ -78,7 +78,7 @@ def select_split(table: LabelTable, split: str | None) -> tuple[LabelTable, str]
 def check_run_holdout(weights: str, val_fraction: float, seed: int, holdout_key: str, s3: S3Options | None) -> None:
     """For ``--split val`` of a training run's export (``<run>/model``): refuse hold-out settings other than
     the run's recipe, which would score images the run trained on as validation."""
-    from .train import read_recipe
+    from .recipe import read_recipe
 
     run = parent_uri(weights)
     try:

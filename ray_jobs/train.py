@@ -35,8 +35,9 @@ from piqa_core.training import format_val_srcc, rank_batch
 
 from .labels import LabelError, LabelTable, load_labels
 from .pairs import load_pairs
+from .recipe import WEIGHT_SOURCES, TrainSetupError, claim_run, has_checkpoint
 from .score import ray_session
-from .storage import S3Options, atomic_write_bytes, exists, is_dir, join, local_path, read_bytes, resolve
+from .storage import S3Options, atomic_write_bytes, exists, is_dir, join, local_path, resolve
 from .train_worker import HISTORY_FILE, start_bundle, train_loop_per_worker
 
 
@@ -91,18 +92,11 @@ class TrainJob:
         return join(self.storage, self.run_name)
 
 
-class TrainSetupError(ValueError):
-    """A wrong option or a missing file, found on the driver before any worker starts (nothing to retry)."""
-
-
 def _require_v2() -> None:
     from ray.train.v2._internal.constants import V2_ENABLED_ENV_VAR, is_v2_enabled
 
     if not is_v2_enabled():
         raise TrainSetupError(f"piqa train needs Ray Train V2 (resume-by-run-name); unset {V2_ENABLED_ENV_VAR}=0")
-
-
-WEIGHT_SOURCES = ("init", "init_whole", "init_face", "liqe", "retinaface")
 
 
 def checked_job(job: TrainJob) -> TrainJob:
@@ -146,68 +140,6 @@ def _remote_exists(name: str, uri: str, s3: S3Options) -> bool:
         return exists(uri, s3)
     except Exception as e:  # noqa: BLE001 - access denied, unknown scheme: the workers would fail the same way
         raise TrainSetupError(f"--{name.replace('_', '-')} {uri}: cannot check it ({type(e).__name__}: {e})") from e
-
-
-# What defines a run: resuming it with other values would mix two experiments in one set of checkpoints
-# (a new split moves trained images into validation; the optimiser state would override a new --lr).
-RECIPE = ("labels", "images", "format", "train_list", "test_list", "pairs", "val_fraction", "seed", "holdout_key",
-          "preset", *WEIGHT_SOURCES, "batch_pairs", "pairs_per_image", "lr", "weight_decay", "lr_step", "lr_gamma")
-# Recipe values of runs recorded before the option existed: what those runs used.
-RECIPE_BEFORE = {"pairs_per_image": 1, "holdout_key": "uri"}
-RECIPE_FILE = "recipe.json"
-# The recipe's data files: the same path with other content is another experiment too.
-RECIPE_FILES = ("labels", "train_list", "test_list", "pairs")
-
-
-def recipe_digests(job: TrainJob) -> dict[str, str]:
-    """sha256 of each data file the recipe names (labels, split lists, pair list)."""
-    return {k: hashlib.sha256(read_bytes(getattr(job, k), job.s3)).hexdigest() for k in RECIPE_FILES if getattr(job, k)}
-
-
-def read_recipe(run_dir: str, s3: S3Options | None) -> dict[str, Any]:
-    """A run's recorded recipe, options recorded before they existed filled in as those runs used them."""
-    return {**RECIPE_BEFORE, **json.loads(read_bytes(join(run_dir, RECIPE_FILE), s3))}
-
-
-def claim_run(job: TrainJob) -> None:
-    """Record the run's recipe when it starts; refuse to resume it with another one.
-
-    ``sha256`` holds the data files' digests; a recipe.json written before them resumes on its paths alone.
-    """
-    uri = join(job.run_dir, RECIPE_FILE)
-    recipe = {k: getattr(job, k) for k in RECIPE}
-    digests = recipe_digests(job)
-    if not exists(uri, job.s3):
-        atomic_write_bytes(uri, json.dumps({**recipe, "sha256": digests}, indent=2).encode(), job.s3)
-        return
-    saved = read_recipe(job.run_dir, job.s3)
-    changed = [f"--{k.replace('_', '-')} {saved.get(k)!r} -> {v!r}" for k, v in recipe.items() if saved.get(k) != v]
-    edited = [f"--{k.replace('_', '-')} {getattr(job, k)} (sha256 {old[:12]}… -> {digests[k][:12]}…)"
-              for k, old in saved.get("sha256", {}).items() if k in digests and digests[k] != old]
-    if (changed or edited) and not has_checkpoint(job):  # nothing trained under the old recipe: a fresh start
-        print(f"piqa train: run {job.run_name} has no checkpoint yet: its recipe is replaced "
-              f"({'; '.join(changed + edited)})", file=sys.stderr)
-        atomic_write_bytes(uri, json.dumps({**recipe, "sha256": digests}, indent=2).encode(), job.s3)
-        return
-    if changed:
-        raise TrainSetupError(f"run {job.run_name} was started with other settings ({'; '.join(changed)}): "
-                              "resume it with its own options, or start a new run with another --run-name")
-    if edited:
-        raise TrainSetupError(f"run {job.run_name}: {'; '.join(edited)} changed since the run started, so its "
-                              "checkpoints were trained on other data: restore the file, or start a new run "
-                              "with another --run-name (or --storage)")
-
-
-def has_checkpoint(job: TrainJob) -> bool:
-    """Whether the run has written a checkpoint (``epoch_NNNN``): until then no recipe has trained anything."""
-    import pyarrow.fs as pafs
-
-    fs, path = resolve(job.run_dir, job.s3)
-    try:
-        infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
-    except NotADirectoryError:
-        return False
-    return any(i.base_name.startswith("epoch_") for i in infos)
 
 
 def prepare_data(job: TrainJob) -> tuple[LabelTable, dict[str, Any]]:
