@@ -282,6 +282,9 @@ def _label_options(fn):
 @_label_options
 @s3_options
 @click.option("--pairs", default=None, help="Fixed pair list (IMAGE, IMAGE second), e.g. the official exp.csv.")
+@click.option("--pair-scores", type=click.Choice(["list", "labels"]), default="list", show_default=True,
+              help="With --pairs: train on the pair list's JOD / JOD second columns where it has them (as the "
+                   "official script) or on --labels' scores.")
 @click.option("--pairs-per-image", type=click.IntRange(1), default=2, show_default=True,
               help="Without --pairs: partners drawn within its group for each train image, every epoch "
                    "(the official exp.csv pairs each image twice).")

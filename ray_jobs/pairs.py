@@ -9,6 +9,7 @@ from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
+import pandas as pd
 
 from piqa_core.losses import pairs_from_names
 
@@ -56,3 +57,39 @@ def load_pairs(uri: str, table: LabelTable, s3: S3Options | None = None,
               f"split lists), {stats['cross_group']} across groups (JOD labels compare only within a scene)",
               file=sys.stderr)
     return pairs[same], stats
+
+
+PAIR_SCORE_COLUMNS = ("JOD", "JOD second")
+
+
+def pair_list_scores(uri: str, train: LabelTable, s3: S3Options | None = None) -> tuple[np.ndarray, dict[str, Any]] | None:
+    """The train images' scores with those a pair list carries (``JOD``, ``JOD second``) in place, as the
+    official script trains on them; ``None`` when the list has no such columns.
+
+    The official ``exp.csv``'s paths say ``Exposure\\``: its JODs need not be the overall labels, so which
+    one a run trains on is a choice (``--pair-scores``). ``LabelError`` for an
+    image the list scores twice differently or not as a finite number. The stats count the images it
+    scores and how many differ from ``train``'s own score (``max_diff``: the largest difference).
+    """
+    df = read_frame(uri, s3)
+    if not set(PAIR_SCORE_COLUMNS) <= set(df.columns):
+        return None
+    names = [v for c in PAIR_COLUMNS for v in text_cells(df[c])]
+    values = np.concatenate([pd.to_numeric(df[c], errors="coerce").to_numpy(np.float64) for c in PAIR_SCORE_COLUMNS])
+    index = {n: i for i, n in enumerate(train.frame["name"])}
+    listed: dict[int, set[float]] = {}
+    for name, value in zip(names, values):
+        if name in index:
+            listed.setdefault(index[name], set()).add(float(value))
+    bad = [f"{train.frame['name'][i]}: {sorted(v)}" for i, v in listed.items()
+           if len(v) > 1 or not np.isfinite(next(iter(v)))]
+    if bad:
+        raise LabelError(f"{uri}: " + listed_items(bad, "image(s) the pair list scores more than once differently "
+                                                   "or not as a finite number (JOD, JOD second)"))
+    scores = train.scores.astype(np.float64)
+    rows = np.fromiter(listed, int, len(listed))
+    new = np.array([next(iter(listed[i])) for i in rows], np.float64)
+    diff = np.abs(new - scores[rows])
+    scores[rows] = new
+    stats = {"scored": len(rows), "differ": int((diff > 1e-5).sum()), "max_diff": float(diff.max(initial=0.0))}
+    return scores.astype(np.float32), stats

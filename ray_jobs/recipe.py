@@ -23,7 +23,8 @@ class TrainSetupError(ValueError):
 # What defines a run: resuming it with other values would mix two experiments in one set of checkpoints
 # (a new split moves trained images into validation; the optimiser state would override a new --lr).
 RECIPE = ("labels", "images", "format", "train_list", "test_list", "pairs", "val_fraction", "seed", "holdout_key",
-          "preset", *WEIGHT_SOURCES, "batch_pairs", "pairs_per_image", "lr", "weight_decay", "lr_step", "lr_gamma")
+          "preset", *WEIGHT_SOURCES, "batch_pairs", "pairs_per_image", "pair_scores", "lr", "weight_decay", "lr_step",
+          "lr_gamma")
 # Recipe values of runs recorded before the option existed: what those runs used.
 RECIPE_BEFORE = {"pairs_per_image": 1, "holdout_key": "uri"}
 RECIPE_FILE = "recipe.json"
@@ -38,7 +39,14 @@ def recipe_digests(job: TrainJob) -> dict[str, str]:
 
 def read_recipe(run_dir: str, s3: S3Options | None) -> dict[str, Any]:
     """A run's recorded recipe, options recorded before they existed filled in as those runs used them."""
-    return {**RECIPE_BEFORE, **json.loads(read_bytes(join(run_dir, RECIPE_FILE), s3))}
+    saved = json.loads(read_bytes(join(run_dir, RECIPE_FILE), s3))
+    # Before --pair-scores, a pair list's runs trained on the label file's scores.
+    return {**RECIPE_BEFORE, "pair_scores": "labels" if saved.get("pairs") else None, **saved}
+
+
+def job_recipe(job: TrainJob) -> dict[str, Any]:
+    """The job's recipe values (``pair_scores`` only where a pair list makes it matter)."""
+    return {k: getattr(job, k) for k in RECIPE} | ({} if job.pairs else {"pair_scores": None})
 
 
 def claim_run(job: TrainJob) -> None:
@@ -47,7 +55,7 @@ def claim_run(job: TrainJob) -> None:
     ``sha256`` holds the data files' digests; a recipe.json written before them resumes on its paths alone.
     """
     uri = join(job.run_dir, RECIPE_FILE)
-    recipe = {k: getattr(job, k) for k in RECIPE}
+    recipe = job_recipe(job)
     digests = recipe_digests(job)
     if not exists(uri, job.s3):
         atomic_write_bytes(uri, json.dumps({**recipe, "sha256": digests}, indent=2).encode(), job.s3)

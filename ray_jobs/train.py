@@ -34,7 +34,7 @@ from piqa_core.features import image_key
 from piqa_core.training import format_val_srcc, rank_batch
 
 from .labels import LabelError, LabelTable, load_labels
-from .pairs import load_pairs
+from .pairs import load_pairs, pair_list_scores
 from .recipe import WEIGHT_SOURCES, TrainSetupError, claim_run, has_checkpoint
 from .score import ray_session
 from .storage import S3Options, atomic_write_bytes, exists, is_dir, join, local_path, resolve
@@ -53,6 +53,8 @@ class TrainJob:
     train_list: str | None = None
     test_list: str | None = None
     pairs: str | None = None
+    # With --pairs: train on the pair list's own JOD columns ("list", as the official script) or --labels'.
+    pair_scores: str = "list"
     val_fraction: float = 0.2
     workers: int = 1
     gpu: bool = False
@@ -180,6 +182,12 @@ def prepare_data(job: TrainJob) -> tuple[LabelTable, dict[str, Any]]:
         if unpaired := len(train) - len(np.unique(data["pairs"])):
             print(f"piqa train: warning: {unpaired} train image(s) are in no pair of {job.pairs}: they do not "
                   "train", file=sys.stderr)
+        if job.pair_scores == "list" and (listed := pair_list_scores(job.pairs, train, job.s3)) is not None:
+            scores, stats = listed
+            data["train"] = (train.uris, scores, train.groups)
+            print(f"piqa train: the train targets of {stats['scored']} image(s) are the JOD columns of {job.pairs}, "
+                  f"as in the official script; {stats['differ']} differ from {job.labels} (by up to "
+                  f"{stats['max_diff']:.3g}): --pair-scores labels trains on the label file's", file=sys.stderr)
     per_epoch = len(data["pairs"]) if job.pairs else job.pairs_per_image * int((sizes >= 2).sum())
     if per_epoch < job.workers:  # shard() gives every worker the same count: here none at all
         raise LabelError(f"an epoch has {per_epoch} pair(s), fewer than --workers {job.workers}: every worker "

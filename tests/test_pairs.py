@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 
 from ray_jobs.labels import LabelError, LabelTable, from_table, load_labels
-from ray_jobs.pairs import load_pairs
+from ray_jobs.pairs import load_pairs, pair_list_scores
 from tests.test_labels import _piq23
 
 
@@ -71,3 +71,24 @@ def test_pair_list_refuses_names_of_several_images(tmp_path: Path) -> None:
     # a repeated name that no pair uses is fine
     pd.DataFrame({"IMAGE": ["a.jpg"], "IMAGE second": ["a.jpg"]}).to_csv(tmp_path / "ok.csv", index=False)
     assert load_pairs(str(tmp_path / "ok.csv"), table)[0].tolist() == [[1, 1]]
+
+
+def test_pair_list_scores_are_the_lists_jod_columns(tmp_path: Path) -> None:
+    csv = _piq23(tmp_path, {"S0": 3})
+    train = load_labels(str(csv), val_fraction=0.0).subset("train")
+    names, before = train.frame["name"].tolist(), train.scores.copy()
+    pairs = pd.DataFrame({"IMAGE": [names[0], names[1]], "JOD": [5.5, before[1]],
+                          "IMAGE second": [names[1], "other.jpg"], "JOD second": [before[1], -1.0]})
+    pairs.to_csv(tmp_path / "exp.csv", index=False)
+    scores, stats = pair_list_scores(str(tmp_path / "exp.csv"), train)
+    assert scores.tolist() == [5.5, before[1], before[2]]  # names[2] is in no pair: its label stays
+    assert stats == {"scored": 2, "differ": 1, "max_diff": pytest.approx(abs(5.5 - before[0]))}
+    assert (train.scores == before).all()  # the table itself is left as it was
+    pairs.drop(columns="JOD second").to_csv(tmp_path / "names.csv", index=False)
+    assert pair_list_scores(str(tmp_path / "names.csv"), train) is None  # nothing to take: the labels train
+    pairs.assign(JOD=[5.5, 0.25]).to_csv(tmp_path / "twice.csv", index=False)  # names[1]: 0.25 and its label
+    with pytest.raises(LabelError, match=rf"1 image\(s\) the pair list scores more than once .*\n  {names[1]}: \["):
+        pair_list_scores(str(tmp_path / "twice.csv"), train)
+    pairs.assign(JOD=["x", before[1]]).to_csv(tmp_path / "text.csv", index=False)
+    with pytest.raises(LabelError, match=rf"{names[0]}: \[nan\]"):
+        pair_list_scores(str(tmp_path / "text.csv"), train)

@@ -7,6 +7,7 @@ import re
 from dataclasses import replace
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 from ray_jobs.storage import write_bytes
@@ -151,3 +152,42 @@ def test_a_failed_local_export_leaves_the_previous_model_whole(tmp_path: Path, m
     monkeypatch.setattr(pafs, "copy_files", real_copy)
     export_model(SimpleNamespace(path=str(second), filesystem=pafs.LocalFileSystem()), job)
     assert load_checkpoint(model_dir).sha256 == new_sha
+
+
+def test_a_pair_lists_jod_columns_are_the_train_targets_unless_told_otherwise(tmp_path: Path, capsys) -> None:
+    from ray_jobs.train import prepare_data
+    from tests.test_labels import _piq23
+
+    labels = _piq23(tmp_path, {"S0": 3})  # JODs -1.5, -0.5, 0.5
+    pairs = pd.DataFrame({"IMAGE": ["0_S0.jpg", "1_S0.jpg"], "JOD": [2.0, -0.5],
+                          "IMAGE second": ["1_S0.jpg", "2_S0.jpg"], "JOD second": [-0.5, 0.5]})
+    pairs.to_csv(tmp_path / "exp.csv", index=False)
+    job = TrainJob(labels=str(labels), run_name="r", storage=str(tmp_path / "runs"), pairs=str(tmp_path / "exp.csv"),
+                   val_fraction=0.0, preset="tiny")
+    names = ["0_S0.jpg", "1_S0.jpg", "2_S0.jpg"]
+    table, data = prepare_data(job)
+    assert table.frame["name"].tolist() == names and data["train"][1].tolist() == [2.0, -0.5, 0.5]
+    err = capsys.readouterr().err
+    assert "the train targets of 3 image(s) are the JOD columns of" in err and "; 1 differ from" in err
+    assert "(by up to 3.5)" in err
+    _, data = prepare_data(replace(job, pair_scores="labels"))
+    assert data["train"][1].tolist() == [-1.5, -0.5, 0.5]
+
+
+def test_a_pair_list_run_recorded_before_pair_scores_resumes_on_its_labels(tmp_path: Path) -> None:
+    (tmp_path / "l.csv").write_text("uri,score,group\na.png,1,g\n")
+    (tmp_path / "p.csv").write_text("IMAGE,IMAGE second\na.png,a.png\n")
+    plain = TrainJob(labels=str(tmp_path / "l.csv"), run_name="plain", storage=str(tmp_path))
+    paired = replace(plain, run_name="paired", pairs=str(tmp_path / "p.csv"))
+    for job in (plain, paired):
+        claim_run(job)
+        (tmp_path / job.run_name / "epoch_0003").mkdir()
+        recipe_file = tmp_path / job.run_name / "recipe.json"
+        recipe = json.loads(recipe_file.read_text())
+        assert recipe.pop("pair_scores") == ("list" if job.pairs else None)
+        recipe_file.write_text(json.dumps(recipe))
+    claim_run(plain)  # without a pair list the option changes nothing
+    claim_run(replace(plain, pair_scores="labels"))
+    with pytest.raises(TrainSetupError, match=r"--pair-scores 'labels' -> 'list'\)"):
+        claim_run(paired)
+    claim_run(replace(paired, pair_scores="labels"))
