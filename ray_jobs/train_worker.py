@@ -206,7 +206,7 @@ def _maybe_fail(job: TrainJob, epoch: int, rank: int, marker: str) -> None:
 def _warn_nonfinite(metrics: dict[str, Any], log: Callable[[str], None]) -> None:
     if metrics["val_nonfinite"]:
         log(f"warning: the model scored {metrics['val_nonfinite']} loaded validation image(s) nan or inf "
-            "(left out of the validation metrics): it may be diverging")
+            "(left out of the validation metrics; the epoch ranks last): it may be diverging")
 
 
 def _prepare(env: dict[str, Any], uris: list[str], keys: list[str], idx: np.ndarray, crop_mode: str,

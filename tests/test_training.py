@@ -13,7 +13,8 @@ from skimage import data as skdata
 from piqa_core.config import get_preset
 from piqa_core.faces import FaceResult, face_crop_box
 from piqa_core.features import FeatureCache, fill_cache, image_key, prepare_items
-from piqa_core.training import batch_failures, check_loss, epoch_pairs, rank_batch, shard, train_metrics, val_metrics
+from piqa_core.training import (batch_failures, check_loss, epoch_pairs, format_val_srcc, rank_batch, shard, train_metrics,
+                                val_metrics)
 
 # float32 moves this coordinate from just above .5 to exactly .5, where round() goes to even instead:
 # round(x - 20) is 1069 in float64 and 1068 after a float32 round trip.
@@ -131,7 +132,25 @@ def test_validation_counts_nonfinite_scores_apart_from_failed_images() -> None:
     loaded = np.array([True, True, True, True, False, True, True])
     m = val_metrics(pred, np.arange(7.0), ["g"] * 7, loaded)
     assert (m["val_items"], m["val_failed"], m["val_nonfinite"]) == (4, 1, 2)
-    assert m["val_srcc_mean"] == pytest.approx(1.0) and m["val_valid_groups"] == 1
+    assert m["val_srcc_median"] == pytest.approx(1.0) and m["val_valid_groups"] == 1
+    assert m["val_srcc_mean"] == -1.0  # ranks below any sound epoch
+    assert format_val_srcc(m) == "n/a (the model scored 2 validation image(s) nan or inf)"
+    clean = val_metrics(pred, np.arange(7.0), ["g"] * 7, loaded & np.isfinite(pred))  # the same, failing to load
+    assert clean["val_srcc_mean"] == pytest.approx(1.0) and clean["val_nonfinite"] == 0
+
+
+def test_checkpoints_rank_on_the_same_groups_every_epoch() -> None:
+    labels, groups, loaded = np.arange(10.0), ["a"] * 5 + ["b"] * 5, np.ones(10, bool)
+    sound = np.array([0, 1, 2, 4, 3, 1, 0, 2, 4, 3], float)  # SRCC 0.9 and 0.8
+    collapsed = np.concatenate([sound[:5], np.ones(5)])  # group b scored constant: its SRCC is undefined
+    diverged = np.concatenate([sound[:5], np.full(5, np.nan)])
+    ranks = {k: val_metrics(p, labels, groups, loaded)["val_srcc_mean"]
+             for k, p in (("sound", sound), ("collapsed", collapsed), ("diverged", diverged))}
+    assert ranks == {"sound": pytest.approx(0.85), "collapsed": pytest.approx(0.45), "diverged": -1.0}
+    few = loaded.copy()
+    few[5:8] = False  # b keeps 2 loaded images: it ranks no epoch, whatever the model scores
+    assert val_metrics(sound, labels, groups, few)["val_srcc_mean"] == pytest.approx(0.9)
+    assert val_metrics(sound, np.r_[labels[:5], np.ones(5)], groups, loaded)["val_srcc_mean"] == pytest.approx(0.9)
 
 
 def test_a_nonfinite_training_loss_stops_the_epoch() -> None:
