@@ -329,6 +329,8 @@ def train(labels, images, fmt, train_list, test_list, val_fraction, seed, holdou
     try:
         with _user_errors():
             summary = run_train_job(job)
+    except FloatingPointError as e:  # the workers stopped at a nan/inf loss; the message says what to do
+        raise click.ClickException(f"training failed: {e}") from None
     except ray_train.TrainingFailedError as e:
         causes = [getattr(f, "cause", f) for f in getattr(e, "worker_failures", {}).values()]
         advice = ("The model diverged, and would again from its last checkpoint: start a new run (another "

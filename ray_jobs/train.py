@@ -12,7 +12,8 @@ Under ``<storage>/<run_name>/``: Ray's checkpoint folders ``epoch_NNNN`` (each a
 best checkpoint by validation SRCC (give it to ``piqa score --weights``); ``test_report.json`` and
 ``test_report.parquet`` when the labels have a test split; ``summary.json``; ``recipe.json``, the
 settings that define the run (labels, split, start weights, optimiser) and the sha256 of its label,
-split and pair files: resuming with other settings, or with those files edited, is refused.
+split and pair files: resuming with other settings, or with those files edited, is refused;
+``diverged.json`` once an attempt's loss went nan or inf.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import math
 import os
 import sys
 import tempfile
+import uuid
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
@@ -37,8 +39,8 @@ from .labels import LabelError, LabelTable, load_labels
 from .pairs import load_pairs, pair_list_scores
 from .recipe import WEIGHT_SOURCES, TrainSetupError, claim_run, has_checkpoint
 from .score import ray_session
-from .storage import S3Options, atomic_write_bytes, exists, is_dir, join, local_path, resolve
-from .train_worker import HISTORY_FILE, start_bundle, train_loop_per_worker
+from .storage import S3Options, atomic_write_bytes, exists, is_dir, join, local_path, read_bytes, resolve
+from .train_worker import DIVERGED_FILE, HISTORY_FILE, start_bundle, train_loop_per_worker
 
 
 @dataclass
@@ -218,9 +220,10 @@ def _train(job: TrainJob, table: LabelTable, data: dict[str, Any]) -> dict[str, 
     # Per run (not per call): re-running the same command must not fail again.
     run_key = hashlib.sha1(job.run_dir.encode()).hexdigest()[:16]
     marker = os.path.join(tempfile.gettempdir(), f"piqa-train-crash-{run_key}")
+    attempt = uuid.uuid4().hex  # tells this attempt's divergence from an earlier one's
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"job": job, "data": data, "marker": marker},
+        train_loop_config={"job": job, "data": data, "marker": marker, "attempt": attempt},
         scaling_config=ScalingConfig(num_workers=job.workers, use_gpu=job.gpu, resources_per_worker=resources),
         run_config=RunConfig(
             name=job.run_name, storage_path=path, storage_filesystem=fs if "://" in job.storage else None,
@@ -229,13 +232,19 @@ def _train(job: TrainJob, table: LabelTable, data: dict[str, Any]) -> dict[str, 
                                                checkpoint_score_order="max")),
     )
     result = trainer.fit()
+    diverged = join(job.run_dir, DIVERGED_FILE)
+    if exists(diverged, job.s3) and (said := json.loads(read_bytes(diverged, job.s3)))["attempt"] == attempt:
+        raise FloatingPointError(said["error"])
     if not result.best_checkpoints:
         raise RuntimeError(f"run {job.run_name} has no checkpoint (0 epochs trained?)")
+    record = json.loads(_read_checkpoint_file(result.checkpoint, HISTORY_FILE))
+    history = record["epochs"]
+    if len(history) < job.epochs:  # the workers stopped early without saying why: nothing to export as done
+        raise RuntimeError(f"run {job.run_name} stopped after {len(history)} of {job.epochs} epochs; re-run the "
+                           "same command to resume it")
     best, best_metrics = best_checkpoint(result.best_checkpoints)
     model_dir = export_model(best, job)
     exported = json.loads(_read_checkpoint_file(best, "config.json"))
-    record = json.loads(_read_checkpoint_file(result.checkpoint, HISTORY_FILE))
-    history = record["epochs"]
     summary = {
         "run_name": job.run_name, "run_dir": job.run_dir, "model_dir": model_dir,
         "epochs_completed": len(history), "best_epoch": best_metrics["epoch"],

@@ -38,6 +38,10 @@ STATE_FILE, HISTORY_FILE = "train_state.pt", "history.json"
 PROGRESS_EVERY_S = 30.0
 
 
+# Written by rank 0 when the loss went nan/inf: {"attempt": the driver's attempt id, "error": the message}.
+DIVERGED_FILE = "diverged.json"
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """One DDP worker: restore or initialise, then per epoch train, validate, report a checkpoint."""
     import ray.train.torch
@@ -105,7 +109,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     for epoch in range(start, job.epochs):
         seed_torch(job.seed, epoch, rank)
         t0, lr, before = time.perf_counter(), opt.param_groups[0]["lr"], set(cache.faces)
-        mine = _train_epoch(model, opt, data, epoch, rank, world, bf16, **env)
+        try:
+            mine = _train_epoch(model, opt, data, epoch, rank, world, bf16, **env)
+        except FloatingPointError as e:  # every rank, at the same step (the loss is all-reduced)
+            # Said to the driver in a file, not raised: Ray would replay the same divergence --max-failures times.
+            if rank == 0:
+                atomic_write_bytes(join(job.run_dir, DIVERGED_FILE),
+                                   json.dumps({"attempt": config["attempt"], "error": str(e)}).encode(), job.s3)
+            return
         sched.step()
         train_s = time.perf_counter() - t0
         val = _predict_val(bundle.model, data["val"], data["keys"]["val"], rank, world, group,

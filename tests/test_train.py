@@ -176,7 +176,9 @@ def test_worker_failure_resumes_from_the_last_checkpoint(ray_local, small: Path,
 def test_a_run_without_validation_exports_its_last_epoch(ray_local, small: Path, tmp_path: Path) -> None:
     job = TrainJob(labels=str(small), run_name="noval", storage=str(tmp_path), epochs=2, lr=3e-4, preset="tiny",
                    val_fraction=0, eval_before=False)  # as when replaying a fixed pair list over all images
-    summary = run_train_job(job)
+    (tmp_path / "noval").mkdir()
+    (tmp_path / "noval" / "diverged.json").write_text('{"attempt": "an earlier one", "error": "nan"}')
+    summary = run_train_job(job)  # an earlier attempt's divergence is not this one's
     assert [h["val_items"] for h in summary["history"]] == [0, 0] and summary["best_epoch"] == 1
     assert load_checkpoint(tmp_path / "noval" / "model").sha256 == \
         load_checkpoint(tmp_path / "noval" / "epoch_0001").sha256
@@ -293,6 +295,16 @@ def test_damaged_start_weights_fail_once_before_the_trainer(ray_local, small: Pa
     assert not has_checkpoint(job)
 
 
+@pytest.mark.ray
+@pytest.mark.slow
+def test_a_diverged_run_fails_once_without_retries(ray_local, small: Path, tmp_path: Path) -> None:
+    job = TrainJob(labels=str(small), run_name="div", storage=str(tmp_path), epochs=2, lr=1e30, preset="tiny",
+                   val_fraction=0, eval_before=False, max_failures=2)
+    with pytest.raises(FloatingPointError, match=r"epoch 1, step \d+: the training loss is (nan|inf), the model"):
+        run_train_job(job)  # a worker failure before, replayed --max-failures times
+    assert not has_checkpoint(job) and not (tmp_path / "div" / "model").exists()
+
+
 def test_a_diverged_run_is_not_told_to_rerun(small: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from ray.train import WorkerGroupError
 
@@ -305,6 +317,14 @@ def test_a_diverged_run_is_not_told_to_rerun(small: Path, tmp_path: Path, monkey
     res = _train(small, tmp_path)
     assert res.exit_code == 1 and "start a new run (another --run-name) with a lower --lr" in res.output
     assert "Re-run the same command" not in res.output
+
+    def stopped(job):
+        raise FloatingPointError("epoch 2, step 5: the training loss is nan, the model diverged (a rerun repeats it)")
+
+    monkeypatch.setattr(ray_jobs.train, "run_train_job", stopped)
+    res = _train(small, tmp_path)
+    assert res.exit_code == 1 and "Error: training failed: epoch 2, step 5: the training loss is nan" in res.output
+    assert "Traceback" not in res.output and "Re-run the same command" not in res.output
 
 
 def test_validation_without_a_rankable_group_is_said_not_shown_as_minus_one(tmp_path: Path, capsys) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -111,7 +112,7 @@ def test_validation_and_features_are_fp32_whatever_the_training_steps_run_in(tmp
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)  # torch's default: the detector's convolutions
     job = _job(tmp_path, eval_before=True)
     _, data = prepare_data(job)
-    tw.train_loop_per_worker({"job": job, "data": data, "marker": str(tmp_path / "marker")})
+    tw.train_loop_per_worker({"job": job, "data": data, "marker": str(tmp_path / "marker"), "attempt": "a1"})
     assert steps == [True] * 5 and vals == [False, False]  # validation before training and after epoch 1
     assert torch.backends.cudnn.allow_tf32 is False and torch.backends.cuda.matmul.allow_tf32 is False
 
@@ -164,7 +165,7 @@ def _run(tmp_path: Path, monkeypatch, fail_write: bool, job: TrainJob | None = N
         write(uri, blob, s3)
 
     monkeypatch.setattr(tw, "atomic_write_bytes", atomic_write_bytes)
-    tw.train_loop_per_worker({"job": job, "data": data, "marker": str(tmp_path / "marker")})
+    tw.train_loop_per_worker({"job": job, "data": data, "marker": str(tmp_path / "marker"), "attempt": "a1"})
     return events, job
 
 
@@ -251,7 +252,7 @@ def test_every_rank_enters_the_same_collectives_when_the_cache_write_fails(tmp_p
 
         monkeypatch.setattr(tw, "all_gather", gather)
         _Ray(monkeypatch, events, rank=rank, world=2)
-        tw.train_loop_per_worker({"job": job, "data": data, "marker": str(tmp_path / "marker")})
+        tw.train_loop_per_worker({"job": job, "data": data, "marker": str(tmp_path / "marker"), "attempt": "a1"})
     order = [e if e[0] == "all_gather" else e[:2] for e in seen[0]]
     assert order == [e if e[0] == "all_gather" else e[:2] for e in seen[1]]
     assert [e[0] for e in order] == ["all_gather"] * 2 + ["all_gather"] * 3 + ["report"]  # before; epoch 1
@@ -265,7 +266,7 @@ def test_the_epoch_line_shows_no_placeholder_metrics(tmp_path: Path, monkeypatch
     _Ray(monkeypatch, events)
     job = _job(tmp_path, val=val)
     _, data = prepare_data(job)
-    tw.train_loop_per_worker({"job": job, "data": data, "marker": str(tmp_path / "marker")})
+    tw.train_loop_per_worker({"job": job, "data": data, "marker": str(tmp_path / "marker"), "attempt": "a1"})
     line = next(ln for ln in capsys.readouterr().out.splitlines() if "] epoch 1/1  loss " in ln)
     if val == 1:  # no group of 3 validation images: SRCC and PLCC are undefined
         assert "val SRCC n/a (no validation group large enough)  lr " in line
@@ -301,3 +302,10 @@ def test_a_cache_write_drops_earlier_uploads_of_the_runs_images(tmp_path: Path) 
     assert tw._save_cache(ours, uri, [new], S3Options(), 0, print)
     assert sorted(FeatureCache.read_npz(Path(uri).read_bytes())["uri"]) == sorted([new, other])
     assert sorted(ours.faces) == sorted([new, other])
+
+
+def test_a_diverged_loss_ends_the_loop_and_says_so_in_a_file(tmp_path: Path, monkeypatch) -> None:
+    events, job = _run(tmp_path, monkeypatch, fail_write=False, lr=1e30, epochs=3, train=6)
+    assert events == [("write", "diverged.json")]  # no checkpoint reported, no exception for Ray to retry
+    said = json.loads((tmp_path / "r" / "diverged.json").read_text())
+    assert said["attempt"] == "a1" and re.match(r"epoch 1, step \d+: the training loss is (nan|inf)", said["error"])
