@@ -253,8 +253,12 @@ def _train(job: TrainJob, table: LabelTable, data: dict[str, Any]) -> dict[str, 
         "job": {k: v for k, v in asdict(job).items() if k not in ("s3", "address")},
     }
     test = table.subset("test")
+    summary_uri = join(job.run_dir, "summary.json")
+    if len(test):  # a run that dies while testing leaves a summary of its model/, not of an earlier export's
+        atomic_write_bytes(summary_uri, json.dumps({**summary, "test": "pending"}, indent=2, default=str).encode(),
+                           job.s3)
     summary["test"] = _evaluate_test(job, model_dir, exported, test) if len(test) else None
-    atomic_write_bytes(join(job.run_dir, "summary.json"), json.dumps(summary, indent=2, default=str).encode(), job.s3)
+    atomic_write_bytes(summary_uri, json.dumps(summary, indent=2, default=str).encode(), job.s3)
     _print_summary(summary)
     return summary
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import io
 import json
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +36,7 @@ from piqa_core.checkpoints import build_bundle, load_checkpoint, save_checkpoint
 from piqa_core.config import get_preset
 from piqa_core.features import FeatureCache
 from piqa_core.training import epoch_pairs, format_val_srcc, init_bundle, train_metrics
+import ray_jobs.train
 from ray_jobs.actors import weights_dir
 from ray_jobs.cli import main
 from ray_jobs.listing import list_images
@@ -153,22 +155,31 @@ def test_worker_failure_resumes_from_the_last_checkpoint(ray_local, small: Path,
     labels["split"] = np.where(labels["uri"].str.contains("v1"), "test", "train")  # one framing is test
     labels.to_csv(small.parent / "with_test.csv", index=False)
     job = TrainJob(labels=str(small.parent / "with_test.csv"), run_name="chaos", storage=str(tmp_path), workers=1,
-                   epochs=2, lr=3e-4, lr_step=1, preset="tiny", val_fraction=0.35, max_failures=1, keep=2,
+                   epochs=3, lr=3e-4, lr_step=2, preset="tiny", val_fraction=0.35, max_failures=1, keep=3,
                    fail_at_epoch=1, eval_before=False)
     summary = run_train_job(job)  # rank 0 dies during epoch 2; FailureConfig(max_failures=1) restarts it
     history = summary["history"]
-    assert [h["epoch"] for h in history] == [0, 1]
+    assert [h["epoch"] for h in history] == [0, 1, 2]
     # epoch 2 ran in a new worker group that resumed after epoch 1 instead of starting over
-    assert [h["session_start_epoch"] for h in history] == [0, 1]
-    # the optimiser and StepLR(1, 0.9) states came back with the weights: the decay continued
-    assert [h["lr"] for h in history] == pytest.approx([3e-4, 2.7e-4])
-    assert sorted(p.name for p in tmp_path.joinpath("chaos").glob("epoch_*")) == ["epoch_0000", "epoch_0001"]
+    assert [h["session_start_epoch"] for h in history] == [0, 1, 1]
+    # the optimiser and StepLR(2, 0.9) states came back with the weights: the decay kept its step count
+    assert [h["lr"] for h in history] == pytest.approx([3e-4, 3e-4, 2.7e-4])
+    assert sorted(p.name for p in tmp_path.joinpath("chaos").glob("epoch_*")) == [f"epoch_000{i}" for i in range(3)]
     # the test split is scored once, at the end, with the best-by-validation model
     assert summary["test"]["items"] == 10 and summary["test"]["failed"] == 0
     assert summary["test"]["model_sha256"] == load_checkpoint(tmp_path / "chaos" / "model").sha256
     report = json.loads((tmp_path / "chaos" / "test_report.json").read_text())
     assert report["model_id"] == "chaos" and report["split"] == "test" and report["mean"]["valid_groups"] == 2
     assert len(pd.read_parquet(tmp_path / "chaos" / "test_report.parquet")) == 10
+
+    def dies(*args):
+        raise RuntimeError("the driver died while testing")
+
+    monkeypatch.setattr(ray_jobs.train, "_evaluate_test", dies)
+    with pytest.raises(RuntimeError, match="died while testing"):
+        run_train_job(replace(job, epochs=4, fail_at_epoch=None))  # more epochs: a new best may be exported
+    left = json.loads((tmp_path / "chaos" / "summary.json").read_text())
+    assert left["epochs_completed"] == 4 and left["test"] == "pending"  # not the first invocation's summary
 
 
 @pytest.mark.ray
@@ -307,8 +318,6 @@ def test_a_diverged_run_fails_once_without_retries(ray_local, small: Path, tmp_p
 
 def test_a_diverged_run_is_not_told_to_rerun(small: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from ray.train import WorkerGroupError
-
-    import ray_jobs.train
 
     def diverged(job):
         raise WorkerGroupError("rank 0: FloatingPointError", {0: FloatingPointError("the training loss is nan")})
