@@ -339,6 +339,9 @@ def train(labels, images, fmt, train_list, test_list, val_fraction, seed, holdou
         raise click.ClickException(f"training failed: {e}\n{advice}") from None
     click.echo(f"model: {summary['model_dir']} (best epoch {summary['best_epoch'] + 1} of "
                f"{summary['epochs_completed']}, val SRCC {format_val_srcc(summary['best'])})")
+    if (test := summary["test"]) and test["failed"] == test["items"]:
+        raise click.ClickException(f"every test image failed to score, so the test metrics are undefined: see "
+                                   f"{summary['run_dir']}/test_report.parquet")
 
 
 @main.command("eval")

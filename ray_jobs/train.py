@@ -332,13 +332,11 @@ def _evaluate_test(job: TrainJob, model_dir: str, exported: dict[str, Any], test
 
 def _print_summary(s: dict[str, Any]) -> None:
     b, t = s["best"], s["test"]
+    srcc = lambda v: f"{v:.4f}" if v is not None and math.isfinite(v) else "n/a"  # noqa: E731
     print(f"piqa train {s['run_name']}: {s['epochs_completed']} epochs; best epoch {s['best_epoch'] + 1}: val SRCC "
           f"{format_val_srcc(b)}; model {s['model_dir']}"
-          + (f"\n  test ({t['items']} images, {t['failed']} failed): SRCC mean {t['mean']['srcc']} "
-             f"median {t['median']['srcc']}" if t else ""), file=sys.stderr)
-
-
-# ----------------------------------------------------------------------------- the worker loop
+          + (f"\n  test ({t['items']} images, {t['failed']} failed): SRCC mean {srcc(t['mean']['srcc'])} "
+             f"median {srcc(t['median']['srcc'])}" if t else ""), file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -336,6 +336,21 @@ def test_a_diverged_run_is_not_told_to_rerun(small: Path, tmp_path: Path, monkey
     assert "Traceback" not in res.output and "Re-run the same command" not in res.output
 
 
+def test_a_run_whose_every_test_image_failed_exits_1(small: Path, tmp_path: Path, monkeypatch, capsys) -> None:
+    summary = {"run_name": "r", "run_dir": "/runs/r", "model_dir": "/runs/r/model", "epochs_completed": 1,
+               "best_epoch": 0, "best": {"val_srcc_mean": 0.5, "val_srcc_median": 0.5, "val_valid_groups": 1},
+               "test": {"items": 4, "failed": 4, "mean": {"srcc": None}, "median": {"srcc": float("nan")}}}
+    monkeypatch.setattr(ray_jobs.train, "run_train_job", lambda job: summary)
+    res = _train(small, tmp_path)
+    assert res.exit_code == 1 and "model: /runs/r/model (best epoch 1 of 1, val SRCC mean 0.5000" in res.output
+    assert "Error: every test image failed to score, so the test metrics are undefined: see " \
+           "/runs/r/test_report.parquet" in res.output
+    ray_jobs.train._print_summary(summary)
+    assert "test (4 images, 4 failed): SRCC mean n/a median n/a" in capsys.readouterr().err
+    summary["test"]["failed"] = 3  # one image scored: the run did test its model
+    assert _train(small, tmp_path).exit_code == 0
+
+
 def test_validation_without_a_rankable_group_is_said_not_shown_as_minus_one(tmp_path: Path, capsys) -> None:
     rows = [{"uri": f"images/g{g}/{i}.png", "score": float(i), "group": f"g{g}"} for g in range(3) for i in range(6)]
     for r in rows:
