@@ -291,7 +291,9 @@ def _label_options(fn):
 @click.option("--run-name", required=True, help="Names the run; the same name again resumes it.")
 @click.option("--storage", required=True, help="Folder or s3:// prefix for checkpoints and the exported model.")
 @click.option("--workers", type=click.IntRange(1), default=1, show_default=True)
-@click.option("--gpu", is_flag=True, help="One GPU per worker (bf16 autocast).")
+@click.option("--gpu", is_flag=True, help="One GPU per worker.")
+@click.option("--precision", type=click.Choice(["bf16", "fp32"]), default="bf16", show_default=True,
+              help="GPU training steps: bf16 autocast, or fp32 as the official script (CPU workers: fp32).")
 @click.option("--cpus-per-worker", type=Number(0.1), default=None, help="Default 1 (CPU) / 4 (GPU).")
 @click.option("--epochs", type=click.IntRange(1), default=10, show_default=True,
               help="Epochs in all: a resumed run trains the ones still missing.")

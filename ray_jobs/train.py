@@ -60,6 +60,7 @@ class TrainJob:
     val_fraction: float = 0.2
     workers: int = 1
     gpu: bool = False
+    precision: str = "bf16"  # GPU training steps: bf16 autocast, or fp32 as the official script
     cpus_per_worker: float | None = None
     epochs: int = 10
     batch_pairs: int = 6

@@ -50,7 +50,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
-    bf16 = _train_bf16(device)
+    bf16 = _train_bf16(device, job.precision)
     # Features (face boxes, LIQE) and validation as the scorer computes them at its default fp32, so the
     # checkpoint ranking and best.val_* are what `piqa eval --split val` reports for the saved model.
     use_tf32("fp32")
@@ -266,9 +266,9 @@ def _train_epoch(model: torch.nn.Module, opt: torch.optim.Optimizer, data: dict[
     return out
 
 
-def _train_bf16(device: torch.device) -> bool:
-    """Training steps run under bf16 autocast on GPUs (validation never does)."""
-    return device.type == "cuda"
+def _train_bf16(device: torch.device, precision: str) -> bool:
+    """Training steps run under bf16 autocast on GPUs with ``--precision bf16`` (validation never does)."""
+    return device.type == "cuda" and precision == "bf16"
 
 
 def _predict_val(module: torch.nn.Module, val: tuple, keys: list[str], rank: int, world: int, group: Any,

@@ -103,7 +103,7 @@ def test_a_step_whose_pairs_all_failed_to_load_leaves_the_weights_alone(tmp_path
 def test_validation_and_features_are_fp32_whatever_the_training_steps_run_in(tmp_path: Path, monkeypatch) -> None:
     """As on a GPU: bf16 autocast steps (CPU autocast here); validation as `piqa eval` scores, at fp32."""
     _Ray(monkeypatch, [])
-    monkeypatch.setattr(tw, "_train_bf16", lambda device: True)
+    monkeypatch.setattr(tw, "_train_bf16", lambda device, precision: True)
     steps, vals = [], []
     loss, predict = tw.pair_loss, tw.predict
     monkeypatch.setattr(tw, "pair_loss", lambda *a: steps.append(a[5]) or loss(*a))  # (…, device, bf16, world)
@@ -309,3 +309,10 @@ def test_a_diverged_loss_ends_the_loop_and_says_so_in_a_file(tmp_path: Path, mon
     assert events == [("write", "diverged.json")]  # no checkpoint reported, no exception for Ray to retry
     said = json.loads((tmp_path / "r" / "diverged.json").read_text())
     assert said["attempt"] == "a1" and re.match(r"epoch 1, step \d+: the training loss is (nan|inf)", said["error"])
+
+
+def test_training_steps_take_bf16_on_gpus_unless_fp32_is_asked() -> None:
+    cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
+    assert tw._train_bf16(cuda, "bf16") and not tw._train_bf16(cuda, "fp32")
+    assert not tw._train_bf16(cpu, "bf16") and not tw._train_bf16(cpu, "fp32")
+    assert TrainJob("l.csv", "r", "/s").precision == "bf16"
