@@ -185,14 +185,16 @@ def test_worker_failure_resumes_from_the_last_checkpoint(ray_local, small: Path,
 @pytest.mark.ray
 @pytest.mark.slow
 def test_a_run_without_validation_exports_its_last_epoch(ray_local, small: Path, tmp_path: Path) -> None:
-    job = TrainJob(labels=str(small), run_name="noval", storage=str(tmp_path), epochs=2, lr=3e-4, preset="tiny",
-                   val_fraction=0, eval_before=False)  # as when replaying a fixed pair list over all images
+    job = TrainJob(labels=str(small), run_name="noval", storage=str(tmp_path), epochs=3, lr=3e-4, preset="tiny",
+                   val_fraction=0, eval_before=False, keep=1)  # as when replaying a fixed pair list over all images
     (tmp_path / "noval").mkdir()
     (tmp_path / "noval" / "diverged.json").write_text('{"attempt": "an earlier one", "error": "nan"}')
     summary = run_train_job(job)  # an earlier attempt's divergence is not this one's
-    assert [h["val_items"] for h in summary["history"]] == [0, 0] and summary["best_epoch"] == 1
+    assert [h["val_items"] for h in summary["history"]] == [0, 0, 0] and summary["best_epoch"] == 2
+    # every epoch ties at -1: the one checkpoint kept (--keep 1) and exported is the last, not the first
+    assert sorted(p.name for p in (tmp_path / "noval").glob("epoch_*")) == ["epoch_0002"]
     assert load_checkpoint(tmp_path / "noval" / "model").sha256 == \
-        load_checkpoint(tmp_path / "noval" / "epoch_0001").sha256
+        load_checkpoint(tmp_path / "noval" / "epoch_0002").sha256
 
 
 @pytest.mark.ray
@@ -220,7 +222,7 @@ def test_s3_checkpoints_and_rerunning_the_same_command_resumes(ray_local, s3_ser
     assert history[0]["features_loaded"] == 0 and history[1]["features_loaded"] == 20  # cache read back
     assert summary["val_before"] is not None  # from the first attempt, carried in the checkpoint
     model = load_checkpoint(weights_dir(f"{storage}/s3run/model", opts))
-    assert model.model_id == "s3run" and model.meta["train"]["epochs_completed"] in (1, 2)
+    assert model.model_id == "s3run" and model.meta["train"]["epochs_completed"] == summary["best_epoch"] + 1
 
 
 def _same(a: torch.nn.Module, b: torch.nn.Module) -> bool:
