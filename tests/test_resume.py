@@ -152,6 +152,32 @@ def test_an_output_file_whose_read_breaks_stops_resume_but_damaged_content_is_sc
     assert already_scored(out, "sha1", "five") == set() and read_rows(out).num_rows == 0
 
 
+def _damage_column(path: Path, column: str) -> None:
+    """Overwrites the header of ``column``'s first page: the footer and every other column still read."""
+    meta = pq.ParquetFile(path).metadata.row_group(0).column(SCORE_SCHEMA.names.index(column))
+    start = meta.dictionary_page_offset or meta.data_page_offset
+    blob = bytearray(path.read_bytes())
+    blob[start + 8:start + 40] = b"\xff" * 32
+    path.write_bytes(bytes(blob))
+
+
+def test_a_file_with_any_damaged_column_is_not_done_and_is_moved_aside(tmp_path: Path, capsys) -> None:
+    """Resume read only its own columns: a file whose error_message page was damaged counted as done,
+    while read_rows dropped it, so its inputs had no row for ever (the audit failed every night)."""
+    part = tmp_path / "out" / "run_date=2026-01-02"
+    rows = _rows(["a", "b"], "sha1", "five")
+    rows = rows.set_column(rows.schema.get_field_index("error_message"), "error_message",
+                           pa.array(["a message long enough to fill a page"] * 2))
+    _write(part / "part-r1-u_000000.parquet", rows)
+    _write(part / "part-r2-u_000000.parquet", _rows(["c"], "sha1", "five"))
+    _damage_column(part / "part-r1-u_000000.parquet", "error_message")
+    out = str(tmp_path / "out")
+    assert pq.read_table(part / "part-r1-u_000000.parquet", columns=["uri", "etag_or_mtime"]).num_rows == 2
+    assert already_scored(out, "sha1", "five") == {("c", "e1")}
+    assert "moved to" in capsys.readouterr().err and (part / "_unreadable-part-r1-u_000000.parquet").exists()
+    assert read_rows(out).column("uri").to_pylist() == ["c"]
+
+
 def test_ray_session_shuts_down_only_the_ray_it_started(monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[str] = []
     state = {"up": False}
