@@ -15,7 +15,7 @@ from ray_jobs.schema import SCORE_SCHEMA
 from ray_jobs.storage import join
 from ray_jobs.summary import RowsMissing
 from tests.test_audit import TINY
-from tests.test_audit_plan import SHA, T0, row
+from tests.test_audit_plan import SHA, T0, row, state_table
 
 
 def test_score_delta_keeps_only_rows_of_the_runs_crop_mode(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -66,3 +66,19 @@ def test_score_delta_takes_no_row_of_an_earlier_version(tmp_path: Path, monkeypa
     monkeypatch.setattr(score, "run_score_job", lambda _job: {"skipped_already_scored": 0})  # wrote nothing
     with pytest.raises(RowsMissing, match="1 planned objects have no score row; run the audit again"):
         audit.score_delta(job, plan)
+
+
+def test_a_dangling_link_is_carried_until_its_target_comes_back(tmp_path: Path) -> None:
+    from ray_jobs.listing import list_images
+    from ray_jobs.reader import fetch
+
+    (tmp_path / "lib").mkdir()
+    (tmp_path / "lib" / "a.jpg").symlink_to(tmp_path / "unmounted" / "a.jpg")
+    [info] = list_images(str(tmp_path / "lib"))
+    got = fetch(info, None, 100)
+    assert got.code == "not_a_file" and str(tmp_path / "unmounted" / "a.jpg") in got.message  # not retried
+    prev = state_table([row(info.uri, info.etag_or_mtime, bytes=info.size, error_code=got.code)])
+    assert audit.classify(list_images(str(tmp_path / "lib")), prev, False)["action"].to_pylist() == ["unchanged"]
+    (tmp_path / "unmounted").mkdir()
+    (tmp_path / "unmounted" / "a.jpg").write_bytes(b"photo")  # back: the listing's stat changes
+    assert audit.classify(list_images(str(tmp_path / "lib")), prev, False)["action"].to_pylist() == ["changed"]
