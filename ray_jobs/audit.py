@@ -256,9 +256,12 @@ def score_delta(job: AuditJob, plan: Plan) -> tuple[pa.Table, dict[str, int]]:
         skipped = res["skipped_already_scored"]
         stats.update(scored_now=len(objects) - skipped, reused_from_unfinished_run=skipped)
     rows = read_rows(out, job.s3)
+    # Not an earlier version's row: another etag or mtime, or the same mtime and another size.
+    planned = pc.or_(pc.is_in(_version(rows), value_set=_version(todo)),
+                     pc.and_(pc.is_null(rows["bytes"]),
+                             pc.is_in(_version(rows, sized=False), value_set=_version(todo, sized=False))))
     rows = rows.filter(pc.and_(pc.and_(pc.equal(rows["model_sha256"], plan.model_sha256),
-                                       pc.equal(rows["crop_mode"], plan.crop_mode)),
-                               pc.is_in(_version(rows), value_set=_version(todo))))  # not an earlier version's
+                                       pc.equal(rows["crop_mode"], plan.crop_mode)), planned))
     # A retried write may leave two rows for one URI: keep the latest.
     rows = rows.sort_by([("uri", "ascending"), ("scored_at", "descending")])
     uris = np.asarray(rows["uri"].to_pylist(), dtype=object)
@@ -269,9 +272,11 @@ def score_delta(job: AuditJob, plan: Plan) -> tuple[pa.Table, dict[str, int]]:
     return rows, stats
 
 
-def _version(table: pa.Table) -> pa.Array:
-    """uri + etag_or_mtime, one string per row: which version of an object a row is about."""
-    return pc.binary_join_element_wise(table["uri"], pc.fill_null(table["etag_or_mtime"], ""), "\n")
+def _version(table: pa.Table, sized: bool = True) -> pa.Array:
+    """uri + etag_or_mtime + bytes (the key --resume uses), one string per row: which version of an object
+    a row is about; null for a row without bytes unless not ``sized``."""
+    parts = [table["uri"], pc.fill_null(table["etag_or_mtime"], "")]
+    return pc.binary_join_element_wise(*parts, *([pc.cast(table["bytes"], pa.string())] if sized else []), "\n")
 
 
 def merge_state(plan: Plan, previous: pa.Table, scored: pa.Table, keep_deleted_days: float) -> tuple[pa.Table,

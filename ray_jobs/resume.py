@@ -12,7 +12,7 @@ from pyarrow import fs as pafs
 from ray.data.datasource import FilenameProvider
 
 from .schema import SCORE_SCHEMA
-from .storage import OutputUnreadable, S3Options, resolve
+from .storage import ObjectInfo, OutputUnreadable, S3Options, resolve
 
 
 class RunFiles(FilenameProvider):
@@ -79,20 +79,22 @@ def _read(fs: pafs.FileSystem, path: str, set_aside: bool = False) -> pa.Table |
         return None
 
 
-RESUME_COLUMNS = ("uri", "etag_or_mtime", "model_sha256", "crop_mode", "error_code")
+RESUME_COLUMNS = ("uri", "etag_or_mtime", "bytes", "model_sha256", "crop_mode", "error_code")
+Version = tuple[str, str, int | None]  # uri, etag_or_mtime, bytes (None: a row that did not record it)
 
 
 def already_scored(out: str, sha256: str, crop_mode: str, s3: S3Options | None = None,
-                   retry: frozenset[str] = frozenset()) -> set[tuple[str, str]]:
-    """(uri, etag_or_mtime) of every object version with a row under ``out`` written by the model with
-    this sha256 in this crop mode: an object replaced under the same name is not done, nor one whose
-    row holds an error code in ``retry``.
+                   retry: frozenset[str] = frozenset()) -> set[Version]:
+    """(uri, etag_or_mtime, bytes) of every object version with a row under ``out`` written by the model
+    with this sha256 in this crop mode: an object replaced under the same name is not done (a photo
+    rewritten with its mtime kept is told by its size, as the audit tells it), nor one whose row holds
+    an error code in ``retry``. Test a listed object with :func:`is_done`.
 
     Files are read as :func:`read_rows` reads them; one of our files that does not read whole is moved
     aside (see :func:`_read`).
     """
     fs, files = _parquet_files(out, s3)
-    done: set[tuple[str, str]] = set()
+    done: set[Version] = set()
     for path in files:
         t = _read(fs, path, set_aside=True)
         if t is None:
@@ -101,9 +103,15 @@ def already_scored(out: str, sha256: str, crop_mode: str, s3: S3Options | None =
             print(f"piqa: ignoring {path}: not a score file (no {'/'.join(RESUME_COLUMNS)} columns)",
                   file=sys.stderr)
             continue
-        done.update((u, e) for u, e, s, c, code in zip(*(t.column(k).to_pylist() for k in RESUME_COLUMNS))
+        done.update((u, e, b) for u, e, b, s, c, code in zip(*(t.column(k).to_pylist() for k in RESUME_COLUMNS))
                     if s == sha256 and c == crop_mode and code not in retry)
     return done
+
+
+def is_done(done: set[Version], info: ObjectInfo) -> bool:
+    """Whether ``done`` (:func:`already_scored`) holds a row for this version of the object. A row's
+    bytes -1 (not stat'ed when listed) matches only a listing that could not stat it either."""
+    return (info.uri, info.etag_or_mtime, info.size) in done or (info.uri, info.etag_or_mtime, None) in done
 
 
 def run_file_paths(uri: str, run_id: str, s3: S3Options | None = None) -> set[str]:

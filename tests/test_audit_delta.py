@@ -68,6 +68,23 @@ def test_score_delta_takes_no_row_of_an_earlier_version(tmp_path: Path, monkeypa
         audit.score_delta(job, plan)
 
 
+
+def test_score_delta_takes_no_row_of_the_same_mtime_and_another_size(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """A photo rewritten with its mtime kept between two attempts: the first attempt's row is stale."""
+    from ray_jobs import score
+
+    job = AuditJob(library=str(tmp_path / "lib"), state=str(tmp_path / "state"), model=TINY)
+    listing = pa.Table.from_pylist([{**row("/lib/a.jpg", "m1", bytes=12), "action": "changed", "to_score": True}],
+                                   schema=PLAN_SCHEMA)
+    plan = audit.Plan("r1", T0, "/lib", SHA, "tiny", "five", None, None, listing, resumed=True)
+    old = {**row("/lib/a.jpg", "m1", score=1.0), "model_sha256": SHA, "crop_mode": "five", "scored_at": T0}
+    audit_state.write_parquet(join(job.state, "runs", "r1", "scores", "part-r1-x_000000.parquet"),
+                              pa.Table.from_pylist([old], schema=SCORE_SCHEMA), job.s3)  # bytes 10
+    monkeypatch.setattr(score, "run_score_job", lambda _job: {"skipped_already_scored": 0})  # wrote nothing
+    with pytest.raises(RowsMissing, match="1 planned objects have no score row"):
+        audit.score_delta(job, plan)
+
 def test_a_dangling_link_is_carried_until_its_target_comes_back(tmp_path: Path) -> None:
     from ray_jobs.listing import list_images
     from ray_jobs.reader import fetch
