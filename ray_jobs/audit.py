@@ -102,6 +102,12 @@ class Plan:
     rescored_all_reason: str | None
     listing: pa.Table  # PLAN_SCHEMA
     resumed: bool = False
+    attempt_started_at: datetime | None = None  # a continued run's this attempt; None: started_at
+
+    @property
+    def attempt_start(self) -> datetime:
+        """When this attempt started: the time deletions are stamped with and counted against."""
+        return self.attempt_started_at or self.started_at
 
 
 def library_root(library: str) -> str:
@@ -224,7 +230,7 @@ def plan_run(job: AuditJob, identity: dict[str, Any], pointer: dict[str, Any] | 
         print(f"piqa audit: continuing unfinished run {continuing['run_id']} on a new listing",
               file=sys.stderr)
         plan = Plan(continuing["run_id"], datetime.fromisoformat(continuing["started_at"]), root, sha,
-                    identity["model_id"], crop, prev_id, reason, listing, resumed=True)
+                    identity["model_id"], crop, prev_id, reason, listing, resumed=True, attempt_started_at=now_utc())
     else:
         plan = Plan(_new_run_id(), now_utc(), root, sha, identity["model_id"], crop, prev_id, reason, listing)
     write_parquet(join(job.state, "runs", plan.run_id, "plan.parquet"), listing, job.s3)
@@ -302,10 +308,12 @@ def merge_state(plan: Plan, previous: pa.Table, scored: pa.Table, keep_deleted_d
     newly = gone.filter(pc.invert(was_deleted))
     newly = newly.set_column(newly.schema.get_field_index("deleted"), "deleted",
                              pa.array([True] * newly.num_rows, pa.bool_()))
+    # This attempt's start, not the run's first: after an outage of days, the first would shorten the
+    # time the rows are kept by that much.
     newly = newly.set_column(newly.schema.get_field_index("deleted_at"), "deleted_at",
-                             pa.array([plan.started_at] * newly.num_rows, pa.timestamp("us", tz="UTC")))
+                             pa.array([plan.attempt_start] * newly.num_rows, pa.timestamp("us", tz="UTC")))
     older = gone.filter(was_deleted)
-    cutoff = plan.started_at - timedelta(days=keep_deleted_days)
+    cutoff = plan.attempt_start - timedelta(days=keep_deleted_days)
     kept = older.filter(pc.greater(older["deleted_at"], pa.scalar(cutoff, pa.timestamp("us", tz="UTC"))))
     state = pa.concat_tables([fresh, carried, back, newly, kept]).sort_by("uri")
     actions = plan.listing["action"].to_pylist()
