@@ -46,7 +46,7 @@ import pyarrow.compute as pc
 
 from .audit_state import (IN_PROGRESS, LEGACY_CROP_MODE, PLAN_SCHEMA, STATE_SCHEMA, AuditRefused, check_current,
                           commit, delete, live, load_state, marked_plan, read_marker, write_json, write_parquet)
-from .options import ModelOptions
+from .options import ModelOptions, PoolOptions
 from .resume import read_rows
 from .schema import SCORE_SCHEMA, now_utc
 from .listing import list_images
@@ -75,7 +75,7 @@ class AuditJob:
     prefix_depth: int = 1
     keep_deleted_days: float = 30.0
     max_bytes: int = 256 * 1024 * 1024
-    face_device: str = "auto"
+    pools: PoolOptions = field(default_factory=PoolOptions)
     address: str | None = None
     gpu: bool | None = None  # None: score on GPUs when the cluster has them
 
@@ -254,7 +254,7 @@ def score_delta(job: AuditJob, plan: Plan) -> tuple[pa.Table, dict[str, int]]:
     if objects:
         res = run_score_job(ScoreJob(inputs=[job.library], out=out, model=job.model, s3=job.s3, objects=objects,
                                      resume=True, run_id=plan.run_id, max_bytes=job.max_bytes,
-                                     face_device=job.face_device, address=job.address, gpu=job.gpu,
+                                     **job.pools.job_fields(), address=job.address, gpu=job.gpu,
                                      # an unfinished run's transient errors (say of the outage that ended
                                      # it) are retried, as the next night would
                                      retry_error_codes=TRANSIENT_ERROR_CODES,

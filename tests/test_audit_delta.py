@@ -11,6 +11,7 @@ import pytest
 
 from ray_jobs import audit, audit_state
 from ray_jobs.audit import PLAN_SCHEMA, AuditJob
+from ray_jobs.options import PoolOptions
 from ray_jobs.schema import SCORE_SCHEMA
 from ray_jobs.storage import join
 from ray_jobs.summary import RowsMissing
@@ -52,6 +53,24 @@ def test_a_continued_run_retries_its_transient_errors_and_names_the_audit_to_rer
         audit.score_delta(job, plan)
     assert jobs[0].resume and jobs[0].retry_error_codes == audit.TRANSIENT_ERROR_CODES
 
+
+
+def test_the_audits_pool_options_reach_its_score_job(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from ray_jobs import score
+
+    pools = PoolOptions(face_device="cpu", prep="actors", prep_actors=13, score_actors=1, prep_batch_size=2,
+                        gpus_per_actor=0.5)
+    job = AuditJob(library=str(tmp_path / "lib"), state=str(tmp_path / "state"), model=TINY, pools=pools,
+                   max_bytes=1000)
+    listing = pa.Table.from_pylist([{**row("/lib/a.jpg"), "action": "new", "to_score": True}], schema=PLAN_SCHEMA)
+    jobs: list = []
+    monkeypatch.setattr(score, "run_score_job",
+                        lambda score_job: jobs.append(score_job) or {"skipped_already_scored": 0})
+    with pytest.raises(RowsMissing):  # nothing written: only the job's arguments are under test
+        audit.score_delta(job, audit.Plan("r1", T0, "/lib", SHA, "tiny", "five", None, None, listing))
+    [got] = jobs
+    assert (got.face_device, got.prep, got.prep_actors, got.score_actors, got.prep_batch_size,
+            got.gpus_per_score_actor, got.max_bytes) == ("cpu", "actors", 13, 1, 2, 0.5, 1000)
 
 def test_score_delta_takes_no_row_of_an_earlier_version(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from ray_jobs import score
