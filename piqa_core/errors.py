@@ -46,15 +46,20 @@ _NOT_FILES = ((stat.S_ISFIFO, "named pipe (FIFO)"), (stat.S_ISSOCK, "socket"), (
 
 def not_a_file(path: str, name: str | None = None) -> ImageError | None:
     """The ``not_a_file`` error of a local path that is there but is no regular file (a directory, a FIFO,
-    whose read would wait for a writer for ever, a socket, a device) or is a link loop; None for a regular
-    file and for a path that cannot be stat'ed (missing, no access: reading it says why). ``name``: the
-    path as the row shows it."""
+    whose read would wait for a writer for ever, a socket, a device), is a link loop or a link to a missing
+    file; None for a regular file and for a path that cannot be stat'ed (missing, no access: reading it
+    says why). ``name``: the path as the row shows it."""
     name = name or path
     try:
         mode = os.stat(path).st_mode
     except OSError as e:
         if e.errno == errno.ELOOP:  # else read_failed, retried every night
             return ImageError("not_a_file", f"{name} is a symbolic link loop, not a regular file: it is not read")
+        # Else not_found, which the audit retries every night. A verdict instead: the listing records
+        # the link's stat, which changes when its target comes back, and the photo is scored then.
+        if e.errno in (errno.ENOENT, errno.ENOTDIR) and os.path.islink(path):
+            target = os.fsencode(os.path.realpath(path)).decode("utf-8", "backslashreplace")  # rows are UTF-8
+            return ImageError("not_a_file", f"{name} is a symbolic link to a missing file ({target}): it is not read")
         return None
     if stat.S_ISDIR(mode):
         return ImageError("not_a_file", f"{name} is a directory, not a file")

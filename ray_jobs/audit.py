@@ -46,7 +46,7 @@ import pyarrow.compute as pc
 
 from .audit_state import (IN_PROGRESS, LEGACY_CROP_MODE, PLAN_SCHEMA, STATE_SCHEMA, AuditRefused, check_current,
                           commit, delete, live, load_state, marked_plan, read_marker, write_json, write_parquet)
-from .options import ModelOptions
+from .options import ModelOptions, PoolOptions
 from .resume import read_rows
 from .schema import SCORE_SCHEMA, now_utc
 from .listing import list_images
@@ -75,7 +75,7 @@ class AuditJob:
     prefix_depth: int = 1
     keep_deleted_days: float = 30.0
     max_bytes: int = 256 * 1024 * 1024
-    face_device: str = "auto"
+    pools: PoolOptions = field(default_factory=PoolOptions)
     address: str | None = None
     gpu: bool | None = None  # None: score on GPUs when the cluster has them
 
@@ -102,6 +102,12 @@ class Plan:
     rescored_all_reason: str | None
     listing: pa.Table  # PLAN_SCHEMA
     resumed: bool = False
+    attempt_started_at: datetime | None = None  # a continued run's this attempt; None: started_at
+
+    @property
+    def attempt_start(self) -> datetime:
+        """When this attempt started: the time deletions are stamped with and counted against."""
+        return self.attempt_started_at or self.started_at
 
 
 def library_root(library: str) -> str:
@@ -224,7 +230,7 @@ def plan_run(job: AuditJob, identity: dict[str, Any], pointer: dict[str, Any] | 
         print(f"piqa audit: continuing unfinished run {continuing['run_id']} on a new listing",
               file=sys.stderr)
         plan = Plan(continuing["run_id"], datetime.fromisoformat(continuing["started_at"]), root, sha,
-                    identity["model_id"], crop, prev_id, reason, listing, resumed=True)
+                    identity["model_id"], crop, prev_id, reason, listing, resumed=True, attempt_started_at=now_utc())
     else:
         plan = Plan(_new_run_id(), now_utc(), root, sha, identity["model_id"], crop, prev_id, reason, listing)
     write_parquet(join(job.state, "runs", plan.run_id, "plan.parquet"), listing, job.s3)
@@ -248,7 +254,7 @@ def score_delta(job: AuditJob, plan: Plan) -> tuple[pa.Table, dict[str, int]]:
     if objects:
         res = run_score_job(ScoreJob(inputs=[job.library], out=out, model=job.model, s3=job.s3, objects=objects,
                                      resume=True, run_id=plan.run_id, max_bytes=job.max_bytes,
-                                     face_device=job.face_device, address=job.address, gpu=job.gpu,
+                                     **job.pools.job_fields(), address=job.address, gpu=job.gpu,
                                      # an unfinished run's transient errors (say of the outage that ended
                                      # it) are retried, as the next night would
                                      retry_error_codes=TRANSIENT_ERROR_CODES,
@@ -256,9 +262,12 @@ def score_delta(job: AuditJob, plan: Plan) -> tuple[pa.Table, dict[str, int]]:
         skipped = res["skipped_already_scored"]
         stats.update(scored_now=len(objects) - skipped, reused_from_unfinished_run=skipped)
     rows = read_rows(out, job.s3)
+    # Not an earlier version's row: another etag or mtime, or the same mtime and another size.
+    planned = pc.or_(pc.is_in(_version(rows), value_set=_version(todo)),
+                     pc.and_(pc.is_null(rows["bytes"]),
+                             pc.is_in(_version(rows, sized=False), value_set=_version(todo, sized=False))))
     rows = rows.filter(pc.and_(pc.and_(pc.equal(rows["model_sha256"], plan.model_sha256),
-                                       pc.equal(rows["crop_mode"], plan.crop_mode)),
-                               pc.is_in(_version(rows), value_set=_version(todo))))  # not an earlier version's
+                                       pc.equal(rows["crop_mode"], plan.crop_mode)), planned))
     # A retried write may leave two rows for one URI: keep the latest.
     rows = rows.sort_by([("uri", "ascending"), ("scored_at", "descending")])
     uris = np.asarray(rows["uri"].to_pylist(), dtype=object)
@@ -269,9 +278,11 @@ def score_delta(job: AuditJob, plan: Plan) -> tuple[pa.Table, dict[str, int]]:
     return rows, stats
 
 
-def _version(table: pa.Table) -> pa.Array:
-    """uri + etag_or_mtime, one string per row: which version of an object a row is about."""
-    return pc.binary_join_element_wise(table["uri"], pc.fill_null(table["etag_or_mtime"], ""), "\n")
+def _version(table: pa.Table, sized: bool = True) -> pa.Array:
+    """uri + etag_or_mtime + bytes (the key --resume uses), one string per row: which version of an object
+    a row is about; null for a row without bytes unless not ``sized``."""
+    parts = [table["uri"], pc.fill_null(table["etag_or_mtime"], "")]
+    return pc.binary_join_element_wise(*parts, *([pc.cast(table["bytes"], pa.string())] if sized else []), "\n")
 
 
 def merge_state(plan: Plan, previous: pa.Table, scored: pa.Table, keep_deleted_days: float) -> tuple[pa.Table,
@@ -297,10 +308,12 @@ def merge_state(plan: Plan, previous: pa.Table, scored: pa.Table, keep_deleted_d
     newly = gone.filter(pc.invert(was_deleted))
     newly = newly.set_column(newly.schema.get_field_index("deleted"), "deleted",
                              pa.array([True] * newly.num_rows, pa.bool_()))
+    # This attempt's start, not the run's first: after an outage of days, the first would shorten the
+    # time the rows are kept by that much.
     newly = newly.set_column(newly.schema.get_field_index("deleted_at"), "deleted_at",
-                             pa.array([plan.started_at] * newly.num_rows, pa.timestamp("us", tz="UTC")))
+                             pa.array([plan.attempt_start] * newly.num_rows, pa.timestamp("us", tz="UTC")))
     older = gone.filter(was_deleted)
-    cutoff = plan.started_at - timedelta(days=keep_deleted_days)
+    cutoff = plan.attempt_start - timedelta(days=keep_deleted_days)
     kept = older.filter(pc.greater(older["deleted_at"], pa.scalar(cutoff, pa.timestamp("us", tz="UTC"))))
     state = pa.concat_tables([fresh, carried, back, newly, kept]).sort_by("uri")
     actions = plan.listing["action"].to_pylist()

@@ -13,7 +13,7 @@ from piqa_core.config import list_presets
 
 from .cli_errors import _user_errors
 from .cli_weights import weights
-from .options import ModelOptions, Number, model_options, s3_options
+from .options import ModelOptions, Number, PoolOptions, max_bytes_option, model_options, pool_options, s3_options
 
 if TYPE_CHECKING:
     from .storage import S3Options
@@ -56,38 +56,21 @@ def _iso_date(ctx: click.Context, param: click.Parameter, value: str | None) -> 
               help="ray = the Ray Data pipeline; local = this process, no Ray.")
 @click.option("--manifest", is_flag=True, help="INPUTS are manifest files (txt/csv/parquet of URIs).")
 @s3_options
-@click.option("--max-bytes", type=click.IntRange(1), default=256 * 1024 * 1024, show_default=True,
-              help="Objects larger than this become error rows.")
+@max_bytes_option
 @click.option("--resume", is_flag=True,
               help="Skip inputs this model (same sha256) already scored in this crop mode under --out.")
 @click.option("--run-date", default=None, callback=_iso_date,
               help="Partition value run_date=YYYY-MM-DD (default: today).")
-@click.option("--face-device", type=click.Choice(["auto", "cpu", "gpu"]), default="auto", show_default=True,
-              help="Where prep actors run RetinaFace; auto = gpu when scoring on GPUs (CPU detection cannot "
-                   "keep up with a GPU), else cpu.")
-@click.option("--prep", type=click.Choice(["auto", "actors", "device"]), default="auto", show_default=True,
-              help="actors = a CPU actor pool decodes, detects and crops; device = the score actors do it on "
-                   "their device (GPU: nvJPEG decode, GPU resizes, for GPU nodes short of CPU cores; CPU: the "
-                   "same code as the actors); auto = actors on GPU clusters, device on CPU-only clusters when "
-                   "the model dominates the work (dn-piqa).")
-@click.option("--prep-actors", type=click.IntRange(1), default=None, help="CPU actor pool size.")
-@click.option("--score-actors", type=click.IntRange(1), default=None, help="Model actor pool size.")
-@click.option("--prep-batch-size", type=click.IntRange(1), default=None,
-              help="Images per prep call (default: the score batch size, at most 8).")
-@click.option("--gpus-per-actor", type=Number(0.01, 1), default=1.0, show_default=True,
-              help="GPU share of each score actor (0.5: two per GPU).")
+@pool_options
 @click.option("--gpu/--no-gpu", default=None,
               help="Score on GPUs (default: if the cluster has GPUs now; --gpu waits for autoscaled GPU nodes).")
 @click.option("--address", envvar="RAY_ADDRESS", default=None, help="Ray cluster (default: start a local one).")
 @click.option("--inject-crash", type=click.Choice(["prep", "score"]), default=None, hidden=True)
 @model_options
 def score(inputs: tuple[str, ...], out: str, engine: str, manifest: bool, s3: S3Options, max_bytes: int,
-          resume: bool, run_date: str | None, face_device: str, prep: str,
-          prep_actors: int | None, score_actors: int | None, prep_batch_size: int | None, gpus_per_actor: float,
-          gpu: bool | None, address: str | None, inject_crash: str | None, model: ModelOptions) -> None:
+          resume: bool, run_date: str | None, pools: PoolOptions, gpu: bool | None, address: str | None,
+          inject_crash: str | None, model: ModelOptions) -> None:
     """Score images under INPUTS (files, folders, s3:// prefixes); one output row per input."""
-    if prep == "device" and prep_actors:
-        raise click.UsageError("--prep-actors has no effect with --prep device (the score actors prepare)")
     if engine == "local":
         ctx = click.get_current_context()
         given = [f"--{name.replace('_', '-')}" for name in RAY_ONLY
@@ -100,12 +83,10 @@ def score(inputs: tuple[str, ...], out: str, engine: str, manifest: bool, s3: S3
         from .score import PlanError, ScoreJob, run_score_job
 
         use_gpu = _ray_gpu(model.device, gpu)
-        _check_ray_places(use_gpu, gpu, face_device, prep)
+        _check_ray_places(use_gpu, gpu, pools)
         _check_ray_out(out, s3)
         job = ScoreJob(inputs=list(inputs), out=out, manifest=manifest, s3=s3, max_bytes=max_bytes,
-                       model=model, resume=resume, face_device=face_device, prep=prep, prep_actors=prep_actors,
-                       score_actors=score_actors, prep_batch_size=prep_batch_size,
-                       gpus_per_score_actor=gpus_per_actor, gpu=use_gpu, address=address,
+                       model=model, resume=resume, **pools.job_fields(), gpu=use_gpu, address=address,
                        inject_crash=inject_crash)
         if run_date:
             job.run_date = run_date
@@ -131,14 +112,16 @@ def _ray_gpu(device: str | None, gpu: bool | None) -> bool | None:
     return want
 
 
-def _check_ray_places(use_gpu: bool | None, gpu: bool | None, face_device: str, prep: str) -> None:
+def _check_ray_places(use_gpu: bool | None, gpu: bool | None, pools: PoolOptions) -> None:
     """Refuses, before the listing (which may take minutes), what the flags alone show cannot run."""
     from .score import FACE_CPU_WITH_DEVICE_PREP
 
+    if pools.prep == "device" and pools.prep_actors:
+        raise click.UsageError("--prep-actors has no effect with --prep device (the score actors prepare)")
     cpu_flag = "--no-gpu" if gpu is False else "--device cpu"
-    if face_device == "gpu" and use_gpu is False:
+    if pools.face_device == "gpu" and use_gpu is False:
         raise click.UsageError(f"--face-device gpu needs GPUs; it contradicts {cpu_flag}")
-    if use_gpu and prep == "device" and face_device == "cpu":
+    if use_gpu and pools.prep == "device" and pools.face_device == "cpu":
         raise click.UsageError(FACE_CPU_WITH_DEVICE_PREP)
     if use_gpu is False and click.get_current_context().get_parameter_source("gpus_per_actor") \
             == ParameterSource.COMMANDLINE:
@@ -224,11 +207,13 @@ def _score_local(inputs, out, manifest, s3, max_bytes, model: ModelOptions) -> N
               help="Deleted objects stay in the state (deleted=True) at least one run and this long (at most "
                    "36500, a century); listed again unchanged meanwhile, they are restored without a new score.")
 @s3_options
+@max_bytes_option
+@pool_options
 @click.option("--address", envvar="RAY_ADDRESS", default=None, help="Ray cluster (default: start a local one).")
 @model_options
 def audit(library: str, state_uri: str, alert_if_mean_drops: float | None, alert_if_error_rate: float | None,
           alert_if_deleted: float | None, top_worst: int, prefix_depth: int, keep_deleted_days: float, s3: S3Options,
-          address: str | None, model: ModelOptions) -> None:
+          max_bytes: int, pools: PoolOptions, address: str | None, model: ModelOptions) -> None:
     """Nightly incremental audit of LIBRARY: score new and changed photos, keep the state, write a report.
 
     Exit status: 0 ok; 3 an --alert-if-* threshold was crossed (state and report are still committed);
@@ -237,10 +222,12 @@ def audit(library: str, state_uri: str, alert_if_mean_drops: float | None, alert
     """
     from .audit import ALERT_EXIT_CODE, AuditJob, run_audit
 
+    use_gpu = _ray_gpu(model.device, None)
+    _check_ray_places(use_gpu, None, pools)
     job = AuditJob(library=library, state=state_uri, model=model, s3=s3, alert_if_mean_drops=alert_if_mean_drops,
                    alert_if_error_rate=alert_if_error_rate, alert_if_deleted=alert_if_deleted, top_worst=top_worst,
-                   prefix_depth=prefix_depth, keep_deleted_days=keep_deleted_days, address=address,
-                   gpu=_ray_gpu(model.device, None))
+                   prefix_depth=prefix_depth, keep_deleted_days=keep_deleted_days, max_bytes=max_bytes, pools=pools,
+                   address=address, gpu=use_gpu)
     with _user_errors():
         result = run_audit(job)
     c = result.summary["counts"]

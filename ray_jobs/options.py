@@ -1,4 +1,5 @@
-"""Option groups shared by commands: the model (score, audit, eval) and S3 storage (every command that reads)."""
+"""Option groups shared by commands: the model (score, audit, eval), the Ray pipeline's pools and input
+size limit (score, audit) and S3 storage (every command that reads)."""
 
 from __future__ import annotations
 
@@ -101,6 +102,60 @@ def model_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     for opt in reversed(opts):
         wrapper = opt(wrapper)
     return wrapper
+
+
+@dataclass
+class PoolOptions:
+    """Where the Ray pipeline prepares and scores images, and with how many actors."""
+
+    face_device: str = "auto"
+    prep: str = "auto"
+    prep_actors: int | None = None
+    score_actors: int | None = None
+    prep_batch_size: int | None = None
+    gpus_per_actor: float = 1.0
+
+    def job_fields(self) -> dict[str, Any]:
+        """The options as ``ScoreJob`` fields."""
+        return {"face_device": self.face_device, "prep": self.prep, "prep_actors": self.prep_actors,
+                "score_actors": self.score_actors, "prep_batch_size": self.prep_batch_size,
+                "gpus_per_score_actor": self.gpus_per_actor}
+
+
+def pool_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Adds the pool flags and passes them as one ``pools: PoolOptions`` argument."""
+    opts = [
+        click.option("--face-device", type=click.Choice(["auto", "cpu", "gpu"]), default="auto", show_default=True,
+                     help="Where prep actors run RetinaFace; auto = gpu when scoring on GPUs (CPU detection cannot "
+                          "keep up with a GPU), else cpu."),
+        click.option("--prep", type=click.Choice(["auto", "actors", "device"]), default="auto", show_default=True,
+                     help="actors = a CPU actor pool decodes, detects and crops; device = the score actors do it on "
+                          "their device (GPU: nvJPEG decode, GPU resizes, for GPU nodes short of CPU cores; CPU: the "
+                          "same code as the actors); auto = actors on GPU clusters, device on CPU-only clusters when "
+                          "the model dominates the work (dn-piqa)."),
+        click.option("--prep-actors", type=click.IntRange(1), default=None, help="CPU actor pool size."),
+        click.option("--score-actors", type=click.IntRange(1), default=None, help="Model actor pool size."),
+        click.option("--prep-batch-size", type=click.IntRange(1), default=None,
+                     help="Images per prep call (default: the score batch size, at most 8)."),
+        click.option("--gpus-per-actor", type=Number(0.01, 1), default=1.0, show_default=True,
+                     help="GPU share of each score actor (0.5: two per GPU)."),
+    ]
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, face_device: str, prep: str, prep_actors: int | None, score_actors: int | None,
+                prep_batch_size: int | None, gpus_per_actor: float, **kwargs: Any) -> Any:
+        pools = PoolOptions(face_device, prep, prep_actors, score_actors, prep_batch_size, gpus_per_actor)
+        return fn(*args, pools=pools, **kwargs)
+
+    for opt in reversed(opts):
+        wrapper = opt(wrapper)
+    return wrapper
+
+
+def max_bytes_option(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Adds --max-bytes, the size above which an object is an error row, not read."""
+    return click.option("--max-bytes", type=click.IntRange(1), default=256 * 1024 * 1024, show_default=True,
+                        help="Objects larger than this become error rows.")(fn)
 
 
 def s3_options(fn: Callable[..., Any]) -> Callable[..., Any]:

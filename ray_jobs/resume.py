@@ -12,7 +12,7 @@ from pyarrow import fs as pafs
 from ray.data.datasource import FilenameProvider
 
 from .schema import SCORE_SCHEMA
-from .storage import OutputUnreadable, S3Options, resolve
+from .storage import ObjectInfo, OutputUnreadable, S3Options, resolve
 
 
 class RunFiles(FilenameProvider):
@@ -56,64 +56,62 @@ def _load(fs: pafs.FileSystem, path: str) -> pa.Buffer | None:
                                "--out (s3:GetObject on the output prefix) and a reachable store") from None
 
 
-def _read(fs: pafs.FileSystem, path: str, columns: list[str] | None = None) -> pa.Table | None:
-    """One output file, or None (with a warning) when its content is unreadable, e.g. cut short by a crash."""
+def _read(fs: pafs.FileSystem, path: str, set_aside: bool = False) -> pa.Table | None:
+    """One output file read whole, every column and page, or None when it vanished or its content is
+    damaged (cut short by a crash, a corrupt page): a file that does not read whole holds no rows, for
+    ``--resume`` as for readers, or a damaged column would leave rows that resume counts as done and
+    readers never see. With ``set_aside``, one of our part files that is damaged is moved to
+    ``_unreadable-<name>``: its inputs are scored again, and dataset readers, which skip names starting
+    with ``_``, can read the folder again."""
     data = _load(fs, path)
     if data is None:
         return None
     try:
-        return pq.read_table(pa.BufferReader(data), columns=columns)
-    except (OSError, pa.ArrowInvalid) as e:
-        print(f"piqa: ignoring unreadable output file {path}: {e}", file=sys.stderr)
-        return None
-
-
-RESUME_COLUMNS = ("uri", "etag_or_mtime", "model_sha256", "crop_mode", "error_code")
-
-
-def already_scored(out: str, sha256: str, crop_mode: str, s3: S3Options | None = None,
-                   retry: frozenset[str] = frozenset()) -> set[tuple[str, str]]:
-    """(uri, etag_or_mtime) of every object version with a row under ``out`` written by the model with
-    this sha256 in this crop mode: an object replaced under the same name is not done, nor one whose
-    row holds an error code in ``retry``.
-
-    One of our files whose footer cannot be read (a local write cut short by a crash) is moved aside
-    to ``_unreadable-<name>``: its inputs are scored again, and dataset readers, which skip names
-    starting with ``_``, can read the folder again.
-    """
-    fs, files = _parquet_files(out, s3)
-    done: set[tuple[str, str]] = set()
-    for path in files:
-        t = _resume_columns(fs, path)
-        if t is not None:
-            done.update((u, e) for u, e, s, c, code in zip(*(t.column(k).to_pylist() for k in RESUME_COLUMNS))
-                        if s == sha256 and c == crop_mode and code not in retry)
-    return done
-
-
-def _resume_columns(fs: pafs.FileSystem, path: str) -> pa.Table | None:
-    data = _load(fs, path)
-    if data is None:
-        return None
-    try:
-        pf = pq.ParquetFile(pa.BufferReader(data))
-        if not set(RESUME_COLUMNS) <= set(pf.schema_arrow.names):
-            print(f"piqa: ignoring {path}: not a score file (no {'/'.join(RESUME_COLUMNS)} columns)",
-                  file=sys.stderr)
-            return None
-        return pf.read(columns=list(RESUME_COLUMNS))
-    except pa.ArrowInvalid as e:
+        return pq.read_table(pa.BufferReader(data))
+    except (OSError, ValueError, pa.ArrowException) as e:  # parsed from memory: an OSError here is damage, not I/O
         name = path.rsplit("/", 1)[-1]
-        if not name.startswith("part-"):
-            print(f"piqa: ignoring unreadable file {path}: {e}", file=sys.stderr)
+        if not (set_aside and name.startswith("part-")):
+            print(f"piqa: ignoring unreadable output file {path}: {e}", file=sys.stderr)
             return None
         aside = f"{path[:-len(name)]}_unreadable-{name}"
         fs.move(path, aside)
         print(f"piqa: {path} is unreadable ({e}); moved to {aside}, its inputs are scored again", file=sys.stderr)
         return None
-    except OSError as e:  # damaged content (e.g. corrupt compression): scored again
-        print(f"piqa: ignoring output file {path}, which could not be read: {e}", file=sys.stderr)
-        return None
+
+
+RESUME_COLUMNS = ("uri", "etag_or_mtime", "bytes", "model_sha256", "crop_mode", "error_code")
+Version = tuple[str, str, int | None]  # uri, etag_or_mtime, bytes (None: a row that did not record it)
+
+
+def already_scored(out: str, sha256: str, crop_mode: str, s3: S3Options | None = None,
+                   retry: frozenset[str] = frozenset()) -> set[Version]:
+    """(uri, etag_or_mtime, bytes) of every object version with a row under ``out`` written by the model
+    with this sha256 in this crop mode: an object replaced under the same name is not done (a photo
+    rewritten with its mtime kept is told by its size, as the audit tells it), nor one whose row holds
+    an error code in ``retry``. Test a listed object with :func:`is_done`.
+
+    Files are read as :func:`read_rows` reads them; one of our files that does not read whole is moved
+    aside (see :func:`_read`).
+    """
+    fs, files = _parquet_files(out, s3)
+    done: set[Version] = set()
+    for path in files:
+        t = _read(fs, path, set_aside=True)
+        if t is None:
+            continue
+        if not set(RESUME_COLUMNS) <= set(t.column_names):
+            print(f"piqa: ignoring {path}: not a score file (no {'/'.join(RESUME_COLUMNS)} columns)",
+                  file=sys.stderr)
+            continue
+        done.update((u, e, b) for u, e, b, s, c, code in zip(*(t.column(k).to_pylist() for k in RESUME_COLUMNS))
+                    if s == sha256 and c == crop_mode and code not in retry)
+    return done
+
+
+def is_done(done: set[Version], info: ObjectInfo) -> bool:
+    """Whether ``done`` (:func:`already_scored`) holds a row for this version of the object. A row's
+    bytes -1 (not stat'ed when listed) matches only a listing that could not stat it either."""
+    return (info.uri, info.etag_or_mtime, info.size) in done or (info.uri, info.etag_or_mtime, None) in done
 
 
 def run_file_paths(uri: str, run_id: str, s3: S3Options | None = None) -> set[str]:

@@ -29,7 +29,7 @@ from piqa_core.stages import num_crops
 from .actors import PrepActor, ScoreActor, model_identity
 from .options import ModelOptions
 from .reader import READ_THREADS, read_objects
-from .resume import RunFiles, already_scored, read_rows, run_file_paths
+from .resume import RunFiles, already_scored, is_done, read_rows, run_file_paths
 from .schema import SCORE_SCHEMA, schema_metadata
 from .inputs import list_inputs
 from .storage import ObjectInfo, S3Options, check_writable, join, resolve, write_text
@@ -257,7 +257,7 @@ def run_score_job(job: ScoreJob) -> dict[str, Any]:
     if job.resume:
         done = already_scored(job.out, identity["sha256"], identity["crop_mode"], job.s3, job.retry_error_codes)
         before = len(objects)
-        objects = [o for o in objects if (o.uri, o.etag_or_mtime) not in done]
+        objects = [o for o in objects if not is_done(done, o)]
         skipped = before - len(objects)
     if not objects:  # nothing to score (an empty prefix, a resumed run already done): no cluster, no pools
         return _run_pipeline(job, objects, identity, skipped, t0, resources=None)

@@ -1,4 +1,4 @@
-"""The score, train and eval commands' flag checks: what they refuse before any listing or Ray start."""
+"""The score, audit, train and eval commands' flag checks: what they refuse before any listing or Ray start."""
 
 import pytest
 from click.testing import CliRunner
@@ -16,6 +16,55 @@ def jobs(monkeypatch) -> list:
     started: list = []
     monkeypatch.setattr(ray_jobs.score, "run_score_job", lambda job: started.append(job) or {"rows": 1, "output": "o"})
     return started
+
+
+@pytest.fixture
+def audits(monkeypatch) -> list:
+    """The audit jobs the CLI would run (none is: a refusal missed fails fast instead of starting Ray)."""
+    import ray_jobs.audit
+
+    counts = dict.fromkeys(("new", "changed", "retry", "unchanged", "restored", "deleted", "scored"), 0)
+    started: list = []
+    monkeypatch.setattr(ray_jobs.audit, "run_audit", lambda job: started.append(job) or ray_jobs.audit.AuditResult(
+        "r1", {"counts": counts}, [], "state", "report", False))
+    return started
+
+
+POOL_FLAGS = ("max_bytes", "face_device", "prep", "prep_actors", "score_actors", "prep_batch_size", "gpus_per_actor")
+
+
+def test_the_audit_takes_the_score_commands_pool_flags(photos, tmp_path, audits):
+    """The audit had no way to size its pools: 13 prep actors beside one score actor on a 24 GB GPU."""
+    def described(command: str) -> dict:
+        return {p.name: (p.opts, repr(p.type), p.default, (p.help or "").replace(" [Ray engine only]", ""))
+                for p in main.commands[command].params if p.name in POOL_FLAGS}
+
+    assert described("audit") == described("score") and len(described("audit")) == len(POOL_FLAGS)
+    audit = ["audit", str(photos), "--state", str(tmp_path / "s"), "--random-weights", "--preset", "tiny"]
+    res = CliRunner().invoke(main, [*audit, "--face-device", "cpu", "--prep", "actors", "--prep-actors", "3",
+                                    "--score-actors", "2", "--prep-batch-size", "4", "--gpus-per-actor", "0.5",
+                                    "--max-bytes", "1000"])
+    assert res.exit_code == 0, res.output
+    [job] = audits
+    assert (job.max_bytes, job.pools.job_fields()) == (1000, {
+        "face_device": "cpu", "prep": "actors", "prep_actors": 3, "score_actors": 2, "prep_batch_size": 4,
+        "gpus_per_score_actor": 0.5})
+
+
+def test_the_audit_refuses_what_the_score_command_refuses(photos, tmp_path, audits):
+    audit = ["audit", str(photos), "--state", str(tmp_path / "s"), "--random-weights", "--preset", "tiny"]
+    refused = {
+        ("--face-device", "gpu", "--device", "cpu"): "--face-device gpu needs GPUs; it contradicts --device cpu",
+        ("--prep", "device", "--face-device", "cpu", "--device", "cuda"): "--face-device cpu does not apply with "
+                                                                         "--prep device",
+        ("--gpus-per-actor", "0.5", "--device", "cpu"): "--gpus-per-actor has no effect with --device cpu",
+        ("--prep", "device", "--prep-actors", "2"): "--prep-actors has no effect with --prep device",
+        ("--gpus-per-actor", "0.001"): "0.001 is not in the range",
+    }
+    for extra, said in refused.items():
+        res = CliRunner().invoke(main, [*audit, *extra])
+        assert res.exit_code == 2 and said in res.output, (extra, res.output)
+    assert audits == [] and not (tmp_path / "s").exists()
 
 
 def test_train_and_eval_offer_every_hold_out_key_and_default_to_the_path() -> None:

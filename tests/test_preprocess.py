@@ -284,6 +284,7 @@ def test_load_image_sources(tmp_path: Path) -> None:
     (lambda p: p, "not_a_file"),  # a directory: as the Ray reader says it (read_failed would be retried)
     (lambda p: os.mkfifo(p / "pipe.jpg") or p / "pipe.jpg", "not_a_file"),  # read, it would block for ever
     (lambda p: (p / "loop.jpg").symlink_to(p / "loop.jpg") or p / "loop.jpg", "not_a_file"),
+    (lambda p: (p / "dangling.jpg").symlink_to(p / "gone.jpg") or p / "dangling.jpg", "not_a_file"),
     (lambda p: np.zeros((300, 300, 3), np.float32), "unsupported_mode"),
     (lambda p: np.zeros((300, 300, 4), np.uint8), "unsupported_mode"),
     (lambda p: np.zeros((100, 300, 3), np.uint8), "too_small"),
