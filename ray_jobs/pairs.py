@@ -62,7 +62,8 @@ def load_pairs(uri: str, table: LabelTable, s3: S3Options | None = None,
 PAIR_SCORE_COLUMNS = ("JOD", "JOD second")
 
 
-def pair_list_scores(uri: str, train: LabelTable, s3: S3Options | None = None) -> tuple[np.ndarray, dict[str, Any]] | None:
+def pair_list_scores(uri: str, train: LabelTable,
+                     s3: S3Options | None = None) -> tuple[np.ndarray, dict[str, Any]] | None:
     """The train images' scores with those a pair list carries (``JOD``, ``JOD second``) in place, as the
     official script trains on them; ``None`` when the list has no such columns.
 

@@ -13,8 +13,8 @@ from skimage import data as skdata
 from piqa_core.config import get_preset
 from piqa_core.faces import FaceResult, face_crop_box
 from piqa_core.features import FeatureCache, fill_cache, image_key, prepare_items
-from piqa_core.training import (batch_failures, check_loss, epoch_pairs, format_val_srcc, rank_batch, shard, train_metrics,
-                                val_metrics)
+from piqa_core.training import (batch_failures, check_loss, epoch_pairs, format_val_srcc, rank_batch, shard,
+                                train_metrics, val_metrics)
 
 # float32 moves this coordinate from just above .5 to exactly .5, where round() goes to even instead:
 # round(x - 20) is 1069 in float64 and 1068 after a float32 round trip.
