@@ -1,7 +1,7 @@
 """Catalogue scoring on Ray Data: list → read → prepare (CPU actors) → score (GPU actors) → Parquet.
 
-Run on a cluster with ``ray job submit --working-dir . -- python -m ray_jobs.score ...`` or through
-``piqa score``. Every listed input yields exactly one row; ``--resume`` skips inputs the same model
+Run on a cluster with ``ray job submit --runtime-env cluster/runtime-env.yaml -- python -m ray_jobs.score
+...`` (docs/operations.md) or through ``piqa score``. Every listed input yields exactly one row; ``--resume`` skips inputs the same model
 (same sha256) already scored under the output.
 """
 
