@@ -60,7 +60,7 @@ def _iso_date(ctx: click.Context, param: click.Parameter, value: str | None) -> 
 @click.option("--resume", is_flag=True,
               help="Skip inputs this model (same sha256) already scored in this crop mode under --out.")
 @click.option("--run-date", default=None, callback=_iso_date,
-              help="Partition value run_date=YYYY-MM-DD (default: today).")
+              help="Partition value run_date=YYYY-MM-DD (default: today, UTC).")
 @pool_options
 @click.option("--gpu/--no-gpu", default=None,
               help="Score on GPUs (default: if the cluster has GPUs now; --gpu waits for autoscaled GPU nodes).")

@@ -17,7 +17,6 @@ import tempfile
 import time
 import uuid
 from dataclasses import dataclass, field
-from datetime import date
 from typing import Any, Iterator
 
 import ray
@@ -30,7 +29,7 @@ from .actors import PrepActor, ScoreActor, model_identity
 from .options import ModelOptions
 from .reader import READ_THREADS, read_objects
 from .resume import RunFiles, already_scored, is_done, read_rows, run_file_paths
-from .schema import SCORE_SCHEMA, schema_metadata
+from .schema import SCORE_SCHEMA, now_utc, schema_metadata
 from .inputs import list_inputs
 from .storage import ObjectInfo, S3Options, check_writable, join, resolve, write_text
 from .summary import RowsMissing, format_summary, missing_uris, summarize, to_json
@@ -45,7 +44,7 @@ class ScoreJob:
     s3: S3Options = field(default_factory=S3Options)
     max_bytes: int = 256 * 1024 * 1024
     resume: bool = False
-    run_date: str = field(default_factory=lambda: date.today().isoformat())
+    run_date: str = field(default_factory=lambda: now_utc().date().isoformat())  # UTC, as scored_at
     run_id: str | None = None
     # Where prep actors run RetinaFace: "auto" = on the GPU when the score pools are on GPUs (CPU
     # detection, ~0.65 images/s per core at 12 MP, cannot feed a GPU), else the CPU.
@@ -216,7 +215,7 @@ def _fit_to_inputs(plan: PoolPlan, job: ScoreJob, n: int) -> PoolPlan:
 
 def _run_id(job: ScoreJob, objects: list[ObjectInfo]) -> str:
     digest = hashlib.sha256("\n".join(o.uri for o in objects).encode()).hexdigest()[:8]
-    return f"{time.strftime('%Y%m%dT%H%M%S')}-{digest}-{uuid.uuid4().hex[:4]}"
+    return f"{now_utc().strftime('%Y%m%dT%H%M%S')}-{digest}-{uuid.uuid4().hex[:4]}"
 
 
 @contextlib.contextmanager

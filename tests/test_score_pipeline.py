@@ -307,3 +307,19 @@ def test_a_run_with_nothing_to_score_starts_no_cluster(tmp_path, monkeypatch):
     res = CliRunner().invoke(main, ["score", str(tmp_path / "empty"), "--out", str(tmp_path / "out"), "--gpu",
                                     "--random-weights", "--preset", "tiny"])
     assert res.exit_code == 0 and "nothing to score: 0 inputs listed, 0 already scored" in res.output, res.output
+
+
+def test_run_dates_and_ids_are_utc_whatever_the_local_zone(monkeypatch) -> None:
+    import time
+
+    seen = set()
+    try:
+        for zone in ("Etc/GMT-14", "Etc/GMT+12"):  # UTC+14 and UTC-12: never the same local date
+            monkeypatch.setenv("TZ", zone)
+            time.tzset()
+            job = _job([], "x")
+            seen.add((job.run_date, score_mod._run_id(job, [])[:8]))
+    finally:
+        monkeypatch.undo()
+        time.tzset()
+    assert len(seen) == 1, seen  # the partition and the run id agree with scored_at, which is UTC
