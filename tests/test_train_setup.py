@@ -128,7 +128,7 @@ def test_a_failed_local_export_leaves_the_previous_model_whole(tmp_path: Path, m
 
     import pyarrow.fs as pafs
 
-    from piqa_core.checkpoints import build_bundle, load_checkpoint, save_checkpoint
+    from piqa_core.checkpoints import CheckpointError, build_bundle, load_checkpoint, save_checkpoint
     from ray_jobs.train import export_model
 
     job = TrainJob(labels="l.csv", run_name="r", storage=str(tmp_path / "runs"))
@@ -149,6 +149,18 @@ def test_a_failed_local_export_leaves_the_previous_model_whole(tmp_path: Path, m
         export_model(SimpleNamespace(path=str(second), filesystem=pafs.LocalFileSystem()), job)
     assert load_checkpoint(model_dir).sha256 == old_sha and sorted(p.name for p in model_dir.iterdir()) == [
         "config.json", "model.safetensors"]
+
+    def dies_on_the_config(src: str, dst: str, **kw) -> None:
+        if src.endswith("config.json"):
+            raise OSError("No space left on device")
+        real_copy(src, dst, **kw)
+
+    monkeypatch.setattr(pafs, "copy_files", dies_on_the_config)  # the weights landed, their config did not
+    with pytest.raises(OSError, match="No space left"):
+        export_model(SimpleNamespace(path=str(second), filesystem=pafs.LocalFileSystem()), job)
+    with pytest.raises(CheckpointError, match=rf"model.safetensors is corrupt or was replaced: sha256 {new_sha} != "
+                                              rf"{old_sha}"):
+        load_checkpoint(model_dir)  # new weights beside the old config are refused, never used as either
     monkeypatch.setattr(pafs, "copy_files", real_copy)
     export_model(SimpleNamespace(path=str(second), filesystem=pafs.LocalFileSystem()), job)
     assert load_checkpoint(model_dir).sha256 == new_sha
