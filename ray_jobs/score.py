@@ -1,8 +1,8 @@
 """Catalogue scoring on Ray Data: list → read → prepare (CPU actors) → score (GPU actors) → Parquet.
 
 Run on a cluster with ``ray job submit --runtime-env cluster/runtime-env.yaml -- python -m ray_jobs.score
-...`` (docs/operations.md) or through ``piqa score``. Every listed input yields exactly one row; ``--resume`` skips inputs the same model
-(same sha256) already scored under the output.
+...`` (docs/operations.md) or through ``piqa score``. Every listed input yields exactly one row;
+``--resume`` skips inputs the same model (same sha256) already scored under the output.
 """
 
 from __future__ import annotations

@@ -51,8 +51,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
     bf16 = _train_bf16(device, job.precision)
-    # Features (face boxes, LIQE) and validation as the scorer computes them at its default fp32, so the
-    # checkpoint ranking and best.val_* are what `piqa eval --split val` reports for the saved model.
+    # Features (face boxes, LIQE) and validation as the scorer computes them at its default fp32, so
+    # best.val_* are what `piqa eval --split val` reports for the saved model (but val_srcc_mean, which
+    # ranks: see val_metrics).
     use_tf32("fp32")
     torch.set_num_threads(max(1, int(job.cpus)))
 
