@@ -83,18 +83,18 @@ def val_metrics(pred: np.ndarray, labels: np.ndarray, groups: Sequence[Any], loa
     ``loaded``: which images were read and decoded. The others count as ``val_failed``; loaded images
     the model scored nan or inf count as ``val_nonfinite`` (a diverging model, not a bad file).
     ``val_srcc_mean`` ranks the checkpoints, so it is taken over the same groups every epoch: those with
-    3+ loaded images whose labels vary, a group the model scores constant counting 0 (dropping it
-    would let a collapsing epoch outrank a sound one); -1 when no group qualifies or when the model
-    scored any loaded image nan or inf (such an epoch is never exported while a sound one is kept).
+    3+ validation images whose labels vary (``val_ranked_groups``), a group without an SRCC that epoch
+    (scored constant, or short of loaded images) counting 0: dropping it would let a collapsing epoch
+    outrank a sound one. -1 when no group qualifies or when the model scored any loaded image nan or
+    inf (such an epoch is never exported while a sound one is kept).
     """
     pred, loaded, labels = np.asarray(pred, np.float64), np.asarray(loaded, bool), np.asarray(labels, np.float64)
     ok = loaded & np.isfinite(pred)
     rep = evaluate(pred[ok], labels[ok], [g for g, k in zip(groups, ok) if k])
     srcc = {r["group"]: r["srcc"] for r in rep.per_group}
     members: dict[Any, list[float]] = {}
-    for g, y, k in zip(groups, labels, loaded):
-        if k:
-            members.setdefault(g, []).append(y)
+    for g, y in zip(groups, labels):
+        members.setdefault(g, []).append(y)
     ranked = [g for g, ys in members.items() if len(ys) >= MIN_GROUP and np.ptp(ys) > 0]
     nonfinite = int((loaded & ~ok).sum())
     defined = [srcc.get(g, math.nan) for g in ranked]
@@ -102,7 +102,8 @@ def val_metrics(pred: np.ndarray, labels: np.ndarray, groups: Sequence[Any], loa
     num = lambda v: float(v) if v is not None and math.isfinite(v) else -1.0  # noqa: E731
     return {"val_srcc_mean": rank, "val_srcc_median": num(rep.median["srcc"]),
             "val_plcc_mean": num(rep.mean["plcc"]), "val_krcc_mean": num(rep.mean["krcc"]),
-            "val_valid_groups": int(rep.mean["valid_groups"]), "val_items": int(ok.sum()),
+            "val_valid_groups": int(rep.mean["valid_groups"]), "val_ranked_groups": len(ranked),
+            "val_items": int(ok.sum()),
             "val_failed": int((~loaded).sum()), "val_nonfinite": nonfinite}
 
 
@@ -143,8 +144,10 @@ def format_val_srcc(metrics: dict[str, Any]) -> str:
     """:func:`val_metrics`' SRCC for people: "n/a" where no group was large enough (-1.0 is for ranking)."""
     if metrics.get("val_nonfinite"):
         return f"n/a (the model scored {metrics['val_nonfinite']} validation image(s) nan or inf)"
-    if not metrics.get("val_valid_groups"):
+    if not metrics.get("val_ranked_groups", metrics.get("val_valid_groups")):  # older histories lack the first
         return "n/a (no validation group large enough)"
+    if not metrics.get("val_valid_groups"):
+        return "0 (the model scored every validation group constant, or too few of its images loaded)"
     return f"mean {metrics['val_srcc_mean']:.4f} median {metrics['val_srcc_median']:.4f}"
 
 

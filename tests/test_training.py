@@ -148,9 +148,14 @@ def test_checkpoints_rank_on_the_same_groups_every_epoch() -> None:
              for k, p in (("sound", sound), ("collapsed", collapsed), ("diverged", diverged))}
     assert ranks == {"sound": pytest.approx(0.85), "collapsed": pytest.approx(0.45), "diverged": -1.0}
     few = loaded.copy()
-    few[5:8] = False  # b keeps 2 loaded images: it ranks no epoch, whatever the model scores
-    assert val_metrics(sound, labels, groups, few)["val_srcc_mean"] == pytest.approx(0.9)
+    few[5:8] = False  # b keeps 2 loaded images this epoch: no SRCC, so 0, not left out (0.9 alone would win)
+    assert val_metrics(sound, labels, groups, few)["val_srcc_mean"] == pytest.approx(0.45)
     assert val_metrics(sound, np.r_[labels[:5], np.ones(5)], groups, loaded)["val_srcc_mean"] == pytest.approx(0.9)
+    flat = val_metrics(np.ones(10), labels, groups, loaded)  # a collapsed model: ranked 0, said so
+    assert (flat["val_srcc_mean"], flat["val_ranked_groups"], flat["val_valid_groups"]) == (0.0, 2, 0)
+    assert format_val_srcc(flat).startswith("0 (the model scored every validation group constant")
+    small = val_metrics(sound[:4], labels[:4], ["a", "a", "b", "b"], loaded[:4])
+    assert small["val_srcc_mean"] == -1.0 and format_val_srcc(small) == "n/a (no validation group large enough)"
 
 
 def test_a_nonfinite_training_loss_stops_the_epoch() -> None:
