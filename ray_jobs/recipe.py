@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
+import re
 import sys
 from typing import TYPE_CHECKING, Any
 
@@ -80,11 +82,37 @@ def claim_run(job: TrainJob) -> None:
 
 def has_checkpoint(job: TrainJob) -> bool:
     """Whether the run has written a checkpoint (``epoch_NNNN``): until then no recipe has trained anything."""
+    return latest_epoch(job) is not None
+
+
+def latest_epoch(job: TrainJob) -> int | None:
+    """The epoch (0-based) of the run's latest ``epoch_NNNN`` checkpoint folder; None without one."""
     import pyarrow.fs as pafs
 
     fs, path = resolve(job.run_dir, job.s3)
     try:
         infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
     except NotADirectoryError:
-        return False
-    return any(i.base_name.startswith("epoch_") for i in infos)
+        return None
+    epochs = [int(i.base_name[6:]) for i in infos if re.fullmatch(r"epoch_\d+", i.base_name)]
+    return max(epochs, default=None)
+
+
+# Written by rank 0 when the loss went nan/inf: {"attempt": the driver's attempt id, "epoch", "error"}.
+DIVERGED_FILE = "diverged.json"
+
+
+def check_not_diverged(job: TrainJob) -> None:
+    """Refuse to resume a run that diverged after its latest checkpoint: the recipe is fixed, so it would
+    train to the same step and diverge again (a RayJob's retry, or the same command run again)."""
+    uri = join(job.run_dir, DIVERGED_FILE)
+    if not exists(uri, job.s3):
+        return
+    said = json.loads(read_bytes(uri, job.s3))
+    latest = latest_epoch(job)
+    if said.get("epoch", math.inf) <= (latest if latest is not None else -1):
+        return  # a checkpoint after the divergence: the run went past it
+    start = f"--init {join(job.run_dir, f'epoch_{latest:04d}')}" if latest is not None else "its start weights"
+    raise TrainSetupError(f"run {job.run_name} diverged ({said.get('error')}); resuming it would diverge again: "
+                          f"start a new run (another --run-name) with a lower --lr, from {start} if you like, "
+                          f"or delete {uri} to resume it anyway")

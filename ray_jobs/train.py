@@ -37,10 +37,10 @@ from piqa_core.training import format_val_srcc, rank_batch
 
 from .labels import LabelError, LabelTable, load_labels
 from .pairs import load_pairs, pair_list_scores
-from .recipe import WEIGHT_SOURCES, TrainSetupError, claim_run, has_checkpoint
+from .recipe import DIVERGED_FILE, WEIGHT_SOURCES, TrainSetupError, check_not_diverged, claim_run, has_checkpoint
 from .score import ray_session
 from .storage import S3Options, atomic_write_bytes, exists, is_dir, join, local_path, read_bytes, resolve
-from .train_worker import DIVERGED_FILE, HISTORY_FILE, start_bundle, train_loop_per_worker
+from .train_worker import HISTORY_FILE, start_bundle, train_loop_per_worker
 
 
 @dataclass
@@ -205,6 +205,7 @@ def run_train_job(job: TrainJob) -> dict[str, Any]:
     job.s3 = job.s3.filled()
     table, data = prepare_data(job)  # before Ray starts: a typo in the labels costs no cluster start
     claim_run(job)
+    check_not_diverged(job)
     with ray_session(job.address):
         return _train(job, table, data)
 

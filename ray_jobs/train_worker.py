@@ -28,6 +28,7 @@ from piqa_core.training import (all_gather, batch_failures, check_loss, crop_rng
 
 from .actors import weights_dir
 from .reader import DEFAULT_MAX_BYTES, fetch_all
+from .recipe import DIVERGED_FILE
 from .storage import ObjectInfo, S3Options, atomic_write_bytes, exists, join, read_bytes
 
 if TYPE_CHECKING:
@@ -36,10 +37,6 @@ if TYPE_CHECKING:
 STATE_FILE, HISTORY_FILE = "train_state.pt", "history.json"
 # Rank 0's progress lines within a pass come at most this often (see ``_Progress``).
 PROGRESS_EVERY_S = 30.0
-
-
-# Written by rank 0 when the loss went nan/inf: {"attempt": the driver's attempt id, "error": the message}.
-DIVERGED_FILE = "diverged.json"
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -115,8 +112,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         except FloatingPointError as e:  # every rank, at the same step (the loss is all-reduced)
             # Said to the driver in a file, not raised: Ray would replay the same divergence --max-failures times.
             if rank == 0:
-                atomic_write_bytes(join(job.run_dir, DIVERGED_FILE),
-                                   json.dumps({"attempt": config["attempt"], "error": str(e)}).encode(), job.s3)
+                said = {"attempt": config["attempt"], "epoch": epoch, "error": str(e)}
+                try:
+                    atomic_write_bytes(join(job.run_dir, DIVERGED_FILE), json.dumps(said).encode(), job.s3)
+                except Exception as failed:  # noqa: BLE001 - Ray replays it then, but the cause still says diverged
+                    raise e from failed
             return
         sched.step()
         train_s = time.perf_counter() - t0

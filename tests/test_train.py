@@ -188,8 +188,9 @@ def test_a_run_without_validation_exports_its_last_epoch(ray_local, small: Path,
     job = TrainJob(labels=str(small), run_name="noval", storage=str(tmp_path), epochs=3, lr=3e-4, preset="tiny",
                    val_fraction=0, eval_before=False, keep=1)  # as when replaying a fixed pair list over all images
     (tmp_path / "noval").mkdir()
-    (tmp_path / "noval" / "diverged.json").write_text('{"attempt": "an earlier one", "error": "nan"}')
-    summary = run_train_job(job)  # an earlier attempt's divergence is not this one's
+    # an earlier attempt's divergence, before any epoch this run now has (-1: none), is not this one's
+    (tmp_path / "noval" / "diverged.json").write_text('{"attempt": "an earlier one", "epoch": -1, "error": "nan"}')
+    summary = run_train_job(job)
     assert [h["val_items"] for h in summary["history"]] == [0, 0, 0] and summary["best_epoch"] == 2
     # every epoch ties at -1: the one checkpoint kept (--keep 1) and exported is the last, not the first
     assert sorted(p.name for p in (tmp_path / "noval").glob("epoch_*")) == ["epoch_0002"]
@@ -316,6 +317,8 @@ def test_a_diverged_run_fails_once_without_retries(ray_local, small: Path, tmp_p
     with pytest.raises(FloatingPointError, match=r"epoch 1, step \d+: the training loss is (nan|inf), the model"):
         run_train_job(job)  # a worker failure before, replayed --max-failures times
     assert not has_checkpoint(job) and not (tmp_path / "div" / "model").exists()
+    with pytest.raises(TrainSetupError, match=r"run div diverged \(epoch 1, step \d+: .*resuming it would diverge"):
+        run_train_job(job)  # the same command again (a RayJob's retry): refused before any worker starts
 
 
 def test_a_diverged_run_is_not_told_to_rerun(small: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

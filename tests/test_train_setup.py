@@ -203,3 +203,24 @@ def test_a_pair_list_run_recorded_before_pair_scores_resumes_on_its_labels(tmp_p
     with pytest.raises(TrainSetupError, match=r"--pair-scores 'labels' -> 'list'\)"):
         claim_run(paired)
     claim_run(replace(paired, pair_scores="labels"))
+
+
+def test_a_run_that_diverged_after_its_latest_checkpoint_is_not_resumed(tmp_path: Path) -> None:
+    from ray_jobs.recipe import check_not_diverged
+
+    job = TrainJob(labels="l.csv", run_name="r", storage=str(tmp_path))
+    check_not_diverged(job)  # no run yet
+    (tmp_path / "r" / "epoch_0001").mkdir(parents=True)
+    said = tmp_path / "r" / "diverged.json"
+    said.write_text(json.dumps({"attempt": "a", "epoch": 2, "error": "epoch 3, step 4: the training loss is nan"}))
+    refused = rf"run r diverged \(epoch 3, step 4: the training loss is nan\); resuming it would diverge again: .*" \
+              rf"from --init {re.escape(str(tmp_path / 'r' / 'epoch_0001'))} if you like, or delete "
+    with pytest.raises(TrainSetupError, match=refused):
+        check_not_diverged(job)
+    (tmp_path / "r" / "epoch_0002").mkdir()  # the run went past the epoch it diverged in once
+    check_not_diverged(job)
+    said.write_text(json.dumps({"attempt": "a", "epoch": 0, "error": "nan"}))
+    for folder in ("epoch_0001", "epoch_0002"):
+        (tmp_path / "r" / folder).rmdir()
+    with pytest.raises(TrainSetupError, match=r"from its start weights if you like"):
+        check_not_diverged(job)

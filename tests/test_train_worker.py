@@ -308,7 +308,14 @@ def test_a_diverged_loss_ends_the_loop_and_says_so_in_a_file(tmp_path: Path, mon
     events, job = _run(tmp_path, monkeypatch, fail_write=False, lr=1e30, epochs=3, train=6)
     assert events == [("write", "diverged.json")]  # no checkpoint reported, no exception for Ray to retry
     said = json.loads((tmp_path / "r" / "diverged.json").read_text())
-    assert said["attempt"] == "a1" and re.match(r"epoch 1, step \d+: the training loss is (nan|inf)", said["error"])
+    assert said["attempt"] == "a1" and said["epoch"] == 0
+    assert re.match(r"epoch 1, step \d+: the training loss is (nan|inf)", said["error"])
+
+
+def test_a_diverged_loss_whose_file_cannot_be_written_still_raises_the_divergence(tmp_path: Path, monkeypatch) -> None:
+    with pytest.raises(FloatingPointError, match=r"the training loss is (nan|inf)") as raised:
+        _run(tmp_path, monkeypatch, fail_write=True, lr=1e30, epochs=3, train=6)
+    assert isinstance(raised.value.__cause__, OSError)  # Ray retries it then, and the driver still says diverged
 
 
 def test_training_steps_take_bf16_on_gpus_unless_fp32_is_asked() -> None:
