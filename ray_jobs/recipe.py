@@ -47,8 +47,12 @@ def read_recipe(run_dir: str, s3: S3Options | None) -> dict[str, Any]:
 
 
 def job_recipe(job: TrainJob) -> dict[str, Any]:
-    """The job's recipe values (``pair_scores`` only where a pair list makes it matter)."""
-    return {k: getattr(job, k) for k in RECIPE} | ({} if job.pairs else {"pair_scores": None})
+    """The job's recipe values; ``pair_scores`` as it acts: None without a pair list, ``labels`` for a list
+    without scores of its own (what a run recorded before the option trained on)."""
+    from .pairs import carries_scores
+
+    acts = None if not job.pairs else job.pair_scores if carries_scores(job.pairs, job.s3) else "labels"
+    return {k: getattr(job, k) for k in RECIPE} | {"pair_scores": acts}
 
 
 def claim_run(job: TrainJob) -> None:

@@ -189,20 +189,23 @@ def test_a_pair_lists_jod_columns_are_the_train_targets_unless_told_otherwise(tm
 def test_a_pair_list_run_recorded_before_pair_scores_resumes_on_its_labels(tmp_path: Path) -> None:
     (tmp_path / "l.csv").write_text("uri,score,group\na.png,1,g\n")
     (tmp_path / "p.csv").write_text("IMAGE,IMAGE second\na.png,a.png\n")
+    (tmp_path / "jod.csv").write_text("IMAGE,JOD,IMAGE second,JOD second\na.png,2,a.png,2\n")
     plain = TrainJob(labels=str(tmp_path / "l.csv"), run_name="plain", storage=str(tmp_path))
-    paired = replace(plain, run_name="paired", pairs=str(tmp_path / "p.csv"))
-    for job in (plain, paired):
+    names = replace(plain, run_name="names", pairs=str(tmp_path / "p.csv"))
+    scored = replace(plain, run_name="scored", pairs=str(tmp_path / "jod.csv"))
+    for job, acts in ((plain, None), (names, "labels"), (scored, "list")):
         claim_run(job)
         (tmp_path / job.run_name / "epoch_0003").mkdir()
         recipe_file = tmp_path / job.run_name / "recipe.json"
         recipe = json.loads(recipe_file.read_text())
-        assert recipe.pop("pair_scores") == ("list" if job.pairs else None)
+        assert recipe.pop("pair_scores") == acts  # as the option acts on the run
         recipe_file.write_text(json.dumps(recipe))
     claim_run(plain)  # without a pair list the option changes nothing
     claim_run(replace(plain, pair_scores="labels"))
+    claim_run(names)  # a list without JOD columns trains on the labels either way: the same command resumes
     with pytest.raises(TrainSetupError, match=r"--pair-scores 'labels' -> 'list'\)"):
-        claim_run(paired)
-    claim_run(replace(paired, pair_scores="labels"))
+        claim_run(scored)  # its targets would change mid-run
+    claim_run(replace(scored, pair_scores="labels"))
 
 
 def test_a_run_that_diverged_after_its_latest_checkpoint_is_not_resumed(tmp_path: Path) -> None:
