@@ -221,6 +221,7 @@ def audit(library: str, state_uri: str, alert_if_mean_drops: float | None, alert
     scores it kept are reused), or, after another audit committed first, audits against that state.
     """
     from .audit import ALERT_EXIT_CODE, AuditJob, run_audit
+    from .score import PlanError
 
     use_gpu = _ray_gpu(model.device, None)
     _check_ray_places(use_gpu, None, pools)
@@ -229,7 +230,10 @@ def audit(library: str, state_uri: str, alert_if_mean_drops: float | None, alert
                    prefix_depth=prefix_depth, keep_deleted_days=keep_deleted_days, max_bytes=max_bytes, pools=pools,
                    address=address, gpu=use_gpu)
     with _user_errors():
-        result = run_audit(job)
+        try:
+            result = run_audit(job)
+        except PlanError as e:  # pools the cluster cannot hold: a usage error, as for piqa score
+            raise click.UsageError(str(e)) from None
     c = result.summary["counts"]
     click.echo(f"run {result.run_id}: {c['new']} new, {c['changed']} changed, {c.get('retry', 0)} retried, "
                f"{c['unchanged']} unchanged, {c['restored']} restored, {c['deleted']} deleted; scored {c['scored']}")

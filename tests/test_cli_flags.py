@@ -119,3 +119,16 @@ def test_the_ray_only_options_say_so_in_the_help() -> None:
 
     marked = {p.name for p in main.commands["score"].params if (p.help or "").endswith("[Ray engine only]")}
     assert marked == set(RAY_ONLY)  # --engine local refuses each of them
+
+
+def test_pools_the_cluster_cannot_hold_are_a_usage_error_for_the_audit_too(photos, tmp_path, monkeypatch):
+    import ray_jobs.audit
+    from ray_jobs.score import PlanError
+
+    def no_gpus(job):
+        raise PlanError("--face-device gpu needs GPUs: the cluster has none (pass --gpu to wait for them)")
+
+    monkeypatch.setattr(ray_jobs.audit, "run_audit", no_gpus)
+    res = CliRunner().invoke(main, ["audit", str(photos), "--state", str(tmp_path / "s"), "--random-weights",
+                                    "--face-device", "gpu"])
+    assert res.exit_code == 2 and "Error: --face-device gpu needs GPUs: the cluster has none" in res.output
