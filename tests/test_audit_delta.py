@@ -54,7 +54,6 @@ def test_a_continued_run_retries_its_transient_errors_and_names_the_audit_to_rer
     assert jobs[0].resume and jobs[0].retry_error_codes == audit.TRANSIENT_ERROR_CODES
 
 
-
 def test_the_audits_pool_options_reach_its_score_job(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from ray_jobs import score
 
@@ -72,6 +71,7 @@ def test_the_audits_pool_options_reach_its_score_job(tmp_path: Path, monkeypatch
     assert (got.face_device, got.prep, got.prep_actors, got.score_actors, got.prep_batch_size,
             got.gpus_per_score_actor, got.max_bytes) == ("cpu", "actors", 13, 1, 2, 0.5, 1000)
 
+
 def test_score_delta_takes_no_row_of_an_earlier_version(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from ray_jobs import score
 
@@ -85,7 +85,6 @@ def test_score_delta_takes_no_row_of_an_earlier_version(tmp_path: Path, monkeypa
     monkeypatch.setattr(score, "run_score_job", lambda _job: {"skipped_already_scored": 0})  # wrote nothing
     with pytest.raises(RowsMissing, match="1 planned objects have no score row; run the audit again"):
         audit.score_delta(job, plan)
-
 
 
 def test_score_delta_takes_no_row_of_the_same_mtime_and_another_size(tmp_path: Path,
@@ -103,6 +102,7 @@ def test_score_delta_takes_no_row_of_the_same_mtime_and_another_size(tmp_path: P
     monkeypatch.setattr(score, "run_score_job", lambda _job: {"skipped_already_scored": 0})  # wrote nothing
     with pytest.raises(RowsMissing, match="1 planned objects have no score row"):
         audit.score_delta(job, plan)
+
 
 def test_a_dangling_link_is_carried_until_its_target_comes_back(tmp_path: Path) -> None:
     from ray_jobs.listing import list_images

@@ -362,7 +362,6 @@ def test_a_continued_run_lists_the_library_again(tmp_path: Path) -> None:
     assert on_disk.equals(again.listing)
 
 
-
 def test_a_continued_run_stamps_deletions_with_its_own_start(tmp_path: Path) -> None:
     """A run continued days after its first attempt stamped deleted_at with that attempt's start: its
     deleted rows were dropped days before --keep-deleted-days had passed."""
@@ -377,6 +376,7 @@ def test_a_continued_run_stamps_deletions_with_its_own_start(tmp_path: Path) -> 
     assert again.resumed and (again.run_id, again.started_at) == (first.run_id, outage)
     state, counts = audit.merge_state(again, previous, SCORE_SCHEMA.empty_table(), 30.0)
     assert counts["deleted"] == 1 and [r["deleted_at"] >= before for r in state.to_pylist() if r["deleted"]] == [True]
+
 
 def test_a_library_that_is_a_file_or_leads_nowhere_is_refused(tmp_path: Path) -> None:
     """A library named through a link to an unmounted volume listed as one row, and the audit would

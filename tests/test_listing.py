@@ -112,6 +112,7 @@ def test_list_inputs(root):
     got = [(i.uri, i.size) for i in inputs.list_inputs(manifest, s3, manifest=True)]
     assert got == [(top, 2), (storage.join(base, "nothing.jpg"), -1)]
 
+
 def _make_bad_name(folder, name: bytes = b"bad\xff.jpg", data: bytes = b"xyz") -> None:
     fd = os.open(os.path.join(os.fsencode(str(folder)), name), os.O_WRONLY | os.O_CREAT, 0o644)
     os.write(fd, data)

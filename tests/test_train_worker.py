@@ -323,3 +323,10 @@ def test_training_steps_take_bf16_on_gpus_unless_fp32_is_asked() -> None:
     assert tw._train_bf16(cuda, "bf16") and not tw._train_bf16(cuda, "fp32")
     assert not tw._train_bf16(cpu, "bf16") and not tw._train_bf16(cpu, "fp32")
     assert TrainJob("l.csv", "r", "/s").precision == "bf16"
+
+
+def test_the_workers_take_the_jobs_precision(tmp_path: Path, monkeypatch) -> None:
+    asked = []
+    monkeypatch.setattr(tw, "_train_bf16", lambda device, precision: asked.append(precision) or False)
+    _run(tmp_path, monkeypatch, fail_write=False, precision="fp32")
+    assert asked == ["fp32"]
