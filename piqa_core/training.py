@@ -277,4 +277,7 @@ def init_bundle(preset: str = "dn-piqa", seed: int = 0, init: Source | None = No
             module = getattr(bundle.model, branch)
             weights = backbone_from_official(_state(src, option), module, face=branch == "backbone_face")
             load_strict(module, weights, f"{branch} pre-training")
+        elif init is None:
+            warnings.append(f"the {'face' if branch == 'backbone_face' else 'whole-image'} branch starts from random "
+                            f"weights (no {option}, no --init)")
     return bundle, warnings

@@ -283,6 +283,8 @@ def _label_options(fn):
 @click.option("--storage", required=True, help="Folder or s3:// prefix for checkpoints and the exported model.")
 @click.option("--workers", type=click.IntRange(1), default=1, show_default=True)
 @click.option("--gpu", is_flag=True, help="One GPU per worker.")
+@click.option("--random-start", is_flag=True,
+              help="Let a branch without start weights (--init-whole, --init-face, --init) start from random init.")
 @click.option("--precision", type=click.Choice(["bf16", "fp32"]), default="bf16", show_default=True,
               help="GPU training steps: bf16 autocast, or fp32 as the official script (CPU workers: fp32).")
 @click.option("--cpus-per-worker", type=Number(0.1), default=None, help="Default 1 (CPU) / 4 (GPU).")

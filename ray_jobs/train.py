@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 import ray
 
+from piqa_core.config import ModelConfig, get_preset
 from piqa_core.metrics import MIN_GROUP
 from piqa_core.features import image_key
 from piqa_core.training import format_val_srcc, rank_batch
@@ -60,6 +61,7 @@ class TrainJob:
     val_fraction: float = 0.2
     workers: int = 1
     gpu: bool = False
+    random_start: bool = False  # branches without start weights may start random (official-size presets)
     precision: str = "bf16"  # GPU training steps: bf16 autocast, or fp32 as the official script
     cpus_per_worker: float | None = None
     epochs: int = 10
@@ -137,7 +139,22 @@ def checked_job(job: TrainJob) -> TrainJob:
     if init_is_dir and (job.liqe or job.retinaface):
         raise TrainSetupError("--init is a model directory, which already holds LIQE and RetinaFace: "
                               "drop --liqe/--retinaface")
+    _check_random_branches(job)
     return replace(job, **paths)
+
+
+def _check_random_branches(job: TrainJob) -> None:
+    """Refuse to start the official architecture's branches from random weights unless asked: the official
+    recipe starts them from LSVQ / GFIQA pre-training, and a forgotten flag would cost a whole run."""
+    missing = [f"--{k.replace('_', '-')}" for k in ("init_whole", "init_face") if not getattr(job, k)]
+    model = get_preset(job.preset).model
+    official = model.backbone == ModelConfig.backbone and not model.backbone_kwargs
+    if job.init or job.random_start or not missing or not official or has_checkpoint(job):
+        return
+    raise TrainSetupError(f"without {' and '.join(missing)} (or --init) the {job.preset} run would start "
+                          f"{'both branches' if len(missing) == 2 else 'a branch'} from random weights; the official "
+                          "recipe starts the whole-image branch from LSVQ and the face branch from GFIQA pre-training "
+                          "(--init-whole, --init-face). Give them, or --random-start to train from random init")
 
 
 def _remote_exists(name: str, uri: str, s3: S3Options) -> bool:

@@ -22,7 +22,8 @@ def test_local_paths_become_absolute_for_the_workers(tmp_path: Path, monkeypatch
     (tmp_path / "w" / "lsvq.pth").write_bytes(b"x")
     write_bytes(f"s3://{s3_bucket}/LIQE.pt", b"x", s3_server.options)
     job = checked_job(TrainJob(labels="l.csv", run_name="r", storage="runs", init_whole="w/lsvq.pth",
-                               cache="cache", liqe=f"s3://{s3_bucket}/LIQE.pt", s3=s3_server.options))
+                               cache="cache", liqe=f"s3://{s3_bucket}/LIQE.pt", s3=s3_server.options,
+                               random_start=True))  # the face branch has no start weights here
     assert job.init_whole == str(tmp_path / "w" / "lsvq.pth")
     assert (job.storage, job.cache) == (str(tmp_path / "runs"), str(tmp_path / "cache"))
     assert job.liqe == f"s3://{s3_bucket}/LIQE.pt"  # remote sources are fetched by the workers
@@ -227,3 +228,28 @@ def test_a_run_that_diverged_after_its_latest_checkpoint_is_not_resumed(tmp_path
         (tmp_path / "r" / folder).rmdir()
     with pytest.raises(TrainSetupError, match=r"from its start weights if you like"):
         check_not_diverged(job)
+
+
+def test_the_official_architecture_does_not_start_from_random_branches_unasked(tmp_path: Path) -> None:
+    for name in ("lsvq.pth", "gfiqa.pth"):
+        (tmp_path / name).write_bytes(b"x")
+    job = TrainJob(labels="l.csv", run_name="r", storage=str(tmp_path / "runs"))  # dn-piqa, as the CLI's default
+    with pytest.raises(TrainSetupError, match=r"without --init-whole and --init-face \(or --init\) the dn-piqa run "
+                                              r"would start both branches from random weights; .*--random-start"):
+        checked_job(job)
+    with pytest.raises(TrainSetupError, match=r"without --init-face \(or --init\) the dn-piqa run would start a "):
+        checked_job(replace(job, init_whole=str(tmp_path / "lsvq.pth")))
+    checked_job(replace(job, init_whole=str(tmp_path / "lsvq.pth"), init_face=str(tmp_path / "gfiqa.pth")))
+    checked_job(replace(job, init=str(tmp_path / "lsvq.pth")))  # the official PIQ_model.pth: both branches
+    checked_job(replace(job, random_start=True))
+    checked_job(replace(job, preset="tiny"))  # no official pre-training fits its small Swins
+    (tmp_path / "runs" / "r" / "epoch_0000").mkdir(parents=True)
+    checked_job(job)  # resumed: its checkpoint holds the branches
+
+
+def test_start_weights_say_which_branches_start_random() -> None:
+    from piqa_core.training import init_bundle
+
+    _, warnings = init_bundle("tiny", seed=0)
+    assert "the whole-image branch starts from random weights (no --init-whole, no --init)" in warnings
+    assert "the face branch starts from random weights (no --init-face, no --init)" in warnings
