@@ -42,7 +42,7 @@ from .faces import FaceDetector, FaceResult, face_crop_box, per_canvas
 from .liqe import patch_positions
 from .image_formats import open_image
 from .preprocess import ImageError, _check_header, check_jpeg_scans, crop_positions, load_image
-from .stages import ImageInput, _describe, empty_columns
+from .stages import ImageInput, _describe, detect_guarded, empty_columns
 
 # torchvision 0.29 deprecates its image codecs, still the nvJPEG entry point. Filtered by message
 # once: catch_warnings() swaps the process-wide filter list, unsafe under concurrent decode calls.
@@ -363,9 +363,13 @@ def prepare_batch_on_device(
     faces: dict[int, FaceResult] = {}
     if detector is not None and images:
         side = cfg.face.detect_long_side
-        inputs = [detector_input_tensor(img, side) for img in images.values()]
-        sizes = [(img.shape[2], img.shape[1]) for img in images.values()]
-        faces = dict(zip(images, detect_on_device(detector, inputs, sizes)))
+
+        def detect(idx: list[int]) -> list[FaceResult]:
+            inputs = [detector_input_tensor(images[i], side) for i in idx]
+            return detect_on_device(detector, inputs, [(images[i].shape[2], images[i].shape[1]) for i in idx])
+
+        faces = detect_guarded(list(images), detect, fail)  # a CUDA OOM on the batch: row by row
+        images = {i: img for i, img in images.items() if i in faces}
 
     for i, img in images.items():
         try:
@@ -377,7 +381,8 @@ def prepare_batch_on_device(
                     cols["face_found"][i], cols["face_box"][i] = True, face.box
                     cols["face_confidence"][i] = face.confidence
             cols["whole"][i] = make_crops_tensor(img, cfg, mode, rng)
-            cols["face"][i] = make_crops_tensor(face_img, cfg, mode, rng)
+            cols["face"][i] = (cols["whole"][i] if face_img is img and mode != "random"  # as prepare_batch
+                               else make_crops_tensor(face_img, cfg, mode, rng))
             if cfg.liqe.enabled:
                 p, h, w = cfg.liqe.patch, img.shape[1], img.shape[2]
                 pos = patch_positions(h, w, p, cfg.liqe.stride, cfg.liqe.num_patches)  # exact slices

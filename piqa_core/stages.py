@@ -11,7 +11,7 @@ import copy
 import math
 import traceback
 from pathlib import Path
-from typing import Any, Sequence, Union
+from typing import Any, Callable, Sequence, Union
 
 import numpy as np
 import torch
@@ -80,11 +80,17 @@ def prepare_batch(
 
     faces: dict[int, FaceResult] = {}
     if detector is not None and images:
-        idx = list(images)
-        inputs = ([detector_input(images[i], cfg.face.detect_long_side) for i in idx]
-                  if getattr(detector, "needs_pixels", True) else [None] * len(idx))
-        found = detector.detect_each(inputs, sizes=[images[i].size for i in idx])  # batch-independent
-        faces = dict(zip(idx, found))
+        def detect(idx: list[int]) -> list[FaceResult]:
+            inputs = ([detector_input(images[i], cfg.face.detect_long_side) for i in idx]
+                      if getattr(detector, "needs_pixels", True) else [None] * len(idx))
+            return detector.detect_each(inputs, sizes=[images[i].size for i in idx])
+
+        def fail(i: int, e: Exception) -> None:
+            code, msg = (e.code, e.message) if isinstance(e, ImageError) else ("internal", _describe(e))
+            cols["error_code"][i], cols["error_message"][i] = code, msg
+
+        faces = detect_guarded(list(images), detect, fail)
+        images = {i: img for i, img in images.items() if i in faces}
 
     for i, img in images.items():
         try:
@@ -98,7 +104,10 @@ def prepare_batch(
                     cols["face_box"][i] = face.box
                     cols["face_confidence"][i] = face.confidence
             cols["whole"][i] = make_crops(img, cfg.preprocess, mode, rng)
-            cols["face"][i] = make_crops(face_img, cfg.preprocess, mode, rng)
+            # No face: the face input is the whole image, whose fixed crops are made already (random crops
+            # are drawn anew for each branch, as in the official training).
+            cols["face"][i] = (cols["whole"][i] if face_img is img and mode != "random"
+                               else make_crops(face_img, cfg.preprocess, mode, rng))
             if cfg.liqe.enabled:
                 cols["patches"][i] = extract_patches(img, cfg.liqe)
             cols["status"][i] = "ok"
@@ -107,6 +116,23 @@ def prepare_batch(
         except Exception as e:
             cols["error_code"][i], cols["error_message"][i] = "internal", _describe(e)
     return cols
+
+
+def detect_guarded(idx: list[int], detect: Callable[[list[int]], list[FaceResult]],
+                   fail: Callable[[int, Exception], None]) -> dict[int, FaceResult]:
+    """``detect`` over the rows ``idx`` as one batch; if that raises (one odd image, a batch too large for
+    device memory), row by row, which gives the same results (detection is batch-independent), and a row
+    that still raises goes to ``fail`` alone: one image never takes the batch's rows down."""
+    try:
+        return dict(zip(idx, detect(idx)))
+    except Exception:  # noqa: BLE001 - retried row by row below
+        found: dict[int, FaceResult] = {}
+        for i in idx:
+            try:
+                found[i] = detect([i])[0]
+            except Exception as e:  # noqa: BLE001
+                fail(i, e)
+        return found
 
 
 def _describe(e: BaseException) -> str:
