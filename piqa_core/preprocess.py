@@ -65,6 +65,12 @@ def _bomb(e: Image.DecompressionBombError, cfg: PreprocessConfig) -> ImageError:
     return ImageError("decompression_bomb", f"{said} exceeds max_pixels={cfg.max_pixels}")
 
 
+# The crops are cut from the image resized to `resize` on its short side: a long thin strip under the pixel
+# limit (224x400000, 90 MP) would be resized to 448x800000, over a gigabyte per copy. Photos come nowhere
+# near (a 12 MP 4:3 photo resizes to 0.27 MP; the limit allows aspect ratios up to ~600:1 at 448).
+MAX_RESIZED_PIXELS = 120_000_000
+
+
 def _check_header(size: tuple[int, int], mode: str, cfg: PreprocessConfig, fmt: str | None) -> None:
     """Guards that need only the header: pixel count, short side, mode."""
     w, h = size
@@ -72,6 +78,9 @@ def _check_header(size: tuple[int, int], mode: str, cfg: PreprocessConfig, fmt: 
         raise ImageError("decompression_bomb", f"{w}x{h} = {w * h} pixels exceeds max_pixels={cfg.max_pixels}")
     if min(w, h) < cfg.min_side:
         raise ImageError("too_small", f"{w}x{h}: shorter side is below min_side={cfg.min_side}")
+    if (resized := cfg.resize * cfg.resize * max(w, h) // min(w, h)) > MAX_RESIZED_PIXELS:
+        raise ImageError("decompression_bomb", f"{w}x{h}: resized to {cfg.resize} px on its short side it would "
+                                               f"hold {resized} pixels, over {MAX_RESIZED_PIXELS}")
     if mode not in _CONVERT_MODES and not _is_sixteen_bit(mode, fmt):
         raise ImageError("unsupported_mode", f"image mode {mode!r} (format {fmt}) cannot be mapped to 8-bit RGB")
 

@@ -320,3 +320,14 @@ def test_error_messages_are_stable_and_name_the_limit_in_force(corpus) -> None:
         _decode(corpus, "bomb_30000.png")
     assert ei.value.message == f"{30000 * 30000} pixels exceeds max_pixels={CFG.max_pixels}"
     assert message == "image header unreadable, truncated or corrupt: cannot identify image file"
+
+
+def test_a_strip_that_the_resize_would_blow_up_is_refused_from_its_header() -> None:
+    buf = io.BytesIO()
+    Image.new("L", (224, 300_000)).save(buf, "PNG")  # 67 MP, under max_pixels; 448x600000 once resized
+    with pytest.raises(ImageError, match=r"^decompression_bomb: 224x300000: resized to 448 px on its short side it "
+                                         r"would hold 268800000 pixels, over 120000000$"):
+        decode_image(buf.getvalue(), PreprocessConfig())
+    buf = io.BytesIO()
+    Image.new("L", (224, 10_000)).save(buf, "PNG")  # a 45:1 panorama strip is fine
+    assert decode_image(buf.getvalue(), PreprocessConfig()).size == (224, 10_000)
