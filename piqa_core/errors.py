@@ -48,10 +48,13 @@ def not_a_file(path: str, name: str | None = None) -> ImageError | None:
     """The ``not_a_file`` error of a local path that is there but is no regular file (a directory, a FIFO,
     whose read would wait for a writer for ever, a socket, a device), is a link loop or a link to a missing
     file; None for a regular file and for a path that cannot be stat'ed (missing, no access: reading it
-    says why). ``name``: the path as the row shows it."""
+    says why), and the ``invalid_name`` error of a path no file can have (a NUL byte, as a manifest may
+    write). ``name``: the path as the row shows it."""
     name = name or path
     try:
         mode = os.stat(path).st_mode
+    except ValueError:  # "embedded null byte": no file system has such a name
+        return ImageError("invalid_name", f"{name!r} holds a NUL byte, which no file name can")
     except OSError as e:
         if e.errno == errno.ELOOP:  # else read_failed, retried every night
             return ImageError("not_a_file", f"{name} is a symbolic link loop, not a regular file: it is not read")

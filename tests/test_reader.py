@@ -245,3 +245,11 @@ def test_a_manifest_entry_naming_an_s3_prefix_is_not_a_file(s3_server, s3_bucket
     got = {name: reader.fetch(ObjectInfo(f"s3://{s3_bucket}/{name}", -1, ""), s3, 50) for name in ("album", "gone")}
     assert (got["album"].code, got["gone"].code) == ("not_a_file", "not_found")  # album was not_found
     assert got["album"].message == f"s3://{s3_bucket}/album is a prefix (folder) with objects under it, not an object"
+
+
+def test_a_manifest_entry_with_a_nul_byte_is_an_invalid_name_row(tmp_path):
+    (tmp_path / "m.txt").write_bytes(b"a\x00b.jpg\n")  # no file system has such a name: never a retry
+    out = read_objects(_batch(list_inputs([str(tmp_path / "m.txt")], manifest=True)), s3=None, max_bytes=50)
+    assert list(out["read_error_code"]) == ["invalid_name"]
+    assert out["read_error_message"][0] == f"{str(tmp_path / 'a') + chr(0) + 'b.jpg'!r} holds a NUL byte, which no " \
+                                           "file name can"
