@@ -21,6 +21,11 @@ T = TypeVar("T")
 R = TypeVar("R")
 
 _local = threading.local()
+# Overlapping ordered_maps (several threads scoring at once): the first takes the count new threads start
+# with, the last puts it back; each putting back what it saw would leave a later one's 1 behind.
+_lock = threading.Lock()
+_active = 0
+_default = 0
 
 
 def use_torch_threads(n: int) -> None:
@@ -48,7 +53,11 @@ def ordered_map(fn: Callable[[T], R], items: Iterable[T], calls: int) -> Iterato
         use_torch_threads(1)
         return fn(item)
 
-    default = torch.get_num_threads()
+    global _active, _default
+    with _lock:
+        if not _active:
+            _default = torch.get_num_threads()
+        _active += 1
     try:
         with ThreadPoolExecutor(calls, thread_name_prefix="piqa-call") as pool:
             pending: deque[Future[R]] = deque()
@@ -59,4 +68,7 @@ def ordered_map(fn: Callable[[T], R], items: Iterable[T], calls: int) -> Iterato
             while pending:
                 yield pending.popleft().result()
     finally:  # else every thread started later in the process would run torch on one thread
-        torch.set_num_threads(default)
+        with _lock:
+            _active -= 1
+            if not _active:
+                torch.set_num_threads(_default)

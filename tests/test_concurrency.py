@@ -1,6 +1,7 @@
 """Ordered concurrent calls: order, laziness, side-by-side execution and per-thread torch threads."""
 
 import threading
+import time
 
 import pytest
 import torch
@@ -9,7 +10,6 @@ from piqa_core.concurrency import ordered_map, use_torch_threads
 
 
 def test_results_come_back_in_input_order():
-    import time
 
     def slow_first(i):
         time.sleep(0.05 if i % 3 == 0 else 0.0)
@@ -34,19 +34,53 @@ def test_calls_run_side_by_side_each_on_its_own_torch_threads():
     assert torch.get_num_threads() == before  # the caller's own count is untouched
 
 
-def test_threads_started_after_the_calls_get_the_callers_count_again():
-    def fresh_thread_count() -> int:
-        box = {}
-        t = threading.Thread(target=lambda: box.update(n=torch.get_num_threads()))
-        t.start()
-        t.join()
-        return box["n"]
+def _fresh_thread_count() -> int:
+    box = {}
+    t = threading.Thread(target=lambda: box.update(n=torch.get_num_threads()))
+    t.start()
+    t.join()
+    return box["n"]
 
+
+def test_threads_started_after_the_calls_get_the_callers_count_again():
     before = torch.get_num_threads()
     torch.set_num_threads(3)  # whatever the machine: a count the calls' 1 differs from
     try:
         assert list(ordered_map(lambda i: torch.ones(4).sum().item() + i, range(4), calls=2)) == [4, 5, 6, 7]
-        assert fresh_thread_count() == 3
+        assert _fresh_thread_count() == 3
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_overlapping_maps_give_new_threads_the_count_back_once_all_are_done():
+    """Two threads scoring at once: the second started while the first's calls had set 1, took 1 for the
+    count to put back, finished last, and left every later thread on one torch thread."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(3)
+    second_started, first_done = threading.Event(), threading.Event()
+
+    def first(i: int) -> int:
+        assert second_started.wait(10)
+        return i
+
+    def second(i: int) -> int:
+        second_started.set()
+        assert first_done.wait(10)
+        return i
+
+    def run_second() -> None:
+        assert list(ordered_map(second, range(2), calls=2)) == [0, 1]
+
+    try:
+        a = threading.Thread(target=lambda: list(ordered_map(first, range(2), calls=2)) and first_done.set())
+        a.start()
+        while _fresh_thread_count() != 1:  # the first map's calls have set 1: threads now start with it
+            time.sleep(0.001)
+        b = threading.Thread(target=run_second)
+        b.start()
+        a.join(10)
+        b.join(10)
+        assert _fresh_thread_count() == 3
     finally:
         torch.set_num_threads(before)
 
