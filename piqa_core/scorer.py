@@ -23,6 +23,7 @@ _ONE_IMAGE = (str, os.PathLike, bytes, bytearray, memoryview, Image.Image, np.nd
 
 
 def default_device() -> torch.device:
+    """CUDA when torch sees a GPU, else CPU: what ``from_pretrained`` picks when no device is given."""
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
@@ -40,12 +41,12 @@ class Scorer:
     bf16 casts copies either way.
     """
 
-    def __init__(self, bundle: Bundle, device: str | torch.device | None = None,
+    def __init__(self, bundle: Bundle, device: str | torch.device,
                  precision: str = "fp32", crop_mode: str | None = None, compile: bool = False,
                  batch_size: int = 8, calls: int | None = None, own_bundle: bool = False) -> None:
         self.bundle = bundle
         self.config = bundle.config
-        self.device = torch.device(device) if device is not None else default_device()
+        self.device = torch.device(device)
         self.crop_mode = crop_mode or self.config.preprocess.crop_mode
         if self.crop_mode not in CROP_MODES:  # "random" is training's: scores would change every call
             raise ValueError(f"crop_mode must be one of {CROP_MODES}, got {self.crop_mode!r}")
@@ -81,8 +82,8 @@ class Scorer:
             bundle = build_bundle(str(source), seed=seed)
         else:
             bundle = load_checkpoint(resolve_weights(source, fetch=fetch, read=read))
-        return cls(bundle, device=device, precision=precision, crop_mode=crop_mode, compile=compile,
-                   batch_size=batch_size, calls=calls, own_bundle=True)
+        return cls(bundle, device=device if device is not None else default_device(), precision=precision,
+                   crop_mode=crop_mode, compile=compile, batch_size=batch_size, calls=calls, own_bundle=True)
 
     def score_columns(self, items: Sequence[ImageInput]) -> dict[str, np.ndarray]:
         """Prepared + scored columns for one batch (pixel columns included)."""

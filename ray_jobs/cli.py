@@ -352,7 +352,7 @@ def eval_cmd(labels, images, fmt, train_list, test_list, val_fraction, seed, hol
     """Score labelled images with a model and report per-group SRCC/KRCC/PLCC/RMSE/MAE."""
     from tqdm import tqdm
 
-    from piqa_core.scorer import Scorer
+    from piqa_core.scorer import Scorer, default_device
 
     from .actors import load_bundle
     from .evaluate import check_eval_outputs, check_run_holdout, evaluate_table, select_split, write_eval
@@ -372,7 +372,7 @@ def eval_cmd(labels, images, fmt, train_list, test_list, val_fraction, seed, hol
         table = load_labels(labels, images, fmt, train_list, test_list, val_fraction, seed, s3, check_images=False,
                             holdout_key=holdout_key)
         table, split = select_split(table, split)
-        scorer = Scorer(load_bundle(model, s3), device=model.device, precision=model.precision,
+        scorer = Scorer(load_bundle(model, s3), device=model.device or default_device(), precision=model.precision,
                         crop_mode=model.crop_mode, compile=model.compile, batch_size=model.batch_size,
                         own_bundle=True)
     with tqdm(total=len(table), unit="img", file=sys.stderr) as bar:

@@ -19,7 +19,7 @@ import pandas as pd
 import ray
 
 from piqa_core.metrics import EvalReport, evaluate
-from piqa_core.scorer import Scorer
+from piqa_core.scorer import Scorer, default_device
 
 from .actors import weights_dir
 from .inprocess import score_objects
@@ -169,7 +169,7 @@ def evaluate_remote(model_dir: str, frame: pd.DataFrame, s3: S3Options, out: str
     model expected there (a node's cached copy of another is fetched again)."""
     from piqa_core.checkpoints import load_checkpoint
 
-    scorer = Scorer(load_checkpoint(weights_dir(model_dir, s3, sha256, config)), own_bundle=True)
+    scorer = Scorer(load_checkpoint(weights_dir(model_dir, s3, sha256, config)), default_device(), own_bundle=True)
     result = evaluate_table(scorer, LabelTable(frame), "test", s3, batch_size)
     write_eval(result, out, s3)
     return result.to_dict()

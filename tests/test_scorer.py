@@ -175,6 +175,11 @@ def test_random_weights_are_marked():
     assert Scorer(bundle, device="cpu").bundle.random_init
 
 
+def test_the_caller_chooses_the_device_not_the_constructor():
+    with pytest.raises(TypeError, match="device"):
+        Scorer(build_bundle("tiny"))  # a library constructor picks no device; from_pretrained does
+
+
 def test_compiled_static_batches_match_eager(scorer):
     from piqa_core.stages import Predictor
 
