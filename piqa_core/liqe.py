@@ -7,7 +7,8 @@ materialising the whole unfold.
 
 Edge cases the official code leaves open:
 - a side shorter than ``patch``: no patch exists (the official code crashes); we raise
-  ``ValueError`` and callers report the error code ``too_small``.
+  ``ValueError``. Decoding refuses such images first (``min_side`` is never below ``patch``: the
+  ``too_small`` error code), so scoring never reaches it.
 - fewer grid positions than ``num`` (N < 15): ``N // 15 == 0`` so the official rule selects
   patch 0 fifteen times; we replicate that exactly.
 """

@@ -94,7 +94,8 @@ class Scorer:
               progress: Callable[[int], Any] | None = None) -> list[dict[str, Any]]:
         """One result dict per input, in order; bad inputs give ``status='error'`` rows.
 
-        ``batch_size``: images per forward pass, by default the one the Scorer was made with.
+        ``batch_size``: images prepared and scored together, by default the one the Scorer was made with
+        (on CPU each pass then holds at most about two crops' worth of pixels: see ``CPU_PIXELS_PER_PASS``).
         """
         if isinstance(images, _ONE_IMAGE):  # iterating one would score its characters, bytes or rows
             raise TypeError(f"score() takes a list of images, got one {type(images).__name__}: "

@@ -60,7 +60,8 @@ def prepare_batch(
     crop_mode: str | None = None,
     rng: np.random.Generator | None = None,
 ) -> dict[str, np.ndarray]:
-    """Decode, detect faces (one batched forward), crop; a bad input becomes an error row, never an exception."""
+    """Decode, detect faces (batched: one forward per canvas size), crop; a bad input becomes an error row,
+    never an exception."""
     mode = crop_mode or cfg.preprocess.crop_mode
     cols = empty_columns(cfg, len(items), mode)
     images: dict[int, Image.Image] = {}
