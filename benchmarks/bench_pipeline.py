@@ -102,7 +102,8 @@ def main() -> None:
     from ray_jobs.inprocess import score_objects
     from ray_jobs.options import ModelOptions
     from ray_jobs.resume import read_rows
-    from ray_jobs.score import ScoreJob, job_plan, run_score_job, score_calls
+    from ray_jobs.pools import job_plan, score_calls
+    from ray_jobs.score import ScoreJob, run_score_job
     from ray_jobs.inputs import list_inputs
     from ray_jobs.storage import S3Options
 

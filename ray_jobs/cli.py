@@ -80,7 +80,8 @@ def score(inputs: tuple[str, ...], out: str, engine: str, manifest: bool, s3: S3
         with _user_errors():
             _score_local(inputs, out, manifest, s3, max_bytes, model)
     else:
-        from .score import PlanError, ScoreJob, run_score_job
+        from .pools import PlanError
+        from .score import ScoreJob, run_score_job
 
         use_gpu = _ray_gpu(model.device, gpu)
         _check_ray_places(use_gpu, gpu, pools)
@@ -114,7 +115,7 @@ def _ray_gpu(device: str | None, gpu: bool | None) -> bool | None:
 
 def _check_ray_places(use_gpu: bool | None, gpu: bool | None, pools: PoolOptions) -> None:
     """Refuses, before the listing (which may take minutes), what the flags alone show cannot run."""
-    from .score import FACE_CPU_WITH_DEVICE_PREP
+    from .pools import FACE_CPU_WITH_DEVICE_PREP
 
     if pools.prep == "device" and pools.prep_actors:
         raise click.UsageError("--prep-actors has no effect with --prep device (the score actors prepare)")
@@ -221,7 +222,7 @@ def audit(library: str, state_uri: str, alert_if_mean_drops: float | None, alert
     scores it kept are reused), or, after another audit committed first, audits against that state.
     """
     from .audit import ALERT_EXIT_CODE, AuditJob, run_audit
-    from .score import PlanError
+    from .pools import PlanError
 
     use_gpu = _ray_gpu(model.device, None)
     _check_ray_places(use_gpu, None, pools)

@@ -249,7 +249,7 @@ def test_a_prep_actor_detecting_on_a_gpu_sets_the_jobs_tf32_flags(monkeypatch):
 
 
 def test_score_calls_per_actor():
-    from ray_jobs.score import PoolPlan, score_calls
+    from ray_jobs.pools import PoolPlan, score_calls
 
     assert score_calls(PoolPlan(2, 1, 1.0, 1.0)) == 2  # GPU fed by a prep pool: transfers overlap the model
     assert score_calls(PoolPlan(0, 1, 1.0, 1.0)) == 1  # prepares on its GPU: overlap measured slower

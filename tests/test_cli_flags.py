@@ -123,7 +123,7 @@ def test_the_ray_only_options_say_so_in_the_help() -> None:
 
 def test_pools_the_cluster_cannot_hold_are_a_usage_error_for_the_audit_too(photos, tmp_path, monkeypatch):
     import ray_jobs.audit
-    from ray_jobs.score import PlanError
+    from ray_jobs.pools import PlanError
 
     def no_gpus(job):
         raise PlanError("--face-device gpu needs GPUs: the cluster has none (pass --gpu to wait for them)")

@@ -19,9 +19,10 @@ from piqa_core.scorer import Scorer
 from ray_jobs.options import ModelOptions
 from ray_jobs.resume import read_rows
 from ray_jobs.reader import READ_THREADS
-from ray_jobs.score import ScoreJob, model_share, plan_pools, read_batch, run_score_job
+from ray_jobs.pools import MAX_BLOCKS, PlanError, block_rows, input_blocks, model_share, plan_pools, read_batch
+from ray_jobs.score import ScoreJob, run_score_job
 from ray_jobs.listing import IMAGE_EXTENSIONS
-from ray_jobs.storage import S3Options
+from ray_jobs.storage import ObjectInfo, S3Options
 from ray_jobs.summary import RowsMissing
 from tests.corpus import astronaut_jpeg_bytes, build_corpus
 
@@ -206,6 +207,18 @@ def test_read_blocks_are_no_larger_than_what_the_next_stage_takes_per_call():
     assert read_batch(pool, plan_pools(pool, {"CPU": 16.0, "GPU": 1.0}, dn)) == 8  # a prep actor's batch
 
 
+def test_input_blocks_hold_whole_prep_batches():
+    job = _job([], "x", model=dataclasses.replace(TINY, batch_size=8), prep_batch_size=None)
+    objects = [ObjectInfo(f"/p/{i}.jpg", i, f"m{i}") for i in range(18_000)]
+    blocks = input_blocks(objects, job)
+    # an even split into 2,000 blocks was 9 rows each: every other call a 1-image batch
+    assert len(blocks) == 1125 and {b.num_rows for b in blocks} == {16}
+    assert blocks[3].to_pylist()[0] == {"uri": "/p/48.jpg", "etag_or_mtime": "m48", "bytes": 48}
+    assert [b.num_rows for b in input_blocks(objects[:43], job)] == [8, 8, 8, 8, 8, 3]
+    many = [ObjectInfo(f"/p/{i}", 1, "") for i in range(40_001)]
+    assert len(input_blocks(many, job)) <= MAX_BLOCKS and block_rows(40_001, job) == 24
+
+
 def test_pool_plans():
     # CPU-only with a prep pool: cores split by the model's share of the work, one process more than
     # cores; score cores grouped into actors of up to 4 threads
@@ -283,7 +296,7 @@ def test_gpus_requested_from_a_local_ray_without_any_are_refused_not_waited_for(
     monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 2.0})  # what a GPU-less laptop's Ray sees
     monkeypatch.setattr(score_mod, "_run_pipeline", lambda *a: pytest.fail("the pools would wait for ever"))
     job = _job(_photos(tmp_path / "in", 1), tmp_path / "out", gpu=True)
-    with pytest.raises(score_mod.PlanError, match="the local Ray this job started sees none"):
+    with pytest.raises(PlanError, match="the local Ray this job started sees none"):
         run_score_job(job)
     monkeypatch.setattr(score_mod, "_run_pipeline", lambda *a: {"ran": True})
     assert run_score_job(dataclasses.replace(job, address="ray://head:10001")) == {"ran": True}  # may autoscale
