@@ -27,7 +27,8 @@ from torchvision.transforms import InterpolationMode
 
 from piqa_core.config import PreprocessConfig
 from piqa_core.errors import ERROR_CODES, ImageError, not_a_file  # noqa: F401  (ERROR_CODES re-exported)
-from piqa_core.image_formats import DECODABLE_FORMATS, TIFF_SIGNATURES, looks_decodable, open_image
+from piqa_core.image_formats import (DECODABLE_FORMATS, TIFF_SIGNATURES, WARNINGS_LOCK, looks_decodable, open_image,
+                                     without_bomb_warning)
 
 
 # Modes whose official `img.convert('RGB')` is faithful (alpha is dropped, as officially).
@@ -108,9 +109,7 @@ def _finish(img: Image.Image, cfg: PreprocessConfig) -> Image.Image:
         img.seek(0)
     _check_header(img.size, img.mode, cfg, fmt)
     try:
-        with warnings.catch_warnings():  # GIF frames re-check PIL's lower limit while loading
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            img.load()
+        without_bomb_warning(img.load)  # GIF frames re-check PIL's lower limit while loading
     except Image.DecompressionBombError as e:
         raise _bomb(e, cfg) from e
     except (OSError, SyntaxError, ValueError, EOFError, struct.error, zlib.error) as e:
@@ -144,7 +143,9 @@ def _unsupported_tiff_layout(data: bytes) -> str | None:
     if not data.startswith(TIFF_SIGNATURES):
         return None
     try:
-        with warnings.catch_warnings(record=True) as damaged:
+        # Rare (a TIFF that failed to open), and serialised: two overlapping catch_warnings corrupt the
+        # process-wide warning state.
+        with WARNINGS_LOCK, warnings.catch_warnings(record=True) as damaged:
             warnings.simplefilter("always")
             TiffImagePlugin.TiffImageFile(io.BytesIO(data))
     except SyntaxError as e:

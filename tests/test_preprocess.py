@@ -331,3 +331,33 @@ def test_a_strip_that_the_resize_would_blow_up_is_refused_from_its_header() -> N
     buf = io.BytesIO()
     Image.new("L", (224, 10_000)).save(buf, "PNG")  # a 45:1 panorama strip is fine
     assert decode_image(buf.getvalue(), PreprocessConfig()).size == (224, 10_000)
+
+
+def test_concurrent_decodes_leave_the_process_warning_state_as_it_was() -> None:
+    """Decode threads each swapped the process-wide filter list (catch_warnings): overlapping swaps left
+    stray filters behind and could leave warnings going to a dead list for the rest of the process."""
+    import threading
+
+    import tifffile
+
+    buf = io.BytesIO()
+    tifffile.imwrite(buf, np.zeros((300, 300, 3), np.float32))  # float RGB: refused through the recording path
+    tif = buf.getvalue()
+    buf = io.BytesIO()
+    Image.new("RGB", (300, 300)).save(buf, "PNG")
+    png = buf.getvalue()
+    impl, filters = warnings._showwarnmsg_impl, list(warnings.filters)
+
+    def work(data: bytes) -> None:
+        for _ in range(150):
+            try:
+                decode_image(data, CFG)
+            except ImageError:
+                pass
+
+    threads = [threading.Thread(target=work, args=(d,)) for d in (tif, png, tif, png)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert warnings._showwarnmsg_impl is impl and warnings.filters == filters
