@@ -265,10 +265,13 @@ class Predictor:
 
 
 def _as_wanted(net: torch.nn.Module | None, device: torch.device, fused: bool = False) -> bool:
-    """Whether ``net`` is already in eval mode on ``device`` (with fused attention if ``fused``)."""
+    """Whether ``net`` is already in eval mode, fp32, on ``device`` (with fused attention if ``fused``):
+    only then is it used without a copy, since it is left as it is."""
     if net is None:
         return True
-    on = lambda t: t.device.type == device.type and device.index in (None, t.device.index)  # noqa: E731
+    if device.type == "cuda" and device.index is None:  # "cuda" is the current device, not any GPU
+        device = torch.device("cuda", torch.cuda.current_device())
+    on = lambda t: t.device == device and (t.dtype == torch.float32 or not t.is_floating_point())  # noqa: E731
     return (not any(m.training for m in net.modules())
             and all(on(t) for t in (*net.parameters(), *net.buffers()))
             and not (fused and any(getattr(m, "fused_attn", True) is False for m in net.modules())))

@@ -7,6 +7,7 @@ import io
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 import piqa_core.stages as stages
@@ -74,3 +75,16 @@ def test_without_a_face_the_whole_images_crops_serve_the_face_branch(monkeypatch
         np.testing.assert_array_equal(rows["face"][0], rows["whole"][0])
         img = Image.open(io.BytesIO(ITEMS[0]))
         np.testing.assert_array_equal(rows["face"][0], make_crops(img, cfg.preprocess, mode))
+
+
+def test_a_predictor_leaves_the_callers_networks_as_they_are() -> None:
+    from piqa_core.checkpoints import build_bundle
+
+    bundle = build_bundle("tiny", seed=0)
+    model = bundle.model.eval()
+    shared = stages.Predictor(bundle.config, model, None, torch.device("cpu"))
+    assert shared.model is model  # fp32, eval, on the device: used as it is, no copy
+    model.backbone.to(torch.float64)  # a caller's float64 copy is not cast to fp32 behind its back
+    other = stages.Predictor(bundle.config, model, None, torch.device("cpu"))
+    assert other.model is not model and next(model.backbone.parameters()).dtype == torch.float64
+    assert next(other.model.backbone.parameters()).dtype == torch.float32
