@@ -267,6 +267,15 @@ def test_decode_scale_pad_and_clip(detector, monkeypatch):
     np.testing.assert_allclose(r0.box, [480.0, 240.0, 600.0, 400.0], atol=1e-3)
     assert not r1.found and r1.n_faces == 0 and r1.confidence == 0.0
 
+    # Two faces: the more confident one wins though its prior comes later (first-found would take face0).
+    later = _prior_near(hp, wp, 145, 85)
+    assert later > _prior_near(hp, wp, 65, 50)
+    fake = _fake_net(hp, wp, [[(face0, _prior_near(hp, wp, 65, 50), 6.0), (edge0, later, 7.0)], []])
+    monkeypatch.setattr(detector.net, "forward", fake)
+    r0, _ = detector.detect([a0, a1], sizes=[(600, 400), (120, 90)])
+    assert r0.n_faces == 2
+    np.testing.assert_allclose(r0.box, [480.0, 240.0, 600.0, 400.0], atol=1e-3)
+
 
 def test_faces_past_any_edge_are_dropped_alike(detector, monkeypatch):
     # A 160x128 image (no padding): boxes centred 10 px past the left and right edges are mirror
