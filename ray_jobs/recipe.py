@@ -10,6 +10,8 @@ import re
 import sys
 from typing import TYPE_CHECKING, Any
 
+import pyarrow.fs as pafs
+
 from .storage import S3Options, atomic_write_bytes, exists, join, read_bytes, resolve
 
 if TYPE_CHECKING:
@@ -91,8 +93,6 @@ def has_checkpoint(job: TrainJob) -> bool:
 
 def latest_epoch(job: TrainJob) -> int | None:
     """The epoch (0-based) of the run's latest ``epoch_NNNN`` checkpoint folder; None without one."""
-    import pyarrow.fs as pafs
-
     fs, path = resolve(job.run_dir, job.s3)
     try:
         infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
@@ -110,8 +110,12 @@ def check_not_diverged(job: TrainJob) -> None:
     """Refuse to resume a run that diverged after its latest checkpoint: the recipe is fixed, so it would
     train to the same step and diverge again (a RayJob's retry, or the same command run again)."""
     uri = join(job.run_dir, DIVERGED_FILE)
-    if not exists(uri, job.s3):
+    fs, paths = resolve(uri, job.s3)[0], [resolve(u, job.s3)[1] for u in (uri, join(job.run_dir, RECIPE_FILE))]
+    diverged, recipe = fs.get_file_info(paths)
+    if diverged.type == pafs.FileType.NotFound:
         return
+    if recipe.mtime is not None and diverged.mtime is not None and recipe.mtime > diverged.mtime:
+        return  # the recipe was replaced since (corrected options on a run without a checkpoint): another run
     said = json.loads(read_bytes(uri, job.s3))
     latest = latest_epoch(job)
     if said.get("epoch", math.inf) <= (latest if latest is not None else -1):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 from dataclasses import replace
 from pathlib import Path
@@ -228,6 +229,10 @@ def test_a_run_that_diverged_after_its_latest_checkpoint_is_not_resumed(tmp_path
         (tmp_path / "r" / folder).rmdir()
     with pytest.raises(TrainSetupError, match=r"from its start weights if you like"):
         check_not_diverged(job)
+    recipe = tmp_path / "r" / "recipe.json"
+    recipe.write_text("{}")  # claim_run replaced the recipe since (another --lr on a run without checkpoints)
+    os.utime(recipe, ns=(said.stat().st_mtime_ns + 10**9,) * 2)
+    check_not_diverged(job)  # another experiment under the same name: its own divergence is yet to come
 
 
 def test_the_official_architecture_does_not_start_from_random_branches_unasked(tmp_path: Path) -> None:
