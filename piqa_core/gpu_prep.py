@@ -42,7 +42,7 @@ from .faces import FaceDetector, FaceResult, face_crop_box, per_canvas
 from .liqe import patch_positions
 from .image_formats import open_image
 from .preprocess import ImageError, _check_header, check_jpeg_scans, crop_positions, load_image
-from .stages import ImageInput, _describe, detect_guarded, empty_columns
+from .stages import ImageInput, detect_guarded, empty_columns, record_error
 
 # torchvision 0.29 deprecates its image codecs, still the nvJPEG entry point. Filtered by message
 # once: catch_warnings() swaps the process-wide filter list, unsafe under concurrent decode calls.
@@ -330,9 +330,8 @@ def prepare_batch_on_device(
         if name in cols:
             cols[name] = torch.zeros(cols[name].shape, dtype=torch.uint8, device=device)
 
-    def fail(i: int, e: BaseException) -> None:
-        code, msg = (e.code, e.message) if isinstance(e, ImageError) else ("internal", _describe(e))
-        cols["error_code"][i], cols["error_message"][i] = code, msg
+    def fail(i: int, e: Exception) -> None:
+        record_error(cols, i, e)
 
     jpeg: dict[int, bytes] = {}
     pil: list[int] = []

@@ -33,8 +33,8 @@ WARNINGS_LOCK = threading.Lock()
 
 
 def without_bomb_warning(fn: Callable[[], T]) -> T:
-    """``fn()``, PIL's DecompressionBombWarning ignored even where warnings are errors (``python -W error``
-    puts its filter before ours)."""
+    """``fn()``, PIL's DecompressionBombWarning ignored even where warnings were made errors after our
+    filter was set (pytest's ``-W error``, ``simplefilter("error")``), whose filters come before ours."""
     try:
         return fn()
     except Image.DecompressionBombWarning:

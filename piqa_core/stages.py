@@ -70,11 +70,8 @@ def prepare_batch(
             if isinstance(item, ImageError):
                 raise item
             img = load_image(item, cfg.preprocess)
-        except ImageError as e:
-            cols["error_code"][i], cols["error_message"][i] = e.code, e.message
-            continue
-        except Exception as e:  # a decoder bug must not take the batch down
-            cols["error_code"][i], cols["error_message"][i] = "internal", _describe(e)
+        except Exception as e:  # an ImageError's code; a decoder bug must not take the batch down either
+            record_error(cols, i, e)
             continue
         images[i] = img
         cols["width"][i], cols["height"][i] = img.size
@@ -86,11 +83,7 @@ def prepare_batch(
                       if getattr(detector, "needs_pixels", True) else [None] * len(idx))
             return detector.detect_each(inputs, sizes=[images[i].size for i in idx])
 
-        def fail(i: int, e: Exception) -> None:
-            code, msg = (e.code, e.message) if isinstance(e, ImageError) else ("internal", _describe(e))
-            cols["error_code"][i], cols["error_message"][i] = code, msg
-
-        faces = detect_guarded(list(images), detect, fail)
+        faces = detect_guarded(list(images), detect, lambda i, e: record_error(cols, i, e))
         images = {i: img for i, img in images.items() if i in faces}
 
     for i, img in images.items():
@@ -112,10 +105,8 @@ def prepare_batch(
             if cfg.liqe.enabled:
                 cols["patches"][i] = extract_patches(img, cfg.liqe)
             cols["status"][i] = "ok"
-        except ImageError as e:
-            cols["error_code"][i], cols["error_message"][i] = e.code, e.message
-        except Exception as e:
-            cols["error_code"][i], cols["error_message"][i] = "internal", _describe(e)
+        except Exception as e:  # noqa: BLE001 - one row's error, as above
+            record_error(cols, i, e)
     return cols
 
 
@@ -123,17 +114,30 @@ def detect_guarded(idx: list[int], detect: Callable[[list[int]], list[FaceResult
                    fail: Callable[[int, Exception], None]) -> dict[int, FaceResult]:
     """``detect`` over the rows ``idx`` as one batch; if that raises (one odd image, a batch too large for
     device memory), row by row, which gives the same results (detection is batch-independent), and a row
-    that still raises goes to ``fail`` alone: one image never takes the batch's rows down."""
+    that still raises goes to ``fail`` alone: one image never takes the batch's rows down. When every row
+    of a batch of several fails alone too, the batch's error is raised: the detector or device is broken
+    (a sticky CUDA error), and error rows for every image would hide it."""
     try:
-        return dict(zip(idx, detect(idx)))
-    except Exception:  # noqa: BLE001 - retried row by row below
+        return dict(zip(idx, detect(idx), strict=True))
+    except Exception as batch_error:  # noqa: BLE001 - retried row by row below
         found: dict[int, FaceResult] = {}
+        failed: list[tuple[int, Exception]] = []
         for i in idx:
             try:
                 found[i] = detect([i])[0]
             except Exception as e:  # noqa: BLE001
-                fail(i, e)
+                failed.append((i, e))
+        if len(idx) > 1 and not found:
+            raise batch_error
+        for i, e in failed:
+            fail(i, e)
         return found
+
+
+def record_error(cols: dict[str, Any], i: int, e: Exception) -> None:
+    """Row ``i`` of prepared columns as an error row: an ImageError's code, else ``internal``."""
+    code, msg = (e.code, e.message) if isinstance(e, ImageError) else ("internal", _describe(e))
+    cols["error_code"][i], cols["error_message"][i] = code, msg
 
 
 def _describe(e: BaseException) -> str:

@@ -74,7 +74,9 @@ def test_overlapping_maps_give_new_threads_the_count_back_once_all_are_done():
     try:
         a = threading.Thread(target=lambda: list(ordered_map(first, range(2), calls=2)) and first_done.set())
         a.start()
+        deadline = time.monotonic() + 10
         while _fresh_thread_count() != 1:  # the first map's calls have set 1: threads now start with it
+            assert time.monotonic() < deadline, "the first map's calls never set one thread"
             time.sleep(0.001)
         b = threading.Thread(target=run_second)
         b.start()

@@ -88,3 +88,20 @@ def test_a_predictor_leaves_the_callers_networks_as_they_are() -> None:
     other = stages.Predictor(bundle.config, model, None, torch.device("cpu"))
     assert other.model is not model and next(model.backbone.parameters()).dtype == torch.float64
     assert next(other.model.backbone.parameters()).dtype == torch.float32
+
+
+def test_a_detector_that_fails_every_row_fails_the_batch() -> None:
+    """A broken detector or device (a sticky CUDA error) is an error, not an internal row for every image."""
+    with pytest.raises(RuntimeError, match="CUDA out of memory"):
+        stages.prepare_batch(ITEMS, get_preset("tiny"), _Detector(most=0))
+    one = stages.prepare_batch(ITEMS[:1], get_preset("tiny"), _Detector(most=0))  # alone: its own row
+    assert one["error_code"][0] == "internal"
+
+
+def test_a_detector_that_answers_for_fewer_images_is_not_taken_at_its_word() -> None:
+    class Short(_Detector):
+        def detect_each(self, inputs, sizes):
+            return super().detect_each(inputs, sizes)[:1]  # one answer, whatever was asked
+
+    rows = stages.prepare_batch(ITEMS, get_preset("tiny"), Short())
+    assert list(rows["status"]) == ["ok"] * 3  # retried row by row: each answered alone
