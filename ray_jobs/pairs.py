@@ -64,7 +64,11 @@ PAIR_SCORE_COLUMNS = ("JOD", "JOD second")
 
 def carries_scores(uri: str, s3: S3Options | None = None) -> bool:
     """Whether a pair list has the ``JOD`` and ``JOD second`` columns :func:`pair_list_scores` takes."""
-    return set(PAIR_SCORE_COLUMNS) <= set(read_frame(uri, s3).columns)
+    return _has_scores(read_frame(uri, s3))
+
+
+def _has_scores(df: pd.DataFrame) -> bool:
+    return set(PAIR_SCORE_COLUMNS) <= set(df.columns)
 
 
 def pair_list_scores(uri: str, train: LabelTable,
@@ -77,9 +81,9 @@ def pair_list_scores(uri: str, train: LabelTable,
     image the list scores twice differently or not as a finite number. The stats count the images it
     scores and how many differ from ``train``'s own score (``max_diff``: the largest difference).
     """
-    if not carries_scores(uri, s3):
-        return None
     df = read_frame(uri, s3)
+    if not _has_scores(df):
+        return None
     names = [v for c in PAIR_COLUMNS for v in text_cells(df[c])]
     values = np.concatenate([pd.to_numeric(df[c], errors="coerce").to_numpy(np.float64) for c in PAIR_SCORE_COLUMNS])
     index = {n: i for i, n in enumerate(train.frame["name"])}

@@ -110,8 +110,8 @@ def check_not_diverged(job: TrainJob) -> None:
     """Refuse to resume a run that diverged after its latest checkpoint: the recipe is fixed, so it would
     train to the same step and diverge again (a RayJob's retry, or the same command run again)."""
     uri = join(job.run_dir, DIVERGED_FILE)
-    fs, paths = resolve(uri, job.s3)[0], [resolve(u, job.s3)[1] for u in (uri, join(job.run_dir, RECIPE_FILE))]
-    diverged, recipe = fs.get_file_info(paths)
+    fs, run = resolve(job.run_dir, job.s3)
+    diverged, recipe = fs.get_file_info([f"{run}/{DIVERGED_FILE}", f"{run}/{RECIPE_FILE}"])
     if diverged.type == pafs.FileType.NotFound:
         return
     if recipe.mtime is not None and diverged.mtime is not None and recipe.mtime > diverged.mtime:
